@@ -1,0 +1,1 @@
+"""Inference: the torch-free model code (preprocess, features, predictor) and the FastAPI app."""

@@ -1,0 +1,38 @@
+"""`python -m service --bundle DIR [--host H] [--port P] [--workers N]`; flags override LESION_* variables."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import uvicorn
+
+from service.predictor import BundleError, read_manifest, verify_bundle
+from service.settings import Settings
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m service", description=__doc__)
+    parser.add_argument("--bundle", help="model bundle directory (env LESION_BUNDLE)")
+    parser.add_argument("--host", help="env LESION_HOST, default 127.0.0.1")
+    parser.add_argument("--port", type=int, help="env LESION_PORT, default 8000")
+    parser.add_argument("--workers", type=int, help="env LESION_WORKERS, default 1")
+    args = parser.parse_args(argv)
+    overrides = {k: v for k, v in vars(args).items() if v is not None}
+    settings = Settings(**overrides)
+    try:  # fail fast, in one line, before any worker starts
+        verify_bundle(settings.bundle, read_manifest(settings.bundle))
+    except BundleError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    # Workers build their own Settings from the environment: pass the flags on that way.
+    for key, value in overrides.items():
+        os.environ[f"LESION_{key.upper()}"] = str(value)
+    uvicorn.run("service.app:create_app", factory=True, host=settings.host, port=settings.port,
+                workers=settings.workers, log_level=settings.log_level)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

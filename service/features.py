@@ -1,0 +1,82 @@
+"""(CNN outputs, image, clinical metadata) -> the level-2 models' inputs. Torch-free.
+
+This is the single place that defines the boosters' feature vector and the meta-learner's
+input. Training calls it on out-of-fold CNN probabilities; the service calls it on a new
+image's CNN probabilities. The encoder (`FeatureSpec`) is saved in the bundle, so column
+order and category lists cannot drift between the two.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+from pydantic import BaseModel, Field
+
+from service import labels
+
+LEVEL1_MODELS = ["cnn", "xgboost", "lightgbm", "catboost"]
+"""Models whose probabilities the soft vote averages and the meta-learner stacks."""
+
+EPS = 1e-6
+
+
+class ClinicalMetadata(BaseModel):
+    """One lesion's metadata. Missing values mean unknown."""
+
+    age: float | None = Field(default=None, description="Age in years; null if unknown", examples=[55])
+    sex: str = Field(default="unknown", examples=["male"])
+    site: str = Field(default="unknown", description="Anatomical site (HAM10000 `localization`)", examples=["back"])
+
+
+class FeatureSpec(BaseModel):
+    """The saved encoder: category lists and the resulting column order."""
+
+    classes: list[str] = labels.CLASSES
+    sexes: list[str] = labels.SEXES
+    sites: list[str] = labels.SITES
+
+    @property
+    def names(self) -> list[str]:
+        return (
+            [f"cnn_p_{c}" for c in self.classes]
+            + ["age"]
+            + [f"sex_{s}" for s in self.sexes]
+            + [f"site_{s.replace(' ', '_')}" for s in self.sites]
+            + [f"img_{stat}_{ch}" for stat in ("mean", "std") for ch in "rgb"]
+        )
+
+
+def image_stats(images: np.ndarray) -> np.ndarray:
+    """Per-channel mean and std of uint8 images (N,H,W,3), scaled to [0,1]: (N,6)."""
+    x = images.reshape(len(images), -1, 3).astype(np.float32) / 255.0
+    return np.concatenate([x.mean(axis=1), x.std(axis=1)], axis=1)
+
+
+def encode_metadata(meta: Sequence[ClinicalMetadata], spec: FeatureSpec) -> np.ndarray:
+    """Age (NaN when missing; 0 is a real age) plus one-hot sex and site: (N, 1+|sexes|+|sites|)."""
+    out = np.zeros((len(meta), 1 + len(spec.sexes) + len(spec.sites)), np.float32)
+    for i, m in enumerate(meta):
+        out[i, 0] = np.nan if m.age is None or math.isnan(m.age) else m.age
+        out[i, 1 + spec.sexes.index(m.sex)] = 1.0
+        out[i, 1 + len(spec.sexes) + spec.sites.index(m.site)] = 1.0
+    return out
+
+
+def build_features(
+    cnn_probs: np.ndarray, meta: Sequence[ClinicalMetadata], stats: np.ndarray, spec: FeatureSpec
+) -> np.ndarray:
+    """The boosters' input, columns in `spec.names` order."""
+    x = np.concatenate([cnn_probs.astype(np.float32), encode_metadata(meta, spec), stats.astype(np.float32)], axis=1)
+    assert x.shape[1] == len(spec.names)
+    return x
+
+
+def stack_inputs(probs: dict[str, np.ndarray]) -> np.ndarray:
+    """The meta-learner's input: log-probabilities of every level-1 model, side by side."""
+    return np.concatenate([np.log(np.clip(probs[m], EPS, 1.0)) for m in LEVEL1_MODELS], axis=1)
+
+
+def soft_vote(probs: dict[str, np.ndarray]) -> np.ndarray:
+    return np.mean([probs[m] for m in LEVEL1_MODELS], axis=0)

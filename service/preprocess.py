@@ -1,0 +1,93 @@
+"""Image decoding and the CNN's evaluation transform, shared by training and serving.
+
+Training decodes every image once with `decode_image` + `resize_for_model` and caches the
+uint8 result; its validation, OOF and export code then call `to_model_input`, exactly as the
+service does for an upload. Training augmentations act on the cached uint8 images only.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+from pydantic import BaseModel
+
+ALLOWED_FORMATS = {"JPEG", "PNG"}
+
+
+class ImageError(ValueError):
+    """The bytes are not an image this system accepts; the message says why, for a person.
+    `status` is the HTTP status the service answers with."""
+
+    def __init__(self, message: str, status: int = 400) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class ImageSpec(BaseModel):
+    """How an image becomes CNN input. Saved in the bundle's manifest."""
+
+    width: int
+    height: int
+    resize: str = "center-crop-to-aspect, bilinear"
+    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
+    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+
+
+def decode_image(data: bytes, max_pixels: int = 40_000_000) -> Image.Image:
+    """Decode JPEG/PNG bytes into an RGB image with its EXIF orientation applied."""
+    if not data:
+        raise ImageError("the image file is empty")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+            if img.format not in ALLOWED_FORMATS:
+                raise ImageError(f"unsupported image format {img.format}; send a JPEG or PNG", status=415)
+            if img.width * img.height > max_pixels:
+                raise ImageError(
+                    f"image is {img.width}x{img.height} pixels, over the limit of {max_pixels} pixels", status=413
+                )
+            img.load()
+    except ImageError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise ImageError(f"image has too many pixels: {exc}", status=413) from None
+    except UnidentifiedImageError:
+        raise ImageError("the file is not a readable image; send a JPEG or PNG") from None
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise ImageError(f"the image is truncated or corrupt ({exc})") from None
+    img = ImageOps.exif_transpose(img)
+    return img.convert("RGB")
+
+
+def resize_for_model(img: Image.Image, spec: ImageSpec) -> np.ndarray:
+    """Center-crop to the target aspect ratio, then resize: HxWx3 uint8."""
+    target_aspect = spec.width / spec.height
+    w, h = img.size
+    if abs(w / h - target_aspect) > 1e-3:
+        if w / h > target_aspect:  # too wide: crop width
+            new_w = round(h * target_aspect)
+            left = (w - new_w) // 2
+            img = img.crop((left, 0, left + new_w, h))
+        else:
+            new_h = round(w / target_aspect)
+            top = (h - new_h) // 2
+            img = img.crop((0, top, w, top + new_h))
+    if img.size != (spec.width, spec.height):
+        img = img.resize((spec.width, spec.height), Image.Resampling.BILINEAR)
+    return np.asarray(img, dtype=np.uint8)
+
+
+def load_for_model(data: bytes, spec: ImageSpec, max_pixels: int = 40_000_000) -> np.ndarray:
+    """Bytes to the cached uint8 form (HxWx3) that `to_model_input` consumes."""
+    return resize_for_model(decode_image(data, max_pixels), spec)
+
+
+def to_model_input(images: np.ndarray, spec: ImageSpec) -> np.ndarray:
+    """uint8 images (N,H,W,3) to normalised float32 CNN input (N,3,H,W)."""
+    x = images.astype(np.float32) / 255.0
+    x = (x - np.asarray(spec.mean, np.float32)) / np.asarray(spec.std, np.float32)
+    return np.ascontiguousarray(x.transpose(0, 3, 1, 2))

@@ -1,0 +1,1 @@
+"""Training jobs: HAM10000 -> lesion-grouped folds -> CNN -> boosters -> stack -> model bundle."""

@@ -1,0 +1,58 @@
+"""ResNet-18 from torchvision, and the fold ensemble that is exported to ONNX."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+from torchvision.models import ResNet18_Weights, resnet18
+
+IMAGENET_URL = ResNet18_Weights.IMAGENET1K_V1.url
+
+
+class WeightsError(RuntimeError):
+    pass
+
+
+def load_imagenet_state(url: str) -> dict:
+    """torchvision's own download and cache ($TORCH_HOME/hub/checkpoints), sha256-prefix checked."""
+    try:
+        return torch.hub.load_state_dict_from_url(url, progress=True, check_hash=True)
+    except (OSError, RuntimeError) as exc:  # URLError is an OSError; a hash mismatch a RuntimeError
+        raise WeightsError(
+            f"could not get ImageNet weights from {url} ({exc}). Offline? Use --weights none "
+            "(train from scratch) or --weights PATH (a resnet18 state dict on disk)."
+        ) from None
+
+
+def build_resnet18(num_classes: int, weights: str = "none") -> nn.Module:
+    """weights: 'imagenet' (torchvision download), 'none' (random init) or a path to a state dict."""
+    model = resnet18(weights=None)
+    if weights == "imagenet":
+        state = load_imagenet_state(IMAGENET_URL)
+    elif weights == "none":
+        state = None
+    else:
+        path = Path(weights)
+        if not path.is_file():
+            raise WeightsError(f"--weights {weights}: no such file; use imagenet, none or a path to a state dict")
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    if state is not None:
+        state = {k: v for k, v in state.items() if not k.startswith("fc.")}
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        if unexpected or set(missing) - {"fc.weight", "fc.bias"}:
+            raise WeightsError(f"--weights {weights}: not a resnet18 state dict (missing {missing[:3]}, unexpected {unexpected[:3]})")
+    model.fc = nn.Linear(model.fc.in_features, num_classes)
+    return model
+
+
+class FoldEnsemble(nn.Module):
+    """The served CNN: the fold models' softmax outputs averaged, in one graph."""
+
+    def __init__(self, members: list[nn.Module]) -> None:
+        super().__init__()
+        self.members = nn.ModuleList(members)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.stack([m(x).float().softmax(dim=1) for m in self.members]).mean(dim=0)

@@ -1,0 +1,123 @@
+"""Stage 6: artifacts/report.json, report.md and plots, every number out-of-fold."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from sklearn.metrics import ConfusionMatrixDisplay, roc_curve  # noqa: E402
+
+from service import labels  # noqa: E402
+from service.predictor import COMPONENTS  # noqa: E402
+from training.cnn import PROB_COLUMNS, training_throughput  # noqa: E402
+from training.io import atomic_write, atomic_write_text  # noqa: E402
+from training.metrics import with_intervals  # noqa: E402
+
+METRICS = ["bmca", "macro_auc", "malignant_pauc", "malignant_auc", "accuracy", "log_loss", "ece"]
+
+
+def machine_description() -> str:
+    import torch
+
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    return f"{platform.machine()}, {os.cpu_count()} CPU cores, {gpu}"
+
+
+def fmt(m: dict) -> str:
+    lo, hi = m["ci95"]
+    return f"{m['value']:.3f} [{lo:.3f}, {hi:.3f}]"
+
+
+def markdown(report: dict) -> str:
+    lines = [
+        "# Out-of-fold results",
+        "",
+        f"Data: `{report['data']['data_dir']}`, {report['data']['images']} images of {report['data']['lesions']} lesions, "
+        f"{report['data']['folds']} lesion-grouped folds. Machine: {report['machine']}. "
+        f"95% intervals: {report['n_bootstrap']} bootstrap resamples of lesions.",
+        "",
+        "| model | " + " | ".join(METRICS) + " |",
+        "|---" * (len(METRICS) + 1) + "|",
+    ]
+    for name, m in report["models"].items():
+        lines.append(f"| {name} | " + " | ".join(fmt(m[k]) for k in METRICS) + " |")
+    if "paired_difference" in report:
+        d = report["paired_difference"]
+        lines += ["", f"Paired difference {d['models']}: " + ", ".join(f"{k} {fmt(d[k])}" for k in ("malignant_pauc", "bmca", "macro_auc"))]
+    lines += [
+        "",
+        "malignant = mel + bcc + akiec; malignant_pauc is the ISIC 2024 partial AUC above 80% TPR (range 0-0.2).",
+        "",
+        "![ROC](plots/roc_stack.png) ![confusion](plots/confusion_stack.png) ![reliability](plots/reliability.png)",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def plot_roc(y, probs, title, path) -> None:
+    fig, ax = plt.subplots(figsize=(5, 5))
+    for i, c in enumerate(labels.CLASSES):
+        fpr, tpr, _ = roc_curve(y == i, probs[:, i])
+        ax.plot(fpr, tpr, label=c)
+    ax.plot([0, 1], [0, 1], "k:", lw=0.8)
+    ax.set(xlabel="false positive rate", ylabel="true positive rate", title=title)
+    ax.legend(loc="lower right")
+    atomic_write(path, lambda p: fig.savefig(p, format="png", dpi=110, bbox_inches="tight"))
+    plt.close(fig)
+
+
+def plot_confusion(y, probs, title, path) -> None:
+    fig, ax = plt.subplots(figsize=(6, 5))
+    ConfusionMatrixDisplay.from_predictions(
+        y, probs.argmax(1), labels=range(len(labels.CLASSES)), display_labels=labels.CLASSES, normalize="true",
+        values_format=".2f", ax=ax, colorbar=False,
+    )
+    ax.set_title(title)
+    atomic_write(path, lambda p: fig.savefig(p, format="png", dpi=110, bbox_inches="tight"))
+    plt.close(fig)
+
+
+def plot_reliability(y, model_probs, path, n_bins: int = 10) -> None:
+    fig, ax = plt.subplots(figsize=(5, 5))
+    for name, p in model_probs.items():
+        conf, correct = p.max(1), p.argmax(1) == y
+        bins = np.minimum((conf * n_bins).astype(int), n_bins - 1)
+        xs = [conf[bins == b].mean() for b in range(n_bins) if (bins == b).any()]
+        ys = [correct[bins == b].mean() for b in range(n_bins) if (bins == b).any()]
+        ax.plot(xs, ys, "o-", label=name, ms=3)
+    ax.plot([0, 1], [0, 1], "k:", lw=0.8)
+    ax.set(xlabel="confidence (top class)", ylabel="accuracy", title="Reliability (out-of-fold)")
+    ax.legend()
+    atomic_write(path, lambda p: fig.savefig(p, format="png", dpi=110, bbox_inches="tight"))
+    plt.close(fig)
+
+
+def write_report(run) -> dict:
+    y = run.table.label.to_numpy()
+    model_probs = {m: run.oof(m)[PROB_COLUMNS].to_numpy() for m in COMPONENTS}
+    report = with_intervals(y, model_probs, run.table.lesion_id.to_numpy(), run.cfg.bootstrap, run.cfg.seed)
+    report["data"] = {
+        "data_dir": run.cfg.data_dir,
+        "images": len(y),
+        "lesions": int(run.table.lesion_id.nunique()),
+        "skipped_missing_images": run.dataset.skipped,
+        "folds": run.cfg.folds,
+        "class_counts": {c: int((y == i).sum()) for i, c in enumerate(labels.CLASSES)},
+    }
+    report["config"] = run.cfg.model_dump()
+    report["machine"] = machine_description()
+    report["cnn_train_images_per_s"] = training_throughput(run.dir, run.cfg.folds)
+    atomic_write_text(run.artifacts / "report.json", json.dumps(report, indent=2))
+    atomic_write_text(run.artifacts / "report.md", markdown(report))
+    plots = run.artifacts / "plots"
+    plot_roc(y, model_probs["stack"], "ROC per class: stack (OOF)", plots / "roc_stack.png")
+    plot_roc(y, model_probs["cnn"], "ROC per class: CNN (OOF)", plots / "roc_cnn.png")
+    plot_confusion(y, model_probs["stack"], "Confusion (row-normalised): stack", plots / "confusion_stack.png")
+    plot_reliability(y, model_probs, plots / "reliability.png")
+    run.log((run.artifacts / "report.md").read_text())
+    return report

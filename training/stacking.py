@@ -1,0 +1,46 @@
+"""Stage 5: soft vote and a stacked meta-learner over the level-1 models' OOF probabilities.
+
+The meta-learner's OOF predictions for fold k come from a logistic regression fit on the other
+folds' OOF rows only, so its reported score is cross-validated like every other model's.
+The served meta-learner is refit on all rows.
+"""
+
+from __future__ import annotations
+
+import pickle
+
+import numpy as np
+import pandas as pd
+from sklearn.linear_model import LogisticRegressionCV
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
+
+from service.features import LEVEL1_MODELS, soft_vote, stack_inputs
+from training.cnn import PROB_COLUMNS
+from training.io import atomic_write, atomic_write_csv
+
+
+def make_meta_learner(fold: np.ndarray):
+    """Standardised log-probabilities -> multinomial logistic regression. The regularisation
+    strength is chosen by log loss over the given rows' own folds (nested, lesion-grouped)."""
+    splits = [(np.flatnonzero(fold != g), np.flatnonzero(fold == g)) for g in np.unique(fold)]
+    lr = LogisticRegressionCV(Cs=[0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0], cv=splits, scoring="neg_log_loss",
+                              class_weight="balanced", max_iter=5000,
+                              l1_ratios=(0.0,), use_legacy_attributes=False)
+    return make_pipeline(StandardScaler(), lr)
+
+
+def run_stacking(run) -> None:
+    probs = {m: run.oof(m)[PROB_COLUMNS].to_numpy() for m in LEVEL1_MODELS}
+    y, fold = run.table.label.to_numpy(), run.table.fold.to_numpy()
+    z = stack_inputs(probs)
+    stack = np.zeros_like(probs["cnn"])
+    for k in range(fold.max() + 1):
+        meta = make_meta_learner(fold[fold != k]).fit(z[fold != k], y[fold != k])
+        stack[fold == k] = meta.predict_proba(z[fold == k])
+    final = make_meta_learner(fold).fit(z, y)
+    ids = run.table[["image_id", "fold"]].reset_index(drop=True)
+    for name, p in (("soft_vote", soft_vote(probs)), ("stack", stack)):
+        atomic_write_csv(run.artifacts / f"oof_{name}.csv", pd.concat([ids, pd.DataFrame(p, columns=PROB_COLUMNS)], axis=1))
+    atomic_write(run.dir / "models" / "stack.pkl", lambda p: p.write_bytes(pickle.dumps(final)))
+    run.log("stack: meta-learner cross-validated on the shared folds and refit on all rows")
