@@ -19,13 +19,16 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 
 import numpy as np
+import swagger_ui
 from fastapi import Depends, FastAPI, File, Form, HTTPException, Request, UploadFile
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import ValidationError
 from starlette.formparsers import MultiPartParser
+from starlette.staticfiles import StaticFiles
 
 from service.features import ClinicalMetadata
 from service.manifest import Manifest
@@ -37,6 +40,7 @@ from service.settings import Settings
 
 log = logging.getLogger("service")
 STATIC = Path(__file__).parent / "static"
+SWAGGER_UI = Path(swagger_ui.__file__).parent / "static"  # swagger-ui-py ships Swagger UI 5
 ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 411, 413, 415, 422, 503)}
 
 
@@ -166,7 +170,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         version="1.0",
         description="ResNet-18 + XGBoost/LightGBM/CatBoost on clinical metadata, stacked. Research use only.",
         lifespan=lifespan,
+        docs_url=None,  # served below from local files: the docs page works offline
+        redoc_url=None,
     )
+    app.mount("/docs-assets", StaticFiles(directory=SWAGGER_UI), name="docs-assets")
     app.state.settings, app.state.model, app.state.metrics = settings, state, metrics
 
     @app.middleware("http")
@@ -206,6 +213,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def unexpected(request: Request, exc: Exception):
         log.exception("unexpected error")
         return error_response(500, "internal error; the request id is in the logs", getattr(request.state, "request_id", None))
+
+    @app.get("/docs", include_in_schema=False)
+    async def docs() -> HTMLResponse:
+        return get_swagger_ui_html(
+            openapi_url=app.openapi_url, title=f"{app.title} - API docs",
+            swagger_js_url="/docs-assets/swagger-ui-bundle.js", swagger_css_url="/docs-assets/swagger-ui.css",
+            swagger_favicon_url="/docs-assets/favicon-32x32.png",
+        )
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def index() -> HTMLResponse:

@@ -165,7 +165,9 @@ def test_health_model_metrics_docs(server, predictor):
     metrics = httpx.get(server + "/metrics").text
     assert 'lesion_http_requests_total{route="/predict",status="200"}' in metrics
     assert "lesion_model_inference_seconds_bucket" in metrics and "lesion_http_request_seconds_bucket" in metrics
-    assert "swagger-ui" in httpx.get(server + "/docs").text
+    docs = httpx.get(server + "/docs").text
+    assert "swagger-ui" in docs and "cdn" not in docs.lower()  # the docs page works offline
+    assert httpx.get(server + "/docs-assets/swagger-ui-bundle.js").status_code == 200
     spec = httpx.get(server + "/openapi.json").json()
     assert {"/predict", "/predict/batch", "/model", "/health/ready"} <= set(spec["paths"])
     assert "example" in spec["components"]["schemas"]["PredictResponse"]

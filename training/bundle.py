@@ -20,6 +20,7 @@ from service import labels
 from service.features import FeatureSpec
 from service.manifest import MANIFEST_NAME, CnnInfo, Manifest, MetadataSchema, library_versions, sha256_file
 from service.predictor import COMPONENTS, Predictor
+from service.preprocess import to_model_input
 from training.cnn import image_spec, load_fold_model
 from training.io import atomic_write_text
 from training.models import FoldEnsemble
@@ -56,8 +57,6 @@ def reference_predictions(run, predictor: Predictor, n: int = 8) -> dict:
     idx = np.linspace(0, len(run.table) - 1, n).astype(int)
     images = run.images[idx]
     members = [load_fold_model(run.dir / "cnn", k) for k in range(run.cfg.folds)]
-    from service.preprocess import to_model_input
-
     with torch.no_grad():
         cnn = FoldEnsemble(members)(torch.from_numpy(to_model_input(images, image_spec(run.cfg)))).numpy().astype(np.float64)
     meta = [run.dataset.metadata()[i] for i in idx]

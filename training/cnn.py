@@ -51,7 +51,8 @@ def predict_probs(model: nn.Module, images: np.ndarray, spec: ImageSpec, batch_s
         batch = torch.from_numpy(images[start : start + batch_size]).permute(0, 3, 1, 2)
         x = normalise_batch(batch, spec).to(device)
         out.append(model(x).float().softmax(dim=1).cpu().numpy())
-    return np.concatenate(out).astype(np.float64)
+    probs = np.concatenate(out).astype(np.float64)
+    return probs / probs.sum(axis=1, keepdims=True)  # exact sums for sklearn's log_loss check
 
 
 def class_weights(y: np.ndarray, n_classes: int) -> torch.Tensor:
@@ -143,7 +144,6 @@ def run_cnn(cfg: RunConfig, run_dir: Path, table: pd.DataFrame, images: np.ndarr
     """Train every unfinished fold, then write artifacts/oof_cnn.csv. Returns the OOF table."""
     cnn_dir = run_dir / "cnn"
     cnn_dir.mkdir(parents=True, exist_ok=True)
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     y, fold = table.label.to_numpy(), table.fold.to_numpy()
     for k in range(cfg.folds):
         if (cnn_dir / f"fold{k}.pt").exists():

@@ -24,7 +24,7 @@ def make_meta_learner(fold: np.ndarray):
     """Standardised log-probabilities -> multinomial logistic regression. The regularisation
     strength is chosen by log loss over the given rows' own folds (nested, lesion-grouped)."""
     splits = [(np.flatnonzero(fold != g), np.flatnonzero(fold == g)) for g in np.unique(fold)]
-    lr = LogisticRegressionCV(Cs=[0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0], cv=splits, scoring="neg_log_loss",
+    lr = LogisticRegressionCV(Cs=[1e-4, 3e-4, 0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0], cv=splits, scoring="neg_log_loss",
                               class_weight="balanced", max_iter=5000,
                               l1_ratios=(0.0,), use_legacy_attributes=False)
     return make_pipeline(StandardScaler(), lr)
