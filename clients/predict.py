@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
                 jobs = jobs_from(Path(args.images[0]))
                 with open(args.csv, "w", newline="") as f:
                     writer = None
-                    for path, meta in tqdm(jobs, desc="predicting", unit="img"):
+                    for path, meta in tqdm(jobs, desc="predicting", unit="img", disable=None):
                         r = client.predict(path, **meta)
                         row = {"image": str(path), "label": r["label"], "malignant_probability": r["malignant_probability"],
                                **{f"p_{c}": v for c, v in r["probabilities"].items()}}

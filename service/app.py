@@ -136,7 +136,10 @@ def decode(data: bytes, name: str | None, predictor: Predictor, settings: Settin
 
 def prediction_fields(pred: Prediction, manifest: Manifest) -> dict:
     classes = manifest.classes
-    as_dict = lambda p: {c: float(v) for c, v in zip(classes, p)}  # noqa: E731
+
+    def as_dict(p: np.ndarray) -> dict[str, float]:
+        return {c: float(v) for c, v in zip(classes, p)}
+
     probs = as_dict(pred.probabilities)
     label = classes[int(np.argmax(pred.probabilities))]
     return {

@@ -86,7 +86,7 @@ def cross_fit(name: str, x: np.ndarray, y: np.ndarray, fold: np.ndarray, rounds:
     n_folds = fold.max() + 1
     oof = np.zeros((len(y), len(labels.CLASSES)))
     chosen = []
-    for k in tqdm(range(n_folds), desc=name, leave=False):
+    for k in tqdm(range(n_folds), desc=name, leave=False, disable=None):
         inner = (k + 1) % n_folds
         fit_rows, stop_rows = (fold != k) & (fold != inner), fold == inner
         probe = fit(name, make_booster(name, rounds, seed, True), x[fit_rows], y[fit_rows], (x[stop_rows], y[stop_rows]))

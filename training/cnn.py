@@ -97,7 +97,7 @@ def train_fold(
     for epoch in range(state["epoch"], cfg.epochs):
         model.train()
         t0, seen, total_loss = time.perf_counter(), 0, 0.0
-        bar = tqdm(loader, desc=f"fold {k} epoch {epoch + 1}/{cfg.epochs}", unit="batch", leave=False)
+        bar = tqdm(loader, desc=f"fold {k} epoch {epoch + 1}/{cfg.epochs}", unit="batch", leave=False, disable=None)
         for xb, yb in bar:
             x, yb = normalise_batch(xb, spec).to(device), yb.to(device)
             with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):

@@ -113,7 +113,7 @@ def load_dataset(data_dir: str | Path, log=print) -> Dataset:
 def decode_all(paths: list[Path], spec: ImageSpec, desc: str = "decoding images") -> np.ndarray:
     """Decode and resize every image once: (N,H,W,3) uint8. Unreadable images name their file."""
     out = np.empty((len(paths), spec.height, spec.width, 3), np.uint8)
-    for i, p in enumerate(tqdm(paths, desc=desc, unit="img", leave=False)):
+    for i, p in enumerate(tqdm(paths, desc=desc, unit="img", leave=False, disable=None)):
         try:
             out[i] = load_for_model(Path(p).read_bytes(), spec)
         except ImageError as exc:

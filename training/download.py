@@ -44,7 +44,7 @@ def fetch(client: httpx.Client, url: str, dest: Path, algo: str, expected: str) 
     with client.stream("GET", url) as r:
         r.raise_for_status()
         total = int(r.headers.get("content-length", 0)) or None
-        with open(part, "wb") as f, tqdm(total=total, unit="B", unit_scale=True, desc=dest.name) as bar:
+        with open(part, "wb") as f, tqdm(total=total, unit="B", unit_scale=True, desc=dest.name, disable=None) as bar:
             for chunk in r.iter_bytes(1 << 20):
                 f.write(chunk)
                 bar.update(len(chunk))
