@@ -108,5 +108,5 @@ def run_boosters(run) -> None:
         final = fit(name, make_booster(name, int(np.mean(chosen)), run.cfg.seed, False), x, y)
         table = pd.concat([run.table[["image_id", "fold"]].reset_index(drop=True), pd.DataFrame(oof, columns=PROB_COLUMNS)], axis=1)
         atomic_write_csv(oof_path, table)
-        atomic_write(model_path, lambda p: p.write_bytes(pickle.dumps(final)))
+        atomic_write(model_path, lambda p, model=final: p.write_bytes(pickle.dumps(model)))
         run.log(f"{name}: rounds per fold {chosen}, final model {int(np.mean(chosen))} rounds")

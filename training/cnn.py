@@ -121,7 +121,7 @@ def train_fold(
             state.update(best_bmca=bmca, best_epoch=epoch + 1, best=copy.deepcopy(model.state_dict()))
         state["epoch"] = epoch + 1
         payload = {"model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(), "state": state}
-        atomic_write(ckpt_path, lambda p: torch.save(payload, p))
+        atomic_write(ckpt_path, lambda p, payload=payload: torch.save(payload, p))
 
     model.load_state_dict(state["best"])
     oof = pd.DataFrame(predict_probs(model, images[va], spec), columns=PROB_COLUMNS)
