@@ -3,7 +3,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: venv demo train-demo serve-demo test
+.PHONY: venv demo train-demo serve-demo test lint
 venv: $(VENV)/.installed
 
 $(VENV)/.installed: requirements-serve.txt requirements-train.txt requirements-dev.txt
@@ -23,3 +23,6 @@ demo: train-demo serve-demo
 
 test: venv
 	$(PY) -m pytest
+
+lint: venv
+	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check training service clients benchmarks tests

@@ -56,10 +56,14 @@ def main() -> None:
     t_one = timed(lambda: one.run(None, {"image": x}), args.rounds)
     batch = np.repeat(img[None], 16, axis=0)
     t_batch = timed(lambda: pred.predict(batch, meta * 16), max(2, args.rounds // 4)) / 16
-    print(f"bundle {pred.manifest.bundle_id}: {pred.manifest.cnn.members} fold models, {spec.width}x{spec.height}, {args.threads} ORT thread(s)")
+    print(
+        f"bundle {pred.manifest.bundle_id}: {pred.manifest.cnn.members} fold models, {spec.width}x{spec.height}, {args.threads} ORT thread(s)"
+    )
     print(f"one fold model: {1000 * t_one:.1f} ms   fold ensemble: {1000 * t_cnn:.1f} ms   ratio {t_cnn / t_one:.2f}")
     print(f"CNN alone: {1000 * t_cnn:.1f} ms   full stack: {1000 * t_stack:.1f} ms   ratio {t_stack / t_cnn:.2f}")
-    print(f"one by one: {1000 * t_stack:.1f} ms/img   batch of 16: {1000 * t_batch:.1f} ms/img   speed-up {t_stack / t_batch:.2f}")
+    print(
+        f"one by one: {1000 * t_stack:.1f} ms/img   batch of 16: {1000 * t_batch:.1f} ms/img   speed-up {t_stack / t_batch:.2f}"
+    )
 
 
 if __name__ == "__main__":

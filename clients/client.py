@@ -20,8 +20,14 @@ class LesionAPIError(RuntimeError):
 class LesionClient:
     """Retries connection errors and 503 (model still loading) with backoff; raises LesionAPIError otherwise."""
 
-    def __init__(self, url: str = "http://127.0.0.1:8000", api_key: str | None = None, timeout: float = 30.0,
-                 retries: int = 3, backoff: float = 0.5) -> None:
+    def __init__(
+        self,
+        url: str = "http://127.0.0.1:8000",
+        api_key: str | None = None,
+        timeout: float = 30.0,
+        retries: int = 3,
+        backoff: float = 0.5,
+    ) -> None:
         headers = {"X-API-Key": api_key} if api_key else {}
         self._http = httpx.Client(base_url=url.rstrip("/"), headers=headers, timeout=timeout)
         self.retries, self.backoff = retries, backoff
@@ -54,8 +60,9 @@ class LesionClient:
                 raise LesionAPIError(r.status_code, r.text) from None
         return r.json()
 
-    def predict(self, image: str | Path | bytes, age: float | None = None, sex: str | None = None,
-                site: str | None = None) -> dict:
+    def predict(
+        self, image: str | Path | bytes, age: float | None = None, sex: str | None = None, site: str | None = None
+    ) -> dict:
         data = Path(image).read_bytes() if not isinstance(image, bytes) else image
         name = Path(image).name if not isinstance(image, bytes) else "image"
         meta = {k: v for k, v in dict(age=age, sex=sex, site=site).items() if v is not None}

@@ -17,7 +17,9 @@ IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png"}
 
 
 def table(path: str, result: dict) -> str:
-    lines = [f"{path}: {result['label']} ({result['label_name']}), malignant probability {result['malignant_probability']:.1%}"]
+    lines = [
+        f"{path}: {result['label']} ({result['label_name']}), malignant probability {result['malignant_probability']:.1%}"
+    ]
     models = list(result["components"])
     lines.append("  class  " + "".join(f"{m:>10}" for m in models))
     for c in result["probabilities"]:
@@ -37,8 +39,16 @@ def jobs_from(source: Path) -> list[tuple[Path, dict]]:
             if path is None:
                 continue
             age = row.get("age") or None
-            jobs.append((path, {"age": float(age) if age else None, "sex": row.get("sex") or None,
-                                "site": row.get("localization") or row.get("site") or None}))
+            jobs.append(
+                (
+                    path,
+                    {
+                        "age": float(age) if age else None,
+                        "sex": row.get("sex") or None,
+                        "site": row.get("localization") or row.get("site") or None,
+                    },
+                )
+            )
     return jobs
 
 
@@ -63,8 +73,12 @@ def main(argv: list[str] | None = None) -> int:
                     writer = None
                     for path, meta in tqdm(jobs, desc="predicting", unit="img", disable=None):
                         r = client.predict(path, **meta)
-                        row = {"image": str(path), "label": r["label"], "malignant_probability": r["malignant_probability"],
-                               **{f"p_{c}": v for c, v in r["probabilities"].items()}}
+                        row = {
+                            "image": str(path),
+                            "label": r["label"],
+                            "malignant_probability": r["malignant_probability"],
+                            **{f"p_{c}": v for c, v in r["probabilities"].items()},
+                        }
                         writer = writer or csv.DictWriter(f, fieldnames=list(row))
                         if f.tell() == 0:
                             writer.writeheader()

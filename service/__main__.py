@@ -29,8 +29,14 @@ def main(argv: list[str] | None = None) -> int:
     # Workers build their own Settings from the environment: pass the flags on that way.
     for key, value in overrides.items():
         os.environ[f"LESION_{key.upper()}"] = str(value)
-    uvicorn.run("service.app:create_app", factory=True, host=settings.host, port=settings.port,
-                workers=settings.workers, log_level=settings.log_level)
+    uvicorn.run(
+        "service.app:create_app",
+        factory=True,
+        host=settings.host,
+        port=settings.port,
+        workers=settings.workers,
+        log_level=settings.log_level,
+    )
     return 0
 
 

@@ -92,8 +92,11 @@ def parse_metadata(raw: str | None, manifest: Manifest) -> ClinicalMetadata:
     try:
         value = json.loads(raw)
     except json.JSONDecodeError as exc:
-        raise HTTPException(400, f"metadata is not valid JSON ({exc.msg} at position {exc.pos}); "
-                                 'send e.g. {"age": 55, "sex": "male", "site": "back"}') from None
+        raise HTTPException(
+            400,
+            f"metadata is not valid JSON ({exc.msg} at position {exc.pos}); "
+            'send e.g. {"age": 55, "sex": "male", "site": "back"}',
+        ) from None
     return validate_metadata(value, manifest)
 
 
@@ -197,7 +200,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         metrics.requests.labels(path, str(response.status_code)).inc()
         metrics.latency.labels(path).observe(time.perf_counter() - start)
         response.headers["X-Request-ID"] = request_id
-        log.info("%s %s %s %.1fms id=%s", request.method, path, response.status_code, 1000 * (time.perf_counter() - start), request_id)
+        log.info(
+            "%s %s %s %.1fms id=%s",
+            request.method,
+            path,
+            response.status_code,
+            1000 * (time.perf_counter() - start),
+            request_id,
+        )
         return response
 
     @app.exception_handler(HTTPException)
@@ -215,13 +225,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception):
         log.exception("unexpected error")
-        return error_response(500, "internal error; the request id is in the logs", getattr(request.state, "request_id", None))
+        return error_response(
+            500, "internal error; the request id is in the logs", getattr(request.state, "request_id", None)
+        )
 
     @app.get("/docs", include_in_schema=False)
     async def docs() -> HTMLResponse:
         return get_swagger_ui_html(
-            openapi_url=app.openapi_url, title=f"{app.title} - API docs",
-            swagger_js_url="/docs-assets/swagger-ui-bundle.js", swagger_css_url="/docs-assets/swagger-ui.css",
+            openapi_url=app.openapi_url,
+            title=f"{app.title} - API docs",
+            swagger_js_url="/docs-assets/swagger-ui-bundle.js",
+            swagger_css_url="/docs-assets/swagger-ui.css",
             swagger_favicon_url="/docs-assets/favicon-32x32.png",
         )
 
@@ -243,21 +257,35 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def model_info() -> ModelInfo:
         m = state.manifest
         return ModelInfo(
-            bundle_id=m.bundle_id, created_at=m.created_at, classes=m.classes, class_names=m.class_names,
-            malignant_classes=m.malignant_classes, metadata_schema=m.metadata_schema.model_dump(),
-            preprocessing=m.preprocessing.model_dump(), components=COMPONENTS, metrics=m.metrics, training=m.training,
+            bundle_id=m.bundle_id,
+            created_at=m.created_at,
+            classes=m.classes,
+            class_names=m.class_names,
+            malignant_classes=m.malignant_classes,
+            metadata_schema=m.metadata_schema.model_dump(),
+            preprocessing=m.preprocessing.model_dump(),
+            components=COMPONENTS,
+            metrics=m.metrics,
+            training=m.training,
         )
 
     @app.get("/metrics", tags=["health"], response_class=Response)
     async def prometheus() -> Response:
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
-    @app.post("/predict", response_model=PredictResponse, tags=["predict"], responses=ERRORS,
-              dependencies=[Depends(check_api_key)])
+    @app.post(
+        "/predict",
+        response_model=PredictResponse,
+        tags=["predict"],
+        responses=ERRORS,
+        dependencies=[Depends(check_api_key)],
+    )
     async def predict(
         request: Request,
         image: UploadFile = File(..., description="JPEG or PNG dermoscopy image"),
-        metadata: str | None = Form(None, description='JSON: {"age": 55, "sex": "male", "site": "back"}; each key optional'),
+        metadata: str | None = Form(
+            None, description='JSON: {"age": 55, "sex": "male", "site": "back"}; each key optional'
+        ),
         predictor: Predictor = Depends(get_predictor),
         settings: Settings = Depends(get_settings),
     ) -> PredictResponse:
@@ -274,11 +302,19 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         pred = await run_in_threadpool(work)
         metrics.images.inc()
         m = predictor.manifest
-        return PredictResponse(**prediction_fields(pred, m), model=ModelRef(bundle_id=m.bundle_id, created_at=m.created_at),
-                               request_id=request.state.request_id)
+        return PredictResponse(
+            **prediction_fields(pred, m),
+            model=ModelRef(bundle_id=m.bundle_id, created_at=m.created_at),
+            request_id=request.state.request_id,
+        )
 
-    @app.post("/predict/batch", response_model=BatchResponse, tags=["predict"], responses=ERRORS,
-              dependencies=[Depends(check_api_key)])
+    @app.post(
+        "/predict/batch",
+        response_model=BatchResponse,
+        tags=["predict"],
+        responses=ERRORS,
+        dependencies=[Depends(check_api_key)],
+    )
     async def predict_batch(
         request: Request,
         images: list[UploadFile] = File(..., description="several JPEG or PNG images"),
@@ -303,7 +339,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         m = predictor.manifest
         return BatchResponse(
             predictions=[BatchItem(filename=f.filename, **prediction_fields(p, m)) for f, p in zip(images, preds)],
-            model=ModelRef(bundle_id=m.bundle_id, created_at=m.created_at), request_id=request.state.request_id,
+            model=ModelRef(bundle_id=m.bundle_id, created_at=m.created_at),
+            request_id=request.state.request_id,
         )
 
     return app
@@ -328,4 +365,3 @@ def max_request_bytes(settings: Settings, path: str = "/predict/batch") -> int:
 
 def error_response(status: int, detail: str, request_id: str | None) -> JSONResponse:
     return JSONResponse({"detail": detail, "request_id": request_id}, status_code=status)
-

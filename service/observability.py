@@ -9,14 +9,23 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         self.requests = Counter(
-            "lesion_http_requests_total", "HTTP requests by route and status", ["route", "status"], registry=self.registry
+            "lesion_http_requests_total",
+            "HTTP requests by route and status",
+            ["route", "status"],
+            registry=self.registry,
         )
         self.latency = Histogram(
-            "lesion_http_request_seconds", "HTTP request latency", ["route"], registry=self.registry,
+            "lesion_http_request_seconds",
+            "HTTP request latency",
+            ["route"],
+            registry=self.registry,
             buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
         )
         self.inference = Histogram(
-            "lesion_model_inference_seconds", "Model time per request (CNN + boosters + stack)", ["route"],
-            registry=self.registry, buckets=(0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
+            "lesion_model_inference_seconds",
+            "Model time per request (CNN + boosters + stack)",
+            ["route"],
+            registry=self.registry,
+            buckets=(0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
         )
         self.images = Counter("lesion_images_predicted_total", "Images predicted", registry=self.registry)

@@ -39,7 +39,9 @@ def read_manifest(bundle_dir: Path) -> Manifest:
     if not Path(bundle_dir).is_dir():
         raise BundleError(f"bundle directory {bundle_dir} does not exist")
     if not path.is_file():
-        raise BundleError(f"no {MANIFEST_NAME} in {bundle_dir}: not a model bundle (train one with `python -m training run`)")
+        raise BundleError(
+            f"no {MANIFEST_NAME} in {bundle_dir}: not a model bundle (train one with `python -m training run`)"
+        )
     try:
         manifest = Manifest.model_validate(json.loads(path.read_text()))
     except (ValueError, TypeError) as exc:

@@ -5,8 +5,7 @@ from __future__ import annotations
 from pydantic import BaseModel, ConfigDict, Field
 
 NOTICE = (
-    "Research use only. Not a medical device and not a diagnosis: "
-    "a dermatologist must assess any lesion of concern."
+    "Research use only. Not a medical device and not a diagnosis: a dermatologist must assess any lesion of concern."
 )
 
 
@@ -39,10 +38,21 @@ class PredictResponse(BaseModel):
             "example": {
                 "label": "nv",
                 "label_name": "Melanocytic nevus",
-                "probabilities": {"akiec": 0.01, "bcc": 0.02, "bkl": 0.05, "df": 0.01, "mel": 0.08, "nv": 0.82, "vasc": 0.01},
+                "probabilities": {
+                    "akiec": 0.01,
+                    "bcc": 0.02,
+                    "bkl": 0.05,
+                    "df": 0.01,
+                    "mel": 0.08,
+                    "nv": 0.82,
+                    "vasc": 0.01,
+                },
                 "malignant_probability": 0.11,
                 "components": {"cnn": {"nv": 0.7, "...": 0.3}, "stack": {"nv": 0.82, "...": 0.18}},
-                "model": {"bundle_id": "ham-resnet18-20261126T140221Z-868d4c7e", "created_at": "2026-11-26T14:02:21+00:00"},
+                "model": {
+                    "bundle_id": "ham-resnet18-20261126T140221Z-868d4c7e",
+                    "created_at": "2026-11-26T14:02:21+00:00",
+                },
                 "request_id": "3f2a0c7e9b1d4c55",
                 "notice": NOTICE,
             }

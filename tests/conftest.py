@@ -41,5 +41,7 @@ def smoke_run(sample_dir, tmp_path_factory) -> Path:
 
     # LESION_TEST_RUN_DIR reuses (resumes) one run across pytest sessions while developing
     run_dir = Path(os.environ.get("LESION_TEST_RUN_DIR") or tmp_path_factory.mktemp("smoke") / "run")
-    assert main(["run", "--data-dir", str(sample_dir), "--out", str(run_dir), "--preset", "smoke", "--workers", "0"]) == 0
+    assert (
+        main(["run", "--data-dir", str(sample_dir), "--out", str(run_dir), "--preset", "smoke", "--workers", "0"]) == 0
+    )
     return run_dir

@@ -28,15 +28,30 @@ def test_hadolint(dockerfile):
 
 
 def test_compose_files_match_the_compose_spec():
-    out = subprocess.run([str(BIN / "check-jsonschema"), "--builtin-schema", "vendor.compose-spec",
-                          "docker-compose.yml", "docker-compose.gpu.yml"], cwd=REPO, capture_output=True, text=True)
+    out = subprocess.run(
+        [
+            str(BIN / "check-jsonschema"),
+            "--builtin-schema",
+            "vendor.compose-spec",
+            "docker-compose.yml",
+            "docker-compose.gpu.yml",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
     assert out.returncode == 0, out.stdout + out.stderr
 
 
 def test_train_requirements_resolve():
     assert installed_requirements("Dockerfile.train") == ["requirements-train.txt"]
-    out = subprocess.run([sys.executable, "-m", "pip", "install", "--dry-run", "--quiet", "-r", "requirements-train.txt"],
-                         cwd=REPO, capture_output=True, text=True, timeout=600)
+    out = subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--dry-run", "--quiet", "-r", "requirements-train.txt"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert out.returncode == 0, out.stderr
 
 
@@ -46,15 +61,26 @@ def test_api_image_requirements_serve_a_bundle(smoke_run, tmp_path, sample_dir):
     env_dir = tmp_path / "venv"
     venv.create(env_dir, with_pip=True)
     py = env_dir / "bin" / "python"
-    subprocess.run([str(py), "-m", "pip", "install", "--quiet", "-r", str(REPO / "requirements-serve.txt")], check=True, timeout=900)
-    assert subprocess.run([str(py), "-c", "import torch"], capture_output=True).returncode != 0, "torch must not be installed"
+    subprocess.run(
+        [str(py), "-m", "pip", "install", "--quiet", "-r", str(REPO / "requirements-serve.txt")],
+        check=True,
+        timeout=900,
+    )
+    assert subprocess.run([str(py), "-c", "import torch"], capture_output=True).returncode != 0, (
+        "torch must not be installed"
+    )
     app_dir = tmp_path / "app"  # only what the Dockerfile copies
     app_dir.mkdir()
     for folder in re.findall(r"^COPY (\w+)/ \1/$", (REPO / "Dockerfile.api").read_text(), re.M):
         subprocess.run(["cp", "-r", str(REPO / folder), str(app_dir / folder)], check=True)
     port = free_port()
-    proc = subprocess.Popen([str(py), "-m", "service", "--bundle", str(smoke_run / "bundle"), "--port", str(port)], cwd=app_dir,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        [str(py), "-m", "service", "--bundle", str(smoke_run / "bundle"), "--port", str(port)],
+        cwd=app_dir,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         url = f"http://127.0.0.1:{port}"
         deadline = time.time() + 120
@@ -68,7 +94,9 @@ def test_api_image_requirements_serve_a_bundle(smoke_run, tmp_path, sample_dir):
             assert time.time() < deadline
             time.sleep(0.3)
         image = sorted((sample_dir / "images").iterdir())[0]
-        r = httpx.post(url + "/predict", files={"image": image.read_bytes()}, data={"metadata": '{"age": 50}'}, timeout=30)
+        r = httpx.post(
+            url + "/predict", files={"image": image.read_bytes()}, data={"metadata": '{"age": 50}'}, timeout=30
+        )
         assert r.status_code == 200 and r.json()["label"]
     finally:
         proc.terminate()

@@ -39,9 +39,17 @@ def free_port() -> int:
 
 def start_server(bundle, env_extra=None) -> tuple[subprocess.Popen, str]:
     port = free_port()
-    env = dict(os.environ, LESION_MAX_UPLOAD_BYTES=str(MAX_UPLOAD), LESION_MAX_PIXELS=str(MAX_PIXELS), **(env_extra or {}))
-    proc = subprocess.Popen([sys.executable, "-m", "service", "--bundle", str(bundle), "--port", str(port)], cwd=REPO,
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    env = dict(
+        os.environ, LESION_MAX_UPLOAD_BYTES=str(MAX_UPLOAD), LESION_MAX_PIXELS=str(MAX_PIXELS), **(env_extra or {})
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "service", "--bundle", str(bundle), "--port", str(port)],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 120
     while time.time() < deadline:
@@ -70,7 +78,7 @@ def predictor(smoke_run):
 
 
 def sample_images(sample_dir, n=4):
-    return sorted((sample_dir / "images").iterdir())[:: 500][:n]
+    return sorted((sample_dir / "images").iterdir())[::500][:n]
 
 
 def offline(predictor, data: bytes, meta: ClinicalMetadata) -> dict:
@@ -88,23 +96,45 @@ def assert_same(response_json, expected, classes):
 
 def test_predict_matches_offline_inference(server, predictor, sample_dir):
     classes = predictor.manifest.classes
-    metas = [dict(age=45, sex="male", site="back"), dict(age=0, sex="female", site="lower extremity"), {}, dict(site="face")]
+    metas = [
+        dict(age=45, sex="male", site="back"),
+        dict(age=0, sex="female", site="lower extremity"),
+        {},
+        dict(site="face"),
+    ]
     for path, meta in zip(sample_images(sample_dir), metas):
-        r = httpx.post(server + "/predict", files={"image": (path.name, path.read_bytes(), "image/jpeg")},
-                       data={"metadata": json.dumps(meta)}, timeout=30)
+        r = httpx.post(
+            server + "/predict",
+            files={"image": (path.name, path.read_bytes(), "image/jpeg")},
+            data={"metadata": json.dumps(meta)},
+            timeout=30,
+        )
         assert r.status_code == 200, r.text
         body = r.json()
         assert_same(body, offline(predictor, path.read_bytes(), ClinicalMetadata(**meta)), classes)
-        assert body["label"] == classes[int(np.argmax(offline(predictor, path.read_bytes(), ClinicalMetadata(**meta))["stack"]))]
-        assert body["malignant_probability"] == pytest.approx(sum(body["probabilities"][c] for c in ("mel", "bcc", "akiec")))
-        assert body["model"]["bundle_id"] == predictor.manifest.bundle_id and body["request_id"] and "Research use" in body["notice"]
+        assert (
+            body["label"]
+            == classes[int(np.argmax(offline(predictor, path.read_bytes(), ClinicalMetadata(**meta))["stack"]))]
+        )
+        assert body["malignant_probability"] == pytest.approx(
+            sum(body["probabilities"][c] for c in ("mel", "bcc", "akiec"))
+        )
+        assert (
+            body["model"]["bundle_id"] == predictor.manifest.bundle_id
+            and body["request_id"]
+            and "Research use" in body["notice"]
+        )
         assert r.headers["x-request-id"] == body["request_id"]
 
 
 def test_metadata_changes_the_answer(server, sample_dir):
     path = sample_images(sample_dir)[0]
-    a = httpx.post(server + "/predict", files={"image": path.read_bytes()}, data={"metadata": '{"age": 20, "site": "back"}'}).json()
-    b = httpx.post(server + "/predict", files={"image": path.read_bytes()}, data={"metadata": '{"age": 85, "site": "face"}'}).json()
+    a = httpx.post(
+        server + "/predict", files={"image": path.read_bytes()}, data={"metadata": '{"age": 20, "site": "back"}'}
+    ).json()
+    b = httpx.post(
+        server + "/predict", files={"image": path.read_bytes()}, data={"metadata": '{"age": 85, "site": "face"}'}
+    ).json()
     assert a["components"]["cnn"] == b["components"]["cnn"]  # the image alone is the same
     assert a["components"]["xgboost"] != b["components"]["xgboost"]  # the boosters read the metadata
 
@@ -115,7 +145,9 @@ def test_large_jpeg_and_exif_orientation(server, predictor, sample_dir):
     buf = io.BytesIO()
     big.save(buf, "JPEG", quality=92)
     data = buf.getvalue()
-    r = httpx.post(server + "/predict", files={"image": ("big.jpg", data, "image/jpeg")}, data={"metadata": '{"age": 60}'})
+    r = httpx.post(
+        server + "/predict", files={"image": ("big.jpg", data, "image/jpeg")}, data={"metadata": '{"age": 60}'}
+    )
     assert r.status_code == 200, r.text
     assert_same(r.json(), offline(predictor, data, ClinicalMetadata(age=60)), predictor.manifest.classes)
     # a portrait-stored image with EXIF orientation 6 (rotate 90°) is turned upright before anything else
@@ -145,7 +177,9 @@ def test_concurrent_requests_are_correct(server, sample_dir):
 
     def call(i):
         p = paths[i % len(paths)]
-        return i % len(paths), httpx.post(server + "/predict", files={"image": p.read_bytes()}, timeout=60).json()["probabilities"]
+        return i % len(paths), httpx.post(server + "/predict", files={"image": p.read_bytes()}, timeout=60).json()[
+            "probabilities"
+        ]
 
     with ThreadPoolExecutor(8) as pool:
         results = list(pool.map(call, range(16)))
@@ -175,7 +209,11 @@ def test_health_model_metrics_docs(server, predictor):
 
 
 def png(width, height, noise=False) -> bytes:
-    arr = np.random.default_rng(0).integers(0, 255, (height, width, 3), dtype=np.uint8) if noise else np.zeros((height, width, 3), np.uint8)
+    arr = (
+        np.random.default_rng(0).integers(0, 255, (height, width, 3), dtype=np.uint8)
+        if noise
+        else np.zeros((height, width, 3), np.uint8)
+    )
     buf = io.BytesIO()
     Image.fromarray(arr).save(buf, "PNG")
     return buf.getvalue()
@@ -197,9 +235,19 @@ def bad_inputs(sample_dir):
         ({"image": ("a.jpg", jpeg, "image/jpeg")}, {"metadata": '{"age": 121}'}, 422, "age 121 is outside 0-120"),
         ({"image": ("a.jpg", jpeg, "image/jpeg")}, {"metadata": '{"age": -1}'}, 422, "outside 0-120"),
         ({"image": ("a.jpg", jpeg, "image/jpeg")}, {"metadata": '{"age": "old"}'}, 422, "age"),
-        ({"image": ("a.jpg", jpeg, "image/jpeg")}, {"metadata": '{"sex": "other"}'}, 422, "use one of: male, female, unknown"),
+        (
+            {"image": ("a.jpg", jpeg, "image/jpeg")},
+            {"metadata": '{"sex": "other"}'},
+            422,
+            "use one of: male, female, unknown",
+        ),
         ({"image": ("a.jpg", jpeg, "image/jpeg")}, {"metadata": '{"site": "elbow"}'}, 422, "lower extremity"),
-        ({"image": ("a.jpg", jpeg, "image/jpeg")}, {"metadata": '{"height": 180}'}, 422, "unknown metadata field 'height'"),
+        (
+            {"image": ("a.jpg", jpeg, "image/jpeg")},
+            {"metadata": '{"height": 180}'},
+            422,
+            "unknown metadata field 'height'",
+        ),
         ({"photo": ("a.jpg", jpeg, "image/jpeg")}, {}, 422, "missing form field 'image'"),
     ]
 
@@ -211,8 +259,11 @@ def test_bad_input_gets_a_clear_4xx(server, sample_dir):
         assert message in r.json()["detail"], (message, r.json())
     r = httpx.post(server + "/predict", files={"image": b"x" * (MAX_UPLOAD + 2 * 1024 * 1024)})
     assert r.status_code == 413 and "byte limit" in r.json()["detail"]
-    r = httpx.post(server + "/predict/batch", files=[("images", sample_images(sample_dir)[0].read_bytes())] * 2,
-                   data={"metadata": "[{}]"})
+    r = httpx.post(
+        server + "/predict/batch",
+        files=[("images", sample_images(sample_dir)[0].read_bytes())] * 2,
+        data={"metadata": "[{}]"},
+    )
     assert r.status_code == 422 and "one object per image" in r.json()["detail"]
     # after all that, the server still answers correctly
     assert httpx.get(server + "/health/ready").status_code == 200
@@ -220,8 +271,13 @@ def test_bad_input_gets_a_clear_4xx(server, sample_dir):
 
 
 def run_service(bundle) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "service", "--bundle", str(bundle), "--port", str(free_port())],
-                          cwd=REPO, capture_output=True, text=True, timeout=60)
+    return subprocess.run(
+        [sys.executable, "-m", "service", "--bundle", str(bundle), "--port", str(free_port())],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
 
 
 def test_bad_bundles_stop_startup_with_one_line(smoke_run, tmp_path):
@@ -283,7 +339,9 @@ def test_client_script_table_json_and_csv(server, sample_dir, tmp_path, capsys):
         out_csv = tmp_path / f"{source.name}.csv"
         assert client_main([str(source), "--csv", str(out_csv), "--url", server]) == 0
         rows = list(__import__("csv").DictReader(open(out_csv)))
-        assert len(rows) == len(list((d / "images").iterdir())) and {"label", "malignant_probability", "p_mel"} <= set(rows[0])
+        assert len(rows) == len(list((d / "images").iterdir())) and {"label", "malignant_probability", "p_mel"} <= set(
+            rows[0]
+        )
 
 
 def test_client_errors_carry_the_server_message(server, sample_dir, capsys):

@@ -41,7 +41,9 @@ def test_smoke_run_folds_and_oof(smoke_run):
     assert folds.groupby("lesion_id").fold.nunique().max() == 1
     for model in COMPONENTS:
         oof = pd.read_csv(smoke_run / "artifacts" / f"oof_{model}.csv")
-        assert list(oof.columns) == ["image_id", "fold"] + [f"p_{c}" for c in ["akiec", "bcc", "bkl", "df", "mel", "nv", "vasc"]]
+        assert list(oof.columns) == ["image_id", "fold"] + [
+            f"p_{c}" for c in ["akiec", "bcc", "bkl", "df", "mel", "nv", "vasc"]
+        ]
         assert oof.image_id.is_unique and set(oof.image_id) == set(folds.image_id)
         merged = oof.merge(folds, on="image_id", suffixes=("", "_folds"))
         assert (merged.fold == merged.fold_folds).all()
@@ -103,8 +105,26 @@ def test_export_fails_the_run_when_parity_breaks(tmp_path, monkeypatch):
 def test_killed_run_resumes(tmp_path, sample_dir):
     d = make_subset(sample_dir, tmp_path / "d", per_class=8)
     run_dir = tmp_path / "run"
-    cmd = [sys.executable, "-m", "training", "cnn", "--data-dir", str(d), "--out", str(run_dir), "--preset", "smoke",
-           "--folds", "2", "--epochs", "2", "--image-size", "32", "--workers", "0"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "training",
+        "cnn",
+        "--data-dir",
+        str(d),
+        "--out",
+        str(run_dir),
+        "--preset",
+        "smoke",
+        "--folds",
+        "2",
+        "--epochs",
+        "2",
+        "--image-size",
+        "32",
+        "--workers",
+        "0",
+    ]
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
@@ -123,7 +143,9 @@ def test_killed_run_resumes(tmp_path, sample_dir):
     assert len(pd.read_csv(run_dir / "artifacts" / "oof_cnn.csv")) == len(pd.read_csv(d / "HAM10000_metadata.csv"))
     assert not list(run_dir.rglob("*.tmp"))
     # a resumed run must not silently change settings
-    changed = subprocess.run(cmd[:-4] + ["--epochs", "3", "--image-size", "32"], cwd=REPO, capture_output=True, text=True)
+    changed = subprocess.run(
+        cmd[:-4] + ["--epochs", "3", "--image-size", "32"], cwd=REPO, capture_output=True, text=True
+    )
     assert changed.returncode == 2 and "different settings" in changed.stderr
 
 
@@ -136,7 +158,12 @@ def test_report_has_every_model_and_metric(smoke_run):
         for name, v in report["models"][model].items():
             lo, hi = v["ci95"]
             assert np.isfinite([lo, hi]).all() and lo <= hi, name
-            if name in ("bmca", "accuracy", "macro_auc", "malignant_auc"):  # ECE and log loss are biased under resampling
+            if name in (
+                "bmca",
+                "accuracy",
+                "macro_auc",
+                "malignant_auc",
+            ):  # ECE and log loss are biased under resampling
                 assert lo - 0.02 <= v["value"] <= hi + 0.02, (model, name)
     assert 0 <= report["models"]["stack"]["malignant_pauc"]["value"] <= 0.2
     assert report["paired_difference"]["models"] == "stack - cnn"
@@ -149,8 +176,20 @@ def test_bundle_is_complete_and_reproduces_training(smoke_run):
     bundle = smoke_run / "bundle"
     manifest = json.loads((bundle / "manifest.json").read_text())
     assert set(manifest["files"]) == {p.name for p in bundle.iterdir()} - {"manifest.json"}
-    for key in ("format_version", "bundle_id", "created_at", "classes", "class_names", "malignant_classes",
-                "preprocessing", "metadata_schema", "features", "files", "library_versions", "metrics"):
+    for key in (
+        "format_version",
+        "bundle_id",
+        "created_at",
+        "classes",
+        "class_names",
+        "malignant_classes",
+        "preprocessing",
+        "metadata_schema",
+        "features",
+        "files",
+        "library_versions",
+        "metrics",
+    ):
         assert manifest[key], key
     assert manifest["metrics"]["stack"]["bmca"] > 0
     ref = json.loads((smoke_run / "artifacts" / "reference_predictions.json").read_text())

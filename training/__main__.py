@@ -24,7 +24,9 @@ def add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int)
     p.add_argument("--workers", type=int, help="DataLoader workers (default 2)")
     p.add_argument("--bootstrap", type=int, help="bootstrap resamples for metric intervals")
-    p.add_argument("--precision", choices=["bf16", "fp32"], default="bf16", help="training autocast (eval is always fp32)")
+    p.add_argument(
+        "--precision", choices=["bf16", "fp32"], default="bf16", help="training autocast (eval is always fp32)"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -59,7 +61,20 @@ def main(argv: list[str] | None = None) -> int:
         else:
             from training.pipeline import run_pipeline
 
-            overrides = {k: getattr(args, k) for k in ("folds", "epochs", "image_size", "batch_size", "lr", "weights", "seed", "workers", "bootstrap")}
+            overrides = {
+                k: getattr(args, k)
+                for k in (
+                    "folds",
+                    "epochs",
+                    "image_size",
+                    "batch_size",
+                    "lr",
+                    "weights",
+                    "seed",
+                    "workers",
+                    "bootstrap",
+                )
+            }
             cfg = make_config(args.preset, args.data_dir, **overrides)
             stages = STAGES if args.command == "run" else [args.command]
             run_pipeline(cfg, args.out, stages, precision=args.precision)

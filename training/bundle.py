@@ -40,7 +40,9 @@ def build_manifest(run, folder: Path) -> Manifest:
         class_names=labels.CLASS_NAMES,
         malignant_classes=labels.MALIGNANT_CLASSES,
         preprocessing=image_spec(run.cfg),
-        metadata_schema=MetadataSchema(sexes=spec.sexes, sites=spec.sites, age_min=labels.AGE_RANGE[0], age_max=labels.AGE_RANGE[1]),
+        metadata_schema=MetadataSchema(
+            sexes=spec.sexes, sites=spec.sites, age_min=labels.AGE_RANGE[0], age_max=labels.AGE_RANGE[1]
+        ),
         feature_spec=spec,
         features=spec.names,
         cnn=CnnInfo(members=run.cfg.folds),
@@ -58,7 +60,11 @@ def reference_predictions(run, predictor: Predictor, n: int = 8) -> dict:
     images = run.images[idx]
     members = [load_fold_model(run.dir / "cnn", k) for k in range(run.cfg.folds)]
     with torch.no_grad():
-        cnn = FoldEnsemble(members)(torch.from_numpy(to_model_input(images, image_spec(run.cfg)))).numpy().astype(np.float64)
+        cnn = (
+            FoldEnsemble(members)(torch.from_numpy(to_model_input(images, image_spec(run.cfg))))
+            .numpy()
+            .astype(np.float64)
+        )
     meta = [run.dataset.metadata()[i] for i in idx]
     comps = predictor.predict_components(images, meta, cnn_probs=cnn)
     return {
@@ -80,7 +86,9 @@ def write_bundle(run) -> Path:
         (tmp / MANIFEST_NAME).write_text(manifest.model_dump_json(indent=2))
         tmp.chmod(0o755)
         predictor = Predictor.load(tmp)  # the bundle must load before it is published
-        atomic_write_text(run.artifacts / "reference_predictions.json", json.dumps(reference_predictions(run, predictor)))
+        atomic_write_text(
+            run.artifacts / "reference_predictions.json", json.dumps(reference_predictions(run, predictor))
+        )
         if final.exists():
             shutil.rmtree(final)
         tmp.rename(final)

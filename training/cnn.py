@@ -63,7 +63,14 @@ def class_weights(y: np.ndarray, n_classes: int) -> torch.Tensor:
 
 
 def train_fold(
-    k: int, cfg: RunConfig, images: np.ndarray, y: np.ndarray, fold: np.ndarray, cnn_dir: Path, precision: str, log=print
+    k: int,
+    cfg: RunConfig,
+    images: np.ndarray,
+    y: np.ndarray,
+    fold: np.ndarray,
+    cnn_dir: Path,
+    precision: str,
+    log=print,
 ) -> dict:
     """Train fold k; returns its history. Writes fold{k}.pt (best weights) last, atomically."""
     device, amp_dtype = device_and_dtype(precision)
@@ -113,10 +120,18 @@ def train_fold(
         probs = predict_probs(model, images[va], spec)
         bmca = balanced_accuracy_score(y[va], probs.argmax(1))
         vloss = log_loss(y[va], probs, labels=range(len(labels.CLASSES)))
-        record = dict(epoch=epoch + 1, train_loss=total_loss / seen, val_bmca=bmca, val_log_loss=vloss, train_images_per_s=train_ips)
+        record = dict(
+            epoch=epoch + 1,
+            train_loss=total_loss / seen,
+            val_bmca=bmca,
+            val_log_loss=vloss,
+            train_images_per_s=train_ips,
+        )
         state["history"].append(record)
-        log(f"fold {k} epoch {epoch + 1}: train loss {record['train_loss']:.3f}, val BMCA {bmca:.3f}, "
-            f"val log loss {vloss:.3f}, {train_ips:.0f} train img/s")
+        log(
+            f"fold {k} epoch {epoch + 1}: train loss {record['train_loss']:.3f}, val BMCA {bmca:.3f}, "
+            f"val log loss {vloss:.3f}, {train_ips:.0f} train img/s"
+        )
         if bmca > state["best_bmca"]:
             state.update(best_bmca=bmca, best_epoch=epoch + 1, best=copy.deepcopy(model.state_dict()))
         state["epoch"] = epoch + 1
@@ -127,7 +142,12 @@ def train_fold(
     oof = pd.DataFrame(predict_probs(model, images[va], spec), columns=PROB_COLUMNS)
     oof.insert(0, "row", va)
     atomic_write_csv(cnn_dir / f"oof_fold{k}.csv", oof)
-    summary = {"fold": k, "best_epoch": state["best_epoch"], "best_val_bmca": state["best_bmca"], "history": state["history"]}
+    summary = {
+        "fold": k,
+        "best_epoch": state["best_epoch"],
+        "best_val_bmca": state["best_bmca"],
+        "history": state["history"],
+    }
     atomic_write_text(cnn_dir / f"fold{k}.json", json.dumps(summary, indent=2))
     atomic_write(cnn_dir / f"fold{k}.pt", lambda p: torch.save({k_: v.cpu() for k_, v in state["best"].items()}, p))
     ckpt_path.unlink(missing_ok=True)
@@ -140,7 +160,9 @@ def load_fold_model(cnn_dir: Path, k: int) -> nn.Module:
     return model.eval()
 
 
-def run_cnn(cfg: RunConfig, run_dir: Path, table: pd.DataFrame, images: np.ndarray, precision: str, log=print) -> pd.DataFrame:
+def run_cnn(
+    cfg: RunConfig, run_dir: Path, table: pd.DataFrame, images: np.ndarray, precision: str, log=print
+) -> pd.DataFrame:
     """Train every unfinished fold, then write artifacts/oof_cnn.csv. Returns the OOF table."""
     cnn_dir = run_dir / "cnn"
     cnn_dir.mkdir(parents=True, exist_ok=True)
@@ -154,7 +176,9 @@ def run_cnn(cfg: RunConfig, run_dir: Path, table: pd.DataFrame, images: np.ndarr
     parts = [pd.read_csv(cnn_dir / f"oof_fold{k}.csv") for k in range(cfg.folds)]
     oof = pd.concat(parts).sort_values("row")
     assert len(oof) == len(table) and (oof.row.to_numpy() == np.arange(len(table))).all(), "OOF rows incomplete"
-    oof = pd.concat([table[["image_id", "fold"]].reset_index(drop=True), oof[PROB_COLUMNS].reset_index(drop=True)], axis=1)
+    oof = pd.concat(
+        [table[["image_id", "fold"]].reset_index(drop=True), oof[PROB_COLUMNS].reset_index(drop=True)], axis=1
+    )
     atomic_write_csv(run_dir / "artifacts" / "oof_cnn.csv", oof)
     return oof
 
@@ -163,7 +187,9 @@ def training_throughput(run_dir: Path, folds: int) -> float:
     """Mean training images/s over every epoch of every fold, from the fold summaries."""
     rates = []
     for k in range(folds):
-        rates += [h["train_images_per_s"] for h in json.loads((run_dir / "cnn" / f"fold{k}.json").read_text())["history"]]
+        rates += [
+            h["train_images_per_s"] for h in json.loads((run_dir / "cnn" / f"fold{k}.json").read_text())["history"]
+        ]
     return float(np.mean(rates)) if rates else math.nan
 
 

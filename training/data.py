@@ -107,7 +107,9 @@ def load_dataset(data_dir: str | Path, log=print) -> Dataset:
     df["label"] = df.dx.map(labels.CLASSES.index).astype(int)
     if skipped:
         log(f"{csv_path.name}: {len(df)} images found, {skipped} listed rows skipped because their image is missing")
-    return Dataset(table=df[["image_id", "lesion_id", "dx", "label", "age", "sex", "localization", "path"]], skipped=skipped)
+    return Dataset(
+        table=df[["image_id", "lesion_id", "dx", "label", "age", "sex", "localization", "path"]], skipped=skipped
+    )
 
 
 def decode_all(paths: list[Path], spec: ImageSpec, desc: str = "decoding images") -> np.ndarray:

@@ -96,8 +96,14 @@ def lesion_bootstrap_weights(lesion_ids: np.ndarray, n_boot: int, seed: int):
         yield counts[codes].astype(float)
 
 
-def with_intervals(y, model_probs: dict[str, np.ndarray], lesion_ids, n_boot: int, seed: int = 0,
-                   paired: tuple[str, str] = ("stack", "cnn")) -> dict:
+def with_intervals(
+    y,
+    model_probs: dict[str, np.ndarray],
+    lesion_ids,
+    n_boot: int,
+    seed: int = 0,
+    paired: tuple[str, str] = ("stack", "cnn"),
+) -> dict:
     """Point estimates, 95% lesion-bootstrap intervals, and the paired difference a - b."""
     point = {m: all_metrics(y, p) for m, p in model_probs.items()}
     reps = {m: [] for m in model_probs}
@@ -106,15 +112,16 @@ def with_intervals(y, model_probs: dict[str, np.ndarray], lesion_ids, n_boot: in
             reps[m].append(all_metrics(y, p, w))
     out = {"models": {}, "n_bootstrap": n_boot}
     for m in model_probs:
-        out["models"][m] = {
-            k: {"value": v, "ci95": _ci([r[k] for r in reps[m]])} for k, v in point[m].items()
-        }
+        out["models"][m] = {k: {"value": v, "ci95": _ci([r[k] for r in reps[m]])} for k, v in point[m].items()}
     a, b = paired
     if a in model_probs and b in model_probs:
         out["paired_difference"] = {
             "models": f"{a} - {b}",
             **{
-                k: {"value": point[a][k] - point[b][k], "ci95": _ci([ra[k] - rb[k] for ra, rb in zip(reps[a], reps[b])])}
+                k: {
+                    "value": point[a][k] - point[b][k],
+                    "ci95": _ci([ra[k] - rb[k] for ra, rb in zip(reps[a], reps[b])]),
+                }
                 for k in ("malignant_pauc", "bmca", "macro_auc")
             },
         }

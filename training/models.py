@@ -42,7 +42,9 @@ def build_resnet18(num_classes: int, weights: str = "none") -> nn.Module:
         state = {k: v for k, v in state.items() if not k.startswith("fc.")}
         missing, unexpected = model.load_state_dict(state, strict=False)
         if unexpected or set(missing) - {"fc.weight", "fc.bias"}:
-            raise WeightsError(f"--weights {weights}: not a resnet18 state dict (missing {missing[:3]}, unexpected {unexpected[:3]})")
+            raise WeightsError(
+                f"--weights {weights}: not a resnet18 state dict (missing {missing[:3]}, unexpected {unexpected[:3]})"
+            )
     model.fc = nn.Linear(model.fc.in_features, num_classes)
     return model
 

@@ -107,7 +107,9 @@ def run_pipeline(cfg: RunConfig, run_dir: Path, stages: list[str], precision: st
     first = STAGES.index(stages[0])
     missing = [s for s in STAGES[1:first] if not stage_done(run, s)]  # folds are made on demand
     if missing:
-        raise ConfigMismatch(f"stage {stages[0]} needs {', '.join(missing)} first; run `python -m training run` instead")
+        raise ConfigMismatch(
+            f"stage {stages[0]} needs {', '.join(missing)} first; run `python -m training run` instead"
+        )
     for stage in stages:
         if stage_done(run, stage):
             log(f"[{stage}] already done in {run_dir}, skipping")

@@ -49,7 +49,11 @@ def markdown(report: dict) -> str:
         lines.append(f"| {name} | " + " | ".join(fmt(m[k]) for k in METRICS) + " |")
     if "paired_difference" in report:
         d = report["paired_difference"]
-        lines += ["", f"Paired difference {d['models']}: " + ", ".join(f"{k} {fmt(d[k])}" for k in ("malignant_pauc", "bmca", "macro_auc"))]
+        lines += [
+            "",
+            f"Paired difference {d['models']}: "
+            + ", ".join(f"{k} {fmt(d[k])}" for k in ("malignant_pauc", "bmca", "macro_auc")),
+        ]
     lines += [
         "",
         "malignant = mel + bcc + akiec; malignant_pauc is the ISIC 2024 partial AUC above 80% TPR (range 0-0.2).",
@@ -74,8 +78,14 @@ def plot_roc(y, probs, title, path) -> None:
 def plot_confusion(y, probs, title, path) -> None:
     fig, ax = plt.subplots(figsize=(6, 5))
     ConfusionMatrixDisplay.from_predictions(
-        y, probs.argmax(1), labels=range(len(labels.CLASSES)), display_labels=labels.CLASSES, normalize="true",
-        values_format=".2f", ax=ax, colorbar=False,
+        y,
+        probs.argmax(1),
+        labels=range(len(labels.CLASSES)),
+        display_labels=labels.CLASSES,
+        normalize="true",
+        values_format=".2f",
+        ax=ax,
+        colorbar=False,
     )
     ax.set_title(title)
     atomic_write(path, lambda p: fig.savefig(p, format="png", dpi=110, bbox_inches="tight"))

@@ -24,9 +24,15 @@ def make_meta_learner(fold: np.ndarray):
     """Standardised log-probabilities -> multinomial logistic regression. The regularisation
     strength is chosen by log loss over the given rows' own folds (nested, lesion-grouped)."""
     splits = [(np.flatnonzero(fold != g), np.flatnonzero(fold == g)) for g in np.unique(fold)]
-    lr = LogisticRegressionCV(Cs=[1e-4, 3e-4, 0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0], cv=splits, scoring="neg_log_loss",
-                              class_weight="balanced", max_iter=5000,
-                              l1_ratios=(0.0,), use_legacy_attributes=False)
+    lr = LogisticRegressionCV(
+        Cs=[1e-4, 3e-4, 0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0],
+        cv=splits,
+        scoring="neg_log_loss",
+        class_weight="balanced",
+        max_iter=5000,
+        l1_ratios=(0.0,),
+        use_legacy_attributes=False,
+    )
     return make_pipeline(StandardScaler(), lr)
 
 
@@ -41,6 +47,8 @@ def run_stacking(run) -> None:
     final = make_meta_learner(fold).fit(z, y)
     ids = run.table[["image_id", "fold"]].reset_index(drop=True)
     for name, p in (("soft_vote", soft_vote(probs)), ("stack", stack)):
-        atomic_write_csv(run.artifacts / f"oof_{name}.csv", pd.concat([ids, pd.DataFrame(p, columns=PROB_COLUMNS)], axis=1))
+        atomic_write_csv(
+            run.artifacts / f"oof_{name}.csv", pd.concat([ids, pd.DataFrame(p, columns=PROB_COLUMNS)], axis=1)
+        )
     atomic_write(run.dir / "models" / "stack.pkl", lambda p: p.write_bytes(pickle.dumps(final)))
     run.log("stack: meta-learner cross-validated on the shared folds and refit on all rows")

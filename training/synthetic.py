@@ -47,7 +47,7 @@ def draw_lesion(rng: np.random.Generator, dx: str, base_seed: int) -> Image.Imag
     if dx == "mel":  # dark blotches
         lesion = lesion - 40 * (np.sin(xx / 7 + phases[0]) * np.cos(yy / 9 + phases[1]) > 0.5)[..., None]
     if dx == "df":  # pale centre
-        lesion = lesion + 60 * np.exp(-(r / (0.35 * size)) ** 2)[..., None]
+        lesion = lesion + 60 * np.exp(-((r / (0.35 * size)) ** 2))[..., None]
     if dx in ("bcc", "vasc"):  # vessels
         lesion = lesion + np.array([30, -30, -20]) * (np.abs(np.sin(theta * 5 + r / 6)) < 0.12)[..., None]
     img = img * (1 - mask) + lesion * mask
@@ -73,8 +73,15 @@ def write_demo_dataset(out: Path, n_images: int = 700, seed: int = 0) -> pd.Data
             image_id = f"ISIC_{9_000_000 + image_no:07d}"
             draw_lesion(rng, dx, lesion_seed).save(img_dir / f"{image_id}.jpg", quality=90)
             rows.append(
-                dict(lesion_id=f"HAM_{9_000_000 + lesion_no:07d}", image_id=image_id, dx=dx, dx_type="synthetic",
-                     age=age if rng.random() > 0.01 else None, sex=sex, localization=site)
+                dict(
+                    lesion_id=f"HAM_{9_000_000 + lesion_no:07d}",
+                    image_id=image_id,
+                    dx=dx,
+                    dx_type="synthetic",
+                    age=age if rng.random() > 0.01 else None,
+                    sex=sex,
+                    localization=site,
+                )
             )
             image_no += 1
         lesion_no += 1
