@@ -54,7 +54,8 @@ class ModelState:
 
     def load(self, settings: Settings) -> None:
         try:
-            predictor = Predictor.load(settings.bundle, intra_op_threads=settings.intra_op_threads())
+            # the lifespan verified the bundle just before starting this thread
+            predictor = Predictor.load(settings.bundle, intra_op_threads=settings.intra_op_threads(), verify=False)
             spec = predictor.manifest.preprocessing
             predictor.predict(np.full((1, spec.height, spec.width, 3), 128, np.uint8), [ClinicalMetadata()])  # warm-up
             self.predictor = predictor
@@ -86,18 +87,28 @@ def check_api_key(request: Request, settings: Settings = Depends(get_settings)) 
 # ---- request parsing ----------------------------------------------------------------------
 
 
-def parse_metadata(raw: str | None, manifest: Manifest) -> ClinicalMetadata:
+def load_json_field(raw: str | None, hint: str = ""):
+    """The `metadata` form field parsed as JSON; None when it is absent or blank."""
     if raw is None or not raw.strip():
-        return ClinicalMetadata()
+        return None
     try:
-        value = json.loads(raw)
+        return json.loads(raw)
     except json.JSONDecodeError as exc:
-        raise HTTPException(
-            400,
-            f"metadata is not valid JSON ({exc.msg} at position {exc.pos}); "
-            'send e.g. {"age": 55, "sex": "male", "site": "back"}',
-        ) from None
-    return validate_metadata(value, manifest)
+        raise HTTPException(400, f"metadata is not valid JSON ({exc.msg} at position {exc.pos}){hint}") from None
+
+
+def parse_metadata(raw: str | None, manifest: Manifest) -> ClinicalMetadata:
+    value = load_json_field(raw, hint='; send e.g. {"age": 55, "sex": "male", "site": "back"}')
+    return ClinicalMetadata() if value is None else validate_metadata(value, manifest)
+
+
+def parse_batch_metadata(raw: str | None, n: int, manifest: Manifest) -> list[ClinicalMetadata]:
+    value = load_json_field(raw)
+    if value is None:
+        return [ClinicalMetadata() for _ in range(n)]
+    if not isinstance(value, list) or len(value) != n:
+        raise HTTPException(422, f"metadata must be a JSON list with one object per image ({n} images)")
+    return [validate_metadata(v, manifest) for v in value]
 
 
 def validate_metadata(value, manifest: Manifest) -> ClinicalMetadata:
@@ -135,6 +146,24 @@ def decode(data: bytes, name: str | None, predictor: Predictor, settings: Settin
         return load_for_model(data, predictor.manifest.preprocessing, settings.max_pixels)
     except ImageError as exc:
         raise HTTPException(exc.status, f"image '{name}': {exc}") from None
+
+
+def predict_uploads(
+    datas: list[bytes],
+    names: list[str | None],
+    metas: list[ClinicalMetadata],
+    predictor: Predictor,
+    settings: Settings,
+    metrics: Metrics,
+    route: str,
+) -> list[Prediction]:
+    """Decode the uploads and run the whole stack once on them; CPU work, run in the thread pool."""
+    batch = np.stack([decode(d, n, predictor, settings) for d, n in zip(datas, names)])
+    t0 = time.perf_counter()
+    preds = predictor.predict(batch, metas)  # the CNN runs once on the whole batch
+    metrics.inference.labels(route).observe(time.perf_counter() - t0)
+    metrics.images.inc(len(preds))
+    return preds
 
 
 def prediction_fields(pred: Prediction, manifest: Manifest) -> dict:
@@ -291,16 +320,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     ) -> PredictResponse:
         data = await read_upload(image, settings)
         meta = parse_metadata(metadata, predictor.manifest)
-
-        def work() -> Prediction:
-            img = decode(data, image.filename, predictor, settings)
-            t0 = time.perf_counter()
-            (pred,) = predictor.predict(img[None], [meta])
-            metrics.inference.labels("/predict").observe(time.perf_counter() - t0)
-            return pred
-
-        pred = await run_in_threadpool(work)
-        metrics.images.inc()
+        (pred,) = await run_in_threadpool(
+            predict_uploads, [data], [image.filename], [meta], predictor, settings, metrics, "/predict"
+        )
         m = predictor.manifest
         return PredictResponse(
             **prediction_fields(pred, m),
@@ -326,16 +348,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             raise HTTPException(413, f"{len(images)} images is over the batch limit of {settings.max_batch}")
         datas = [await read_upload(f, settings) for f in images]
         metas = parse_batch_metadata(metadata, len(images), predictor.manifest)
-
-        def work() -> list[Prediction]:
-            batch = np.stack([decode(d, f.filename, predictor, settings) for d, f in zip(datas, images)])
-            t0 = time.perf_counter()
-            preds = predictor.predict(batch, metas)  # the CNN runs once on the whole batch
-            metrics.inference.labels("/predict/batch").observe(time.perf_counter() - t0)
-            return preds
-
-        preds = await run_in_threadpool(work)
-        metrics.images.inc(len(preds))
+        names = [f.filename for f in images]
+        preds = await run_in_threadpool(
+            predict_uploads, datas, names, metas, predictor, settings, metrics, "/predict/batch"
+        )
         m = predictor.manifest
         return BatchResponse(
             predictions=[BatchItem(filename=f.filename, **prediction_fields(p, m)) for f, p in zip(images, preds)],
@@ -344,18 +360,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         )
 
     return app
-
-
-def parse_batch_metadata(raw: str | None, n: int, manifest: Manifest) -> list[ClinicalMetadata]:
-    if raw is None or not raw.strip():
-        return [ClinicalMetadata() for _ in range(n)]
-    try:
-        value = json.loads(raw)
-    except json.JSONDecodeError as exc:
-        raise HTTPException(400, f"metadata is not valid JSON ({exc.msg} at position {exc.pos})") from None
-    if not isinstance(value, list) or len(value) != n:
-        raise HTTPException(422, f"metadata must be a JSON list with one object per image ({n} images)")
-    return [validate_metadata(v, manifest) for v in value]
 
 
 def max_request_bytes(settings: Settings, path: str = "/predict/batch") -> int:

@@ -5,14 +5,13 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
-import time
 import venv
 
 import httpx
 import pytest
 
 from tests.conftest import REPO
-from tests.test_service import free_port
+from tests.test_service import start_server
 
 BIN = REPO / ".venv" / "bin" if (REPO / ".venv" / "bin").exists() else __import__("pathlib").Path(sys.executable).parent
 
@@ -73,26 +72,8 @@ def test_api_image_requirements_serve_a_bundle(smoke_run, tmp_path, sample_dir):
     app_dir.mkdir()
     for folder in re.findall(r"^COPY (\w+)/ \1/$", (REPO / "Dockerfile.api").read_text(), re.M):
         subprocess.run(["cp", "-r", str(REPO / folder), str(app_dir / folder)], check=True)
-    port = free_port()
-    proc = subprocess.Popen(
-        [str(py), "-m", "service", "--bundle", str(smoke_run / "bundle"), "--port", str(port)],
-        cwd=app_dir,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+    proc, url = start_server(smoke_run / "bundle", python=py, cwd=app_dir)
     try:
-        url = f"http://127.0.0.1:{port}"
-        deadline = time.time() + 120
-        while True:
-            assert proc.poll() is None, proc.stdout.read()
-            try:
-                if httpx.get(url + "/health/ready").status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.time() < deadline
-            time.sleep(0.3)
         image = sorted((sample_dir / "images").iterdir())[0]
         r = httpx.post(
             url + "/predict", files={"image": image.read_bytes()}, data={"metadata": '{"age": 50}'}, timeout=30

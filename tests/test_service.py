@@ -37,14 +37,13 @@ def free_port() -> int:
     return port
 
 
-def start_server(bundle, env_extra=None) -> tuple[subprocess.Popen, str]:
+def start_server(bundle, python=sys.executable, cwd=REPO) -> tuple[subprocess.Popen, str]:
+    """`python -m service` on a free loopback port; returns once /health/ready answers 200."""
     port = free_port()
-    env = dict(
-        os.environ, LESION_MAX_UPLOAD_BYTES=str(MAX_UPLOAD), LESION_MAX_PIXELS=str(MAX_PIXELS), **(env_extra or {})
-    )
+    env = dict(os.environ, LESION_MAX_UPLOAD_BYTES=str(MAX_UPLOAD), LESION_MAX_PIXELS=str(MAX_PIXELS))
     proc = subprocess.Popen(
-        [sys.executable, "-m", "service", "--bundle", str(bundle), "--port", str(port)],
-        cwd=REPO,
+        [str(python), "-m", "service", "--bundle", str(bundle), "--port", str(port)],
+        cwd=cwd,
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,

@@ -65,7 +65,8 @@ def reference_predictions(run, predictor: Predictor, n: int = 8) -> dict:
             .numpy()
             .astype(np.float64)
         )
-    meta = [run.dataset.metadata()[i] for i in idx]
+    all_meta = run.dataset.metadata()
+    meta = [all_meta[i] for i in idx]
     comps = predictor.predict_components(images, meta, cnn_probs=cnn)
     return {
         "image_ids": run.table.image_id.iloc[idx].tolist(),

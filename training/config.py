@@ -57,7 +57,8 @@ def save_or_check(cfg: RunConfig, run_dir: Path) -> None:
     path = run_dir / "config.json"
     if path.exists():
         old = RunConfig(**json.loads(path.read_text()))
-        diff = {k: (v, cfg.fingerprint()[k]) for k, v in old.fingerprint().items() if cfg.fingerprint()[k] != v}
+        new = cfg.fingerprint()
+        diff = {k: (v, new[k]) for k, v in old.fingerprint().items() if new[k] != v}
         if diff:
             changes = ", ".join(f"{k}: {a} -> {b}" for k, (a, b) in diff.items())
             raise ConfigMismatch(f"{run_dir} was started with different settings ({changes}); use a new --out")

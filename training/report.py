@@ -63,6 +63,11 @@ def markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def save_png(fig, path) -> None:
+    atomic_write(path, lambda p: fig.savefig(p, format="png", dpi=110, bbox_inches="tight"))
+    plt.close(fig)
+
+
 def plot_roc(y, probs, title, path) -> None:
     fig, ax = plt.subplots(figsize=(5, 5))
     for i, c in enumerate(labels.CLASSES):
@@ -71,8 +76,7 @@ def plot_roc(y, probs, title, path) -> None:
     ax.plot([0, 1], [0, 1], "k:", lw=0.8)
     ax.set(xlabel="false positive rate", ylabel="true positive rate", title=title)
     ax.legend(loc="lower right")
-    atomic_write(path, lambda p: fig.savefig(p, format="png", dpi=110, bbox_inches="tight"))
-    plt.close(fig)
+    save_png(fig, path)
 
 
 def plot_confusion(y, probs, title, path) -> None:
@@ -88,8 +92,7 @@ def plot_confusion(y, probs, title, path) -> None:
         colorbar=False,
     )
     ax.set_title(title)
-    atomic_write(path, lambda p: fig.savefig(p, format="png", dpi=110, bbox_inches="tight"))
-    plt.close(fig)
+    save_png(fig, path)
 
 
 def plot_reliability(y, model_probs, path, n_bins: int = 10) -> None:
@@ -103,8 +106,7 @@ def plot_reliability(y, model_probs, path, n_bins: int = 10) -> None:
     ax.plot([0, 1], [0, 1], "k:", lw=0.8)
     ax.set(xlabel="confidence (top class)", ylabel="accuracy", title="Reliability (out-of-fold)")
     ax.legend()
-    atomic_write(path, lambda p: fig.savefig(p, format="png", dpi=110, bbox_inches="tight"))
-    plt.close(fig)
+    save_png(fig, path)
 
 
 def write_report(run) -> dict:
