@@ -1,15 +1,16 @@
 # `make demo`: environment + synthetic data + training + serving on http://127.0.0.1:8000
-# `make test`: the test suite (reads the real HAM10000 sample from ../shared/data/ham10000)
+# `make test`: lint, format and type checks, then the test suite in random order
+#              (reads the real HAM10000 sample from ../shared/data/ham10000)
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: venv demo train-demo serve-demo test lint
+.PHONY: venv demo train-demo serve-demo test test-fast check lint
 venv: $(VENV)/.installed
 
-$(VENV)/.installed: requirements-serve.txt requirements-train.txt requirements-dev.txt
+$(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -r requirements-dev.txt
+	$(PY) -m pip install --quiet -e ".[dev]"
 	touch $@
 
 train-demo: venv
@@ -21,8 +22,14 @@ serve-demo: venv
 
 demo: train-demo serve-demo
 
-test: venv
+lint: venv
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
+
+test: lint
 	$(PY) -m pytest
 
-lint: venv
-	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check training service clients benchmarks tests
+# the in-process tier only (no uvicorn, browser, fresh venv or killed processes)
+test-fast: venv
+	$(PY) -m pytest -m "not scenario"

@@ -15,9 +15,10 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from service.features import ClinicalMetadata
-from service.predictor import Predictor
-from service.preprocess import load_for_model, to_model_input
+from service.core.manifest import CnnModel
+from service.core.metadata import ClinicalMetadata
+from service.core.predictor import Predictor
+from service.core.preprocess import load_for_model, to_model_input
 
 
 def timed(fn, rounds: int) -> float:
@@ -28,12 +29,12 @@ def timed(fn, rounds: int) -> float:
     return (time.perf_counter() - t) / rounds
 
 
-def single_member(bundle: Path) -> ort.InferenceSession:
+def single_member(bundle: Path, cnn: CnnModel) -> ort.InferenceSession:
     """The ensemble graph cut down to its first member, for comparison."""
-    model = onnx.load(str(bundle / "cnn.onnx"))
+    model = onnx.load(str(bundle / cnn.file))
     softmax = [n for n in model.graph.node if n.op_type == "Softmax"][0]
     model.graph.output[0].name = softmax.output[0]
-    cut = onnx.utils.Extractor(model).extract_model(["image"], [softmax.output[0]])
+    cut = onnx.utils.Extractor(model).extract_model([cnn.input_name], [softmax.output[0]])
     return ort.InferenceSession(cut.SerializeToString(), providers=["CPUExecutionProvider"])
 
 
@@ -50,10 +51,10 @@ def main() -> None:
     img = load_for_model(data, spec) if data else np.full((spec.height, spec.width, 3), 128, np.uint8)
     meta = [ClinicalMetadata(age=50, sex="male", site="back")]
     x = to_model_input(img[None], spec)
-    one = single_member(args.bundle)
+    one = single_member(args.bundle, pred.manifest.cnn)
     t_stack = timed(lambda: pred.predict(img[None], meta), args.rounds)
     t_cnn = timed(lambda: pred.cnn_probs(img[None]), args.rounds)
-    t_one = timed(lambda: one.run(None, {"image": x}), args.rounds)
+    t_one = timed(lambda: one.run(None, {pred.manifest.cnn.input_name: x}), args.rounds)
     batch = np.repeat(img[None], 16, axis=0)
     t_batch = timed(lambda: pred.predict(batch, meta * 16), max(2, args.rounds // 4)) / 16
     print(

@@ -8,8 +8,8 @@ import sys
 
 import uvicorn
 
-from service.predictor import BundleError, read_manifest, verify_bundle
-from service.settings import Settings
+from service.api.settings import Settings
+from service.core.bundle import BundleError, read_manifest, verify_bundle
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -30,7 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     for key, value in overrides.items():
         os.environ[f"LESION_{key.upper()}"] = str(value)
     uvicorn.run(
-        "service.app:create_app",
+        "service.api.app:create_app",
         factory=True,
         host=settings.host,
         port=settings.port,

@@ -8,8 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from service.preprocess import ImageSpec
-from tests.conftest import make_subset
+from service.core.preprocess import ImageSpec
 from training.__main__ import main
 from training.data import DataError, decode_all, load_dataset
 
@@ -17,13 +16,14 @@ from training.data import DataError, decode_all, load_dataset
 def test_sample_skips_and_counts_missing_images(sample_dir):
     messages = []
     ds = load_dataset(sample_dir, log=messages.append)
-    assert len(ds.table) == 2118 and ds.skipped == 10015 - 2118
-    assert "7897 listed rows skipped" in messages[0]
+    present, listed = pd.read_csv(sample_dir / "images_present.csv"), pd.read_csv(sample_dir / "HAM10000_metadata.csv")
+    assert len(ds.table) == len(present) and ds.skipped == len(listed) - len(present)
+    assert f"{len(listed) - len(present)} listed rows skipped" in messages[0]
     assert ds.table.age.isna().sum() == pd.read_csv(sample_dir / "images_present.csv").age.isna().sum()
 
 
-def test_age_zero_is_a_value_and_empty_is_missing(tmp_path, sample_dir):
-    d = make_subset(sample_dir, tmp_path / "d", per_class=1)
+def test_age_zero_is_a_value_and_empty_is_missing(tmp_path, subset):
+    d = subset(1)
     meta = pd.read_csv(d / "HAM10000_metadata.csv", dtype=str)
     meta.loc[0, "age"], meta.loc[1, "age"] = "0", ""
     meta.to_csv(d / "HAM10000_metadata.csv", index=False)
@@ -32,8 +32,8 @@ def test_age_zero_is_a_value_and_empty_is_missing(tmp_path, sample_dir):
     assert ds.metadata()[0].age == 0.0 and ds.metadata()[1].age is None
 
 
-def test_kaggle_layout_two_parts_case_insensitive(tmp_path, sample_dir):
-    d = make_subset(sample_dir, tmp_path / "d", per_class=2, layout="HAM10000_images_part_1")
+def test_kaggle_layout_two_parts_case_insensitive(tmp_path, subset):
+    d = subset(2, layout="HAM10000_images_part_1")
     part2 = d / "ham10000_images_part_2"
     part2.mkdir()
     files = sorted((d / "HAM10000_images_part_1").iterdir())
@@ -59,24 +59,24 @@ def write_csv(d, mutate):
         (lambda m: m.assign(age=["old"] + list(m.age[1:])), "row 2: age 'old' is not a number"),
     ],
 )
-def test_bad_metadata_names_file_and_row(tmp_path, sample_dir, mutate, message):
-    d = make_subset(sample_dir, tmp_path / "d", per_class=1)
+def test_bad_metadata_names_file_and_row(tmp_path, subset, mutate, message):
+    d = subset(1)
     write_csv(d, mutate)
     with pytest.raises(DataError) as err:
         load_dataset(d, log=lambda m: None)
     assert "HAM10000_metadata.csv" in str(err.value) and message in str(err.value)
 
 
-def test_malformed_csv(tmp_path, sample_dir):
-    d = make_subset(sample_dir, tmp_path / "d", per_class=1)
+def test_malformed_csv(tmp_path, subset):
+    d = subset(1)
     with open(d / "HAM10000_metadata.csv", "a") as f:
         f.write("HAM_1,ISIC_1,nv,histo,40,male,back,extra,fields\n")
     with pytest.raises(DataError, match="malformed CSV"):
         load_dataset(d, log=lambda m: None)
 
 
-def test_unreadable_image_names_the_file(tmp_path, sample_dir):
-    d = make_subset(sample_dir, tmp_path / "d", per_class=1)
+def test_unreadable_image_names_the_file(tmp_path, subset):
+    d = subset(1)
     victim = sorted((d / "images").iterdir())[0]
     victim.write_bytes(b"this is not a jpeg")
     ds = load_dataset(d, log=lambda m: None)
@@ -84,8 +84,8 @@ def test_unreadable_image_names_the_file(tmp_path, sample_dir):
         decode_all(list(ds.table.path), ImageSpec(width=32, height=24))
 
 
-def test_cli_prints_error_not_traceback(tmp_path, sample_dir, capsys):
-    d = make_subset(sample_dir, tmp_path / "d", per_class=1)
+def test_cli_prints_error_not_traceback(tmp_path, subset, capsys):
+    d = subset(1)
     write_csv(d, lambda m: m.drop(columns=["lesion_id"]))
     assert main(["folds", "--data-dir", str(d), "--out", str(tmp_path / "run"), "--preset", "smoke"]) == 2
     err = capsys.readouterr().err
@@ -107,7 +107,7 @@ def test_synthetic_dataset_is_deterministic_and_loadable(tmp_path):
     assert a.groupby("lesion_id").dx.nunique().max() == 1  # a lesion has one diagnosis
 
 
-def test_stage_out_of_order_is_a_clear_error(tmp_path, sample_dir, capsys):
-    d = make_subset(sample_dir, tmp_path / "d", per_class=1)
+def test_stage_out_of_order_is_a_clear_error(tmp_path, subset, capsys):
+    d = subset(1)
     assert main(["boosters", "--data-dir", str(d), "--out", str(tmp_path / "run"), "--preset", "smoke"]) == 2
     assert "stage boosters needs cnn, export first" in capsys.readouterr().err

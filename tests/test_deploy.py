@@ -6,18 +6,20 @@ import re
 import subprocess
 import sys
 import venv
+from pathlib import Path
 
 import httpx
 import pytest
 
-from tests.conftest import REPO
-from tests.test_service import start_server
+from tests.helpers import REPO, start_server
 
-BIN = REPO / ".venv" / "bin" if (REPO / ".venv" / "bin").exists() else __import__("pathlib").Path(sys.executable).parent
+BIN = REPO / ".venv" / "bin" if (REPO / ".venv" / "bin").exists() else Path(sys.executable).parent
 
 
-def installed_requirements(dockerfile: str) -> list[str]:
-    return re.findall(r"pip install [^\n]*-r (\S+)", (REPO / dockerfile).read_text())
+def pip_install_target(dockerfile: str) -> str:
+    """What a Dockerfile's pip installs, e.g. '.[serve]'."""
+    (target,) = re.findall(r'pip install [^\n]*"(\.\[\w+\])"', (REPO / dockerfile).read_text())
+    return target
 
 
 @pytest.mark.parametrize("dockerfile", ["Dockerfile.api", "Dockerfile.train"])
@@ -28,13 +30,8 @@ def test_hadolint(dockerfile):
 
 def test_compose_files_match_the_compose_spec():
     out = subprocess.run(
-        [
-            str(BIN / "check-jsonschema"),
-            "--builtin-schema",
-            "vendor.compose-spec",
-            "docker-compose.yml",
-            "docker-compose.gpu.yml",
-        ],
+        [str(BIN / "check-jsonschema"), "--builtin-schema", "vendor.compose-spec"]
+        + ["docker-compose.yml", "docker-compose.gpu.yml"],
         cwd=REPO,
         capture_output=True,
         text=True,
@@ -42,10 +39,15 @@ def test_compose_files_match_the_compose_spec():
     assert out.returncode == 0, out.stdout + out.stderr
 
 
-def test_train_requirements_resolve():
-    assert installed_requirements("Dockerfile.train") == ["requirements-train.txt"]
+def test_dockerfiles_install_the_project_extras():
+    assert pip_install_target("Dockerfile.api") == ".[serve]"
+    assert pip_install_target("Dockerfile.train") == ".[train]"
+
+
+@pytest.mark.scenario
+def test_train_extra_resolves():
     out = subprocess.run(
-        [sys.executable, "-m", "pip", "install", "--dry-run", "--quiet", "-r", "requirements-train.txt"],
+        [sys.executable, "-m", "pip", "install", "--dry-run", "--quiet", "--no-deps", ".[train]"],
         cwd=REPO,
         capture_output=True,
         text=True,
@@ -54,24 +56,26 @@ def test_train_requirements_resolve():
     assert out.returncode == 0, out.stderr
 
 
-def test_api_image_requirements_serve_a_bundle(smoke_run, tmp_path, sample_dir):
-    """A fresh venv from exactly what Dockerfile.api installs (no torch) serves the bundle."""
-    assert installed_requirements("Dockerfile.api") == ["requirements-serve.txt"]
+@pytest.mark.scenario
+def test_api_image_install_serves_a_bundle(smoke_run, tmp_path, sample_dir):
+    """A fresh venv with exactly what Dockerfile.api copies and installs (no torch) serves the bundle."""
+    app_dir = tmp_path / "app"
+    app_dir.mkdir()
+    for line in re.findall(r"^COPY (?!--)([^\n]+) \S+$", (REPO / "Dockerfile.api").read_text(), re.M):
+        for item in line.split():
+            item = item.rstrip("/")
+            if item.startswith("$"):
+                continue
+            subprocess.run(["cp", "-r", str(REPO / item), str(app_dir / item)], check=True)
     env_dir = tmp_path / "venv"
     venv.create(env_dir, with_pip=True)
     py = env_dir / "bin" / "python"
-    subprocess.run(
-        [str(py), "-m", "pip", "install", "--quiet", "-r", str(REPO / "requirements-serve.txt")],
-        check=True,
-        timeout=900,
-    )
-    assert subprocess.run([str(py), "-c", "import torch"], capture_output=True).returncode != 0, (
-        "torch must not be installed"
-    )
-    app_dir = tmp_path / "app"  # only what the Dockerfile copies
-    app_dir.mkdir()
-    for folder in re.findall(r"^COPY (\w+)/ \1/$", (REPO / "Dockerfile.api").read_text(), re.M):
-        subprocess.run(["cp", "-r", str(REPO / folder), str(app_dir / folder)], check=True)
+    target = pip_install_target("Dockerfile.api")
+    subprocess.run([str(py), "-m", "pip", "install", "--quiet", target], cwd=app_dir, check=True, timeout=900)
+    for module in ("torch", "torchvision", "training"):
+        assert subprocess.run([str(py), "-c", f"import {module}"], capture_output=True, cwd=tmp_path).returncode != 0, (
+            f"{module} must not be in the serving image"
+        )
     proc, url = start_server(smoke_run / "bundle", python=py, cwd=app_dir)
     try:
         image = sorted((sample_dir / "images").iterdir())[0]

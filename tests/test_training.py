@@ -1,4 +1,4 @@
-"""Training stages on the real sample: folds, OOF CNN, ONNX parity, resume, level-2, bundle."""
+"""Training stages on the real sample: folds, OOF CNN, ONNX parity, resume, level-2, report, bundle."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
@@ -15,14 +16,20 @@ import pandas as pd
 import pytest
 import torch
 
-from service.predictor import COMPONENTS, Predictor
-from service.preprocess import ImageSpec, load_for_model, to_model_input
-from tests.conftest import REPO, make_subset
+from service.core.bundle import read_manifest
+from service.core.predictor import Predictor
+from service.core.preprocess import ImageSpec, load_for_model, to_model_input
+from tests.helpers import CLASSES, REPO, TINY, train
 from training import cnn as cnn_module
-from training.config import make_config
+from training.config import ALL_BOOSTERS, RunConfig, make_config, native_precision, save_or_check
 from training.data import load_dataset
+from training.errors import ConfigMismatch
 from training.folds import make_folds
 from training.models import FoldEnsemble
+
+
+def run_config(run_dir: Path) -> RunConfig:
+    return RunConfig(**json.loads((run_dir / "config.json").read_text()))
 
 
 def test_folds_never_split_a_lesion_on_the_full_metadata(sample_dir):
@@ -39,37 +46,36 @@ def test_smoke_run_folds_and_oof(smoke_run):
     folds = pd.read_csv(smoke_run / "artifacts" / "folds.csv")
     assert list(folds.columns) == ["image_id", "lesion_id", "fold"]
     assert folds.groupby("lesion_id").fold.nunique().max() == 1
-    for model in COMPONENTS:
+    for model in run_config(smoke_run).components:
         oof = pd.read_csv(smoke_run / "artifacts" / f"oof_{model}.csv")
-        assert list(oof.columns) == ["image_id", "fold"] + [
-            f"p_{c}" for c in ["akiec", "bcc", "bkl", "df", "mel", "nv", "vasc"]
-        ]
+        assert list(oof.columns) == ["image_id", "fold"] + [f"p_{c}" for c in CLASSES]
         assert oof.image_id.is_unique and set(oof.image_id) == set(folds.image_id)
         merged = oof.merge(folds, on="image_id", suffixes=("", "_folds"))
         assert (merged.fold == merged.fold_folds).all()
         assert np.allclose(oof.filter(like="p_").sum(1), 1, atol=1e-5)
 
 
-def test_fold_model_never_trains_on_its_own_fold(tmp_path, sample_dir, monkeypatch):
+def test_fold_model_never_trains_on_its_own_fold(tmp_path, subset, monkeypatch):
     """Spy on what each fold's training set holds: no image of the validation fold's lesions."""
-    d = make_subset(sample_dir, tmp_path / "d", per_class=6)
+    d = subset(6)
     ds = load_dataset(d, log=lambda m: None)
-    table = ds.table.merge(make_folds(ds.table, 2, 0)[["image_id", "fold"]], on="image_id")
-    cfg = make_config("smoke", str(d), folds=2, epochs=1, image_size=32, workers=0)
+    table = ds.table.merge(make_folds(ds.table, 3, 0)[["image_id", "fold"]], on="image_id")
+    cfg = make_config("smoke", str(d), folds=3, epochs=1, image_size=32, workers=0)
     images = np.stack([np.full((24, 32, 3), i % 256, np.uint8) for i in range(len(table))])
     images[:, 0, 0, 0], images[:, 0, 0, 1] = np.arange(len(table)) % 256, np.arange(len(table)) // 256  # unique ids
-    seen = {}
+    seen = []
     real = cnn_module.ImageDataset
 
     def spy(imgs, labels, augment):
         if augment:
-            seen.setdefault("train", []).append({(int(a), int(b)) for a, b in imgs[:, 0, 0, :2]})
+            seen.append({(int(a), int(b)) for a, b in imgs[:, 0, 0, :2]})
         return real(imgs, labels, augment)
 
     monkeypatch.setattr(cnn_module, "ImageDataset", spy)
-    oof = cnn_module.run_cnn(cfg, tmp_path / "run", table, images, "bf16", log=lambda m: None)
+    oof = cnn_module.run_cnn(cfg, tmp_path / "run", table, images, log=lambda m: None)
     ident = {(int(a), int(b)): i for i, (a, b) in enumerate(images[:, 0, 0, :2])}
-    for k, train_ids in enumerate(seen["train"]):
+    assert len(seen) == cfg.folds
+    for k, train_ids in enumerate(seen):
         trained_rows = {ident[t] for t in train_ids}
         assert not trained_rows & set(np.flatnonzero(table.fold == k))
         assert set(table.lesion_id.iloc[list(trained_rows)]).isdisjoint(table.lesion_id[table.fold == k])
@@ -77,54 +83,39 @@ def test_fold_model_never_trains_on_its_own_fold(tmp_path, sample_dir, monkeypat
 
 
 def test_onnx_matches_torch_on_real_images(smoke_run, sample_dir):
-    cfg = json.loads((smoke_run / "config.json").read_text())
-    spec = ImageSpec(width=cfg["image_size"], height=cfg["image_size"] * 3 // 4)
+    cfg = run_config(smoke_run)
+    spec = cfg.image_spec()
     paths = sorted((sample_dir / "images").iterdir())[:16]
     images = np.stack([load_for_model(p.read_bytes(), spec) for p in paths])
-    members = [cnn_module.load_fold_model(smoke_run / "cnn", k) for k in range(cfg["folds"])]
+    members = [cnn_module.load_fold_model(smoke_run / "cnn", k) for k in range(cfg.folds)]
     x = to_model_input(images, spec)
     with torch.no_grad():
         expected = FoldEnsemble(members)(torch.from_numpy(x)).numpy()
-    session = ort.InferenceSession(str(smoke_run / "bundle" / "cnn.onnx"), providers=["CPUExecutionProvider"])
-    got = session.run(["probabilities"], {"image": x})[0]
+    manifest = read_manifest(smoke_run / "bundle")
+    session = ort.InferenceSession(str(smoke_run / "bundle" / manifest.cnn.file), providers=["CPUExecutionProvider"])
+    got = session.run([manifest.cnn.output_name], {manifest.cnn.input_name: x})[0]
     assert np.abs(got - expected).max() <= 1e-4
     assert session.get_inputs()[0].shape[0] == "batch"  # dynamic batch axis
 
 
 def test_export_fails_the_run_when_parity_breaks(tmp_path, monkeypatch):
     from training import export
+    from training.errors import ExportError
 
     monkeypatch.setattr(export, "PARITY_TOLERANCE", -1.0)  # no difference can pass
     members = [torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 6 * 8, 7))]
     images = np.random.default_rng(0).integers(0, 255, (4, 6, 8, 3), dtype=np.uint8)
-    with pytest.raises(export.ExportError, match="differs from torch"):
+    with pytest.raises(ExportError, match="differs from torch"):
         export.export_onnx(members, ImageSpec(width=8, height=6), images, tmp_path / "m.onnx", log=lambda m: None)
-    assert not (tmp_path / "m.onnx").exists() and not list(tmp_path.iterdir())  # nothing half-written
+    assert not list(tmp_path.iterdir())  # nothing half-written
 
 
-def test_killed_run_resumes(tmp_path, sample_dir):
-    d = make_subset(sample_dir, tmp_path / "d", per_class=8)
+@pytest.mark.scenario
+def test_killed_run_resumes(tmp_path, subset):
+    d = subset(8)
     run_dir = tmp_path / "run"
-    cmd = [
-        sys.executable,
-        "-m",
-        "training",
-        "cnn",
-        "--data-dir",
-        str(d),
-        "--out",
-        str(run_dir),
-        "--preset",
-        "smoke",
-        "--folds",
-        "2",
-        "--epochs",
-        "2",
-        "--image-size",
-        "32",
-        "--workers",
-        "0",
-    ]
+    cmd = [sys.executable, "-m", "training", "cnn", "--data-dir", str(d), "--out", str(run_dir)]
+    cmd += ["--preset", "smoke", "--folds", "3", "--epochs", "2", "--image-size", "32", "--workers", "0"]
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
@@ -143,69 +134,92 @@ def test_killed_run_resumes(tmp_path, sample_dir):
     assert len(pd.read_csv(run_dir / "artifacts" / "oof_cnn.csv")) == len(pd.read_csv(d / "HAM10000_metadata.csv"))
     assert not list(run_dir.rglob("*.tmp"))
     # a resumed run must not silently change settings
-    changed = subprocess.run(
-        cmd[:-4] + ["--epochs", "3", "--image-size", "32"], cwd=REPO, capture_output=True, text=True
+    changed = subprocess.run(cmd + ["--epochs", "3"], cwd=REPO, capture_output=True, text=True)
+    assert changed.returncode == 2 and "different settings (epochs: 2 -> 3)" in changed.stderr
+
+
+def test_precision_and_boosters_are_result_changing_settings(tmp_path):
+    save_or_check(make_config("smoke", "data", precision="bf16"), tmp_path)
+    with pytest.raises(ConfigMismatch, match="precision: bf16 -> fp32"):
+        save_or_check(make_config("smoke", "data", precision="fp32"), tmp_path)
+    with pytest.raises(ConfigMismatch, match="boosters"):
+        save_or_check(make_config("smoke", "data", boosters="xgboost"), tmp_path)
+    assert (
+        make_config("smoke", "d").precision == make_config("smoke", "d", precision="auto").precision in ("bf16", "fp32")
     )
-    assert changed.returncode == 2 and "different settings" in changed.stderr
+    assert make_config("smoke", "d", boosters="catboost, xgboost").boosters == ["xgboost", "catboost"]
+    with pytest.raises(ConfigMismatch, match="--boosters: .*subset of xgboost, lightgbm, catboost"):
+        make_config("smoke", "d", boosters="xgboost,gbm")
 
 
-def test_report_has_every_model_and_metric(smoke_run):
+def test_every_configurable_booster_is_implemented():
+    from training.boosters import BOOSTERS
+
+    assert list(BOOSTERS) == ALL_BOOSTERS
+
+
+def test_report_has_every_model_and_metric(smoke_run, sample_dir):
     report = json.loads((smoke_run / "artifacts" / "report.json").read_text())
     metrics = {"bmca", "macro_auc", "accuracy", "log_loss", "ece", "malignant_auc", "malignant_pauc"}
-    assert set(report["models"]) == set(COMPONENTS)
-    for model in COMPONENTS:
+    components = run_config(smoke_run).components
+    assert list(report["models"]) == components
+    for model in components:
         assert set(report["models"][model]) == metrics
         for name, v in report["models"][model].items():
             lo, hi = v["ci95"]
             assert np.isfinite([lo, hi]).all() and lo <= hi, name
-            if name in (
-                "bmca",
-                "accuracy",
-                "macro_auc",
-                "malignant_auc",
-            ):  # ECE and log loss are biased under resampling
+            if name in ("bmca", "accuracy", "macro_auc", "malignant_auc"):  # ECE, log loss: biased under resampling
                 assert lo - 0.02 <= v["value"] <= hi + 0.02, (model, name)
     assert 0 <= report["models"]["stack"]["malignant_pauc"]["value"] <= 0.2
     assert report["paired_difference"]["models"] == "stack - cnn"
-    assert report["data"]["images"] == 2118 and report["data"]["skipped_missing_images"] == 7897
+    present, listed = pd.read_csv(sample_dir / "images_present.csv"), pd.read_csv(sample_dir / "HAM10000_metadata.csv")
+    assert report["data"]["images"] == len(present) and report["data"]["skipped_missing_images"] == len(listed) - len(
+        present
+    )
+    assert report["config"]["precision"] == native_precision()  # no --precision given: auto
     for plot in ("roc_stack.png", "confusion_stack.png", "reliability.png"):
         assert (smoke_run / "artifacts" / "plots" / plot).read_bytes()[:4] == b"\x89PNG"
 
 
-def test_bundle_is_complete_and_reproduces_training(smoke_run):
+def test_bundle_reproduces_what_training_computed(smoke_run):
+    """The torch-free Predictor, reading only the bundle, against training's own numbers
+    (the fold ensemble in torch; the refit level-2 models on training's feature rows)."""
     bundle = smoke_run / "bundle"
-    manifest = json.loads((bundle / "manifest.json").read_text())
-    assert set(manifest["files"]) == {p.name for p in bundle.iterdir()} - {"manifest.json"}
-    for key in (
-        "format_version",
-        "bundle_id",
-        "created_at",
-        "classes",
-        "class_names",
-        "malignant_classes",
-        "preprocessing",
-        "metadata_schema",
-        "features",
-        "files",
-        "library_versions",
-        "metrics",
-    ):
-        assert manifest[key], key
-    assert manifest["metrics"]["stack"]["bmca"] > 0
+    manifest = read_manifest(bundle)
+    assert set(manifest.files) == {p.name for p in bundle.iterdir()} - {"manifest.json"}
+    assert (
+        manifest.cnn.training_precision == run_config(smoke_run).precision
+        and manifest.metrics[manifest.served]["bmca"] > 0
+    )
     ref = json.loads((smoke_run / "artifacts" / "reference_predictions.json").read_text())
     predictor = Predictor.load(bundle)
-    from pathlib import Path
-
-    from service.features import ClinicalMetadata
-
-    spec = predictor.manifest.preprocessing
-    images = np.stack([load_for_model(Path(p).read_bytes(), spec) for p in ref["paths"]])
-    got = predictor.predict_components(images, [ClinicalMetadata(**m) for m in ref["metadata"]])
-    for name in COMPONENTS:
-        assert np.abs(got[name] - np.array(ref["probabilities"][name])).max() <= 1e-4, name
+    images = np.stack([load_for_model(Path(p).read_bytes(), manifest.preprocessing) for p in ref["paths"]])
+    assert np.abs(predictor.cnn_probs(images) - np.array(ref["cnn_torch"])).max() <= 1e-4
+    expected = ref["probabilities_given_oof_cnn"]
+    # metadata exactly as the CSV has it (`localization`), validated by the core like a request
+    got = predictor.predict_components(images, ref["metadata"], cnn_probs=np.array(expected[manifest.cnn.name]))
+    assert list(got) == manifest.components == list(expected)
+    for name in manifest.components:
+        assert np.abs(got[name] - np.array(expected[name])).max() <= 1e-5, name
     assert not list(smoke_run.glob(".bundle-*"))
 
 
-def test_service_code_does_not_import_torch():
-    code = "import sys, service.predictor, service.app; assert 'torch' not in sys.modules, 'torch imported'"
-    subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True)
+def test_bundle_with_chosen_boosters_serves_exactly_them(tiny_data, tmp_path, app_factory, sample_dir):
+    run_dir = train(tiny_data, tmp_path / "run", *TINY, "--boosters", "lightgbm,xgboost")
+    bundle = run_dir / "bundle"
+    manifest = read_manifest(bundle)
+    assert [b.name for b in manifest.boosters] == ["xgboost", "lightgbm"]
+    assert sorted(p.name for p in bundle.iterdir()) == [
+        "cnn.onnx",
+        "lightgbm.pkl",
+        "manifest.json",
+        "stack.pkl",
+        "xgboost.pkl",
+    ]
+    assert "catboost" not in manifest.library_versions
+    assert manifest.components == ["cnn", "xgboost", "lightgbm", "soft_vote", "stack"]
+    api = app_factory(bundle)
+    assert api.get("/model").json()["components"] == manifest.components
+    image = sorted((sample_dir / "images").iterdir())[0].read_bytes()
+    r = api.post("/predict", files={"image": image}, data={"metadata": '{"age": 50}'})
+    assert r.status_code == 200 and list(r.json()["components"]) == manifest.components

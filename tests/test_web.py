@@ -6,8 +6,9 @@ import shutil
 
 import pytest
 
-from tests.conftest import ARTIFACTS
-from tests.test_service import server  # noqa: F401 - the real server fixture
+from tests.helpers import ARTIFACTS
+
+pytestmark = pytest.mark.scenario
 
 CHROMIUM, DRIVER = shutil.which("chromium"), shutil.which("chromedriver")
 
@@ -38,7 +39,7 @@ def browser():
     driver.quit()
 
 
-def test_upload_shows_prediction_and_errors(browser, server, sample_dir, tmp_path):  # noqa: F811
+def test_upload_shows_prediction_and_errors(browser, server, sample_dir, tmp_path):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support import expected_conditions as ec
     from selenium.webdriver.support.ui import Select, WebDriverWait

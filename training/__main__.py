@@ -1,4 +1,8 @@
-"""Command line: `python -m training run|<stage>|demo-data|download ...`."""
+"""Command line: `python -m training run|<stage>|demo-data|download ...`.
+
+Errors a user can cause print `error: ...` and exit 2. `demo-data` and `download` never import
+torch or onnxruntime: they run on a machine with only the serving and data packages.
+"""
 
 from __future__ import annotations
 
@@ -6,9 +10,12 @@ import argparse
 import sys
 from pathlib import Path
 
-from training.config import PRESETS, ConfigMismatch, make_config
-from training.data import DataError
-from training.pipeline import STAGES
+from training.config import ALL_BOOSTERS, PRESETS
+from training.errors import RunError
+from training.pipeline import STAGE_NAMES
+
+RUN_OVERRIDES = ["folds", "epochs", "image_size", "batch_size", "lr", "weights", "precision", "boosters", "seed"]
+RUN_OVERRIDES += ["workers", "bootstrap"]
 
 
 def add_run_args(p: argparse.ArgumentParser) -> None:
@@ -21,19 +28,22 @@ def add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int)
     p.add_argument("--lr", type=float)
     p.add_argument("--weights", help="imagenet | none | PATH to a resnet18 state dict (default none)")
+    p.add_argument(
+        "--precision",
+        choices=["auto", "bf16", "fp32"],
+        help="training autocast; auto (default): bf16 where the hardware has it natively, else fp32. Eval is fp32",
+    )
+    p.add_argument("--boosters", help=f"comma-separated subset of {','.join(ALL_BOOSTERS)} (default: all)")
     p.add_argument("--seed", type=int)
     p.add_argument("--workers", type=int, help="DataLoader workers (default 2)")
     p.add_argument("--bootstrap", type=int, help="bootstrap resamples for metric intervals")
-    p.add_argument(
-        "--precision", choices=["bf16", "fp32"], default="bf16", help="training autocast (eval is always fp32)"
-    )
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m training", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     add_run_args(sub.add_parser("run", help="every stage, skipping finished ones"))
-    for stage in STAGES:
+    for stage in STAGE_NAMES:
         add_run_args(sub.add_parser(stage, help=f"only the {stage} stage (earlier stages must be done)"))
     demo = sub.add_parser("demo-data", help="write the synthetic demo dataset")
     demo.add_argument("--out", required=True, type=Path)
@@ -42,44 +52,33 @@ def main(argv: list[str] | None = None) -> int:
     dl = sub.add_parser("download", help="download HAM10000 from Harvard Dataverse, checksums verified")
     dl.add_argument("--out", required=True, type=Path)
     dl.add_argument("--base-url", default=None, help="Dataverse server (default https://dataverse.harvard.edu)")
-    args = parser.parse_args(argv)
+    return parser
 
-    from training.download import DownloadError
-    from training.export import ExportError
-    from training.models import WeightsError
 
+def dispatch(args: argparse.Namespace) -> None:
+    if args.command == "demo-data":
+        from training.synthetic import write_demo_dataset
+
+        write_demo_dataset(args.out, n_images=args.images, seed=args.seed)
+        print(f"wrote a synthetic dataset of {args.images} images to {args.out}")
+    elif args.command == "download":
+        from training.download import DATAVERSE_URL, download_ham10000
+
+        download_ham10000(args.out, base_url=args.base_url or DATAVERSE_URL)
+    else:
+        from training.config import make_config
+        from training.pipeline import run_pipeline
+
+        cfg = make_config(args.preset, args.data_dir, **{k: getattr(args, k) for k in RUN_OVERRIDES})
+        run_pipeline(cfg, args.out, STAGE_NAMES if args.command == "run" else [args.command])
+        print(f"done: {args.out}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     try:
-        if args.command == "demo-data":
-            from training.synthetic import write_demo_dataset
-
-            write_demo_dataset(args.out, n_images=args.images, seed=args.seed)
-            print(f"wrote a synthetic dataset of {args.images} images to {args.out}")
-        elif args.command == "download":
-            from training.download import DATAVERSE_URL, download_ham10000
-
-            download_ham10000(args.out, base_url=args.base_url or DATAVERSE_URL)
-        else:
-            from training.pipeline import run_pipeline
-
-            overrides = {
-                k: getattr(args, k)
-                for k in (
-                    "folds",
-                    "epochs",
-                    "image_size",
-                    "batch_size",
-                    "lr",
-                    "weights",
-                    "seed",
-                    "workers",
-                    "bootstrap",
-                )
-            }
-            cfg = make_config(args.preset, args.data_dir, **overrides)
-            stages = STAGES if args.command == "run" else [args.command]
-            run_pipeline(cfg, args.out, stages, precision=args.precision)
-            print(f"done: {args.out}")
-    except (DataError, ConfigMismatch, WeightsError, DownloadError, ExportError) as exc:
+        dispatch(args)
+    except RunError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return 0

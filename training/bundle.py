@@ -1,14 +1,17 @@
 """Stage 7: RUN_DIR/bundle/, the only thing the service loads.
 
 Written into a temporary folder and renamed into place, so a crash never leaves a half bundle.
-Also writes artifacts/reference_predictions.json: the refit models' outputs for a few training
-images computed here with torch, which the tests compare with the torch-free predictor.
+Its manifest is the roster of the run's models (the CNN, the chosen boosters, the soft vote and
+the stack). Also writes artifacts/reference_predictions.json: what training itself computes for
+a few images (the fold ensemble in torch; the refit level-2 models on training's own feature
+rows), which the tests compare with the torch-free Predictor reading the bundle.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import json
+import pickle
 import shutil
 import tempfile
 from pathlib import Path
@@ -16,63 +19,92 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from service import labels
-from service.features import FeatureSpec
-from service.manifest import MANIFEST_NAME, CnnInfo, Manifest, MetadataSchema, library_versions, sha256_file
-from service.predictor import COMPONENTS, Predictor
-from service.preprocess import to_model_input
-from training.cnn import image_spec, load_fold_model
-from training.io import atomic_write_text
+from service.core import labels
+from service.core.bundle import library_versions, sha256_file
+from service.core.features import FeatureSpec, soft_vote, stack_inputs
+from service.core.manifest import MANIFEST_NAME, CnnModel, Manifest, ModelFile
+from service.core.predictor import Predictor
+from service.core.preprocess import to_model_input
+from training.boosters import BOOSTERS, feature_matrix
+from training.cnn import load_fold_model
+from training.config import CNN, SOFT_VOTE, STACK
+from training.export import INPUT_NAME, OUTPUT_NAME
+from training.io import PROB_COLUMNS, atomic_write_text
 from training.models import FoldEnsemble
 
-LEVEL2_FILES = {"xgboost": "xgboost.pkl", "lightgbm": "lightgbm.pkl", "catboost": "catboost.pkl", "stack": "stack.pkl"}
+CNN_FILE = "cnn.onnx"
+
+
+def roster(run) -> tuple[CnnModel, list[ModelFile], ModelFile]:
+    """The run's models as the manifest lists them: CNN, boosters in stacking order, stack."""
+    cnn = CnnModel(
+        name=CNN,
+        file=CNN_FILE,
+        libraries=["numpy", "onnxruntime"],
+        input_name=INPUT_NAME,
+        output_name=OUTPUT_NAME,
+        members=run.cfg.folds,
+        architecture="resnet18",
+        training_precision=run.cfg.precision,
+    )
+    boosters = [ModelFile(name=b, file=f"{b}.pkl", libraries=list(BOOSTERS[b].libraries)) for b in run.cfg.boosters]
+    stack = ModelFile(name=STACK, file=f"{STACK}.pkl", libraries=["numpy", "scikit-learn"])
+    return cnn, boosters, stack
 
 
 def build_manifest(run, folder: Path) -> Manifest:
     report = json.loads((run.artifacts / "report.json").read_text())
-    spec = FeatureSpec()
+    cnn, boosters, stack = roster(run)
     files = {p.name: sha256_file(p) for p in sorted(folder.iterdir())}
     created = dt.datetime.now(dt.timezone.utc).replace(microsecond=0)
+    libraries = sorted({lib for m in [cnn, *boosters, stack] for lib in m.libraries})
     return Manifest(
-        bundle_id=f"ham-resnet18-{created:%Y%m%dT%H%M%SZ}-{files['cnn.onnx'][:8]}",
+        bundle_id=f"ham-resnet18-{created:%Y%m%dT%H%M%SZ}-{files[CNN_FILE][:8]}",
         created_at=created.isoformat(),
         classes=labels.CLASSES,
         class_names=labels.CLASS_NAMES,
         malignant_classes=labels.MALIGNANT_CLASSES,
-        preprocessing=image_spec(run.cfg),
-        metadata_schema=MetadataSchema(
-            sexes=spec.sexes, sites=spec.sites, age_min=labels.AGE_RANGE[0], age_max=labels.AGE_RANGE[1]
-        ),
-        feature_spec=spec,
-        features=spec.names,
-        cnn=CnnInfo(members=run.cfg.folds),
-        models=LEVEL2_FILES,
+        preprocessing=run.cfg.image_spec(),
+        features=FeatureSpec(),
+        cnn=cnn,
+        boosters=boosters,
+        soft_vote=SOFT_VOTE,
+        stack=stack,
+        served=STACK,
         files=files,
-        library_versions=library_versions(),
+        library_versions=library_versions(libraries),
         metrics={m: {k: v["value"] for k, v in r.items()} for m, r in report["models"].items()},
         training={"config": run.cfg.model_dump(), "data": report["data"], "report": "artifacts/report.json"},
     )
 
 
-def reference_predictions(run, predictor: Predictor, n: int = 8) -> dict:
-    """The refit models on n training images, with the CNN run in torch (not onnxruntime)."""
+def reference_predictions(run, n: int = 8) -> dict:
+    """Training's own numbers for n rows, computed without the Predictor:
+    the fold ensemble run in torch, and the refit level-2 models on the boosters' training features
+    (whose CNN part is the out-of-fold CNN probabilities)."""
     idx = np.linspace(0, len(run.table) - 1, n).astype(int)
-    images = run.images[idx]
     members = [load_fold_model(run.dir / "cnn", k) for k in range(run.cfg.folds)]
+    x = torch.from_numpy(to_model_input(run.images[idx], run.cfg.image_spec()))
     with torch.no_grad():
-        cnn = (
-            FoldEnsemble(members)(torch.from_numpy(to_model_input(images, image_spec(run.cfg))))
-            .numpy()
-            .astype(np.float64)
-        )
-    all_meta = run.dataset.metadata()
-    meta = [all_meta[i] for i in idx]
-    comps = predictor.predict_components(images, meta, cnn_probs=cnn)
+        cnn_torch = FoldEnsemble(members)(x).numpy().astype(np.float64)
+    cnn_oof = run.oof(CNN)[PROB_COLUMNS].to_numpy()[idx]
+    features = feature_matrix(run)[idx]
+    probs = {CNN: cnn_oof}
+    for b in run.cfg.boosters:
+        probs[b] = pickle.loads((run.models / f"{b}.pkl").read_bytes()).predict_proba(features)
+    probs[SOFT_VOTE] = soft_vote(probs, run.cfg.level1)
+    stack = pickle.loads((run.models / f"{STACK}.pkl").read_bytes())
+    probs[STACK] = stack.predict_proba(stack_inputs(probs, run.cfg.level1))
+    rows = run.table.iloc[idx]
     return {
-        "image_ids": run.table.image_id.iloc[idx].tolist(),
-        "paths": [str(p) for p in run.table.path.iloc[idx]],
-        "metadata": [m.model_dump() for m in meta],
-        "probabilities": {name: comps[name].tolist() for name in COMPONENTS},
+        "image_ids": rows.image_id.tolist(),
+        "paths": [str(p) for p in rows.path],
+        "metadata": [  # as the CSV has them: HAM10000's column names
+            {"age": None if np.isnan(a) else float(a), "sex": s, "localization": site}
+            for a, s, site in zip(rows.age, rows.sex, rows.localization)
+        ],
+        "cnn_torch": cnn_torch.tolist(),
+        "probabilities_given_oof_cnn": {k: np.asarray(v).tolist() for k, v in probs.items()},
     }
 
 
@@ -80,16 +112,15 @@ def write_bundle(run) -> Path:
     final = run.dir / "bundle"
     tmp = Path(tempfile.mkdtemp(dir=run.dir, prefix=".bundle-"))
     try:
-        shutil.copy2(run.dir / "cnn" / "cnn.onnx", tmp / "cnn.onnx")
-        for name, file in LEVEL2_FILES.items():
-            shutil.copy2(run.dir / "models" / f"{name}.pkl", tmp / file)
+        cnn, boosters, stack = roster(run)
+        shutil.copy2(run.dir / "cnn" / "cnn.onnx", tmp / cnn.file)
+        for m in [*boosters, stack]:
+            shutil.copy2(run.models / f"{m.name}.pkl", tmp / m.file)
         manifest = build_manifest(run, tmp)
         (tmp / MANIFEST_NAME).write_text(manifest.model_dump_json(indent=2))
         tmp.chmod(0o755)
-        predictor = Predictor.load(tmp)  # the bundle must load before it is published
-        atomic_write_text(
-            run.artifacts / "reference_predictions.json", json.dumps(reference_predictions(run, predictor))
-        )
+        Predictor.load(tmp)  # the bundle must load before it is published
+        atomic_write_text(run.artifacts / "reference_predictions.json", json.dumps(reference_predictions(run)))
         if final.exists():
             shutil.rmtree(final)
         tmp.rename(final)

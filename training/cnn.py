@@ -4,6 +4,9 @@ Each fold trains on the other folds' lesions with augmentations, validates on it
 the evaluation transform, and keeps the epoch with the best validation BMCA. Its OOF probabilities
 come from that model, which never saw the fold's lesions. A per-epoch checkpoint lets a killed
 run resume inside a fold; finished folds are skipped.
+
+The pieces, as in torchvision's reference scripts: `build_fold` (model, loss, optimiser, data,
+schedule), `train_one_epoch`, `evaluate`, `write_fold_outputs`; `train_fold` strings them together.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ import copy
 import json
 import math
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -22,18 +26,13 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from service import labels
-from service.preprocess import ImageSpec
+from service.core import labels
+from service.core.preprocess import ImageSpec
 from training.config import RunConfig
 from training.dataset import ImageDataset, normalise_batch
-from training.io import atomic_write, atomic_write_csv, atomic_write_text
+from training.errors import RunError
+from training.io import PROB_COLUMNS, atomic_write, atomic_write_csv, atomic_write_text, write_oof
 from training.models import build_resnet18
-
-PROB_COLUMNS = [f"p_{c}" for c in labels.CLASSES]
-
-
-def image_spec(cfg: RunConfig) -> ImageSpec:
-    return ImageSpec(width=cfg.image_size, height=cfg.image_height)
 
 
 def device_and_dtype(precision: str) -> tuple[torch.device, torch.dtype | None]:
@@ -62,85 +61,93 @@ def class_weights(y: np.ndarray, n_classes: int) -> torch.Tensor:
     return torch.tensor(w, dtype=torch.float32)
 
 
-def train_fold(
-    k: int,
-    cfg: RunConfig,
-    images: np.ndarray,
-    y: np.ndarray,
-    fold: np.ndarray,
-    cnn_dir: Path,
-    precision: str,
-    log=print,
-) -> dict:
-    """Train fold k; returns its history. Writes fold{k}.pt (best weights) last, atomically."""
-    device, amp_dtype = device_and_dtype(precision)
-    spec = image_spec(cfg)
-    tr, va = np.flatnonzero(fold != k), np.flatnonzero(fold == k)
+@dataclass
+class FoldTraining:
+    """Everything one fold's training loop touches; `state` is what a checkpoint resumes."""
+
+    k: int
+    model: nn.Module
+    loss_fn: nn.Module
+    opt: torch.optim.Optimizer
+    sched: torch.optim.lr_scheduler.LRScheduler
+    loader: DataLoader
+    device: torch.device
+    amp_dtype: torch.dtype | None
+    state: dict = field(default_factory=lambda: {"epoch": 0, "best": None, "best_bmca": -1.0, "history": []})
+
+
+def build_fold(k: int, cfg: RunConfig, images: np.ndarray, y: np.ndarray, train_rows: np.ndarray) -> FoldTraining:
+    """Model, weighted loss, AdamW, the augmented loader over the training rows, one-cycle schedule."""
+    device, amp_dtype = device_and_dtype(cfg.precision)
     torch.manual_seed(cfg.seed + k)
-    model = build_resnet18(len(labels.CLASSES), cfg.weights).to(device, memory_format=torch.channels_last)
-    loss_fn = nn.CrossEntropyLoss(weight=class_weights(y[tr], len(labels.CLASSES)).to(device), label_smoothing=0.05)
+    n_classes = len(labels.CLASSES)
+    model = build_resnet18(n_classes, cfg.weights).to(device, memory_format=torch.channels_last)
+    loss_fn = nn.CrossEntropyLoss(weight=class_weights(y[train_rows], n_classes).to(device), label_smoothing=0.05)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=1e-4)
     loader = DataLoader(
-        ImageDataset(images[tr], y[tr], augment=True),
+        ImageDataset(images[train_rows], y[train_rows], augment=True),
         batch_size=cfg.batch_size,
         shuffle=True,
-        drop_last=len(tr) > cfg.batch_size,
+        drop_last=len(train_rows) > cfg.batch_size,
         num_workers=cfg.workers,
         persistent_workers=cfg.workers > 0,
         generator=torch.Generator().manual_seed(cfg.seed + k),
     )
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=cfg.epochs * len(loader), pct_start=0.2)
+    return FoldTraining(k, model, loss_fn, opt, sched, loader, device, amp_dtype)
 
-    ckpt_path = cnn_dir / f"fold{k}.ckpt"
-    state = {"epoch": 0, "best": None, "best_bmca": -1.0, "history": []}
-    if ckpt_path.exists():
-        ckpt = torch.load(ckpt_path, map_location=device, weights_only=False)
-        model.load_state_dict(ckpt["model"])
-        opt.load_state_dict(ckpt["opt"])
-        sched.load_state_dict(ckpt["sched"])
-        state = ckpt["state"]
-        log(f"fold {k}: resuming after epoch {state['epoch']}")
 
-    for epoch in range(state["epoch"], cfg.epochs):
-        model.train()
-        t0, seen, total_loss = time.perf_counter(), 0, 0.0
-        bar = tqdm(loader, desc=f"fold {k} epoch {epoch + 1}/{cfg.epochs}", unit="batch", leave=False, disable=None)
-        for xb, yb in bar:
-            x, yb = normalise_batch(xb, spec).to(device), yb.to(device)
-            with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-                loss = loss_fn(model(x), yb)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            seen += len(yb)
-            total_loss += loss.item() * len(yb)
-            bar.set_postfix(loss=f"{total_loss / seen:.3f}")
-        train_ips = seen / (time.perf_counter() - t0)
-        probs = predict_probs(model, images[va], spec)
-        bmca = balanced_accuracy_score(y[va], probs.argmax(1))
-        vloss = log_loss(y[va], probs, labels=range(len(labels.CLASSES)))
-        record = dict(
-            epoch=epoch + 1,
-            train_loss=total_loss / seen,
-            val_bmca=bmca,
-            val_log_loss=vloss,
-            train_images_per_s=train_ips,
-        )
-        state["history"].append(record)
-        log(
-            f"fold {k} epoch {epoch + 1}: train loss {record['train_loss']:.3f}, val BMCA {bmca:.3f}, "
-            f"val log loss {vloss:.3f}, {train_ips:.0f} train img/s"
-        )
-        if bmca > state["best_bmca"]:
-            state.update(best_bmca=bmca, best_epoch=epoch + 1, best=copy.deepcopy(model.state_dict()))
-        state["epoch"] = epoch + 1
-        payload = {"model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(), "state": state}
-        atomic_write(ckpt_path, lambda p, payload=payload: torch.save(payload, p))
+def save_checkpoint(t: FoldTraining, path: Path) -> None:
+    payload = {
+        "model": t.model.state_dict(),
+        "opt": t.opt.state_dict(),
+        "sched": t.sched.state_dict(),
+        "state": t.state,
+    }
+    atomic_write(path, lambda p: torch.save(payload, p))
 
-    model.load_state_dict(state["best"])
-    oof = pd.DataFrame(predict_probs(model, images[va], spec), columns=PROB_COLUMNS)
-    oof.insert(0, "row", va)
+
+def load_checkpoint(t: FoldTraining, path: Path) -> None:
+    ckpt = torch.load(path, map_location=t.device, weights_only=False)
+    t.model.load_state_dict(ckpt["model"])
+    t.opt.load_state_dict(ckpt["opt"])
+    t.sched.load_state_dict(ckpt["sched"])
+    t.state = ckpt["state"]
+
+
+def train_one_epoch(t: FoldTraining, spec: ImageSpec, desc: str) -> tuple[float, float]:
+    """One pass over the augmented training rows; returns (mean loss, images/s)."""
+    t.model.train()
+    start, seen, total_loss = time.perf_counter(), 0, 0.0
+    bar = tqdm(t.loader, desc=desc, unit="batch", leave=False, disable=None)
+    for xb, yb in bar:
+        x, yb = normalise_batch(xb, spec).to(t.device), yb.to(t.device)
+        with torch.autocast(t.device.type, dtype=t.amp_dtype or torch.float32, enabled=t.amp_dtype is not None):
+            loss = t.loss_fn(t.model(x), yb)
+        t.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        t.opt.step()
+        t.sched.step()
+        seen += len(yb)
+        total_loss += loss.item() * len(yb)
+        bar.set_postfix(loss=f"{total_loss / seen:.3f}")
+    return total_loss / seen, seen / (time.perf_counter() - start)
+
+
+def evaluate(model: nn.Module, images: np.ndarray, y: np.ndarray, spec: ImageSpec) -> tuple[float, float]:
+    """Validation BMCA and log loss with the evaluation transform."""
+    probs = predict_probs(model, images, spec)
+    return balanced_accuracy_score(y, probs.argmax(1)), log_loss(y, probs, labels=range(len(labels.CLASSES)))
+
+
+def write_fold_outputs(
+    t: FoldTraining, images: np.ndarray, val_rows: np.ndarray, spec: ImageSpec, cnn_dir: Path
+) -> dict:
+    """The best epoch's OOF rows, the fold summary, and its weights last (fold<k>.pt marks the fold done)."""
+    k, state = t.k, t.state
+    t.model.load_state_dict(state["best"])
+    oof = pd.DataFrame(predict_probs(t.model, images[val_rows], spec), columns=PROB_COLUMNS)
+    oof.insert(0, "row", val_rows)
     atomic_write_csv(cnn_dir / f"oof_fold{k}.csv", oof)
     summary = {
         "fold": k,
@@ -149,7 +156,36 @@ def train_fold(
         "history": state["history"],
     }
     atomic_write_text(cnn_dir / f"fold{k}.json", json.dumps(summary, indent=2))
-    atomic_write(cnn_dir / f"fold{k}.pt", lambda p: torch.save({k_: v.cpu() for k_, v in state["best"].items()}, p))
+    atomic_write(cnn_dir / f"fold{k}.pt", lambda p: torch.save({n: v.cpu() for n, v in state["best"].items()}, p))
+    return summary
+
+
+def train_fold(
+    k: int, cfg: RunConfig, images: np.ndarray, y: np.ndarray, fold: np.ndarray, cnn_dir: Path, log=print
+) -> dict:
+    """Train fold k on the other folds, keep its best epoch, write its OOF rows; returns its summary."""
+    spec = cfg.image_spec()
+    train_rows, val_rows = np.flatnonzero(fold != k), np.flatnonzero(fold == k)
+    t = build_fold(k, cfg, images, y, train_rows)
+    ckpt_path = cnn_dir / f"fold{k}.ckpt"
+    if ckpt_path.exists():
+        load_checkpoint(t, ckpt_path)
+        log(f"fold {k}: resuming after epoch {t.state['epoch']}")
+    for epoch in range(t.state["epoch"] + 1, cfg.epochs + 1):
+        train_loss, ips = train_one_epoch(t, spec, desc=f"fold {k} epoch {epoch}/{cfg.epochs}")
+        bmca, vloss = evaluate(t.model, images[val_rows], y[val_rows], spec)
+        t.state["history"].append(
+            dict(epoch=epoch, train_loss=train_loss, val_bmca=bmca, val_log_loss=vloss, train_images_per_s=ips)
+        )
+        log(
+            f"fold {k} epoch {epoch}: train loss {train_loss:.3f}, val BMCA {bmca:.3f}, "
+            f"val log loss {vloss:.3f}, {ips:.0f} train img/s"
+        )
+        if bmca > t.state["best_bmca"]:
+            t.state.update(best_bmca=bmca, best_epoch=epoch, best=copy.deepcopy(t.model.state_dict()))
+        t.state["epoch"] = epoch
+        save_checkpoint(t, ckpt_path)
+    summary = write_fold_outputs(t, images, val_rows, spec, cnn_dir)
     ckpt_path.unlink(missing_ok=True)
     return summary
 
@@ -160,9 +196,7 @@ def load_fold_model(cnn_dir: Path, k: int) -> nn.Module:
     return model.eval()
 
 
-def run_cnn(
-    cfg: RunConfig, run_dir: Path, table: pd.DataFrame, images: np.ndarray, precision: str, log=print
-) -> pd.DataFrame:
+def run_cnn(cfg: RunConfig, run_dir: Path, table: pd.DataFrame, images: np.ndarray, log=print) -> pd.DataFrame:
     """Train every unfinished fold, then write artifacts/oof_cnn.csv. Returns the OOF table."""
     cnn_dir = run_dir / "cnn"
     cnn_dir.mkdir(parents=True, exist_ok=True)
@@ -171,16 +205,18 @@ def run_cnn(
         if (cnn_dir / f"fold{k}.pt").exists():
             log(f"fold {k}: already trained, skipping")
             continue
-        train_fold(k, cfg, images, y, fold, cnn_dir, precision, log)
+        train_fold(k, cfg, images, y, fold, cnn_dir, log)
 
-    parts = [pd.read_csv(cnn_dir / f"oof_fold{k}.csv") for k in range(cfg.folds)]
-    oof = pd.concat(parts).sort_values("row")
-    assert len(oof) == len(table) and (oof.row.to_numpy() == np.arange(len(table))).all(), "OOF rows incomplete"
-    oof = pd.concat(
-        [table[["image_id", "fold"]].reset_index(drop=True), oof[PROB_COLUMNS].reset_index(drop=True)], axis=1
-    )
-    atomic_write_csv(run_dir / "artifacts" / "oof_cnn.csv", oof)
-    return oof
+    oof = pd.concat([pd.read_csv(cnn_dir / f"oof_fold{k}.csv") for k in range(cfg.folds)]).sort_values("row")
+    if len(oof) != len(table) or not (oof.row.to_numpy() == np.arange(len(table))).all():
+        raise RunError(f"{cnn_dir}: the folds' OOF rows do not cover the dataset once; delete {cnn_dir} and rerun")
+    path = run_dir / "artifacts" / "oof_cnn.csv"
+    write_oof(path, table, oof[PROB_COLUMNS].to_numpy())
+    return pd.read_csv(path)
+
+
+def cnn_stage(run) -> None:
+    run_cnn(run.cfg, run.dir, run.table, run.images, run.log)
 
 
 def training_throughput(run_dir: Path, folds: int) -> float:
@@ -193,11 +229,11 @@ def training_throughput(run_dir: Path, folds: int) -> float:
     return float(np.mean(rates)) if rates else math.nan
 
 
-def export_cnn(run) -> None:
+def export_stage(run) -> None:
     """The fold models, averaged in one ONNX graph: cnn/cnn.onnx, parity-checked on real images."""
     from training.export import export_onnx
 
     members = [load_fold_model(run.dir / "cnn", k) for k in range(run.cfg.folds)]
     rng = np.random.default_rng(run.cfg.seed)
     idx = np.sort(rng.choice(len(run.table), size=min(32, len(run.table)), replace=False))
-    export_onnx(members, image_spec(run.cfg), run.images[idx], run.dir / "cnn" / "cnn.onnx", log=run.log)
+    export_onnx(members, run.cfg.image_spec(), run.images[idx], run.dir / "cnn" / "cnn.onnx", log=run.log)

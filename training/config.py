@@ -1,13 +1,23 @@
-"""Run configuration: presets plus command-line overrides, saved in RUN_DIR/config.json."""
+"""Run configuration: presets plus command-line overrides, saved in RUN_DIR/config.json.
+
+Also the names of the models a run trains: the CNN, the chosen boosters, the soft vote and
+the stack. The bundle's manifest carries this roster to the service.
+"""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Literal
 
-from pydantic import BaseModel
+from pydantic import BaseModel, Field, ValidationError, field_validator
 
+from service.core.preprocess import ImageSpec
+from training.errors import ConfigMismatch
 from training.io import atomic_write_text
+
+CNN, SOFT_VOTE, STACK = "cnn", "soft_vote", "stack"
+ALL_BOOSTERS = ["xgboost", "lightgbm", "catboost"]  # training.boosters.BOOSTERS implements each
 
 PRESETS: dict[str, dict] = {
     # about a minute on the 2,118-image sample on 2 CPU cores: for tests, proves the plumbing
@@ -22,34 +32,78 @@ PRESETS: dict[str, dict] = {
 class RunConfig(BaseModel):
     data_dir: str
     preset: str = "cpu"
-    folds: int = 5
+    folds: int = Field(5, ge=3, description="at least 3: each booster picks its rounds on an inner fold")
     epochs: int = 10
     image_size: int = 128  # width; height is 3/4 of it (HAM10000's aspect ratio)
     batch_size: int = 64
     lr: float = 2e-3
     weights: str = "none"  # imagenet | none | PATH
+    precision: Literal["bf16", "fp32"] = "bf16"  # training autocast; evaluation is always fp32
+    boosters: list[str] = ALL_BOOSTERS
     booster_rounds: int = 600
     bootstrap: int = 200
     seed: int = 42
     workers: int = 2
 
+    @field_validator("boosters", mode="before")
+    @classmethod
+    def _known_boosters(cls, v: object) -> list[str]:
+        names = [s.strip() for s in v.split(",")] if isinstance(v, str) else list(v)  # type: ignore[call-overload]
+        unknown = [n for n in names if n not in ALL_BOOSTERS]
+        if unknown or not names:
+            raise ValueError(
+                f"boosters must be a non-empty subset of {', '.join(ALL_BOOSTERS)}; got {unknown or names}"
+            )
+        return [b for b in ALL_BOOSTERS if b in names]  # one canonical order
+
     @property
     def image_height(self) -> int:
         return self.image_size * 3 // 4
 
-    # settings that change results: a resumed run must agree on them
+    def image_spec(self) -> ImageSpec:
+        """The CNN's input size and normalisation, as the bundle's manifest records it."""
+        return ImageSpec(width=self.image_size, height=self.image_height)
+
+    @property
+    def level1(self) -> list[str]:
+        """Models the soft vote averages and the stack stacks, in order."""
+        return [CNN, *self.boosters]
+
+    @property
+    def components(self) -> list[str]:
+        """Every model with out-of-fold predictions and a report row."""
+        return [*self.level1, SOFT_VOTE, STACK]
+
     def fingerprint(self) -> dict:
+        """Settings that change results: a resumed run must agree on them."""
         return self.model_dump(exclude={"workers", "data_dir", "bootstrap"})
 
 
+def native_precision() -> str:
+    """bf16 where the hardware computes it natively (CUDA, or a CPU with AVX-512-BF16 or AMX), else fp32.
+
+    Emulated bf16 is slow: on an AVX2-only CPU a bf16 training step measured about 10x slower than
+    fp32, while an AVX-512-BF16 CPU ran bf16 1.9x faster (`python -m benchmarks.bench_precision`)."""
+    import torch
+
+    if torch.cuda.is_available():
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")  # private helpers of torch.cpu
+    return "bf16" if any(getattr(torch.cpu, c, lambda: False)() for c in checks) else "fp32"
+
+
 def make_config(preset: str, data_dir: str, **overrides) -> RunConfig:
+    """A preset plus explicit overrides; precision "auto" (or none given) becomes `native_precision()`."""
     values = dict(PRESETS[preset], preset=preset, data_dir=str(data_dir))
     values.update({k: v for k, v in overrides.items() if v is not None})
-    return RunConfig(**values)
-
-
-class ConfigMismatch(ValueError):
-    """The run directory and the command disagree (settings, or stages run out of order)."""
+    if values.get("precision", "auto") == "auto":
+        values["precision"] = native_precision()
+    try:
+        return RunConfig(**values)
+    except ValidationError as exc:
+        e = exc.errors()[0]
+        option = "--" + "-".join(str(p) for p in e["loc"]).replace("_", "-")
+        raise ConfigMismatch(f"{option}: {e['msg'].removeprefix('Value error, ')}") from None
 
 
 def save_or_check(cfg: RunConfig, run_dir: Path) -> None:

@@ -11,17 +11,14 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from service import labels
-from service.features import ClinicalMetadata
-from service.preprocess import ImageError, ImageSpec, load_for_model
+from service.core import labels
+from service.core.metadata import ClinicalMetadata
+from service.core.preprocess import ImageError, ImageSpec, load_for_model
+from training.errors import DataError
 
 REQUIRED_COLUMNS = ["lesion_id", "image_id", "dx", "age", "sex", "localization"]
 METADATA_NAME = "HAM10000_metadata.csv"
 IMAGE_RE = re.compile(r"^(isic_\d+)\.(jpe?g|png)$", re.IGNORECASE)
-
-
-class DataError(ValueError):
-    """Bad input data; the message names the file (and row) and what is wrong."""
 
 
 @dataclass

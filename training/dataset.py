@@ -1,7 +1,7 @@
 """Torch datasets over the decoded image cache.
 
 Training batches are augmented uint8 images; evaluation batches are the cached images
-untouched. Both are normalised by `service.preprocess.to_model_input`, the service's code.
+untouched. Both are normalised by `service.core.preprocess.to_model_input`, the service's code.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import torch
 from torch.utils.data import Dataset
 from torchvision.transforms import v2
 
-from service.preprocess import ImageSpec, to_model_input
+from service.core.preprocess import ImageSpec, to_model_input
 
 
 def train_transforms() -> v2.Compose:

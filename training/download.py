@@ -13,14 +13,12 @@ from pathlib import Path
 import httpx
 from tqdm import tqdm
 
+from training.errors import DownloadError
+
 DATAVERSE_URL = "https://dataverse.harvard.edu"
 DOI = "doi:10.7910/DVN/DBW86T"
 WANTED = ["HAM10000_images_part_1.zip", "HAM10000_images_part_2.zip", "HAM10000_metadata"]
 METADATA_SHA256 = "06aee5e603d313ba69de38263053c792a1dff030eb9c44a96ceb477ceefb99a5"
-
-
-class DownloadError(RuntimeError):
-    pass
 
 
 def _digest(path: Path, algo: str) -> str:

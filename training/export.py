@@ -8,15 +8,13 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
-from service.preprocess import ImageSpec, to_model_input
+from service.core.preprocess import ImageSpec, to_model_input
+from training.errors import ExportError
 from training.io import atomic_write
 from training.models import FoldEnsemble
 
 PARITY_TOLERANCE = 1e-4
-
-
-class ExportError(RuntimeError):
-    pass
+INPUT_NAME, OUTPUT_NAME = "image", "probabilities"
 
 
 def export_onnx(members: list[torch.nn.Module], spec: ImageSpec, images: np.ndarray, out: Path, log=print) -> float:
@@ -37,14 +35,14 @@ def export_onnx(members: list[torch.nn.Module], spec: ImageSpec, images: np.ndar
             model,
             (x[:2],),
             str(tmp),
-            input_names=["image"],
-            output_names=["probabilities"],
-            dynamic_axes={"image": {0: "batch"}, "probabilities": {0: "batch"}},
+            input_names=[INPUT_NAME],
+            output_names=[OUTPUT_NAME],
+            dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
             opset_version=17,
             dynamo=False,
         )
         session = ort.InferenceSession(str(tmp), providers=["CPUExecutionProvider"])
-        got = session.run(["probabilities"], {"image": x.numpy()})[0]
+        got = session.run([OUTPUT_NAME], {INPUT_NAME: x.numpy()})[0]
         diff = float(np.abs(got - expected).max())
         if not diff <= PARITY_TOLERANCE:
             raise ExportError(f"onnxruntime differs from torch by {diff:.2e} (> {PARITY_TOLERANCE}) on real images")

@@ -7,6 +7,7 @@ from pathlib import Path
 import pandas as pd
 from sklearn.model_selection import StratifiedGroupKFold
 
+from training.errors import ConfigMismatch
 from training.io import atomic_write_csv
 
 
@@ -28,7 +29,7 @@ def ensure_folds(table: pd.DataFrame, run_dir: Path, n_folds: int, seed: int, lo
     if path.exists():
         folds = pd.read_csv(path)
         if set(folds.image_id) != set(table.image_id):
-            raise ValueError(f"{path} was made for different images; use a new --out")
+            raise ConfigMismatch(f"{path} was made for different images; use a new --out")
         log(f"folds: reusing {path}")
     else:
         folds = make_folds(table, n_folds, seed)

@@ -1,4 +1,7 @@
-"""Atomic writes: every stage output appears whole or not at all, so a killed run resumes cleanly."""
+"""Atomic writes, and the out-of-fold table layout every stage writes and reads.
+
+Every stage output appears whole or not at all, so a killed run resumes cleanly.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +10,13 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
+
+from service.core import labels
+
+PROB_COLUMNS = [f"p_{c}" for c in labels.CLASSES]
+"""An OOF table: image_id, fold, then one probability column per class."""
 
 
 def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
@@ -31,3 +40,9 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 def atomic_write_csv(path: Path, df: pd.DataFrame) -> None:
     atomic_write(path, lambda p: df.to_csv(p, index=False, float_format="%.8g"))
+
+
+def write_oof(path: Path, table: pd.DataFrame, probs: np.ndarray) -> None:
+    """artifacts/oof_<model>.csv: the run table's image_id and fold beside each row's probabilities."""
+    ids = table[["image_id", "fold"]].reset_index(drop=True)
+    atomic_write_csv(path, pd.concat([ids, pd.DataFrame(probs, columns=PROB_COLUMNS)], axis=1))

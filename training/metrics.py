@@ -18,7 +18,7 @@ from sklearn.metrics import (
     roc_curve,
 )
 
-from service import labels
+from service.core import labels
 
 MALIGNANT_IDX = [labels.CLASSES.index(c) for c in labels.MALIGNANT_CLASSES]
 

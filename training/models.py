@@ -8,11 +8,9 @@ import torch
 from torch import nn
 from torchvision.models import ResNet18_Weights, resnet18
 
+from training.errors import WeightsError
+
 IMAGENET_URL = ResNet18_Weights.IMAGENET1K_V1.url
-
-
-class WeightsError(RuntimeError):
-    pass
 
 
 def load_imagenet_state(url: str) -> dict:

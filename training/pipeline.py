@@ -12,25 +12,28 @@ RUN_DIR/
 
 from __future__ import annotations
 
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from training.config import ConfigMismatch, RunConfig, save_or_check
+from training.config import SOFT_VOTE, STACK, RunConfig, save_or_check
 from training.data import Dataset, decode_all, load_dataset
-from training.folds import ensure_folds
-
-STAGES = ["folds", "cnn", "export", "boosters", "stack", "report", "bundle"]
+from training.errors import ConfigMismatch
+from training.folds import ensure_folds, folds_path
 
 
 class Run:
     """A run directory plus what its stages share, loaded on first use."""
 
-    def __init__(self, cfg: RunConfig, run_dir: Path, precision: str = "bf16", log=print) -> None:
-        self.cfg, self.dir, self.precision, self.log = cfg, Path(run_dir), precision, log
+    def __init__(self, cfg: RunConfig, run_dir: Path, log=print) -> None:
+        self.cfg, self.dir, self.log = cfg, Path(run_dir), log
         self.artifacts = self.dir / "artifacts"
+        self.models = self.dir / "models"
 
     @cached_property
     def dataset(self) -> Dataset:
@@ -43,77 +46,79 @@ class Run:
 
     @cached_property
     def images(self) -> np.ndarray:
-        from training.cnn import image_spec
-
-        return decode_all(list(self.table.path), image_spec(self.cfg))
+        return decode_all(list(self.table.path), self.cfg.image_spec())
 
     def oof(self, model: str) -> pd.DataFrame:
         oof = pd.read_csv(self.artifacts / f"oof_{model}.csv")
         if not (oof.image_id.to_numpy() == self.table.image_id.to_numpy()).all():
-            raise ValueError(f"oof_{model}.csv rows do not match the dataset; use a new --out")
+            raise ConfigMismatch(f"oof_{model}.csv rows do not match the dataset; use a new --out")
         return oof
 
 
-def stage_done(run: Run, stage: str) -> bool:
-    from training.boosters import BOOSTERS
+def lazy(module: str, function: str) -> Callable[[Run], None]:
+    """A stage function imported only when the stage runs (torch is loaded by the stages that need it)."""
 
-    a = run.artifacts
-    outputs = {
-        "folds": [a / "folds.csv"],
-        "cnn": [a / "oof_cnn.csv"],
-        "export": [run.dir / "cnn" / "cnn.onnx"],
-        "boosters": [a / f"oof_{m}.csv" for m in BOOSTERS] + [run.dir / "models" / f"{m}.pkl" for m in BOOSTERS],
-        "stack": [a / "oof_soft_vote.csv", a / "oof_stack.csv", run.dir / "models" / "stack.pkl"],
-        "report": [a / "report.json", a / "report.md"],
-        "bundle": [run.dir / "bundle" / "manifest.json"],
-    }[stage]
-    return all(p.exists() for p in outputs)
+    def call(run: Run) -> None:
+        getattr(importlib.import_module(module), function)(run)
+
+    return call
 
 
-def run_stage(run: Run, stage: str) -> None:
-    if stage == "folds":
-        run.table  # noqa: B018 - creates folds.csv
-    elif stage == "cnn":
-        from training.cnn import run_cnn
-
-        run_cnn(run.cfg, run.dir, run.table, run.images, run.precision, run.log)
-    elif stage == "export":
-        from training.cnn import export_cnn
-
-        export_cnn(run)
-    elif stage == "boosters":
-        from training.boosters import run_boosters
-
-        run_boosters(run)
-    elif stage == "stack":
-        from training.stacking import run_stacking
-
-        run_stacking(run)
-    elif stage == "report":
-        from training.report import write_report
-
-        write_report(run)
-    elif stage == "bundle":
-        from training.bundle import write_bundle
-
-        write_bundle(run)
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    outputs: Callable[[Run], list[Path]]  # all exist <=> the stage is done
+    run: Callable[[Run], None]
 
 
-def run_pipeline(cfg: RunConfig, run_dir: Path, stages: list[str], precision: str = "bf16", log=print) -> Run:
+def make_folds_stage(run: Run) -> None:
+    run.table  # noqa: B018 - creates folds.csv
+
+
+STAGES: list[Stage] = [
+    Stage("folds", lambda r: [folds_path(r.dir)], make_folds_stage),
+    Stage("cnn", lambda r: [r.artifacts / "oof_cnn.csv"], lazy("training.cnn", "cnn_stage")),
+    Stage("export", lambda r: [r.dir / "cnn" / "cnn.onnx"], lazy("training.cnn", "export_stage")),
+    Stage(
+        "boosters",
+        lambda r: [p for m in r.cfg.boosters for p in (r.artifacts / f"oof_{m}.csv", r.models / f"{m}.pkl")],
+        lazy("training.boosters", "boosters_stage"),
+    ),
+    Stage(
+        "stack",
+        lambda r: [r.artifacts / f"oof_{SOFT_VOTE}.csv", r.artifacts / f"oof_{STACK}.csv", r.models / f"{STACK}.pkl"],
+        lazy("training.stacking", "stack_stage"),
+    ),
+    Stage(
+        "report",
+        lambda r: [r.artifacts / "report.json", r.artifacts / "report.md"],
+        lazy("training.report", "write_report"),
+    ),
+    Stage("bundle", lambda r: [r.dir / "bundle" / "manifest.json"], lazy("training.bundle", "write_bundle")),
+]
+STAGE_NAMES = [s.name for s in STAGES]
+
+
+def stage_done(run: Run, stage: Stage) -> bool:
+    return all(p.exists() for p in stage.outputs(run))
+
+
+def run_pipeline(cfg: RunConfig, run_dir: Path, stages: list[str], log=print) -> Run:
+    """Run the named stages in order, skipping finished ones; earlier stages must be done."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     save_or_check(cfg, run_dir)
-    run = Run(cfg, run_dir, precision, log)
-    first = STAGES.index(stages[0])
-    missing = [s for s in STAGES[1:first] if not stage_done(run, s)]  # folds are made on demand
+    run = Run(cfg, run_dir, log)
+    first = STAGE_NAMES.index(stages[0])
+    missing = [s.name for s in STAGES[1:first] if not stage_done(run, s)]  # folds are made on demand
     if missing:
         raise ConfigMismatch(
             f"stage {stages[0]} needs {', '.join(missing)} first; run `python -m training run` instead"
         )
-    for stage in stages:
+    for stage in (s for s in STAGES if s.name in stages):
         if stage_done(run, stage):
-            log(f"[{stage}] already done in {run_dir}, skipping")
+            log(f"[{stage.name}] already done in {run_dir}, skipping")
             continue
-        log(f"[{stage}] running")
-        run_stage(run, stage)
+        log(f"[{stage.name}] running")
+        stage.run(run)
     return run

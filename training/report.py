@@ -13,10 +13,10 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from sklearn.metrics import ConfusionMatrixDisplay, roc_curve  # noqa: E402
 
-from service import labels  # noqa: E402
-from service.predictor import COMPONENTS  # noqa: E402
-from training.cnn import PROB_COLUMNS, training_throughput  # noqa: E402
-from training.io import atomic_write, atomic_write_text  # noqa: E402
+from service.core import labels  # noqa: E402
+from training.cnn import training_throughput  # noqa: E402
+from training.config import CNN, STACK  # noqa: E402
+from training.io import PROB_COLUMNS, atomic_write, atomic_write_text  # noqa: E402
 from training.metrics import with_intervals  # noqa: E402
 
 METRICS = ["bmca", "macro_auc", "malignant_pauc", "malignant_auc", "accuracy", "log_loss", "ece"]
@@ -111,8 +111,10 @@ def plot_reliability(y, model_probs, path, n_bins: int = 10) -> None:
 
 def write_report(run) -> dict:
     y = run.table.label.to_numpy()
-    model_probs = {m: run.oof(m)[PROB_COLUMNS].to_numpy() for m in COMPONENTS}
-    report = with_intervals(y, model_probs, run.table.lesion_id.to_numpy(), run.cfg.bootstrap, run.cfg.seed)
+    model_probs = {m: run.oof(m)[PROB_COLUMNS].to_numpy() for m in run.cfg.components}
+    report = with_intervals(
+        y, model_probs, run.table.lesion_id.to_numpy(), run.cfg.bootstrap, run.cfg.seed, paired=(STACK, CNN)
+    )
     report["data"] = {
         "data_dir": run.cfg.data_dir,
         "images": len(y),
@@ -127,9 +129,9 @@ def write_report(run) -> dict:
     atomic_write_text(run.artifacts / "report.json", json.dumps(report, indent=2))
     atomic_write_text(run.artifacts / "report.md", markdown(report))
     plots = run.artifacts / "plots"
-    plot_roc(y, model_probs["stack"], "ROC per class: stack (OOF)", plots / "roc_stack.png")
-    plot_roc(y, model_probs["cnn"], "ROC per class: CNN (OOF)", plots / "roc_cnn.png")
-    plot_confusion(y, model_probs["stack"], "Confusion (row-normalised): stack", plots / "confusion_stack.png")
+    plot_roc(y, model_probs[STACK], "ROC per class: stack (OOF)", plots / "roc_stack.png")
+    plot_roc(y, model_probs[CNN], "ROC per class: CNN (OOF)", plots / "roc_cnn.png")
+    plot_confusion(y, model_probs[STACK], "Confusion (row-normalised): stack", plots / "confusion_stack.png")
     plot_reliability(y, model_probs, plots / "reliability.png")
     run.log((run.artifacts / "report.md").read_text())
     return report

@@ -10,14 +10,13 @@ from __future__ import annotations
 import pickle
 
 import numpy as np
-import pandas as pd
 from sklearn.linear_model import LogisticRegressionCV
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from service.features import LEVEL1_MODELS, soft_vote, stack_inputs
-from training.cnn import PROB_COLUMNS
-from training.io import atomic_write, atomic_write_csv
+from service.core.features import soft_vote, stack_inputs
+from training.config import SOFT_VOTE, STACK
+from training.io import PROB_COLUMNS, atomic_write, write_oof
 
 
 def make_meta_learner(fold: np.ndarray):
@@ -36,19 +35,17 @@ def make_meta_learner(fold: np.ndarray):
     return make_pipeline(StandardScaler(), lr)
 
 
-def run_stacking(run) -> None:
-    probs = {m: run.oof(m)[PROB_COLUMNS].to_numpy() for m in LEVEL1_MODELS}
+def stack_stage(run) -> None:
+    level1 = run.cfg.level1
+    probs = {m: run.oof(m)[PROB_COLUMNS].to_numpy() for m in level1}
     y, fold = run.table.label.to_numpy(), run.table.fold.to_numpy()
-    z = stack_inputs(probs)
-    stack = np.zeros_like(probs["cnn"])
+    z = stack_inputs(probs, level1)
+    stack = np.zeros_like(probs[level1[0]])
     for k in range(fold.max() + 1):
         meta = make_meta_learner(fold[fold != k]).fit(z[fold != k], y[fold != k])
         stack[fold == k] = meta.predict_proba(z[fold == k])
     final = make_meta_learner(fold).fit(z, y)
-    ids = run.table[["image_id", "fold"]].reset_index(drop=True)
-    for name, p in (("soft_vote", soft_vote(probs)), ("stack", stack)):
-        atomic_write_csv(
-            run.artifacts / f"oof_{name}.csv", pd.concat([ids, pd.DataFrame(p, columns=PROB_COLUMNS)], axis=1)
-        )
-    atomic_write(run.dir / "models" / "stack.pkl", lambda p: p.write_bytes(pickle.dumps(final)))
-    run.log("stack: meta-learner cross-validated on the shared folds and refit on all rows")
+    write_oof(run.artifacts / f"oof_{SOFT_VOTE}.csv", run.table, soft_vote(probs, level1))
+    write_oof(run.artifacts / f"oof_{STACK}.csv", run.table, stack)
+    atomic_write(run.models / f"{STACK}.pkl", lambda p: p.write_bytes(pickle.dumps(final)))
+    run.log(f"stack: meta-learner over {', '.join(level1)}, cross-validated on the shared folds and refit on all rows")

@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image, ImageFilter
 
-from service import labels
+from service.core import labels
 from training.io import atomic_write_csv
 
 # class -> (prior, RGB lesion colour, radius px, border irregularity, texture, mean age, favoured sites)

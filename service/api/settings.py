@@ -8,6 +8,8 @@ from pathlib import Path
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+BATCH_ROUTE = "/predict/batch"
+
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="LESION_")
@@ -26,3 +28,8 @@ class Settings(BaseSettings):
     def intra_op_threads(self) -> int:
         """Split the cores between workers so they do not oversubscribe the CPU."""
         return self.ort_threads or max(1, (os.cpu_count() or 1) // self.workers)
+
+    def max_request_bytes(self, path: str = BATCH_ROUTE) -> int:
+        """The largest body a route accepts: its images plus 1 MiB for the form's other fields."""
+        images = self.max_batch if path == BATCH_ROUTE else 1
+        return self.max_upload_bytes * images + 1024 * 1024

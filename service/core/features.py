@@ -1,41 +1,33 @@
-"""(CNN outputs, image, clinical metadata) -> the level-2 models' inputs. Torch-free.
+"""(CNN outputs, image, clinical metadata) -> the level-2 models' inputs.
 
 This is the single place that defines the boosters' feature vector and the meta-learner's
 input. Training calls it on out-of-fold CNN probabilities; the service calls it on a new
 image's CNN probabilities. The encoder (`FeatureSpec`) is saved in the bundle, so column
-order and category lists cannot drift between the two.
+order, category lists and the accepted metadata cannot drift between the two.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
-from pydantic import BaseModel, Field
+from pydantic import BaseModel
 
-from service import labels
-
-LEVEL1_MODELS = ["cnn", "xgboost", "lightgbm", "catboost"]
-"""Models whose probabilities the soft vote averages and the meta-learner stacks."""
+from service.core import labels
+from service.core.metadata import ClinicalMetadata
 
 EPS = 1e-6
 
 
-class ClinicalMetadata(BaseModel):
-    """One lesion's metadata. Missing values mean unknown."""
-
-    age: float | None = Field(default=None, description="Age in years; null if unknown", examples=[55])
-    sex: str = Field(default="unknown", examples=["male"])
-    site: str = Field(default="unknown", description="Anatomical site (HAM10000 `localization`)", examples=["back"])
-
-
 class FeatureSpec(BaseModel):
-    """The saved encoder: category lists and the resulting column order."""
+    """The saved encoder: category lists, the accepted age range and the resulting column order."""
 
     classes: list[str] = labels.CLASSES
     sexes: list[str] = labels.SEXES
     sites: list[str] = labels.SITES
+    age_min: float = labels.AGE_RANGE[0]
+    age_max: float = labels.AGE_RANGE[1]
 
     @property
     def names(self) -> list[str]:
@@ -47,6 +39,10 @@ class FeatureSpec(BaseModel):
             + [f"img_{stat}_{ch}" for stat in ("mean", "std") for ch in "rgb"]
         )
 
+    def metadata_schema(self) -> dict:
+        """What a client may send, as shown by the API's /model."""
+        return {"age_min": self.age_min, "age_max": self.age_max, "sexes": self.sexes, "sites": self.sites}
+
 
 def image_stats(images: np.ndarray) -> np.ndarray:
     """Per-channel mean and std of uint8 images (N,H,W,3), scaled to [0,1]: (N,6)."""
@@ -55,7 +51,9 @@ def image_stats(images: np.ndarray) -> np.ndarray:
 
 
 def encode_metadata(meta: Sequence[ClinicalMetadata], spec: FeatureSpec) -> np.ndarray:
-    """Age (NaN when missing; 0 is a real age) plus one-hot sex and site: (N, 1+|sexes|+|sites|)."""
+    """Age (NaN when missing; 0 is a real age) plus one-hot sex and site: (N, 1+|sexes|+|sites|).
+
+    `meta` must already be validated against `spec` (`metadata.validate_metadata`)."""
     out = np.zeros((len(meta), 1 + len(spec.sexes) + len(spec.sites)), np.float32)
     for i, m in enumerate(meta):
         out[i, 0] = np.nan if m.age is None or math.isnan(m.age) else m.age
@@ -68,15 +66,16 @@ def build_features(
     cnn_probs: np.ndarray, meta: Sequence[ClinicalMetadata], stats: np.ndarray, spec: FeatureSpec
 ) -> np.ndarray:
     """The boosters' input, columns in `spec.names` order."""
-    x = np.concatenate([cnn_probs.astype(np.float32), encode_metadata(meta, spec), stats.astype(np.float32)], axis=1)
-    assert x.shape[1] == len(spec.names)
-    return x
+    if cnn_probs.shape[1] != len(spec.classes):
+        raise ValueError(f"CNN gives {cnn_probs.shape[1]} classes, the feature encoder expects {len(spec.classes)}")
+    return np.concatenate([cnn_probs.astype(np.float32), encode_metadata(meta, spec), stats.astype(np.float32)], axis=1)
 
 
-def stack_inputs(probs: dict[str, np.ndarray]) -> np.ndarray:
-    """The meta-learner's input: log-probabilities of every level-1 model, side by side."""
-    return np.concatenate([np.log(np.clip(probs[m], EPS, 1.0)) for m in LEVEL1_MODELS], axis=1)
+def stack_inputs(probs: Mapping[str, np.ndarray], level1: Sequence[str]) -> np.ndarray:
+    """The meta-learner's input: log-probabilities of the level-1 models, side by side in `level1` order."""
+    return np.concatenate([np.log(np.clip(probs[m], EPS, 1.0)) for m in level1], axis=1)
 
 
-def soft_vote(probs: dict[str, np.ndarray]) -> np.ndarray:
-    return np.mean([probs[m] for m in LEVEL1_MODELS], axis=0)
+def soft_vote(probs: Mapping[str, np.ndarray], level1: Sequence[str]) -> np.ndarray:
+    """The level-1 models' probabilities averaged."""
+    return np.mean([probs[m] for m in level1], axis=0)

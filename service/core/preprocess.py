@@ -18,12 +18,15 @@ ALLOWED_FORMATS = {"JPEG", "PNG"}
 
 
 class ImageError(ValueError):
-    """The bytes are not an image this system accepts; the message says why, for a person.
-    `status` is the HTTP status the service answers with."""
+    """The bytes are not an image this system accepts; the message says why, for a person."""
 
-    def __init__(self, message: str, status: int = 400) -> None:
-        super().__init__(message)
-        self.status = status
+
+class UnsupportedImageError(ImageError):
+    """A readable image in a format other than JPEG or PNG."""
+
+
+class ImageTooLargeError(ImageError):
+    """More pixels than the configured limit."""
 
 
 class ImageSpec(BaseModel):
@@ -45,22 +48,21 @@ def decode_image(data: bytes, max_pixels: int = 40_000_000) -> Image.Image:
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             img = Image.open(io.BytesIO(data))
             if img.format not in ALLOWED_FORMATS:
-                raise ImageError(f"unsupported image format {img.format}; send a JPEG or PNG", status=415)
+                raise UnsupportedImageError(f"unsupported image format {img.format}; send a JPEG or PNG")
             if img.width * img.height > max_pixels:
-                raise ImageError(
-                    f"image is {img.width}x{img.height} pixels, over the limit of {max_pixels} pixels", status=413
+                raise ImageTooLargeError(
+                    f"image is {img.width}x{img.height} pixels, over the limit of {max_pixels} pixels"
                 )
             img.load()
     except ImageError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise ImageError(f"image has too many pixels: {exc}", status=413) from None
+        raise ImageTooLargeError(f"image has too many pixels: {exc}") from None
     except UnidentifiedImageError:
         raise ImageError("the file is not a readable image; send a JPEG or PNG") from None
     except (OSError, SyntaxError, ValueError) as exc:
         raise ImageError(f"the image is truncated or corrupt ({exc})") from None
-    img = ImageOps.exif_transpose(img)
-    return img.convert("RGB")
+    return ImageOps.exif_transpose(img).convert("RGB")
 
 
 def resize_for_model(img: Image.Image, spec: ImageSpec) -> np.ndarray:
@@ -88,6 +90,6 @@ def load_for_model(data: bytes, spec: ImageSpec, max_pixels: int = 40_000_000) -
 
 def to_model_input(images: np.ndarray, spec: ImageSpec) -> np.ndarray:
     """uint8 images (N,H,W,3) to normalised float32 CNN input (N,3,H,W)."""
-    x = images.astype(np.float32) / 255.0
-    x = (x - np.asarray(spec.mean, np.float32)) / np.asarray(spec.std, np.float32)
-    return np.ascontiguousarray(x.transpose(0, 3, 1, 2))
+    scaled = images.astype(np.float32) / np.float32(255.0)
+    x = (scaled - np.asarray(spec.mean, np.float32)) / np.asarray(spec.std, np.float32)
+    return np.ascontiguousarray(x.transpose(0, 3, 1, 2), dtype=np.float32)

@@ -1,0 +1,57 @@
+"""Every error a client can cause becomes a JSON body {detail, request_id} with a 4xx status."""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI, HTTPException, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+
+from service.core.metadata import MetadataError
+from service.core.preprocess import ImageError, ImageTooLargeError, UnsupportedImageError
+
+log = logging.getLogger("service")
+
+
+def error_response(status: int, detail: str, request_id: str | None) -> JSONResponse:
+    return JSONResponse({"detail": detail, "request_id": request_id}, status_code=status)
+
+
+def request_id(request: Request) -> str | None:
+    return getattr(request.state, "request_id", None)
+
+
+def image_status(exc: ImageError) -> int:
+    if isinstance(exc, UnsupportedImageError):
+        return 415
+    if isinstance(exc, ImageTooLargeError):
+        return 413
+    return 400
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
+        return error_response(exc.status_code, str(exc.detail), request_id(request))
+
+    @app.exception_handler(MetadataError)
+    async def metadata_error(request: Request, exc: MetadataError) -> JSONResponse:
+        return error_response(422, str(exc), request_id(request))
+
+    @app.exception_handler(ImageError)
+    async def image_error(request: Request, exc: ImageError) -> JSONResponse:
+        return error_response(image_status(exc), str(exc), request_id(request))
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        parts = []
+        for e in exc.errors():
+            where = ".".join(str(p) for p in e["loc"][1:]) or "request"
+            parts.append(f"missing form field '{where}'" if e["type"] == "missing" else f"{where}: {e['msg']}")
+        return error_response(422, "; ".join(parts), request_id(request))
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unexpected error, request id %s", request_id(request))
+        return error_response(500, "internal error; the request id is in the logs", request_id(request))

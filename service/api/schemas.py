@@ -1,0 +1,129 @@
+"""Response models of the HTTP API (shown in /docs). Model names come from the bundle."""
+
+from __future__ import annotations
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+
+from service.core.manifest import Manifest
+from service.core.predictor import Prediction
+
+NOTICE = (
+    "Research use only. Not a medical device and not a diagnosis: a dermatologist must assess any lesion of concern."
+)
+
+
+class ModelRef(BaseModel):
+    bundle_id: str
+    created_at: str
+
+    @classmethod
+    def of(cls, manifest: Manifest) -> ModelRef:
+        return cls(bundle_id=manifest.bundle_id, created_at=manifest.created_at)
+
+
+class PredictionFields(BaseModel):
+    label: str = Field(description="predicted class (dx code), argmax of the served model")
+    label_name: str
+    probabilities: dict[str, float] = Field(description="class -> probability, from the served model")
+    malignant_probability: float = Field(description="sum of the malignant classes' probabilities")
+    served_by: str = Field(description="the component whose probabilities are the answer")
+    components: dict[str, dict[str, float]] = Field(description="model -> class probabilities, every model")
+
+    @classmethod
+    def from_prediction(cls, pred: Prediction, manifest: Manifest, **extra) -> PredictionFields:
+        classes = manifest.classes
+
+        def as_dict(p: np.ndarray) -> dict[str, float]:
+            return {c: float(v) for c, v in zip(classes, p)}
+
+        probs = as_dict(pred.probabilities)
+        label = classes[int(np.argmax(pred.probabilities))]
+        return cls(
+            label=label,
+            label_name=manifest.class_names[label],
+            probabilities=probs,
+            malignant_probability=float(sum(probs[c] for c in manifest.malignant_classes)),
+            served_by=pred.served,
+            components={name: as_dict(pred.components[name]) for name in manifest.components},
+            **extra,
+        )
+
+
+class PredictResponse(PredictionFields):
+    model: ModelRef
+    request_id: str
+    notice: str = NOTICE
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "example": {
+                "label": "nv",
+                "label_name": "Melanocytic nevus",
+                "probabilities": {
+                    "akiec": 0.01,
+                    "bcc": 0.02,
+                    "bkl": 0.05,
+                    "df": 0.01,
+                    "mel": 0.08,
+                    "nv": 0.82,
+                    "vasc": 0.01,
+                },
+                "malignant_probability": 0.11,
+                "served_by": "<the served model, see GET /model>",
+                "components": {"<each model of GET /model's components>": {"nv": 0.82, "...": 0.18}},
+                "model": {
+                    "bundle_id": "ham-resnet18-20261126T140221Z-868d4c7e",
+                    "created_at": "2026-11-26T14:02:21+00:00",
+                },
+                "request_id": "3f2a0c7e9b1d4c55",
+                "notice": NOTICE,
+            }
+        }
+    )
+
+
+class BatchItem(PredictionFields):
+    filename: str | None
+
+
+class BatchResponse(BaseModel):
+    predictions: list[BatchItem] = Field(description="one per image, in request order")
+    model: ModelRef
+    request_id: str
+    notice: str = NOTICE
+
+
+class ErrorResponse(BaseModel):
+    detail: str = Field(description="what is wrong, for a person")
+    request_id: str | None = None
+
+
+class ModelInfo(BaseModel):
+    bundle_id: str
+    created_at: str
+    classes: list[str]
+    class_names: dict[str, str]
+    malignant_classes: list[str]
+    metadata_schema: dict = Field(description="what the metadata field may hold: age range, sexes, sites")
+    preprocessing: dict
+    components: list[str] = Field(description="every model a prediction reports, in order")
+    served_by: str
+    metrics: dict = Field(description="cross-validated (out-of-fold) metrics per model")
+    training: dict
+
+    @classmethod
+    def of(cls, m: Manifest) -> ModelInfo:
+        return cls(
+            bundle_id=m.bundle_id,
+            created_at=m.created_at,
+            classes=m.classes,
+            class_names=m.class_names,
+            malignant_classes=m.malignant_classes,
+            metadata_schema=m.features.metadata_schema(),
+            preprocessing=m.preprocessing.model_dump(),
+            components=m.components,
+            served_by=m.served,
+            metrics=m.metrics,
+            training=m.training,
+        )

@@ -1,0 +1,86 @@
+"""The bundle's manifest: one schema, written by training and read by the service.
+
+It is the only roster of models: which level-1 models feed the soft vote and the stack (in
+order), which file holds each one, the ONNX graph's input/output names, the metadata encoder,
+and which libraries each file needs. Serving code reads every model name from here.
+"""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, Field, model_validator
+
+from service.core.features import FeatureSpec
+from service.core.preprocess import ImageSpec
+
+FORMAT_VERSION = 2
+MANIFEST_NAME = "manifest.json"
+
+
+class ModelFile(BaseModel):
+    name: str = Field(description="the model's name in responses, metrics and reports")
+    file: str = Field(description="file inside the bundle folder")
+    libraries: list[str] = Field(description="Python distributions needed to load the file")
+
+
+class CnnModel(ModelFile):
+    input_name: str = Field(description="ONNX input: normalised float32 images, NCHW")
+    output_name: str = Field(description="ONNX output: class probabilities")
+    members: int = Field(description="fold models averaged inside the graph")
+    architecture: str
+    training_precision: str = Field(description="autocast used while training (inference is fp32)")
+
+
+class Manifest(BaseModel):
+    format_version: int = FORMAT_VERSION
+    bundle_id: str
+    created_at: str
+    classes: list[str]
+    class_names: dict[str, str]
+    malignant_classes: list[str]
+    preprocessing: ImageSpec
+    features: FeatureSpec = Field(description="the feature encoder; also the metadata a request may carry")
+    cnn: CnnModel
+    boosters: list[ModelFile] = Field(description="level-1 models on features, in the order the stack reads them")
+    soft_vote: str = Field(description="name of the level-1 models' average")
+    stack: ModelFile = Field(description="the meta-learner over the level-1 models' log-probabilities")
+    served: str = Field(description="the component whose probabilities are the answer")
+    files: dict[str, str] = Field(description="file name -> sha256, every file of the bundle but this manifest")
+    library_versions: dict[str, str] = Field(description="versions of the libraries the models need, as written")
+    metrics: dict = Field(default_factory=dict, description="cross-validated metrics from report.json")
+    training: dict = Field(default_factory=dict, description="run configuration and data summary")
+
+    @property
+    def level1(self) -> list[str]:
+        """Models whose probabilities the soft vote averages and the stack stacks, in order."""
+        return [self.cnn.name] + [b.name for b in self.boosters]
+
+    @property
+    def components(self) -> list[str]:
+        """Every model a prediction reports, in order."""
+        return self.level1 + [self.soft_vote, self.stack.name]
+
+    @property
+    def model_files(self) -> list[ModelFile]:
+        return [self.cnn, *self.boosters, self.stack]
+
+    @property
+    def required_libraries(self) -> list[str]:
+        return sorted({lib for m in self.model_files for lib in m.libraries})
+
+    @model_validator(mode="after")
+    def _roster_is_consistent(self) -> Manifest:
+        names = self.components
+        if len(set(names)) != len(names):
+            raise ValueError(f"model names repeat: {names}")
+        if self.served not in names:
+            raise ValueError(f"served model {self.served!r} is not one of {names}")
+        for m in self.model_files:
+            if m.file not in self.files:
+                raise ValueError(f"model {m.name!r} file {m.file!r} is not among the hashed files")
+        for f in self.files:
+            if not f or f in (".", "..") or "/" in f or "\\" in f or f == MANIFEST_NAME:
+                raise ValueError(f"file name {f!r} is not a plain name inside the bundle")
+        missing = [lib for lib in self.required_libraries if lib not in self.library_versions]
+        if missing:
+            raise ValueError(f"library_versions lacks {missing}")
+        return self

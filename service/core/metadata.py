@@ -1,0 +1,130 @@
+"""Clinical metadata as people send it -> validated `ClinicalMetadata`, or a `MetadataError` for people.
+
+The coercion policy, the same for the API, the client and offline `Predictor` users:
+- every key is optional; a missing key, `null` or `""` means unknown;
+- `age`: years as a JSON number or a numeric string ("55"); booleans, NaN and infinity are refused;
+  it must lie inside the bundle's age range;
+- `sex`, `site`: strings, case-insensitive, surrounding spaces ignored, `_` read as a space, and
+  one of the bundle's values; `localization` (HAM10000's column name) is accepted for `site`;
+- any other key is refused, naming the allowed ones.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+if TYPE_CHECKING:
+    from service.core.features import FeatureSpec
+
+EXAMPLE = '{"age": 55, "sex": "male", "site": "back"}'
+
+
+class MetadataError(ValueError):
+    """The metadata cannot be used; the message says why, for a person."""
+
+
+class ClinicalMetadata(BaseModel):
+    """One lesion's validated metadata. `None` / "unknown" mean unknown."""
+
+    age: float | None = Field(default=None, description="Age in years; null if unknown", examples=[55])
+    sex: str = Field(default="unknown", examples=["male"])
+    site: str = Field(default="unknown", description="Anatomical site (HAM10000 `localization`)", examples=["back"])
+
+
+class MetadataIn(BaseModel):
+    """The metadata object a client sends (before the bundle's vocabulary is checked)."""
+
+    model_config = ConfigDict(extra="forbid")
+    age: float | None = Field(None, allow_inf_nan=False, description="years", examples=[55])
+    sex: str | None = Field(None, examples=["male"])
+    site: str | None = Field(
+        None,
+        validation_alias=AliasChoices("site", "localization"),
+        description="anatomical site; `localization` is accepted too",
+        examples=["back"],
+    )
+
+    @field_validator("age", mode="before")
+    @classmethod
+    def _age(cls, v: Any) -> Any:
+        if isinstance(v, bool):
+            raise ValueError("must be a number of years, not true/false")
+        if isinstance(v, str) and not v.strip():
+            return None
+        return v
+
+    @field_validator("sex", "site", mode="before")
+    @classmethod
+    def _text(cls, v: Any) -> Any:
+        if v is not None and not isinstance(v, str):
+            raise ValueError("must be a string")
+        return v
+
+
+def _normalise(value: str | None) -> str:
+    value = (value or "").strip().lower().replace("_", " ")
+    return " ".join(value.split()) or "unknown"
+
+
+def validate_metadata(value: ClinicalMetadata | Mapping[str, Any] | None, spec: FeatureSpec) -> ClinicalMetadata:
+    """Check one lesion's metadata against a bundle's encoder; raises MetadataError."""
+    if value is None:
+        return ClinicalMetadata()
+    if isinstance(value, ClinicalMetadata):
+        value = value.model_dump()
+    if not isinstance(value, Mapping):
+        raise MetadataError(f"metadata must be a JSON object, e.g. {EXAMPLE}")
+    value = dict(value)
+    if "site" in value and "localization" in value:
+        if value["site"] != value.pop("localization"):
+            raise MetadataError("metadata has both 'site' and 'localization' with different values; send one")
+    try:
+        m = MetadataIn.model_validate(value)
+    except ValidationError as exc:
+        e = exc.errors()[0]
+        field = ".".join(str(p) for p in e["loc"])
+        if e["type"] == "extra_forbidden":
+            raise MetadataError(f"unknown metadata field '{field}'; allowed fields: age, sex, site") from None
+        raise MetadataError(f"metadata field '{field}': {e['msg'].removeprefix('Value error, ')}") from None
+    if m.age is not None and not (math.isfinite(m.age) and spec.age_min <= m.age <= spec.age_max):
+        raise MetadataError(f"age {m.age:g} is outside {spec.age_min:g}-{spec.age_max:g}")
+    sex, site = _normalise(m.sex), _normalise(m.site)
+    if sex not in spec.sexes:
+        raise MetadataError(f"sex '{m.sex}' is not allowed; use one of: {', '.join(spec.sexes)}")
+    if site not in spec.sites:
+        raise MetadataError(f"site '{m.site}' is not allowed; use one of: {', '.join(spec.sites)}")
+    return ClinicalMetadata(age=m.age, sex=sex, site=site)
+
+
+def parse_json(raw: str | None) -> Any:
+    """A metadata JSON text parsed; None when absent or blank. Any parse failure is a MetadataError."""
+    if raw is None or not raw.strip():
+        return None
+    try:
+        return json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise MetadataError(
+            f"metadata is not valid JSON ({exc.msg} at position {exc.pos}); send e.g. {EXAMPLE}"
+        ) from None
+    except (ValueError, RecursionError) as exc:  # e.g. an integer of thousands of digits, or nesting too deep
+        raise MetadataError(f"metadata JSON cannot be read ({type(exc).__name__}); send e.g. {EXAMPLE}") from None
+
+
+def metadata_from_json(raw: str | None, spec: FeatureSpec) -> ClinicalMetadata:
+    """The metadata of one image, from JSON text."""
+    return validate_metadata(parse_json(raw), spec)
+
+
+def metadata_list_from_json(raw: str | None, n: int, spec: FeatureSpec) -> list[ClinicalMetadata]:
+    """The metadata of n images, from a JSON list (or nothing: all unknown)."""
+    value = parse_json(raw)
+    if value is None:
+        return [ClinicalMetadata() for _ in range(n)]
+    if not isinstance(value, list) or len(value) != n:
+        raise MetadataError(f"metadata must be a JSON list with one object per image ({n} images)")
+    return [validate_metadata(v, spec) for v in value]

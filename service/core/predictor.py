@@ -1,0 +1,101 @@
+"""Load a model bundle and run the whole stack on (images, metadata). Torch-free.
+
+This is also the offline inference API: `Predictor.load(dir).predict(images, metadata)`.
+"""
+
+from __future__ import annotations
+
+import pickle
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from service.core.bundle import BundleError, bundle_file, read_manifest, verify_bundle
+from service.core.features import build_features, image_stats, soft_vote, stack_inputs
+from service.core.manifest import Manifest
+from service.core.metadata import ClinicalMetadata, validate_metadata
+from service.core.preprocess import to_model_input
+
+MetadataLike = ClinicalMetadata | Mapping[str, Any] | None
+
+
+@dataclass
+class Prediction:
+    components: dict[str, np.ndarray]  # model name -> (C,) probabilities
+    served: str  # the component that is the answer
+
+    @property
+    def probabilities(self) -> np.ndarray:
+        return self.components[self.served]
+
+
+class Predictor:
+    """A loaded bundle. Immutable after `load`, so safe to share across threads."""
+
+    def __init__(self, bundle_dir: Path, manifest: Manifest, session: Any, models: dict[str, Any]) -> None:
+        self.bundle_dir = bundle_dir
+        self.manifest = manifest
+        self.session = session
+        self.models = models
+
+    @classmethod
+    def load(
+        cls, bundle_dir: str | Path, intra_op_threads: int = 0, inter_op_threads: int = 1, verify: bool = True
+    ) -> Predictor:
+        """verify=False only where the caller has just run `verify_bundle` on the same folder."""
+        import onnxruntime as ort
+
+        bundle_dir = Path(bundle_dir)
+        manifest = read_manifest(bundle_dir)
+        if verify:
+            verify_bundle(bundle_dir, manifest)
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = intra_op_threads
+        opts.inter_op_num_threads = inter_op_threads
+        try:
+            session = ort.InferenceSession(
+                str(bundle_file(bundle_dir, manifest.cnn.file)), opts, providers=["CPUExecutionProvider"]
+            )
+        except Exception as exc:  # onnxruntime raises its own exception types
+            raise BundleError(f"cannot load {manifest.cnn.file}: {exc}") from None
+        names = {i.name for i in session.get_inputs()}, {o.name for o in session.get_outputs()}
+        if manifest.cnn.input_name not in names[0] or manifest.cnn.output_name not in names[1]:
+            raise BundleError(
+                f"{manifest.cnn.file} has no input {manifest.cnn.input_name!r} / output {manifest.cnn.output_name!r}"
+            )
+        models = {}
+        for m in [*manifest.boosters, manifest.stack]:
+            with open(bundle_file(bundle_dir, m.file), "rb") as f:
+                models[m.name] = pickle.load(f)  # noqa: S301 - sha256 verified above
+        return cls(bundle_dir, manifest, session, models)
+
+    def cnn_probs(self, images: np.ndarray) -> np.ndarray:
+        """uint8 images (N,H,W,3) -> the CNN's class probabilities (N,C)."""
+        x = to_model_input(images, self.manifest.preprocessing)
+        (probs,) = self.session.run([self.manifest.cnn.output_name], {self.manifest.cnn.input_name: x})
+        return probs.astype(np.float64)
+
+    def predict_components(
+        self, images: np.ndarray, metadata: Sequence[MetadataLike], cnn_probs: np.ndarray | None = None
+    ) -> dict[str, np.ndarray]:
+        """Every model's probabilities for a batch: name -> (N,C). Raises MetadataError for bad metadata."""
+        m = self.manifest
+        if len(metadata) != len(images):
+            raise ValueError(f"{len(images)} images but {len(metadata)} metadata entries")
+        meta = [validate_metadata(v, m.features) for v in metadata]
+        if cnn_probs is None:
+            cnn_probs = self.cnn_probs(images)
+        feats = build_features(cnn_probs, meta, image_stats(images), m.features)
+        probs = {m.cnn.name: cnn_probs}
+        for booster in m.boosters:
+            probs[booster.name] = self.models[booster.name].predict_proba(feats).astype(np.float64)
+        probs[m.soft_vote] = soft_vote(probs, m.level1)
+        probs[m.stack.name] = self.models[m.stack.name].predict_proba(stack_inputs(probs, m.level1)).astype(np.float64)
+        return probs
+
+    def predict(self, images: np.ndarray, metadata: Sequence[MetadataLike]) -> list[Prediction]:
+        comps = self.predict_components(images, metadata)
+        return [Prediction({k: v[i] for k, v in comps.items()}, self.manifest.served) for i in range(len(images))]

@@ -1,0 +1,171 @@
+"""The API in-process (TestClient) on the tiny bundle: wiring, validation, errors, operations routes."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from service.core.preprocess import load_for_model
+from tests.conftest import MAX_PIXELS, MAX_UPLOAD
+from tests.helpers import png, sample_images
+
+
+def offline(predictor, data: bytes, meta: dict) -> dict[str, np.ndarray]:
+    img = load_for_model(data, predictor.manifest.preprocessing)
+    return {k: v[0] for k, v in predictor.predict_components(img[None], [meta]).items()}
+
+
+def assert_same(body: dict, expected: dict[str, np.ndarray], manifest) -> None:
+    assert list(body["components"]) == manifest.components
+    for name in manifest.components:
+        got = np.array([body["components"][name][c] for c in manifest.classes])
+        assert np.abs(got - expected[name]).max() <= 1e-5, name
+    served = np.array([body["probabilities"][c] for c in manifest.classes])
+    assert body["served_by"] == manifest.served and np.abs(served - expected[manifest.served]).max() <= 1e-5
+
+
+def test_predict_answers_what_the_predictor_computes(api, predictor, sample_dir):
+    m = predictor.manifest
+    metas = [dict(age=45, sex="male", site="back"), dict(age=0, sex="female", site="lower extremity"), {}]
+    for path, meta in zip(sample_images(sample_dir), metas):
+        r = api.post(
+            "/predict",
+            files={"image": (path.name, path.read_bytes(), "image/jpeg")},
+            data={"metadata": json.dumps(meta)},
+        )
+        assert r.status_code == 200, r.text
+        body = r.json()
+        expected = offline(predictor, path.read_bytes(), meta)
+        assert_same(body, expected, m)
+        assert body["label"] == m.classes[int(np.argmax(expected[m.served]))]
+        assert body["malignant_probability"] == pytest.approx(
+            sum(body["probabilities"][c] for c in m.malignant_classes)
+        )
+        assert body["model"]["bundle_id"] == m.bundle_id and "Research use" in body["notice"]
+        assert r.headers["x-request-id"] == body["request_id"]
+
+
+def test_metadata_moves_the_boosters_not_the_cnn(api, predictor, sample_dir):
+    jpeg = sample_images(sample_dir)[0].read_bytes()
+
+    def call(meta: str) -> dict:
+        r = api.post("/predict", files={"image": jpeg}, data={"metadata": meta})
+        assert r.status_code == 200, r.text
+        return r.json()["components"]
+
+    a, b = call('{"age": 20, "site": "back"}'), call('{"age": 85, "site": "face"}')
+    cnn = predictor.manifest.cnn.name
+    assert a[cnn] == b[cnn]  # the image alone is the same
+    assert any(a[m.name] != b[m.name] for m in predictor.manifest.boosters)  # the boosters read the metadata
+    # HAM10000's own column name, any case, and underscores are the same site
+    assert call('{"age": 20, "localization": "BACK"}') == a
+    assert call('{"age": 85, "site": " Face "}') == b
+
+
+def test_batch_matches_single_requests(api, predictor, sample_dir):
+    paths = sample_images(sample_dir, 3)
+    metas = [{"age": 30}, {"sex": "female"}, {"site": "trunk", "age": 70}]
+    files = [("images", (p.name, p.read_bytes(), "image/jpeg")) for p in paths]
+    r = api.post("/predict/batch", files=files, data={"metadata": json.dumps(metas)})
+    assert r.status_code == 200, r.text
+    preds = r.json()["predictions"]
+    assert [p["filename"] for p in preds] == [p.name for p in paths]
+    for p, path, meta in zip(preds, paths, metas):
+        assert_same(p, offline(predictor, path.read_bytes(), meta), predictor.manifest)
+
+
+def test_health_model_docs_and_page(api, predictor):
+    m = predictor.manifest
+    assert api.get("/health/live").json() == {"status": "alive"}
+    assert api.get("/health/ready").json()["bundle_id"] == m.bundle_id
+    info = api.get("/model").json()
+    assert info["classes"] == m.classes and info["components"] == m.components and info["served_by"] == m.served
+    assert info["metadata_schema"]["sites"] == m.features.sites and "unknown" in info["metadata_schema"]["sexes"]
+    assert set(info["metrics"]) == set(m.components) and "malignant_pauc" in info["metrics"][m.served]
+    docs = api.get("/docs").text
+    assert "swagger-ui" in docs and "cdn" not in docs.lower()  # the docs page works offline
+    assert api.get("/docs-assets/swagger-ui-bundle.js").status_code == 200
+    spec = api.get("/openapi.json").json()
+    assert {"/predict", "/predict/batch", "/model", "/health/ready"} <= set(spec["paths"])
+    assert "example" in spec["components"]["schemas"]["PredictResponse"]
+    assert "<form" in api.get("/").text
+
+
+def test_metrics_count_this_tests_own_requests(api, sample_dir):
+    def count() -> float:
+        for line in api.get("/metrics").text.splitlines():
+            if line.startswith('lesion_http_requests_total{route="/predict",status="200"}'):
+                return float(line.split()[-1])
+        return 0.0
+
+    before = count()
+    for _ in range(2):
+        assert api.post("/predict", files={"image": sample_images(sample_dir)[0].read_bytes()}).status_code == 200
+    text = api.get("/metrics").text
+    assert count() == before + 2
+    assert "lesion_model_inference_seconds_bucket" in text and "lesion_http_request_seconds_bucket" in text
+
+
+def bad_requests(sample_dir):
+    """(files, form data, status, words the detail must contain)."""
+    jpeg = sample_images(sample_dir)[0].read_bytes()
+    gif = Image.new("RGB", (20, 20))
+    import io
+
+    buf = io.BytesIO()
+    gif.save(buf, "GIF")
+    image = {"image": ("a.jpg", jpeg, "image/jpeg")}
+    return [
+        ({"image": ("a.txt", b"hello, not an image", "text/plain")}, {}, 400, "not a readable image"),
+        ({"image": ("t.jpg", jpeg[: len(jpeg) // 2], "image/jpeg")}, {}, 400, "truncated or corrupt"),
+        ({"image": ("a.gif", buf.getvalue(), "image/gif")}, {}, 415, "unsupported image format GIF"),
+        ({"image": ("big.png", png(1100, 1000, noise=True), "image/png")}, {}, 413, "byte limit"),
+        ({"image": ("bomb.png", png(2000, 1500), "image/png")}, {}, 413, f"over the limit of {MAX_PIXELS} pixels"),
+        ({"image": ("empty.jpg", b"", "image/jpeg")}, {}, 400, "empty"),
+        (image, {"metadata": "{age: 5"}, 422, "not valid JSON"),
+        (image, {"metadata": "[1, 2]"}, 422, "must be a JSON object"),
+        (image, {"metadata": "[" * 100_000}, 422, "cannot be read"),
+        (image, {"metadata": '{"age": ' + "9" * 5000 + "}"}, 422, "cannot be read"),
+        (image, {"metadata": '{"age": 121}'}, 422, "age 121 is outside 0-120"),
+        (image, {"metadata": '{"age": -1}'}, 422, "outside 0-120"),
+        (image, {"metadata": '{"age": "old"}'}, 422, "age"),
+        (image, {"metadata": '{"age": true}'}, 422, "not true/false"),
+        (image, {"metadata": '{"sex": "other"}'}, 422, "use one of: male, female, unknown"),
+        (image, {"metadata": '{"sex": 1}'}, 422, "must be a string"),
+        (image, {"metadata": '{"site": "elbow"}'}, 422, "lower extremity"),
+        (image, {"metadata": '{"site": "back", "localization": "face"}'}, 422, "both 'site' and 'localization'"),
+        (image, {"metadata": '{"height": 180}'}, 422, "unknown metadata field 'height'"),
+        ({"photo": ("a.jpg", jpeg, "image/jpeg")}, {}, 422, "missing form field 'image'"),
+    ]
+
+
+def test_bad_input_gets_a_clear_4xx_with_the_request_id(api, sample_dir):
+    for files, data, status, words in bad_requests(sample_dir):
+        r = api.post("/predict", files=files, data=data)
+        assert r.status_code == status, (words, r.status_code, r.text)
+        assert words in r.json()["detail"] and r.json()["request_id"], (words, r.json())
+    r = api.post("/predict", files={"image": b"x" * (MAX_UPLOAD + 2 * 1024 * 1024)})
+    assert r.status_code == 413 and "byte limit" in r.json()["detail"]
+    jpeg = sample_images(sample_dir)[0].read_bytes()
+    r = api.post("/predict/batch", files=[("images", jpeg)] * 2, data={"metadata": "[{}]"})
+    assert r.status_code == 422 and "one object per image" in r.json()["detail"]
+    assert api.get("/health/ready").status_code == 200  # still serving
+    assert 'status="500"' not in api.get("/metrics").text
+
+
+def test_not_ready_until_loaded_and_api_key(tiny_run, sample_dir, app_factory):
+    from fastapi.testclient import TestClient
+
+    from service.api.app import create_app
+    from service.api.settings import Settings
+
+    unstarted = TestClient(create_app(Settings(bundle=tiny_run / "bundle")))  # lifespan not run: nothing loaded
+    r = unstarted.get("/health/ready")
+    assert r.status_code == 503 and "loading" in r.json()["detail"]
+    client = app_factory(tiny_run / "bundle", api_key="s3cret")
+    jpeg = sample_images(sample_dir)[0].read_bytes()
+    assert client.post("/predict", files={"image": jpeg}).status_code == 401
+    assert client.post("/predict", files={"image": jpeg}, headers={"X-API-Key": "s3cret"}).status_code == 200

@@ -1,0 +1,148 @@
+"""Scenario tier: the real server (uvicorn, `python -m service`) on the bundle trained on the real sample."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import shutil
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+from service.core.predictor import Predictor
+from service.core.preprocess import load_for_model
+from tests.helpers import REPO, free_port, sample_images
+
+pytestmark = pytest.mark.scenario
+
+
+@pytest.fixture(scope="module")
+def smoke_predictor(smoke_run):
+    return Predictor.load(smoke_run / "bundle")
+
+
+def offline_served(predictor, data: bytes, meta: dict) -> np.ndarray:
+    img = load_for_model(data, predictor.manifest.preprocessing)
+    return predictor.predict(img[None], [meta])[0].probabilities
+
+
+def test_http_answers_match_offline_inference(server, smoke_predictor, sample_dir):
+    classes = smoke_predictor.manifest.classes
+    path = sample_images(sample_dir)[1]
+    big = Image.open(path).resize((600, 450), Image.Resampling.BICUBIC)
+    buf = io.BytesIO()
+    big.save(buf, "JPEG", quality=92)
+    for data, meta in ((path.read_bytes(), {"age": 45, "sex": "male", "site": "back"}), (buf.getvalue(), {"age": 60})):
+        r = httpx.post(server + "/predict", files={"image": data}, data={"metadata": json.dumps(meta)}, timeout=30)
+        assert r.status_code == 200, r.text
+        got = np.array([r.json()["probabilities"][c] for c in classes])
+        assert np.abs(got - offline_served(smoke_predictor, data, meta)).max() <= 1e-5
+
+
+def test_concurrent_requests_each_get_their_own_answer(server, sample_dir):
+    paths = sample_images(sample_dir, 4)
+
+    def call(i):
+        p = paths[i % len(paths)]
+        return i % len(paths), httpx.post(server + "/predict", files={"image": p.read_bytes()}, timeout=60).json()[
+            "probabilities"
+        ]
+
+    with ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(call, range(16)))
+    by_image: dict[int, list] = {}
+    for i, probs in results:
+        by_image.setdefault(i, []).append(probs)
+    assert len(by_image) == len(paths)
+    for probs in by_image.values():
+        assert all(p == probs[0] for p in probs)
+    assert len({json.dumps(v[0], sort_keys=True) for v in by_image.values()}) == len(paths)  # different images differ
+
+
+def run_service(bundle) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "service", "--bundle", str(bundle), "--port", str(free_port())],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def edited_copy(bundle, dest, edit) -> None:
+    shutil.copytree(bundle, dest)
+    manifest = json.loads((dest / "manifest.json").read_text())
+    edit(manifest)
+    (dest / "manifest.json").write_text(json.dumps(manifest))
+
+
+@pytest.mark.parametrize(
+    "edit, words",
+    [
+        (lambda m: m["library_versions"].update(xgboost="1.7.6"), "written with xgboost 1.7.6"),
+        (lambda m: m.update(format_version=99), "format_version 99"),
+        (lambda m: m["boosters"][0].update(file="evil.pkl"), "is not among the hashed files"),
+        (lambda m: m["files"].update({"../outside.pkl": "0" * 64}), "is not a plain name"),
+        (lambda m: m.update(served="nonexistent"), "served model 'nonexistent'"),
+        (lambda m: m["library_versions"].pop("catboost"), "library_versions lacks ['catboost']"),
+    ],
+)
+def test_bad_manifests_stop_startup_with_one_line(smoke_run, tmp_path, edit, words):
+    edited_copy(smoke_run / "bundle", tmp_path / "b", edit)
+    out = run_service(tmp_path / "b")
+    assert out.returncode == 2 and out.stderr.strip().count("\n") == 0 and words in out.stderr, out.stderr
+
+
+def test_missing_or_tampered_files_stop_startup(smoke_run, tmp_path):
+    out = run_service(tmp_path / "nope")
+    assert out.returncode == 2 and "does not exist" in out.stderr
+    tampered = tmp_path / "tampered"
+    shutil.copytree(smoke_run / "bundle", tampered)
+    with open(tampered / "xgboost.pkl", "r+b") as f:
+        f.seek(100)
+        f.write(b"\x00\x01")
+    out = run_service(tampered)
+    assert out.returncode == 2 and "xgboost.pkl does not match its sha256" in out.stderr
+    (tampered / "cnn.onnx").unlink()
+    assert "cnn.onnx is missing" in run_service(tampered).stderr
+
+
+# ---- the Python client, against the same real server ----------------------------------------
+
+
+def test_client_script_table_json_and_csv(server, sample_dir, subset, tmp_path, capsys):
+    from clients.predict import main as client_main
+
+    img = str(sample_images(sample_dir)[0])
+    assert client_main([img, "--age", "50", "--sex", "male", "--site", "back", "--url", server]) == 0
+    out = capsys.readouterr().out
+    assert "malignant probability" in out and "stack" in out and "Research use only" in out
+    assert client_main([img, "--url", server, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["label"]
+    d = subset(1)
+    for source in (d / "images", d / "HAM10000_metadata.csv"):
+        out_csv = tmp_path / f"{source.name}.csv"
+        assert client_main([str(source), "--csv", str(out_csv), "--url", server]) == 0
+        rows = list(csv.DictReader(open(out_csv)))
+        assert len(rows) == len(list((d / "images").iterdir()))
+        assert {"label", "malignant_probability", "p_mel"} <= set(rows[0])
+
+
+def test_client_errors_carry_the_server_message(server, sample_dir, capsys):
+    from clients.client import LesionAPIError, LesionClient
+    from clients.predict import main as client_main
+
+    with LesionClient(server) as c:
+        with pytest.raises(LesionAPIError) as err:
+            c.predict(sample_images(sample_dir)[0], sex="robot")
+        assert err.value.status == 422 and "use one of: male, female, unknown" in err.value.detail
+        assert c.model()["classes"][0] == "akiec"
+        assert len(c.predict_batch(sample_images(sample_dir, 2), [{"age": 40}, {}])["predictions"]) == 2
+    assert client_main([str(sample_images(sample_dir)[0]), "--url", server, "--sex", "robot"]) == 1
+    assert "use one of" in capsys.readouterr().err
