@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -58,8 +59,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--age", type=float)
     p.add_argument("--sex")
     p.add_argument("--site")
-    p.add_argument("--url", default="http://127.0.0.1:8000")
-    p.add_argument("--api-key")
+    p.add_argument("--url", default=os.environ.get("LESION_URL", "http://127.0.0.1:8000"), help="env LESION_URL")
+    p.add_argument("--api-key", default=os.environ.get("LESION_API_KEY"), help="env LESION_API_KEY")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.add_argument("--csv", type=Path, metavar="OUT", help="predict every image of a folder or metadata CSV into OUT")
     args = p.parse_args(argv)

@@ -8,6 +8,8 @@ import sys
 
 import uvicorn
 
+from service.api.logs import log_config
+from service.api.protocol import HEADER_TIMEOUT_ENV, HeaderDeadlineProtocol
 from service.api.settings import Settings
 from service.core.bundle import BundleError, read_manifest, verify_bundle
 
@@ -22,20 +24,26 @@ def main(argv: list[str] | None = None) -> int:
     overrides = {k: v for k, v in vars(args).items() if v is not None}
     settings = Settings(**overrides)
     try:  # fail fast, in one line, before any worker starts
-        verify_bundle(settings.bundle, read_manifest(settings.bundle))
-    except BundleError as exc:
+        verify_bundle(settings.bundle, read_manifest(settings.bundle), settings.public_key_pem())
+    except (BundleError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     # Workers build their own Settings from the environment: pass the flags on that way.
     for key, value in overrides.items():
         os.environ[f"LESION_{key.upper()}"] = str(value)
+    os.environ[HEADER_TIMEOUT_ENV] = str(settings.header_timeout_s)
     uvicorn.run(
         "service.api.app:create_app",
         factory=True,
         host=settings.host,
         port=settings.port,
         workers=settings.workers,
-        log_level=settings.log_level,
+        http=HeaderDeadlineProtocol,
+        log_config=log_config(settings),
+        access_log=False,  # the request guard logs one line per request, without client address or query
+        timeout_keep_alive=settings.keepalive_timeout_s,
+        timeout_graceful_shutdown=30,
+        server_header=False,
     )
     return 0
 

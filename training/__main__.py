@@ -1,7 +1,7 @@
 """Command line: `python -m training run|<stage>|demo-data|download ...`.
 
-Errors a user can cause print `error: ...` and exit 2. `demo-data` and `download` never import
-torch or onnxruntime: they run on a machine with only the serving and data packages.
+Errors a user can cause print `error: ...` and exit 2. `demo-data`, `download`, `keygen` and `sign`
+never import torch or onnxruntime: they run on a machine with only the serving and data packages.
 """
 
 from __future__ import annotations
@@ -52,6 +52,11 @@ def build_parser() -> argparse.ArgumentParser:
     dl = sub.add_parser("download", help="download HAM10000 from Harvard Dataverse, checksums verified")
     dl.add_argument("--out", required=True, type=Path)
     dl.add_argument("--base-url", default=None, help="Dataverse server (default https://dataverse.harvard.edu)")
+    keygen = sub.add_parser("keygen", help="make an Ed25519 key pair for signing bundles")
+    keygen.add_argument("--out", required=True, type=Path, help="folder for bundle-signing.key and .pub")
+    sign = sub.add_parser("sign", help="sign a bundle (manifest.sig) with a private key from keygen")
+    sign.add_argument("--bundle", required=True, type=Path)
+    sign.add_argument("--key", required=True, type=Path, help="bundle-signing.key")
     return parser
 
 
@@ -61,6 +66,19 @@ def dispatch(args: argparse.Namespace) -> None:
 
         write_demo_dataset(args.out, n_images=args.images, seed=args.seed)
         print(f"wrote a synthetic dataset of {args.images} images to {args.out}")
+    elif args.command == "keygen":
+        from service.core.signing import generate_keypair
+
+        private, public = generate_keypair(args.out)
+        print(f"wrote {private} (keep it secret) and {public} (give it to the service as LESION_PUBLIC_KEY)")
+    elif args.command == "sign":
+        from service.core.bundle import BundleError
+        from service.core.signing import sign_bundle
+
+        try:
+            print(f"wrote {sign_bundle(args.bundle, args.key.read_bytes())}")
+        except (BundleError, OSError, ValueError) as exc:
+            raise RunError(f"cannot sign {args.bundle}: {exc}") from None
     elif args.command == "download":
         from training.download import DATAVERSE_URL, download_ham10000
 

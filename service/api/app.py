@@ -1,15 +1,16 @@
 """The FastAPI app factory: `uvicorn service.api.app:create_app --factory` or `python -m service`.
 
-The bundle is verified (sha256 of every file, format and library versions) before the app
-accepts a connection; a bad bundle stops start-up with a one-line error. The onnxruntime
-session, the unpickling and a warm-up inference then run in a thread while /health/ready
-answers 503. Request CPU work runs in the thread pool; the loaded Predictor is read-only,
-so requests run concurrently without a lock.
+The bundle is verified (signature if configured, sha256 of every file, format and library
+versions) and loaded, and a warm-up inference run, in the lifespan: a worker accepts no
+connection until its model is ready, and a bad bundle stops it. Request CPU work runs in the
+thread pool; the loaded Predictor is read-only, so requests run concurrently without a lock.
 """
 
 from __future__ import annotations
 
-import threading
+import base64
+import hashlib
+import re
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
@@ -18,22 +19,31 @@ from starlette.staticfiles import StaticFiles
 
 from service.api.errors import install_error_handlers
 from service.api.metrics import Metrics
-from service.api.middleware import install_middleware
+from service.api.middleware import RequestGuard
 from service.api.routes import operations, predictions
 from service.api.settings import Settings
 from service.api.state import ModelState
 
 
+def content_security_policy(*pages: str) -> str:
+    """Scripts only from this origin or the exact inline scripts of our own pages (by sha256)."""
+    scripts = [s for page in pages for s in re.findall(r"<script>(.*?)</script>", page, re.S)]
+    hashes = " ".join(f"'sha256-{base64.b64encode(hashlib.sha256(s.encode()).digest()).decode()}'" for s in scripts)
+    return (
+        f"default-src 'self'; script-src 'self' {hashes}; style-src 'self' 'unsafe-inline'; "
+        "img-src 'self' data: blob:; connect-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'self'"
+    )
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
-    # Keep uploads in memory: never spool them to a temporary file on disk.
-    MultiPartParser.spool_max_size = max(MultiPartParser.spool_max_size, settings.max_request_bytes())
+    # Keep uploads in memory: the request guard stops a body before it outgrows the spool size.
+    MultiPartParser.spool_max_size = max(MultiPartParser.spool_max_size, settings.max_request_bytes() + 1)
     state, metrics = ModelState(), Metrics()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        state.verify(settings)  # BundleError: start-up fails, nothing is served
-        threading.Thread(target=state.load, args=(settings,), daemon=True, name="bundle-loader").start()
+        state.load(settings)  # BundleError: this worker stops, nothing is served
         yield
 
     app = FastAPI(
@@ -45,8 +55,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         redoc_url=None,
     )
     app.state.settings, app.state.model, app.state.metrics = settings, state, metrics
+    app.state.docs_html = operations.docs_page(app)
+    headers = {
+        "X-Content-Type-Options": "nosniff",
+        "X-Frame-Options": "DENY",
+        "Referrer-Policy": "no-referrer",
+        "Content-Security-Policy": content_security_policy(operations.page_html(), app.state.docs_html),
+    }
     app.mount(operations.DOCS_ASSETS, StaticFiles(directory=operations.SWAGGER_UI), name="docs-assets")
-    install_middleware(app, settings, metrics)
+    app.add_middleware(RequestGuard, settings=settings, metrics=metrics, state=state, security_headers=headers)
     install_error_handlers(app)
     app.include_router(operations.router)
     app.include_router(predictions.router)

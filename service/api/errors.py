@@ -4,18 +4,19 @@ from __future__ import annotations
 
 import logging
 
-from fastapi import FastAPI, HTTPException, Request
+from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException
 
 from service.core.metadata import MetadataError
-from service.core.preprocess import ImageError, ImageTooLargeError, UnsupportedImageError
+from service.core.preprocess import ImageError, ImageShapeError, ImageTooLargeError, UnsupportedImageError
 
 log = logging.getLogger("service")
 
 
-def error_response(status: int, detail: str, request_id: str | None) -> JSONResponse:
-    return JSONResponse({"detail": detail, "request_id": request_id}, status_code=status)
+def error_response(status: int, detail: str, request_id: str | None, headers: dict | None = None) -> JSONResponse:
+    return JSONResponse({"detail": detail, "request_id": request_id}, status_code=status, headers=headers)
 
 
 def request_id(request: Request) -> str | None:
@@ -27,13 +28,15 @@ def image_status(exc: ImageError) -> int:
         return 415
     if isinstance(exc, ImageTooLargeError):
         return 413
+    if isinstance(exc, ImageShapeError):
+        return 422
     return 400
 
 
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(HTTPException)
-    async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
-        return error_response(exc.status_code, str(exc.detail), request_id(request))
+    async def http_error(request: Request, exc: HTTPException) -> JSONResponse:  # also 404 and 405
+        return error_response(exc.status_code, str(exc.detail), request_id(request), exc.headers)
 
     @app.exception_handler(MetadataError)
     async def metadata_error(request: Request, exc: MetadataError) -> JSONResponse:

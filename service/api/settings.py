@@ -8,6 +8,8 @@ from pathlib import Path
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from service.core.preprocess import DEFAULT_MAX_PIXELS
+
 BATCH_ROUTE = "/predict/batch"
 
 
@@ -15,21 +17,38 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="LESION_")
 
     bundle: Path = Field(Path("bundle"), description="model bundle directory")
+    public_key: Path | None = Field(None, description="Ed25519 public key (PEM): refuse unsigned or altered bundles")
     host: str = "127.0.0.1"
     port: int = 8000
     workers: int = Field(1, ge=1, description="uvicorn worker processes, each with its own model copy")
     ort_threads: int = Field(0, ge=0, description="onnxruntime intra-op threads; 0 = CPU cores / workers")
-    max_upload_bytes: int = Field(10 * 1024 * 1024, description="per image file; larger gets 413")
-    max_pixels: int = Field(40_000_000, description="decoded image pixels; larger gets 413")
+    max_upload_bytes: int = Field(10 * 1024 * 1024, ge=1, description="per image file; larger gets 413")
+    max_pixels: int = Field(DEFAULT_MAX_PIXELS, ge=1, description="decoded pixels per image; more gets 413")
+    max_request_pixels: int = Field(4 * DEFAULT_MAX_PIXELS, ge=1, description="decoded pixels per request")
     max_batch: int = Field(32, ge=1, description="images per /predict/batch request")
-    api_key: str | None = Field(None, description="if set, /predict* require header X-API-Key")
+    max_metadata_bytes: int = Field(16 * 1024, ge=2, description="the metadata form field")
+    decode_slots: int = Field(0, ge=0, description="images decoded at once per worker; 0 = CPU cores / workers")
+    api_key: str | None = Field(None, description="if set, every route but health, docs and the page needs X-API-Key")
+    body_timeout_s: float = Field(
+        30.0, gt=0, description="a request body must keep arriving: max seconds between chunks"
+    )
+    header_timeout_s: float = Field(10.0, gt=0, description="max seconds for a request's headers to arrive")
+    keepalive_timeout_s: int = Field(5, ge=1, description="idle keep-alive connections are closed after this")
     log_level: str = "info"
+    log_json: bool = Field(False, description="log JSON lines instead of text")
+    log_client_address: bool = Field(False, description="include the client's address in request log lines")
+
+    def cores_per_worker(self) -> int:
+        return max(1, (os.cpu_count() or 1) // self.workers)
 
     def intra_op_threads(self) -> int:
         """Split the cores between workers so they do not oversubscribe the CPU."""
-        return self.ort_threads or max(1, (os.cpu_count() or 1) // self.workers)
+        return self.ort_threads or self.cores_per_worker()
 
     def max_request_bytes(self, path: str = BATCH_ROUTE) -> int:
-        """The largest body a route accepts: its images plus 1 MiB for the form's other fields."""
+        """The largest body a route accepts: its images plus the form's other fields."""
         images = self.max_batch if path == BATCH_ROUTE else 1
-        return self.max_upload_bytes * images + 1024 * 1024
+        return self.max_upload_bytes * images + self.max_metadata_bytes + 64 * 1024
+
+    def public_key_pem(self) -> bytes | None:
+        return self.public_key.read_bytes() if self.public_key else None

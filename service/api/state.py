@@ -1,13 +1,13 @@
-"""The one piece of mutable state: the bundle, verified at start-up and loaded in a thread."""
+"""The one piece of mutable state: the bundle, loaded before the worker accepts a connection."""
 
 from __future__ import annotations
 
 import logging
+import threading
 
 import numpy as np
 
 from service.api.settings import Settings
-from service.core.bundle import read_manifest, verify_bundle
 from service.core.manifest import Manifest
 from service.core.predictor import Predictor
 
@@ -17,23 +17,21 @@ log = logging.getLogger("service")
 class ModelState:
     def __init__(self) -> None:
         self.predictor: Predictor | None = None
-        self.manifest: Manifest | None = None
-        self.error: str | None = None
+        self.decode_slots = threading.BoundedSemaphore(1)  # sized to the cores in `load`
 
-    def verify(self, settings: Settings) -> None:
-        """Manifest, sha256 of every file and library versions; BundleError stops start-up."""
-        manifest = read_manifest(settings.bundle)
-        verify_bundle(settings.bundle, manifest)
-        self.manifest = manifest
+    @property
+    def manifest(self) -> Manifest | None:
+        return self.predictor.manifest if self.predictor else None
 
     def load(self, settings: Settings) -> None:
-        """onnxruntime session, unpickling and a warm-up; run in a thread after `verify`."""
-        try:
-            predictor = Predictor.load(settings.bundle, intra_op_threads=settings.intra_op_threads(), verify=False)
-            spec = predictor.manifest.preprocessing
-            predictor.predict(np.full((1, spec.height, spec.width, 3), 128, np.uint8), [None])  # warm-up
-            self.predictor = predictor
-            log.info("model %s loaded and warmed up", predictor.manifest.bundle_id)
-        except Exception as exc:  # anything here means we must never report ready
-            self.error = f"{type(exc).__name__}: {exc}"
-            log.error("model failed to load: %s", self.error)
+        """Verify and load the bundle, then warm it up. Runs in the lifespan, so a worker answers
+        nothing until its model is ready (readiness never flaps with several workers); a bad bundle
+        raises BundleError and stops the worker."""
+        predictor = Predictor.load(
+            settings.bundle, intra_op_threads=settings.intra_op_threads(), public_key_pem=settings.public_key_pem()
+        )
+        spec = predictor.manifest.preprocessing
+        predictor.predict(np.full((1, spec.height, spec.width, 3), 128, np.uint8), [None])  # warm-up
+        self.decode_slots = threading.BoundedSemaphore(settings.decode_slots or settings.cores_per_worker())
+        self.predictor = predictor
+        log.info("model loaded and warmed up", extra={"bundle_id": predictor.manifest.bundle_id})

@@ -1,4 +1,6 @@
-"""Reading a bundle folder: its manifest, the files' sha256 and the library versions it needs."""
+"""Reading a bundle folder: its manifest, its optional signature, the files' sha256 and the
+library versions it needs. Only files listed and hashed in the manifest are ever opened, by plain
+names inside the folder."""
 
 from __future__ import annotations
 
@@ -10,11 +12,15 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
+from service.core.errors import BundleError
 from service.core.manifest import FORMAT_VERSION, MANIFEST_NAME, Manifest
+from service.core.signing import verify_signature
+
+__all__ = ["BundleError", "check_libraries", "read_manifest", "read_verified", "verify_bundle", "verify_signature"]
 
 
-class BundleError(RuntimeError):
-    """The bundle is missing, tampered with or incompatible; the message says which."""
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
 
 
 def sha256_file(path: Path) -> str:
@@ -72,15 +78,37 @@ def bundle_file(bundle_dir: Path, name: str) -> Path:
     return path
 
 
-def verify_bundle(bundle_dir: str | Path, manifest: Manifest) -> None:
-    """Check every file's sha256 and the needed libraries' versions, before anything is unpickled."""
+def read_verified(bundle_dir: Path, manifest: Manifest, name: str) -> bytes:
+    """A bundle file's bytes, checked against the manifest's sha256 (the very bytes that will be used)."""
+    digest = manifest.files.get(name)
+    if digest is None:
+        raise BundleError(f"{name} is not listed in the manifest's files: refusing to open it")
+    path = bundle_file(bundle_dir, name)
+    if not path.is_file():
+        raise BundleError(f"bundle file {name} is missing from {bundle_dir}")
+    data = path.read_bytes()
+    if sha256_bytes(data) != digest:
+        raise BundleError(f"bundle file {name} does not match its sha256 in the manifest: refusing to load it")
+    return data
+
+
+def verify_bundle(bundle_dir: str | Path, manifest: Manifest, public_key_pem: bytes | None = None) -> None:
+    """The signature (when a public key is given), every file's sha256 and the needed libraries'
+    versions: a one-line error before anything is loaded."""
     bundle_dir = Path(bundle_dir)
+    if public_key_pem is not None:
+        verify_signature(bundle_dir, public_key_pem)
     for name, digest in manifest.files.items():
         path = bundle_file(bundle_dir, name)
         if not path.is_file():
             raise BundleError(f"bundle file {name} is missing from {bundle_dir}")
         if sha256_file(path) != digest:
             raise BundleError(f"bundle file {name} does not match its sha256 in the manifest: refusing to load it")
+    check_libraries(manifest)
+
+
+def check_libraries(manifest: Manifest) -> None:
+    """The installed major.minor of every library the bundle's models need must match the writer's."""
     installed = library_versions(manifest.required_libraries)
     for lib in manifest.required_libraries:
         wrote, have = manifest.library_versions[lib], installed[lib]

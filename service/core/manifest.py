@@ -11,9 +11,9 @@ from pydantic import BaseModel, Field, model_validator
 
 from service.core.features import FeatureSpec
 from service.core.preprocess import ImageSpec
+from service.core.signing import MANIFEST_NAME, SIGNATURE_NAME
 
 FORMAT_VERSION = 2
-MANIFEST_NAME = "manifest.json"
 
 
 class ModelFile(BaseModel):
@@ -77,8 +77,11 @@ class Manifest(BaseModel):
         for m in self.model_files:
             if m.file not in self.files:
                 raise ValueError(f"model {m.name!r} file {m.file!r} is not among the hashed files")
+        unused = sorted(set(self.files) - {m.file for m in self.model_files})
+        if unused:
+            raise ValueError(f"hashed files {unused} belong to no model: the roster and the file list must agree")
         for f in self.files:
-            if not f or f in (".", "..") or "/" in f or "\\" in f or f == MANIFEST_NAME:
+            if not f or f in (".", "..") or "/" in f or "\\" in f or f in (MANIFEST_NAME, SIGNATURE_NAME):
                 raise ValueError(f"file name {f!r} is not a plain name inside the bundle")
         missing = [lib for lib in self.required_libraries if lib not in self.library_versions]
         if missing:

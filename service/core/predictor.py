@@ -5,7 +5,6 @@ This is also the offline inference API: `Predictor.load(dir).predict(images, met
 
 from __future__ import annotations
 
-import pickle
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,11 +12,12 @@ from typing import Any
 
 import numpy as np
 
-from service.core.bundle import BundleError, bundle_file, read_manifest, verify_bundle
+from service.core.bundle import BundleError, check_libraries, read_manifest, read_verified, verify_signature
 from service.core.features import build_features, image_stats, soft_vote, stack_inputs
 from service.core.manifest import Manifest
 from service.core.metadata import ClinicalMetadata, validate_metadata
 from service.core.preprocess import to_model_input
+from service.core.safe_pickle import load_model
 
 MetadataLike = ClinicalMetadata | Mapping[str, Any] | None
 
@@ -43,21 +43,27 @@ class Predictor:
 
     @classmethod
     def load(
-        cls, bundle_dir: str | Path, intra_op_threads: int = 0, inter_op_threads: int = 1, verify: bool = True
+        cls,
+        bundle_dir: str | Path,
+        intra_op_threads: int = 0,
+        inter_op_threads: int = 1,
+        public_key_pem: bytes | None = None,
     ) -> Predictor:
-        """verify=False only where the caller has just run `verify_bundle` on the same folder."""
+        """Check the signature (if a public key is given) and the library versions, then load each
+        model from the very bytes whose sha256 was just checked; pickles go through an allow-list."""
         import onnxruntime as ort
 
         bundle_dir = Path(bundle_dir)
         manifest = read_manifest(bundle_dir)
-        if verify:
-            verify_bundle(bundle_dir, manifest)
+        if public_key_pem is not None:
+            verify_signature(bundle_dir, public_key_pem)
+        check_libraries(manifest)
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = intra_op_threads
         opts.inter_op_num_threads = inter_op_threads
         try:
             session = ort.InferenceSession(
-                str(bundle_file(bundle_dir, manifest.cnn.file)), opts, providers=["CPUExecutionProvider"]
+                read_verified(bundle_dir, manifest, manifest.cnn.file), opts, providers=["CPUExecutionProvider"]
             )
         except Exception as exc:  # onnxruntime raises its own exception types
             raise BundleError(f"cannot load {manifest.cnn.file}: {exc}") from None
@@ -66,10 +72,10 @@ class Predictor:
             raise BundleError(
                 f"{manifest.cnn.file} has no input {manifest.cnn.input_name!r} / output {manifest.cnn.output_name!r}"
             )
-        models = {}
-        for m in [*manifest.boosters, manifest.stack]:
-            with open(bundle_file(bundle_dir, m.file), "rb") as f:
-                models[m.name] = pickle.load(f)  # noqa: S301 - sha256 verified above
+        models = {
+            m.name: load_model(read_verified(bundle_dir, manifest, m.file), m.libraries, m.file)
+            for m in [*manifest.boosters, manifest.stack]
+        }
         return cls(bundle_dir, manifest, session, models)
 
     def cnn_probs(self, images: np.ndarray) -> np.ndarray:

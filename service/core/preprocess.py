@@ -14,7 +14,11 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 from pydantic import BaseModel
 
-ALLOWED_FORMATS = {"JPEG", "PNG"}
+ALLOWED_FORMATS = {"JPEG", "MPO", "PNG"}  # MPO: the multi-picture JPEG many phones write (first picture used)
+JPEG_FORMATS = {"JPEG", "MPO"}
+MIN_SIDE = 32  # px; smaller is no dermoscopy image
+MAX_ASPECT = 4.0  # longer side / shorter side
+DEFAULT_MAX_PIXELS = 16_000_000
 
 
 class ImageError(ValueError):
@@ -29,6 +33,10 @@ class ImageTooLargeError(ImageError):
     """More pixels than the configured limit."""
 
 
+class ImageShapeError(ImageError):
+    """Too small, or an aspect ratio no photograph of a lesion has."""
+
+
 class ImageSpec(BaseModel):
     """How an image becomes CNN input. Saved in the bundle's manifest."""
 
@@ -39,30 +47,62 @@ class ImageSpec(BaseModel):
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)
 
 
-def decode_image(data: bytes, max_pixels: int = 40_000_000) -> Image.Image:
-    """Decode JPEG/PNG bytes into an RGB image with its EXIF orientation applied."""
+def open_image(data: bytes, spec: ImageSpec | None = None, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Read the header only, check format, shape and the pixels that decoding will produce.
+
+    A JPEG much larger than the model input is set to decode at a reduced size (Pillow's draft
+    mode, DCT scaling by 1/2, 1/4 or 1/8), so the pixel budget counts what is really decoded.
+    Nothing is decoded here; `decode_opened` does that."""
     if not data:
         raise ImageError("the image file is empty")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             img = Image.open(io.BytesIO(data))
-            if img.format not in ALLOWED_FORMATS:
-                raise UnsupportedImageError(f"unsupported image format {img.format}; send a JPEG or PNG")
-            if img.width * img.height > max_pixels:
-                raise ImageTooLargeError(
-                    f"image is {img.width}x{img.height} pixels, over the limit of {max_pixels} pixels"
-                )
-            img.load()
-    except ImageError:
-        raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise ImageTooLargeError(f"image has too many pixels: {exc}") from None
     except UnidentifiedImageError:
         raise ImageError("the file is not a readable image; send a JPEG or PNG") from None
     except (OSError, SyntaxError, ValueError) as exc:
         raise ImageError(f"the image is truncated or corrupt ({exc})") from None
-    return ImageOps.exif_transpose(img).convert("RGB")
+    if img.format not in ALLOWED_FORMATS:
+        raise UnsupportedImageError(f"unsupported image format {img.format}; send a JPEG or PNG")
+    w, h = img.size
+    if min(w, h) < MIN_SIDE:
+        raise ImageShapeError(f"image is {w}x{h} pixels; each side must be at least {MIN_SIDE} pixels")
+    if max(w, h) / min(w, h) > MAX_ASPECT:
+        raise ImageShapeError(f"image is {w}x{h} pixels; the longer side may be at most {MAX_ASPECT:g}x the shorter")
+    if spec is not None and img.format in JPEG_FORMATS:
+        side = 2 * max(spec.width, spec.height)  # keep 2x the input size whatever the EXIF rotation
+        img.draft("RGB", (side, side))
+    if img.width * img.height > max_pixels:
+        raise ImageTooLargeError(
+            f"image is {w}x{h} pixels and decodes to {img.width * img.height} pixels, over the limit of {max_pixels}"
+        )
+    return img
+
+
+def decoded_pixels(img: Image.Image) -> int:
+    """Pixels `decode_opened` will hold for an image from `open_image`."""
+    return img.width * img.height
+
+
+def decode_opened(img: Image.Image) -> Image.Image:
+    """Decode an image from `open_image` into RGB, EXIF orientation applied, 16-bit grey scaled to 8 bits."""
+    try:
+        img.load()
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise ImageError(f"the image is truncated or corrupt ({exc})") from None
+    img = ImageOps.exif_transpose(img)
+    if img.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N"):  # 16-bit greyscale PNG: 0..65535
+        grey = np.asarray(img, dtype=np.uint32) // 257
+        img = Image.fromarray(grey.astype(np.uint8), mode="L")
+    return img.convert("RGB")
+
+
+def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, spec: ImageSpec | None = None) -> Image.Image:
+    """Decode JPEG/PNG bytes into an RGB image with its EXIF orientation applied."""
+    return decode_opened(open_image(data, spec, max_pixels))
 
 
 def resize_for_model(img: Image.Image, spec: ImageSpec) -> np.ndarray:
@@ -83,9 +123,9 @@ def resize_for_model(img: Image.Image, spec: ImageSpec) -> np.ndarray:
     return np.asarray(img, dtype=np.uint8)
 
 
-def load_for_model(data: bytes, spec: ImageSpec, max_pixels: int = 40_000_000) -> np.ndarray:
+def load_for_model(data: bytes, spec: ImageSpec, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
     """Bytes to the cached uint8 form (HxWx3) that `to_model_input` consumes."""
-    return resize_for_model(decode_image(data, max_pixels), spec)
+    return resize_for_model(decode_image(data, max_pixels, spec), spec)
 
 
 def to_model_input(images: np.ndarray, spec: ImageSpec) -> np.ndarray:

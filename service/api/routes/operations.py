@@ -2,48 +2,58 @@
 
 from __future__ import annotations
 
+from functools import cache
 from pathlib import Path
 
 import swagger_ui
-from fastapi import APIRouter, Depends, HTTPException, Request
+from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import HTMLResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from service.api.dependencies import get_manifest, get_metrics, get_predictor, get_state
+from service.api.dependencies import check_api_key, get_manifest, get_metrics, get_predictor
 from service.api.metrics import Metrics
 from service.api.schemas import ErrorResponse, ModelInfo
-from service.api.state import ModelState
 from service.core.manifest import Manifest
 from service.core.predictor import Predictor
 
 STATIC = Path(__file__).parents[1] / "static"
 SWAGGER_UI = Path(swagger_ui.__file__).parent / "static"  # swagger-ui-py ships Swagger UI 5
 DOCS_ASSETS = "/docs-assets"
+KEYED = {401: {"model": ErrorResponse}}
 
 router = APIRouter()
 
 
+def docs_page(app: FastAPI) -> str:
+    return bytes(
+        get_swagger_ui_html(
+            openapi_url=app.openapi_url or "/openapi.json",
+            title=f"{app.title} - API docs",
+            swagger_js_url=f"{DOCS_ASSETS}/swagger-ui-bundle.js",
+            swagger_css_url=f"{DOCS_ASSETS}/swagger-ui.css",
+            swagger_favicon_url=f"{DOCS_ASSETS}/favicon-32x32.png",
+        ).body
+    ).decode()
+
+
+@cache
+def page_html() -> str:
+    return (STATIC / "index.html").read_text()
+
+
 @router.get("/docs", include_in_schema=False)
 async def docs(request: Request) -> HTMLResponse:
-    return get_swagger_ui_html(
-        openapi_url=request.app.openapi_url,
-        title=f"{request.app.title} - API docs",
-        swagger_js_url=f"{DOCS_ASSETS}/swagger-ui-bundle.js",
-        swagger_css_url=f"{DOCS_ASSETS}/swagger-ui.css",
-        swagger_favicon_url=f"{DOCS_ASSETS}/favicon-32x32.png",
-    )
+    return HTMLResponse(request.app.state.docs_html)
 
 
 @router.get("/", response_class=HTMLResponse, include_in_schema=False)
 async def index() -> HTMLResponse:
-    return HTMLResponse((STATIC / "index.html").read_text())
+    return HTMLResponse(page_html())
 
 
 @router.get("/health/live", tags=["health"])
-async def live(state: ModelState = Depends(get_state)) -> dict:
-    if state.error:
-        raise HTTPException(503, f"model failed to load: {state.error}")
+async def live() -> dict:
     return {"status": "alive"}
 
 
@@ -52,11 +62,13 @@ async def ready(predictor: Predictor = Depends(get_predictor)) -> dict:
     return {"status": "ready", "bundle_id": predictor.manifest.bundle_id}
 
 
-@router.get("/model", response_model=ModelInfo, tags=["model"])
+@router.get("/model", response_model=ModelInfo, tags=["model"], dependencies=[Depends(check_api_key)], responses=KEYED)
 async def model_info(manifest: Manifest = Depends(get_manifest)) -> ModelInfo:
     return ModelInfo.of(manifest)
 
 
-@router.get("/metrics", tags=["health"], response_class=Response)
+@router.get(
+    "/metrics", tags=["health"], response_class=Response, dependencies=[Depends(check_api_key)], responses=KEYED
+)
 async def prometheus(metrics: Metrics = Depends(get_metrics)) -> Response:
     return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import time
+from threading import Semaphore
 
 import numpy as np
 from fastapi import APIRouter, Depends, File, Form, HTTPException, Request, UploadFile
 from fastapi.concurrency import run_in_threadpool
+from PIL import Image
 
-from service.api.dependencies import check_api_key, get_metrics, get_predictor, get_settings
+from service.api.dependencies import check_api_key, get_metrics, get_predictor, get_settings, get_state
 from service.api.metrics import Metrics
 from service.api.schemas import (
     BatchItem,
@@ -19,9 +21,18 @@ from service.api.schemas import (
     PredictResponse,
 )
 from service.api.settings import BATCH_ROUTE, Settings
+from service.api.state import ModelState
 from service.core.metadata import EXAMPLE, ClinicalMetadata, metadata_from_json, metadata_list_from_json
 from service.core.predictor import Prediction, Predictor
-from service.core.preprocess import ImageError, load_for_model
+from service.core.preprocess import (
+    ImageError,
+    ImageSpec,
+    ImageTooLargeError,
+    decode_opened,
+    decoded_pixels,
+    open_image,
+    resize_for_model,
+)
 
 ERRORS: dict[int | str, dict] = {code: {"model": ErrorResponse} for code in (400, 401, 411, 413, 415, 422, 503)}
 
@@ -35,23 +46,53 @@ async def read_upload(upload: UploadFile, settings: Settings) -> bytes:
     return data
 
 
-def decode(data: bytes, name: str | None, predictor: Predictor, settings: Settings) -> np.ndarray:
-    try:
-        return load_for_model(data, predictor.manifest.preprocessing, settings.max_pixels)
-    except ImageError as exc:
-        raise type(exc)(f"image '{name}': {exc}") from None
+def named(name: str | None, exc: ImageError) -> ImageError:
+    return type(exc)(f"image '{name}': {exc}")
+
+
+def decode_all(
+    uploads: list[tuple[bytes, str | None]], spec: ImageSpec, slots: Semaphore, settings: Settings
+) -> np.ndarray:
+    """Headers first: every image's decoded pixels are counted against the per-image and per-request
+    budgets before any is decoded. Then one image at a time, at most `decode_slots` at once per worker."""
+    opened: list[Image.Image | None] = []
+    for data, name in uploads:
+        try:
+            opened.append(open_image(data, spec, settings.max_pixels))
+        except ImageError as exc:
+            raise named(name, exc) from None
+    total = sum(decoded_pixels(img) for img in opened if img is not None)
+    if total > settings.max_request_pixels:
+        raise ImageTooLargeError(
+            f"the images decode to {total} pixels, over the per-request limit of {settings.max_request_pixels}"
+        )
+    out = np.empty((len(opened), spec.height, spec.width, 3), np.uint8)
+    for i, (img, (_, name)) in enumerate(zip(opened, uploads)):
+        with slots:
+            try:
+                out[i] = resize_for_model(decode_opened(img), spec)  # type: ignore[arg-type]
+            except ImageError as exc:
+                raise named(name, exc) from None
+        opened[i] = None  # free the decoded image now
+    return out
+
+
+def check_metadata_size(raw: str | None, settings: Settings) -> None:
+    if raw is not None and len(raw.encode()) > settings.max_metadata_bytes:
+        raise HTTPException(413, f"the metadata field is over the {settings.max_metadata_bytes} byte limit")
 
 
 def predict_uploads(
     uploads: list[tuple[bytes, str | None]],
     metas: list[ClinicalMetadata],
     predictor: Predictor,
+    state: ModelState,
     settings: Settings,
     metrics: Metrics,
     route: str,
 ) -> list[Prediction]:
     """Decode the uploads and run the whole stack once on them; CPU work, run in the thread pool."""
-    batch = np.stack([decode(data, name, predictor, settings) for data, name in uploads])
+    batch = decode_all(uploads, predictor.manifest.preprocessing, state.decode_slots, settings)
     t0 = time.perf_counter()
     preds = predictor.predict(batch, metas)  # the CNN runs once on the whole batch
     metrics.inference.labels(route).observe(time.perf_counter() - t0)
@@ -65,13 +106,15 @@ async def predict(
     image: UploadFile = File(..., description="JPEG or PNG dermoscopy image"),
     metadata: str | None = Form(None, description=f"JSON: {EXAMPLE}; each key optional"),
     predictor: Predictor = Depends(get_predictor),
+    state: ModelState = Depends(get_state),
     settings: Settings = Depends(get_settings),
     metrics: Metrics = Depends(get_metrics),
 ) -> PredictResponse:
+    check_metadata_size(metadata, settings)
     data = await read_upload(image, settings)
     meta = metadata_from_json(metadata, predictor.manifest.features)
     (pred,) = await run_in_threadpool(
-        predict_uploads, [(data, image.filename)], [meta], predictor, settings, metrics, "/predict"
+        predict_uploads, [(data, image.filename)], [meta], predictor, state, settings, metrics, "/predict"
     )
     m = predictor.manifest
     fields = PredictionFields.from_prediction(pred, m).model_dump()
@@ -84,14 +127,16 @@ async def predict_batch(
     images: list[UploadFile] = File(..., description="several JPEG or PNG images"),
     metadata: str | None = Form(None, description="JSON list, one metadata object per image, in order"),
     predictor: Predictor = Depends(get_predictor),
+    state: ModelState = Depends(get_state),
     settings: Settings = Depends(get_settings),
     metrics: Metrics = Depends(get_metrics),
 ) -> BatchResponse:
     if len(images) > settings.max_batch:
         raise HTTPException(413, f"{len(images)} images is over the batch limit of {settings.max_batch}")
+    check_metadata_size(metadata, settings)
     uploads = [(await read_upload(f, settings), f.filename) for f in images]
     metas = metadata_list_from_json(metadata, len(images), predictor.manifest.features)
-    preds = await run_in_threadpool(predict_uploads, uploads, metas, predictor, settings, metrics, BATCH_ROUTE)
+    preds = await run_in_threadpool(predict_uploads, uploads, metas, predictor, state, settings, metrics, BATCH_ROUTE)
     m = predictor.manifest
     items = [BatchItem.from_prediction(p, m, filename=name) for (_, name), p in zip(uploads, preds)]
     return BatchResponse(predictions=items, model=ModelRef.of(m), request_id=request.state.request_id)
