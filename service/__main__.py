@@ -24,7 +24,7 @@ def main(argv: list[str] | None = None) -> int:
     overrides = {k: v for k, v in vars(args).items() if v is not None}
     settings = Settings(**overrides)
     try:  # fail fast, in one line, before any worker starts
-        verify_bundle(settings.bundle, read_manifest(settings.bundle), settings.public_key_pem())
+        verify_bundle(settings.bundle, read_manifest(settings.bundle, settings.public_key_pem()))
     except (BundleError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -8,6 +8,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -61,21 +62,27 @@ def free_port() -> int:
 def start_server(
     bundle: Path, python=sys.executable, cwd=REPO, env: dict | None = None
 ) -> tuple[subprocess.Popen, str]:
-    """`python -m service` on a free loopback port; returns once /health/ready answers 200."""
+    """`python -m service` on a free loopback port; returns once /health/ready answers 200.
+
+    The server's output goes to a file (`proc.log_path`), never to a pipe nobody reads: a full pipe
+    would block the server on its next log line."""
     port = free_port()
+    log = tempfile.NamedTemporaryFile("w", prefix="server-", suffix=".log", delete=False)
     proc = subprocess.Popen(
         [str(python), "-m", "service", "--bundle", str(bundle), "--port", str(port)],
         cwd=cwd,
         env=dict(os.environ, **(env or {})),
-        stdout=subprocess.PIPE,
+        stdout=log,
         stderr=subprocess.STDOUT,
         text=True,
     )
+    log.close()
+    proc.log_path = Path(log.name)  # type: ignore[attr-defined]
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 120
     while time.time() < deadline:
         if proc.poll() is not None:
-            raise AssertionError(proc.stdout.read() if proc.stdout else "server exited")
+            raise AssertionError(Path(log.name).read_text())
         try:
             if httpx.get(url + "/health/ready").status_code == 200:
                 return proc, url

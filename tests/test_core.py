@@ -85,6 +85,7 @@ def test_offline_predictor_reports_bad_metadata_for_people(predictor):
         (lambda m: m["boosters"][0].update(file="evil.pkl"), "is not among the hashed files"),
         (lambda m: m["files"].update({"/etc/passwd": "0" * 64}), "is not a plain name"),
         (lambda m: m["files"].update({"..": "0" * 64}), "is not a plain name"),
+        (lambda m: m["files"].update({"a\x00b": "0" * 64}), "is not a plain name"),
         (lambda m: m.update(served="nope"), "served model 'nope'"),
         (lambda m: m["boosters"].append(m["boosters"][0]), "model names repeat"),
         (lambda m: m.pop("stack"), "stack: Field required"),

@@ -29,6 +29,7 @@ log = logging.getLogger("service.requests")
 REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")
 PUBLIC_PATHS = {"/", "/docs", "/openapi.json", "/health/live", "/health/ready"}
 PUBLIC_PREFIXES = ("/docs-assets/",)
+CLOSE = {"Connection": "close"}  # refused before the body was read: do not read the rest of it
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -67,7 +68,7 @@ class RequestGuard:
         try:
             refusal = self.refusal(scope, headers)
             if refusal is not None:
-                await error_response(*refusal, request_id)(scope, receive, send_with_headers)
+                await error_response(*refusal, request_id, CLOSE)(scope, receive, send_with_headers)
             else:
                 await self.app(
                     scope, self.counted(receive, self.settings.max_request_bytes(scope["path"])), send_with_headers
@@ -98,13 +99,12 @@ class RequestGuard:
             try:
                 message = await asyncio.wait_for(receive(), self.settings.body_timeout_s)
             except TimeoutError:
-                raise HTTPException(
-                    408, f"the request body stalled for over {self.settings.body_timeout_s:g} s"
-                ) from None
+                detail = f"the request body stalled for over {self.settings.body_timeout_s:g} s"
+                raise HTTPException(408, detail, headers=CLOSE) from None
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > limit:
-                    raise HTTPException(413, f"request body is over the {limit} byte limit")
+                    raise HTTPException(413, f"request body is over the {limit} byte limit", headers=CLOSE)
             return message
 
         return receive_counted

@@ -3,7 +3,7 @@
 uvicorn closes idle keep-alive connections, but a client that opens a connection and sends its
 headers a byte at a time (slowloris) is held for as long as it likes. This protocol closes a
 connection whose request headers are not complete `header_timeout_s` after the connection opened
-or the previous response finished. Body deadlines are the request guard's (middleware.py).
+or the first byte of the next request arrived (idle keep-alive time is uvicorn's own timeout). Body deadlines are the request guard's (middleware.py).
 """
 
 from __future__ import annotations
@@ -21,16 +21,15 @@ class HeaderDeadlineProtocol(H11Protocol):
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
-        self._arm()
-
-    def on_response_complete(self) -> None:
-        super().on_response_complete()
-        self._arm()
+        self._deadline: asyncio.TimerHandle | None = None
+        self._arm()  # the first request's headers
 
     def data_received(self, data: bytes) -> None:
+        if self._deadline is None and (self.cycle is None or self.cycle.response_complete):
+            self._arm()  # the first bytes of a next request on a kept-alive connection
         super().data_received(data)
-        if self.cycle is not self._waiting_after:  # a new request's headers are complete
-            self._disarm()
+        if self._deadline is not None and self.cycle is not self._waiting_after:
+            self._disarm()  # a new request's headers are complete (pipelined ones included)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()
@@ -42,11 +41,11 @@ class HeaderDeadlineProtocol(H11Protocol):
         self._deadline = self.loop.call_later(self.header_timeout_s, self._too_slow)
 
     def _disarm(self) -> None:
-        deadline = getattr(self, "_deadline", None)
-        if deadline is not None:
-            deadline.cancel()
+        if self._deadline is not None:
+            self._deadline.cancel()
             self._deadline = None
 
     def _too_slow(self) -> None:
+        self._deadline = None
         if not self.transport.is_closing():
             self.transport.close()

@@ -42,7 +42,9 @@ def library_versions(names: Iterable[str]) -> dict[str, str]:
     return out
 
 
-def read_manifest(bundle_dir: str | Path) -> Manifest:
+def read_manifest(bundle_dir: str | Path, public_key_pem: bytes | None = None) -> Manifest:
+    """The manifest, parsed from one read of its bytes; with a public key, those bytes must carry
+    a valid signature."""
     bundle_dir = Path(bundle_dir)
     path = bundle_dir / MANIFEST_NAME
     if not bundle_dir.is_dir():
@@ -51,8 +53,11 @@ def read_manifest(bundle_dir: str | Path) -> Manifest:
         raise BundleError(
             f"no {MANIFEST_NAME} in {bundle_dir}: not a model bundle (train one with `python -m training run`)"
         )
+    data = path.read_bytes()
+    if public_key_pem is not None:
+        verify_signature(bundle_dir, data, public_key_pem)
     try:
-        raw = json.loads(path.read_text())
+        raw = json.loads(data)
     except (ValueError, UnicodeDecodeError) as exc:
         raise BundleError(f"{path} is not valid JSON: {exc}") from None
     version_ = raw.get("format_version") if isinstance(raw, dict) else None
@@ -92,12 +97,10 @@ def read_verified(bundle_dir: Path, manifest: Manifest, name: str) -> bytes:
     return data
 
 
-def verify_bundle(bundle_dir: str | Path, manifest: Manifest, public_key_pem: bytes | None = None) -> None:
-    """The signature (when a public key is given), every file's sha256 and the needed libraries'
-    versions: a one-line error before anything is loaded."""
+def verify_bundle(bundle_dir: str | Path, manifest: Manifest) -> None:
+    """Every file's sha256 and the needed libraries' versions: a one-line error before anything is
+    loaded. (The signature is checked by `read_manifest`.)"""
     bundle_dir = Path(bundle_dir)
-    if public_key_pem is not None:
-        verify_signature(bundle_dir, public_key_pem)
     for name, digest in manifest.files.items():
         path = bundle_file(bundle_dir, name)
         if not path.is_file():

@@ -74,15 +74,15 @@ class Manifest(BaseModel):
             raise ValueError(f"model names repeat: {names}")
         if self.served not in names:
             raise ValueError(f"served model {self.served!r} is not one of {names}")
+        for f in self.files:
+            if not f or f in (".", "..") or any(c in f for c in "/\\\x00") or f in (MANIFEST_NAME, SIGNATURE_NAME):
+                raise ValueError(f"file name {f!r} is not a plain name inside the bundle")
         for m in self.model_files:
             if m.file not in self.files:
                 raise ValueError(f"model {m.name!r} file {m.file!r} is not among the hashed files")
         unused = sorted(set(self.files) - {m.file for m in self.model_files})
         if unused:
             raise ValueError(f"hashed files {unused} belong to no model: the roster and the file list must agree")
-        for f in self.files:
-            if not f or f in (".", "..") or "/" in f or "\\" in f or f in (MANIFEST_NAME, SIGNATURE_NAME):
-                raise ValueError(f"file name {f!r} is not a plain name inside the bundle")
         missing = [lib for lib in self.required_libraries if lib not in self.library_versions]
         if missing:
             raise ValueError(f"library_versions lacks {missing}")

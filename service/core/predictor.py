@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from service.core.bundle import BundleError, check_libraries, read_manifest, read_verified, verify_signature
+from service.core.bundle import BundleError, check_libraries, read_manifest, read_verified
 from service.core.features import build_features, image_stats, soft_vote, stack_inputs
 from service.core.manifest import Manifest
 from service.core.metadata import ClinicalMetadata, validate_metadata
@@ -54,9 +54,7 @@ class Predictor:
         import onnxruntime as ort
 
         bundle_dir = Path(bundle_dir)
-        manifest = read_manifest(bundle_dir)
-        if public_key_pem is not None:
-            verify_signature(bundle_dir, public_key_pem)
+        manifest = read_manifest(bundle_dir, public_key_pem)
         check_libraries(manifest)
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = intra_op_threads

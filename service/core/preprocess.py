@@ -8,6 +8,7 @@ service does for an upload. Training augmentations act on the cached uint8 image
 from __future__ import annotations
 
 import io
+import struct
 import warnings
 
 import numpy as np
@@ -91,9 +92,9 @@ def decode_opened(img: Image.Image) -> Image.Image:
     """Decode an image from `open_image` into RGB, EXIF orientation applied, 16-bit grey scaled to 8 bits."""
     try:
         img.load()
-    except (OSError, SyntaxError, ValueError) as exc:
+        img = ImageOps.exif_transpose(img)  # reads EXIF, which can be malformed too
+    except (OSError, SyntaxError, ValueError, struct.error) as exc:
         raise ImageError(f"the image is truncated or corrupt ({exc})") from None
-    img = ImageOps.exif_transpose(img)
     if img.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N"):  # 16-bit greyscale PNG: 0..65535
         grey = np.asarray(img, dtype=np.uint32) // 257
         img = Image.fromarray(grey.astype(np.uint8), mode="L")

@@ -17,7 +17,8 @@ MANIFEST_NAME = "manifest.json"
 SIGNATURE_NAME = "manifest.sig"
 
 
-def verify_signature(bundle_dir: Path, public_key_pem: bytes) -> None:
+def verify_signature(bundle_dir: Path, manifest_bytes: bytes, public_key_pem: bytes) -> None:
+    """`manifest_bytes` must be the very bytes the caller then parses (read once: no swap in between)."""
     from cryptography.exceptions import InvalidSignature
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
     from cryptography.hazmat.primitives.serialization import load_pem_public_key
@@ -31,9 +32,7 @@ def verify_signature(bundle_dir: Path, public_key_pem: bytes) -> None:
             f"bundle {bundle_dir} is not signed ({SIGNATURE_NAME} missing) and a public key is configured"
         )
     try:
-        key.verify(
-            base64.b64decode(sig_path.read_bytes(), validate=True), (Path(bundle_dir) / MANIFEST_NAME).read_bytes()
-        )
+        key.verify(base64.b64decode(sig_path.read_bytes(), validate=True), manifest_bytes)
     except (InvalidSignature, ValueError):
         raise BundleError(f"bundle {bundle_dir}: the signature does not match the manifest: refusing it") from None
 

@@ -1,0 +1,62 @@
+"""A hostile corpus, generated (no committed binaries): (name, files, form data, status, words in the detail)."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+from PIL import Image
+
+
+def encode(img: Image.Image, fmt: str, **kwargs) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, fmt, **kwargs)
+    return buf.getvalue()
+
+
+def one_bit_png(side: int) -> bytes:
+    """A few KB on the wire, side² pixels once decoded."""
+    return encode(Image.new("1", (side, side)), "PNG", optimize=True)
+
+
+def grey16_png(value: int, size=(200, 150)) -> bytes:
+    return encode(Image.fromarray(np.full(size[::-1], value, np.uint16)), "PNG")
+
+
+def mpo(size=(200, 150)) -> bytes:
+    a, b = Image.new("RGB", size, (180, 120, 90)), Image.new("RGB", size, (20, 20, 20))
+    return encode(a, "MPO", save_all=True, append_images=[b])
+
+
+def bad_exif_png() -> bytes:
+    """A PNG whose EXIF text chunk is not hex: Pillow raises ValueError while reading the orientation."""
+    from PIL import PngImagePlugin
+
+    info = PngImagePlugin.PngInfo()
+    info.add_text("Raw profile type exif", "\nexif\n 12\nzz not hex at all")
+    return encode(Image.new("RGB", (64, 64)), "PNG", pnginfo=info)
+
+
+def image_cases(jpeg: bytes, max_pixels: int) -> list[tuple[str, dict, dict, int, str]]:
+    side = int(max_pixels**0.5) + 100
+    image = {"image": ("a.jpg", jpeg, "image/jpeg")}
+    return [
+        ("tiny", {"image": ("t.png", encode(Image.new("RGB", (1, 1)), "PNG"))}, {}, 422, "at least 32 pixels"),
+        ("sliver", {"image": ("s.png", encode(Image.new("RGB", (4000, 40)), "PNG"))}, {}, 422, "at most 4x"),
+        ("1-bit bomb", {"image": ("b.png", one_bit_png(side))}, {}, 413, "over the limit"),
+        ("tiff", {"image": ("x.tif", encode(Image.new("RGB", (64, 64)), "TIFF"))}, {}, 415, "unsupported image format"),
+        ("bad exif", {"image": ("e.png", bad_exif_png())}, {}, 400, "corrupt"),
+        (
+            "html",
+            {"image": ("x.png", b"<html><script>alert(1)</script></html>", "image/png")},
+            {},
+            400,
+            "not a readable",
+        ),
+        ("deep json", image, {"metadata": "[" * 5000}, 422, "cannot be read"),
+        ("huge int", image, {"metadata": '{"age": ' + "9" * 5000 + "}"}, 422, "cannot be read"),
+        ("boolean age", image, {"metadata": '{"age": false}'}, 422, "not true/false"),
+        ("nan age", image, {"metadata": '{"age": NaN}'}, 422, "age"),
+        ("object site", image, {"metadata": '{"site": {"a": 1}}'}, 422, "must be a string"),
+        ("null body", image, {"metadata": "null"}, 200, ""),
+    ]
