@@ -41,6 +41,14 @@ def test_per_request_pixel_budget_is_counted_before_decoding(app_factory, tiny_r
     assert client.post("/predict/batch", files=files[:2]).status_code == 200
 
 
+def test_the_batch_count_is_checked_while_parsing(app_factory, tiny_run, sample_dir):
+    client = app_factory(tiny_run / "bundle", max_batch=2)
+    jpeg = sample_images(sample_dir)[0].read_bytes()
+    r = client.post("/predict/batch", files=[("images", (f"{i}.jpg", jpeg)) for i in range(3)])
+    assert r.status_code == 400 and "Too many files" in r.json()["detail"] and r.json()["request_id"]
+    assert client.post("/predict/batch", files=[("images", (f"{i}.jpg", jpeg)) for i in range(2)]).status_code == 200
+
+
 def test_16_bit_png_is_scaled_not_saturated_and_mpo_is_a_jpeg(api):
     spec = ImageSpec(width=64, height=48)
     assert load_for_model(grey16_png(32768), spec).mean() == pytest.approx(127.5, abs=1)

@@ -53,6 +53,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
         docs_url=None,  # served by the operations router from local files: the docs page works offline
         redoc_url=None,
+        # the multipart parser stops at the (max_batch + 1)th file part, before buffering it
+        form_limits={"max_files": settings.max_batch, "max_fields": 4},
     )
     app.state.settings, app.state.model, app.state.metrics = settings, state, metrics
     app.state.docs_html = operations.docs_page(app)

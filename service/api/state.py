@@ -34,4 +34,5 @@ class ModelState:
         predictor.predict(np.full((1, spec.height, spec.width, 3), 128, np.uint8), [None])  # warm-up
         self.decode_slots = threading.BoundedSemaphore(settings.decode_slots or settings.cores_per_worker())
         self.predictor = predictor
-        log.info("model loaded and warmed up", extra={"bundle_id": predictor.manifest.bundle_id})
+        bundle_id = predictor.manifest.bundle_id
+        log.info("model %s loaded and warmed up", bundle_id, extra={"bundle_id": bundle_id})
