@@ -160,14 +160,30 @@ def test_a_pickle_with_a_matching_hash_still_cannot_run_code(tiny_run, tmp_path)
     assert not marker.exists()
 
 
-def test_model_classes_are_rebuilt_never_called_with_pickle_chosen_arguments(tiny_run, tmp_path):
-    """xgboost.core.Booster is an allowed class, but Booster(model_file=PATH) would open any file."""
+def function_transformer_pipeline() -> bytes:
+    """An allowed Pipeline wrapping FunctionTransformer(func=...): harmless to load, runs code at predict."""
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import FunctionTransformer
+
+    return pickle.dumps(make_pipeline(FunctionTransformer(func=print)))
+
+
+@pytest.mark.parametrize(
+    "pickled, words",
+    [  # xgboost.core.Booster is an allowed class, but Booster(model_file=PATH) would open any file
+        (b"cxgboost.core\nBooster\n(NNV/etc/hostname\ntR.", r"call xgboost\.core\.Booster"),  # REDUCE
+        (b"(NNV/etc/hostname\nixgboost.core\nBooster\n.", "INST/OBJ"),  # protocol 0 INST
+        (b"(cxgboost.core\nBooster\nNNV/etc/hostname\no.", "INST/OBJ"),  # protocol 1 OBJ
+        (b"\x80\x02cxgboost.core\nBooster\nNNV/etc/hostname\n\x87\x81.", "create"),  # NEWOBJ with arguments
+        (function_transformer_pipeline(), "FunctionTransformer"),
+    ],
+)
+def test_model_classes_are_rebuilt_never_called_with_pickle_chosen_arguments(tiny_run, tmp_path, pickled, words):
     bundle = copy_bundle(tiny_run / "bundle", tmp_path / "b")
     booster = read_manifest(bundle).boosters[0]
-    evil = b"cxgboost.core\nBooster\n(NN" + b"V" + str(tiny_run / "bundle" / booster.file).encode() + b"\ntR."
-    (bundle / booster.file).write_bytes(evil)
-    rewrite_manifest(bundle, lambda m: m["files"].update({booster.file: hashlib.sha256(evil).hexdigest()}))
-    with pytest.raises(BundleError, match=r"asks to call xgboost\.core\.Booster.*refusing"):
+    (bundle / booster.file).write_bytes(pickled)
+    rewrite_manifest(bundle, lambda m: m["files"].update({booster.file: hashlib.sha256(pickled).hexdigest()}))
+    with pytest.raises(BundleError, match=rf"{words}.*refusing"):
         Predictor.load(bundle)
 
 

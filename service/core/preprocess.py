@@ -92,9 +92,14 @@ def decode_opened(img: Image.Image) -> Image.Image:
     """Decode an image from `open_image` into RGB, EXIF orientation applied, 16-bit grey scaled to 8 bits."""
     try:
         img.load()
-        img = ImageOps.exif_transpose(img)  # reads EXIF, which can be malformed too
     except (OSError, SyntaxError, ValueError, struct.error) as exc:
         raise ImageError(f"the image is truncated or corrupt ({exc})") from None
+    try:
+        img = ImageOps.exif_transpose(img)
+    except MemoryError:
+        raise
+    except Exception as exc:  # malformed EXIF raises many types in Pillow (ValueError, TypeError, IndexError, ...)
+        raise ImageError(f"the image's EXIF data is corrupt ({type(exc).__name__}: {exc})") from None
     if img.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N"):  # 16-bit greyscale PNG: 0..65535
         grey = np.asarray(img, dtype=np.uint32) // 257
         img = Image.fromarray(grey.astype(np.uint8), mode="L")

@@ -1,17 +1,18 @@
 """Unpickling a bundle's models through an allow-list: defence in depth behind the sha256 check.
 
-A pickle can name any importable callable (`os.system`, `builtins.eval`, ...) and have it called
-while loading. This unpickler resolves only what the bundle's models need: estimator and booster
-classes of the libraries the manifest lists, numpy's array machinery and a few plain containers.
-Model classes may only be *rebuilt* (created empty, then given their saved state), never *called*
-with arguments a pickle chooses (a booster's constructor opens whatever file path it is given);
-only numpy's reconstructors and plain containers may be called. Anything else stops the load with
-a BundleError naming what was asked for.
+A pickle is a small program: it can name any importable callable (`os.system`, a booster class
+whose constructor opens a file path) and have it called with arguments it chooses. This unpickler
+runs only the steps model pickles need:
+- names resolve only to an exact list of model classes (of the libraries the manifest lists for the
+  file), numpy's array reconstructors and a few plain containers; nothing else is even imported;
+- only those reconstructors and containers may be *called* (REDUCE); model classes are only
+  *rebuilt*: created empty (NEWOBJ, no arguments) and given their saved state by their own class's
+  `__setstate__` (BUILD); the protocol-0/1 instantiation opcodes (INST, OBJ) are refused.
+Anything else stops the load with a BundleError saying what was asked for.
 """
 
 from __future__ import annotations
 
-import importlib
 import io
 import pickle
 from collections.abc import Iterable
@@ -19,7 +20,7 @@ from typing import Any
 
 from service.core.errors import BundleError
 
-CALLABLE = {  # may be called while loading (pickle's REDUCE): they build data, nothing else
+CALLABLE = {  # may be called while loading: they build data, nothing else
     ("builtins", "bytearray"),
     ("builtins", "set"),
     ("builtins", "frozenset"),
@@ -31,29 +32,31 @@ CALLABLE = {  # may be called while loading (pickle's REDUCE): they build data, 
 NUMPY = {("numpy", "dtype"), ("numpy", "ndarray")} | {
     (m, n) for m in ("numpy._core.multiarray", "numpy.core.multiarray") for n in ("_reconstruct", "scalar")
 }
+MODEL_CLASSES = {  # the classes a bundle's model objects are made of; rebuilt, never called
+    ("xgboost.sklearn", "XGBClassifier"),
+    ("xgboost.core", "Booster"),
+    ("lightgbm.sklearn", "LGBMClassifier"),
+    ("lightgbm.basic", "Booster"),
+    ("catboost.core", "CatBoostClassifier"),
+    ("sklearn.pipeline", "Pipeline"),
+    ("sklearn.preprocessing._data", "StandardScaler"),
+    ("sklearn.preprocessing._label", "LabelEncoder"),
+    ("sklearn.linear_model._logistic", "LogisticRegressionCV"),
+}
 IMPORT_NAMES = {"scikit-learn": "sklearn"}  # distribution -> import name, where they differ
-MODEL_BASES = [  # what a model object (or a part of one) may be, or derive from
-    "sklearn.base:BaseEstimator",
-    "xgboost.core:Booster",
-    "lightgbm.basic:Booster",
-    "catboost.core:CatBoost",
-]
+
+Pickler = pickle._Unpickler  # the Python implementation: its opcodes can be checked one by one
 
 
-def _resolve(path: str) -> type:
-    module, name = path.split(":")
-    return getattr(importlib.import_module(module), name)
-
-
-class AllowListUnpickler(pickle._Unpickler):  # the Python implementation, so REDUCE can be checked
-    dispatch = dict(pickle._Unpickler.dispatch)
+class AllowListUnpickler(Pickler):
+    dispatch = dict(Pickler.dispatch)
 
     def __init__(self, file: io.BufferedIOBase, libraries: Iterable[str], what: str) -> None:
         super().__init__(file)
-        roots = {IMPORT_NAMES.get(lib, lib).replace("-", "_") for lib in libraries}
-        self.bases = tuple(_resolve(b) for b in MODEL_BASES if b.split(".")[0] in roots)
-        self.roots, self.what = roots, what
+        self.roots = {IMPORT_NAMES.get(lib, lib).replace("-", "_") for lib in libraries}
+        self.what = what
         self.callable_ids: set[int] = set()
+        self.class_ids: set[int] = set()
 
     def refuse(self, what: str) -> BundleError:
         return BundleError(f"{self.what} asks to {what}, which no model of this bundle needs: refusing it")
@@ -63,20 +66,57 @@ class AllowListUnpickler(pickle._Unpickler):  # the Python implementation, so RE
             obj = super().find_class(module, name)
             self.callable_ids.add(id(obj))
             return obj
-        root = module.split(".")[0]
-        if root in self.roots and root != "numpy" and self.bases:
+        if (module, name) in MODEL_CLASSES and module.split(".")[0] in self.roots:
             obj = super().find_class(module, name)
-            if isinstance(obj, type) and issubclass(obj, self.bases):
-                return obj
+            self.class_ids.add(id(obj))
+            return obj
         raise self.refuse(f"load {module}.{name}")
 
-    def load_reduce(self) -> None:
-        func = self.stack[-2]  # type: ignore[attr-defined]  # the Python unpickler's working stack
+    def load_reduce(self) -> None:  # func(*args)
+        func = self.stack[-2]  # type: ignore[attr-defined]
         if id(func) not in self.callable_ids:
             raise self.refuse(f"call {getattr(func, '__module__', '?')}.{getattr(func, '__qualname__', func)}")
-        pickle._Unpickler.load_reduce(self)  # type: ignore[attr-defined]
+        Pickler.load_reduce(self)  # type: ignore[attr-defined]
+
+    def check_new(self, cls: Any, args: tuple, kwargs: dict | None = None) -> None:
+        if not isinstance(cls, type) or id(cls) not in self.class_ids or args or kwargs:
+            raise self.refuse(f"create {getattr(cls, '__qualname__', cls)!r} with arguments {args!r}")
+
+    def load_newobj(self) -> None:  # cls.__new__(cls, *args)
+        self.check_new(self.stack[-2], self.stack[-1])  # type: ignore[attr-defined]
+        Pickler.load_newobj(self)  # type: ignore[attr-defined]
+
+    def load_newobj_ex(self) -> None:  # cls.__new__(cls, *args, **kwargs)
+        self.check_new(self.stack[-3], self.stack[-2], self.stack[-1])  # type: ignore[attr-defined]
+        Pickler.load_newobj_ex(self)  # type: ignore[attr-defined]
+
+    def load_build(self) -> None:
+        """Give an object its state through its *class's* __setstate__ (never one planted on the instance)."""
+        state = self.stack.pop()  # type: ignore[attr-defined]
+        inst = self.stack[-1]  # type: ignore[attr-defined]
+        if isinstance(inst, type):
+            raise self.refuse(f"set the state of the class {inst.__qualname__}")
+        setstate = getattr(type(inst), "__setstate__", None)
+        if setstate is not None:
+            setstate(inst, state)
+            return
+        slots = None
+        if isinstance(state, tuple) and len(state) == 2:
+            state, slots = state
+        if state:
+            inst.__dict__.update(state)
+        for k, v in (slots or {}).items():
+            setattr(inst, k, v)
+
+    def refuse_opcode(self) -> None:
+        raise self.refuse("instantiate a class with protocol 0/1 opcodes (INST/OBJ)")
 
     dispatch[pickle.REDUCE[0]] = load_reduce  # type: ignore[assignment]
+    dispatch[pickle.NEWOBJ[0]] = load_newobj  # type: ignore[assignment]
+    dispatch[pickle.NEWOBJ_EX[0]] = load_newobj_ex  # type: ignore[assignment]
+    dispatch[pickle.BUILD[0]] = load_build  # type: ignore[assignment]
+    dispatch[pickle.INST[0]] = refuse_opcode  # type: ignore[assignment]
+    dispatch[pickle.OBJ[0]] = refuse_opcode  # type: ignore[assignment]
 
 
 def load_model(data: bytes, libraries: Iterable[str], what: str) -> Any:
