@@ -22,7 +22,7 @@ import torch
 from service.core import labels
 from service.core.bundle import library_versions, sha256_file
 from service.core.features import FeatureSpec, soft_vote, stack_inputs
-from service.core.manifest import MANIFEST_NAME, CnnModel, Manifest, ModelFile
+from service.core.manifest import MANIFEST_NAME, CnnModel, Manifest, ModelFile, libraries_of
 from service.core.predictor import Predictor
 from service.core.preprocess import to_model_input
 from training.boosters import BOOSTERS, feature_matrix
@@ -52,12 +52,10 @@ def roster(run) -> tuple[CnnModel, list[ModelFile], ModelFile]:
     return cnn, boosters, stack
 
 
-def build_manifest(run, folder: Path) -> Manifest:
+def build_manifest(run, folder: Path, cnn: CnnModel, boosters: list[ModelFile], stack: ModelFile) -> Manifest:
     report = json.loads((run.artifacts / "report.json").read_text())
-    cnn, boosters, stack = roster(run)
     files = {p.name: sha256_file(p) for p in sorted(folder.iterdir())}
     created = dt.datetime.now(dt.timezone.utc).replace(microsecond=0)
-    libraries = sorted({lib for m in [cnn, *boosters, stack] for lib in m.libraries})
     return Manifest(
         bundle_id=f"ham-resnet18-{created:%Y%m%dT%H%M%SZ}-{files[CNN_FILE][:8]}",
         created_at=created.isoformat(),
@@ -72,7 +70,7 @@ def build_manifest(run, folder: Path) -> Manifest:
         stack=stack,
         served=STACK,
         files=files,
-        library_versions=library_versions(libraries),
+        library_versions=library_versions(libraries_of([cnn, *boosters, stack])),
         metrics={m: {k: v["value"] for k, v in r.items()} for m, r in report["models"].items()},
         training={"config": run.cfg.model_dump(), "data": report["data"], "report": "artifacts/report.json"},
     )
@@ -116,7 +114,7 @@ def write_bundle(run) -> Path:
         shutil.copy2(run.dir / "cnn" / "cnn.onnx", tmp / cnn.file)
         for m in [*boosters, stack]:
             shutil.copy2(run.models / f"{m.name}.pkl", tmp / m.file)
-        manifest = build_manifest(run, tmp)
+        manifest = build_manifest(run, tmp, cnn, boosters, stack)
         (tmp / MANIFEST_NAME).write_text(manifest.model_dump_json(indent=2))
         tmp.chmod(0o755)
         Predictor.load(tmp)  # the bundle must load before it is published

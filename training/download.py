@@ -22,11 +22,8 @@ METADATA_SHA256 = "06aee5e603d313ba69de38263053c792a1dff030eb9c44a96ceb477ceefb9
 
 
 def _digest(path: Path, algo: str) -> str:
-    h = hashlib.new(algo)
     with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+        return hashlib.file_digest(f, algo).hexdigest()
 
 
 def list_files(client: httpx.Client, base_url: str) -> list[dict]:

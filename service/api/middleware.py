@@ -65,18 +65,17 @@ class RequestGuard:
                     h.setdefault(k, v)
             await send(message)
 
+        limit = self.settings.max_request_bytes(scope["path"])
         try:
-            refusal = self.refusal(scope, headers)
+            refusal = self.refusal(scope, headers, limit)
             if refusal is not None:
                 await error_response(*refusal, request_id, CLOSE)(scope, receive, send_with_headers)
             else:
-                await self.app(
-                    scope, self.counted(receive, self.settings.max_request_bytes(scope["path"])), send_with_headers
-                )
+                await self.app(scope, self.counted(receive, limit), send_with_headers)
         finally:
             self.observe(scope, status["code"], time.perf_counter() - start, request_id)
 
-    def refusal(self, scope: Scope, headers: Headers) -> tuple[int, str] | None:
+    def refusal(self, scope: Scope, headers: Headers, limit: int) -> tuple[int, str] | None:
         """What to answer without reading the body, or None to go on."""
         if needs_key(scope["path"]) and not key_is_valid(self.settings, headers.get(API_KEY_HEADER)):
             return 401, f"missing or wrong {API_KEY_HEADER} header"
@@ -85,7 +84,6 @@ class RequestGuard:
             return 400, "send either Content-Length or Transfer-Encoding, not both"
         if length is not None and not length.isdigit():
             return 400, "Content-Length must be a number of bytes"
-        limit = self.settings.max_request_bytes(scope["path"])
         if length is not None and int(length) > limit:
             return 413, f"request body is over the {limit} byte limit"
         return None

@@ -16,19 +16,12 @@ from service.core.errors import BundleError
 from service.core.manifest import FORMAT_VERSION, MANIFEST_NAME, Manifest
 from service.core.signing import verify_signature
 
-__all__ = ["BundleError", "check_libraries", "read_manifest", "read_verified", "verify_bundle", "verify_signature"]
-
-
-def sha256_bytes(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
+__all__ = ["BundleError", "check_libraries", "read_manifest", "read_verified", "verify_bundle"]
 
 
 def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
     with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def library_versions(names: Iterable[str]) -> dict[str, str]:
@@ -83,30 +76,33 @@ def bundle_file(bundle_dir: Path, name: str) -> Path:
     return path
 
 
-def read_verified(bundle_dir: Path, manifest: Manifest, name: str) -> bytes:
-    """A bundle file's bytes, checked against the manifest's sha256 (the very bytes that will be used)."""
-    digest = manifest.files.get(name)
-    if digest is None:
+def listed_file(bundle_dir: Path, manifest: Manifest, name: str) -> Path:
+    """A file the manifest lists, present and inside the bundle folder."""
+    if name not in manifest.files:
         raise BundleError(f"{name} is not listed in the manifest's files: refusing to open it")
     path = bundle_file(bundle_dir, name)
     if not path.is_file():
         raise BundleError(f"bundle file {name} is missing from {bundle_dir}")
-    data = path.read_bytes()
-    if sha256_bytes(data) != digest:
+    return path
+
+
+def check_digest(manifest: Manifest, name: str, digest: str) -> None:
+    if digest != manifest.files[name]:
         raise BundleError(f"bundle file {name} does not match its sha256 in the manifest: refusing to load it")
+
+
+def read_verified(bundle_dir: Path, manifest: Manifest, name: str) -> bytes:
+    """A bundle file's bytes, checked against the manifest's sha256 (the very bytes that will be used)."""
+    data = listed_file(bundle_dir, manifest, name).read_bytes()
+    check_digest(manifest, name, hashlib.sha256(data).hexdigest())
     return data
 
 
 def verify_bundle(bundle_dir: str | Path, manifest: Manifest) -> None:
-    """Every file's sha256 and the needed libraries' versions: a one-line error before anything is
-    loaded. (The signature is checked by `read_manifest`.)"""
-    bundle_dir = Path(bundle_dir)
-    for name, digest in manifest.files.items():
-        path = bundle_file(bundle_dir, name)
-        if not path.is_file():
-            raise BundleError(f"bundle file {name} is missing from {bundle_dir}")
-        if sha256_file(path) != digest:
-            raise BundleError(f"bundle file {name} does not match its sha256 in the manifest: refusing to load it")
+    """Every file's sha256 (streamed, not held in memory) and the needed libraries' versions: a
+    one-line error before anything is loaded. (The signature is checked by `read_manifest`.)"""
+    for name in manifest.files:
+        check_digest(manifest, name, sha256_file(listed_file(Path(bundle_dir), manifest, name)))
     check_libraries(manifest)
 
 

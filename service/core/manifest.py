@@ -30,6 +30,11 @@ class CnnModel(ModelFile):
     training_precision: str = Field(description="autocast used while training (inference is fp32)")
 
 
+def libraries_of(models: list[ModelFile]) -> list[str]:
+    """Every distribution the given models need, sorted, once each."""
+    return sorted({lib for m in models for lib in m.libraries})
+
+
 class Manifest(BaseModel):
     format_version: int = FORMAT_VERSION
     bundle_id: str
@@ -65,7 +70,7 @@ class Manifest(BaseModel):
 
     @property
     def required_libraries(self) -> list[str]:
-        return sorted({lib for m in self.model_files for lib in m.libraries})
+        return libraries_of(self.model_files)
 
     @model_validator(mode="after")
     def _roster_is_consistent(self) -> Manifest:

@@ -76,9 +76,9 @@ def open_image(data: bytes, spec: ImageSpec | None = None, max_pixels: int = DEF
     if spec is not None and img.format in JPEG_FORMATS:
         side = 2 * max(spec.width, spec.height)  # keep 2x the input size whatever the EXIF rotation
         img.draft("RGB", (side, side))
-    if img.width * img.height > max_pixels:
+    if decoded_pixels(img) > max_pixels:
         raise ImageTooLargeError(
-            f"image is {w}x{h} pixels and decodes to {img.width * img.height} pixels, over the limit of {max_pixels}"
+            f"image is {w}x{h} pixels and decodes to {decoded_pixels(img)} pixels, over the limit of {max_pixels}"
         )
     return img
 

@@ -19,7 +19,6 @@ from service.api.schemas import (
     BatchResponse,
     ErrorResponse,
     ModelRef,
-    PredictionFields,
     PredictResponse,
 )
 from service.api.settings import BATCH_ROUTE, Settings
@@ -36,7 +35,7 @@ from service.core.preprocess import (
     resize_for_model,
 )
 
-ERRORS: dict[int | str, dict] = {code: {"model": ErrorResponse} for code in (400, 401, 411, 413, 415, 422, 503)}
+ERRORS: dict[int | str, dict] = {code: {"model": ErrorResponse} for code in (400, 401, 408, 413, 415, 422, 503)}
 
 LARGE_DECODE = 4_000_000  # decoded pixels in a request above which freed memory is handed back
 try:  # glibc's malloc_trim; absent elsewhere (musl, macOS), where nothing is trimmed
@@ -103,13 +102,13 @@ def predict_uploads(
     uploads: list[tuple[bytes, str | None]],
     metas: list[ClinicalMetadata],
     predictor: Predictor,
-    state: ModelState,
+    slots: Semaphore,
     settings: Settings,
     metrics: Metrics,
     route: str,
 ) -> list[Prediction]:
     """Decode the uploads and run the whole stack once on them; CPU work, run in the thread pool."""
-    batch = decode_all(uploads, predictor.manifest.preprocessing, state.decode_slots, settings)
+    batch = decode_all(uploads, predictor.manifest.preprocessing, slots, settings)
     t0 = time.perf_counter()
     preds = predictor.predict(batch, metas)  # the CNN runs once on the whole batch
     metrics.inference.labels(route).observe(time.perf_counter() - t0)
@@ -131,11 +130,10 @@ async def predict(
     data = await read_upload(image, settings)
     meta = metadata_from_json(metadata, predictor.manifest.features)
     (pred,) = await run_in_threadpool(
-        predict_uploads, [(data, image.filename)], [meta], predictor, state, settings, metrics, "/predict"
+        predict_uploads, [(data, image.filename)], [meta], predictor, state.decode_slots, settings, metrics, "/predict"
     )
     m = predictor.manifest
-    fields = PredictionFields.from_prediction(pred, m).model_dump()
-    return PredictResponse(**fields, model=ModelRef.of(m), request_id=request.state.request_id)
+    return PredictResponse.from_prediction(pred, m, model=ModelRef.of(m), request_id=request.state.request_id)
 
 
 @router.post(BATCH_ROUTE, response_model=BatchResponse)
@@ -148,12 +146,12 @@ async def predict_batch(
     settings: Settings = Depends(get_settings),
     metrics: Metrics = Depends(get_metrics),
 ) -> BatchResponse:
-    if len(images) > settings.max_batch:
-        raise HTTPException(413, f"{len(images)} images is over the batch limit of {settings.max_batch}")
     check_metadata_size(metadata, settings)
     uploads = [(await read_upload(f, settings), f.filename) for f in images]
     metas = metadata_list_from_json(metadata, len(images), predictor.manifest.features)
-    preds = await run_in_threadpool(predict_uploads, uploads, metas, predictor, state, settings, metrics, BATCH_ROUTE)
+    preds = await run_in_threadpool(
+        predict_uploads, uploads, metas, predictor, state.decode_slots, settings, metrics, BATCH_ROUTE
+    )
     m = predictor.manifest
     items = [BatchItem.from_prediction(p, m, filename=name) for (_, name), p in zip(uploads, preds)]
     return BatchResponse(predictions=items, model=ModelRef.of(m), request_id=request.state.request_id)
