@@ -52,7 +52,7 @@ def smoke_run(sample_dir, tmp_path_factory) -> Path:
     """One smoke-preset training run on the whole real sample."""
     # LESION_TEST_RUN_DIR reuses (resumes) one run across pytest sessions while developing
     run_dir = Path(os.environ.get("LESION_TEST_RUN_DIR") or tmp_path_factory.mktemp("smoke") / "run")
-    return train(sample_dir, run_dir, "--preset", "smoke")
+    return train(sample_dir, run_dir, "--preset", "smoke", "--keep-fp32")
 
 
 @pytest.fixture(scope="session")

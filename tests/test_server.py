@@ -60,8 +60,8 @@ def test_concurrent_requests_each_get_their_own_answer(server, sample_dir):
     for i, probs in results:
         by_image.setdefault(i, []).append(probs)
     assert len(by_image) == len(paths)
-    for probs in by_image.values():
-        assert all(p == probs[0] for p in probs)
+    for probs in by_image.values():  # batched with different neighbours: equal up to float rounding
+        assert all(np.allclose([p[c] for c in sorted(p)], [probs[0][c] for c in sorted(p)], atol=1e-5) for p in probs)
     assert len({json.dumps(v[0], sort_keys=True) for v in by_image.values()}) == len(paths)  # different images differ
 
 

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import onnxruntime as ort
@@ -87,12 +88,13 @@ def test_onnx_matches_torch_on_real_images(smoke_run, sample_dir):
     spec = cfg.image_spec()
     paths = sorted((sample_dir / "images").iterdir())[:16]
     images = np.stack([load_for_model(p.read_bytes(), spec) for p in paths])
-    members = [cnn_module.load_fold_model(smoke_run / "cnn", k) for k in range(cfg.folds)]
+    members = cnn_module.served_members(SimpleNamespace(dir=smoke_run, cfg=cfg))  # refit.pt exists: no training
     x = to_model_input(images, spec)
     with torch.no_grad():
         expected = FoldEnsemble(members)(torch.from_numpy(x)).numpy()
     manifest = read_manifest(smoke_run / "bundle")
-    session = ort.InferenceSession(str(smoke_run / "bundle" / manifest.cnn.file), providers=["CPUExecutionProvider"])
+    fp32_graph = smoke_run / "cnn" / "cnn.onnx"  # what the bundle serves or, if int8 passed, carries beside it
+    session = ort.InferenceSession(str(fp32_graph), providers=["CPUExecutionProvider"])
     got = session.run([manifest.cnn.output_name], {manifest.cnn.input_name: x})[0]
     assert np.abs(got - expected).max() <= 1e-4
     assert session.get_inputs()[0].shape[0] == "batch"  # dynamic batch axis
@@ -191,8 +193,9 @@ def test_bundle_reproduces_what_training_computed(smoke_run):
         manifest.cnn.training_precision == run_config(smoke_run).precision
         and manifest.metrics[manifest.served]["bmca"] > 0
     )
+    assert manifest.cnn.members == 1 and (smoke_run / "cnn" / "refit.pt").exists()  # the default: one refit model
     ref = json.loads((smoke_run / "artifacts" / "reference_predictions.json").read_text())
-    predictor = Predictor.load(bundle)
+    predictor = Predictor.load(bundle, cnn_precision="fp32")  # torch computed fp32 (int8 is gated apart)
     images = np.stack([load_for_model(Path(p).read_bytes(), manifest.preprocessing) for p in ref["paths"]])
     assert np.abs(predictor.cnn_probs(images) - np.array(ref["cnn_torch"])).max() <= 1e-4
     expected = ref["probabilities_given_oof_cnn"]
@@ -205,7 +208,8 @@ def test_bundle_reproduces_what_training_computed(smoke_run):
 
 
 def test_bundle_with_chosen_boosters_serves_exactly_them(tiny_data, tmp_path, app_factory, sample_dir):
-    run_dir = train(tiny_data, tmp_path / "run", *TINY, "--boosters", "lightgbm,xgboost")
+    extra = ["--boosters", "lightgbm,xgboost", "--no-int8", "--served-cnn", "ensemble"]
+    run_dir = train(tiny_data, tmp_path / "run", *TINY, *extra)
     bundle = run_dir / "bundle"
     manifest = read_manifest(bundle)
     assert [b.name for b in manifest.boosters] == ["xgboost", "lightgbm"]
@@ -217,6 +221,7 @@ def test_bundle_with_chosen_boosters_serves_exactly_them(tiny_data, tmp_path, ap
         "xgboost.pkl",
     ]
     assert "catboost" not in manifest.library_versions
+    assert manifest.cnn.members == 3 and manifest.cnn.quantization is None  # the fold ensemble, no int8
     assert manifest.components == ["cnn", "xgboost", "lightgbm", "soft_vote", "stack"]
     api = app_factory(bundle)
     assert api.get("/model").json()["components"] == manifest.components

@@ -15,7 +15,7 @@ from training.errors import RunError
 from training.pipeline import STAGE_NAMES
 
 RUN_OVERRIDES = ["folds", "epochs", "image_size", "batch_size", "lr", "weights", "precision", "boosters", "seed"]
-RUN_OVERRIDES += ["workers", "bootstrap"]
+RUN_OVERRIDES += ["workers", "bootstrap", "served_cnn", "int8", "keep_fp32"]
 
 
 def add_run_args(p: argparse.ArgumentParser) -> None:
@@ -34,6 +34,18 @@ def add_run_args(p: argparse.ArgumentParser) -> None:
         help="training autocast; auto (default): bf16 where the hardware has it natively, else fp32. Eval is fp32",
     )
     p.add_argument("--boosters", help=f"comma-separated subset of {','.join(ALL_BOOSTERS)} (default: all)")
+    p.add_argument(
+        "--served-cnn",
+        choices=["ensemble", "refit"],
+        help="the CNN the bundle serves: one model refit on every row with the folds' recipe (default), or the "
+        "fold models averaged (folds x the cost; as accurate on held-out lesions: python -m benchmarks.compare_served_cnn)",
+    )
+    p.add_argument(
+        "--int8",
+        action=argparse.BooleanOptionalAction,
+        help="quantize the CNN to int8, served only if it passes its out-of-fold gate (default on)",
+    )
+    p.add_argument("--keep-fp32", action="store_true", default=None, help="bundle the fp32 CNN beside the int8 one")
     p.add_argument("--seed", type=int)
     p.add_argument("--workers", type=int, help="DataLoader workers (default 2)")
     p.add_argument("--bootstrap", type=int, help="bootstrap resamples for metric intervals")

@@ -22,30 +22,40 @@ import torch
 from service.core import labels
 from service.core.bundle import library_versions, sha256_file
 from service.core.features import FeatureSpec, soft_vote, stack_inputs
-from service.core.manifest import MANIFEST_NAME, CnnModel, Manifest, ModelFile, libraries_of
+from service.core.manifest import MANIFEST_NAME, CnnModel, Manifest, ModelFile, QuantizationGate, libraries_of
 from service.core.predictor import Predictor
 from service.core.preprocess import to_model_input
 from training.boosters import BOOSTERS, feature_matrix
-from training.cnn import load_fold_model
+from training.cnn import served_members
 from training.config import CNN, SOFT_VOTE, STACK
 from training.export import INPUT_NAME, OUTPUT_NAME
 from training.io import PROB_COLUMNS, atomic_write_text
 from training.models import FoldEnsemble
 
-CNN_FILE = "cnn.onnx"
+FP32_FILE, INT8_FILE = "cnn.onnx", "cnn.int8.onnx"  # the same names in RUN_DIR/cnn/ and in the bundle
 
 
 def roster(run) -> tuple[CnnModel, list[ModelFile], ModelFile]:
-    """The run's models as the manifest lists them: CNN, boosters in stacking order, stack."""
+    """The run's models as the manifest lists them: CNN, boosters in stacking order, stack.
+
+    The CNN is the int8 graph when its out-of-fold gate passed (the fp32 graph rides along with
+    --keep-fp32), else the fp32 graph; the gate's figures are recorded either way."""
+    gate = None
+    if run.cfg.int8:
+        gate = QuantizationGate.model_validate_json((run.dir / "cnn" / "quantization.json").read_text())
+    int8 = gate is not None and gate.passed
     cnn = CnnModel(
         name=CNN,
-        file=CNN_FILE,
+        file=INT8_FILE if int8 else FP32_FILE,
         libraries=["numpy", "onnxruntime"],
         input_name=INPUT_NAME,
         output_name=OUTPUT_NAME,
-        members=run.cfg.folds,
+        members=run.cfg.folds if run.cfg.served_cnn == "ensemble" else 1,
         architecture="resnet18",
         training_precision=run.cfg.precision,
+        precision="int8" if int8 else "fp32",
+        fp32_file=FP32_FILE if int8 and run.cfg.keep_fp32 else None,
+        quantization=gate,
     )
     boosters = [ModelFile(name=b, file=f"{b}.pkl", libraries=list(BOOSTERS[b].libraries)) for b in run.cfg.boosters]
     stack = ModelFile(name=STACK, file=f"{STACK}.pkl", libraries=["numpy", "scikit-learn"])
@@ -57,7 +67,7 @@ def build_manifest(run, folder: Path, cnn: CnnModel, boosters: list[ModelFile], 
     files = {p.name: sha256_file(p) for p in sorted(folder.iterdir())}
     created = dt.datetime.now(dt.timezone.utc).replace(microsecond=0)
     return Manifest(
-        bundle_id=f"ham-resnet18-{created:%Y%m%dT%H%M%SZ}-{files[CNN_FILE][:8]}",
+        bundle_id=f"ham-resnet18-{created:%Y%m%dT%H%M%SZ}-{files[cnn.file][:8]}",
         created_at=created.isoformat(),
         classes=labels.CLASSES,
         class_names=labels.CLASS_NAMES,
@@ -78,10 +88,10 @@ def build_manifest(run, folder: Path, cnn: CnnModel, boosters: list[ModelFile], 
 
 def reference_predictions(run, n: int = 8) -> dict:
     """Training's own numbers for n rows, computed without the Predictor:
-    the fold ensemble run in torch, and the refit level-2 models on the boosters' training features
+    the served CNN (fold ensemble or refit model) run in torch, and the refit level-2 models on the boosters' training features
     (whose CNN part is the out-of-fold CNN probabilities)."""
     idx = np.linspace(0, len(run.table) - 1, n).astype(int)
-    members = [load_fold_model(run.dir / "cnn", k) for k in range(run.cfg.folds)]
+    members = served_members(run)
     x = torch.from_numpy(to_model_input(run.images[idx], run.cfg.image_spec()))
     with torch.no_grad():
         cnn_torch = FoldEnsemble(members)(x).numpy().astype(np.float64)
@@ -111,7 +121,8 @@ def write_bundle(run) -> Path:
     tmp = Path(tempfile.mkdtemp(dir=run.dir, prefix=".bundle-"))
     try:
         cnn, boosters, stack = roster(run)
-        shutil.copy2(run.dir / "cnn" / "cnn.onnx", tmp / cnn.file)
+        for name in cnn.files:
+            shutil.copy2(run.dir / "cnn" / name, tmp / name)
         for m in [*boosters, stack]:
             shutil.copy2(run.models / f"{m.name}.pkl", tmp / m.file)
         manifest = build_manifest(run, tmp, cnn, boosters, stack)

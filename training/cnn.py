@@ -190,6 +190,34 @@ def train_fold(
     return summary
 
 
+def train_refit(cfg: RunConfig, images: np.ndarray, y: np.ndarray, rows: np.ndarray, log=print) -> nn.Module:
+    """One model on all `rows` with the folds' recipe (cfg.epochs, the same one-cycle schedule),
+    keeping the last epoch: there is no held-out fold to pick an epoch with."""
+    spec = cfg.image_spec()
+    t = build_fold(cfg.folds, cfg, images, y, rows)  # seed cfg.seed + folds: unlike any fold model's
+    for epoch in range(1, cfg.epochs + 1):
+        loss, ips = train_one_epoch(t, spec, desc=f"refit epoch {epoch}/{cfg.epochs}")
+        log(f"refit epoch {epoch}: train loss {loss:.3f}, {ips:.0f} train img/s")
+    return t.model.float().eval().cpu()
+
+
+def served_members(run) -> list[nn.Module]:
+    """The CNN the bundle serves: one model refit on every row (cnn/refit.pt, trained once), or with
+    --served-cnn ensemble the fold models, averaged in the graph. The fold models always give the
+    out-of-fold predictions the boosters and the report use."""
+    cnn_dir = run.dir / "cnn"
+    if run.cfg.served_cnn == "ensemble":
+        return [load_fold_model(cnn_dir, k) for k in range(run.cfg.folds)]
+    path = cnn_dir / "refit.pt"
+    if not path.exists():
+        y = run.table.label.to_numpy()
+        model = train_refit(run.cfg, run.images, y, np.arange(len(y)), run.log)
+        atomic_write(path, lambda p: torch.save(model.state_dict(), p))
+    model = build_resnet18(len(labels.CLASSES), "none")
+    model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+    return [model.eval()]
+
+
 def load_fold_model(cnn_dir: Path, k: int) -> nn.Module:
     model = build_resnet18(len(labels.CLASSES), "none")
     model.load_state_dict(torch.load(cnn_dir / f"fold{k}.pt", map_location="cpu", weights_only=True))
@@ -230,10 +258,24 @@ def training_throughput(run_dir: Path, folds: int) -> float:
 
 
 def export_stage(run) -> None:
-    """The fold models, averaged in one ONNX graph: cnn/cnn.onnx, parity-checked on real images."""
+    """The served CNN in one ONNX graph (the fold models averaged, or the refit model):
+    cnn/cnn.onnx, parity-checked on real images. With int8 on, also cnn/cnn.int8.onnx and the
+    gate measured on the fold models' out-of-fold images, cnn/quantization.json."""
     from training.export import export_onnx
 
-    members = [load_fold_model(run.dir / "cnn", k) for k in range(run.cfg.folds)]
+    served = served_members(run)
     rng = np.random.default_rng(run.cfg.seed)
     idx = np.sort(rng.choice(len(run.table), size=min(32, len(run.table)), replace=False))
-    export_onnx(members, run.cfg.image_spec(), run.images[idx], run.dir / "cnn" / "cnn.onnx", log=run.log)
+    cnn_dir = run.dir / "cnn"
+    export_onnx(served, run.cfg.image_spec(), run.images[idx], cnn_dir / "cnn.onnx", log=run.log)
+    if run.cfg.int8:
+        from training.quantize import quantize_ensemble, quantize_member
+
+        folds = [load_fold_model(cnn_dir, k) for k in range(run.cfg.folds)]
+        y, fold = run.table.label.to_numpy(), run.table.fold.to_numpy()
+        out = cnn_dir / "cnn.int8.onnx"
+        gate = quantize_ensemble(folds, run.images, y, fold, run.cfg.image_spec(), out, run.cfg.seed, run.log)
+        if run.cfg.served_cnn == "refit":  # the fold models' gate stands for the recipe; quantize the refit model
+            calib = np.sort(rng.choice(len(y), size=min(256, len(y)), replace=False))
+            quantize_member(cnn_dir / "cnn.onnx", run.images[calib], run.cfg.image_spec(), out)
+        atomic_write_text(cnn_dir / "quantization.json", gate.model_dump_json(indent=2))

@@ -40,6 +40,9 @@ class RunConfig(BaseModel):
     weights: str = "none"  # imagenet | none | PATH
     precision: Literal["bf16", "fp32"] = "bf16"  # training autocast; evaluation is always fp32
     boosters: list[str] = ALL_BOOSTERS
+    served_cnn: Literal["ensemble", "refit"] = "refit"  # see `--served-cnn` and README "Which CNN is served"
+    int8: bool = True  # quantize the CNN; the bundle serves int8 only if it passes its out-of-fold gate
+    keep_fp32: bool = False  # also bundle the fp32 graph beside an int8 one (serving can then pick it)
     booster_rounds: int = 600
     bootstrap: int = 200
     seed: int = 42
@@ -76,7 +79,7 @@ class RunConfig(BaseModel):
 
     def fingerprint(self) -> dict:
         """Settings that change results: a resumed run must agree on them."""
-        return self.model_dump(exclude={"workers", "data_dir", "bootstrap"})
+        return self.model_dump(exclude={"workers", "data_dir", "bootstrap", "keep_fp32"})
 
 
 def native_precision() -> str:

@@ -5,7 +5,9 @@ RUN_DIR/
   artifacts/folds.csv          image_id, lesion_id, fold: read by every later stage
   artifacts/oof_<model>.csv    image_id, fold, p_<class>...: out-of-fold probabilities
   artifacts/report.{json,md}, artifacts/plots/*.png
-  cnn/fold<k>.pt, cnn/cnn.onnx fold models and their exported ensemble
+  cnn/fold<k>.pt               fold models (out-of-fold predictions)
+  cnn/refit.pt, cnn/cnn.onnx   the served CNN (refit on all rows, or the fold ensemble) in ONNX
+  cnn/cnn.int8.onnx, cnn/quantization.json   the int8 ensemble and its out-of-fold gate
   models/<name>.pkl            level-2 models refit on all rows
   bundle/                      what the service loads, and nothing else
 """
@@ -71,6 +73,11 @@ class Stage:
     run: Callable[[Run], None]
 
 
+def export_outputs(run: Run) -> list[Path]:
+    cnn = run.dir / "cnn"
+    return [cnn / "cnn.onnx"] + ([cnn / "cnn.int8.onnx", cnn / "quantization.json"] if run.cfg.int8 else [])
+
+
 def make_folds_stage(run: Run) -> None:
     run.table  # noqa: B018 - creates folds.csv
 
@@ -78,7 +85,7 @@ def make_folds_stage(run: Run) -> None:
 STAGES: list[Stage] = [
     Stage("folds", lambda r: [folds_path(r.dir)], make_folds_stage),
     Stage("cnn", lambda r: [r.artifacts / "oof_cnn.csv"], lazy("training.cnn", "cnn_stage")),
-    Stage("export", lambda r: [r.dir / "cnn" / "cnn.onnx"], lazy("training.cnn", "export_stage")),
+    Stage("export", export_outputs, lazy("training.cnn", "export_stage")),
     Stage(
         "boosters",
         lambda r: [p for m in r.cfg.boosters for p in (r.artifacts / f"oof_{m}.csv", r.models / f"{m}.pkl")],

@@ -44,7 +44,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         state.load(settings)  # BundleError: this worker stops, nothing is served
+        state.start_batcher(settings, metrics)
         yield
+        await state.batcher.stop()  # type: ignore[union-attr]
 
     app = FastAPI(
         title="Skin lesion classifier",

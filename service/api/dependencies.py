@@ -10,7 +10,6 @@ from fastapi.security import APIKeyHeader
 from service.api.metrics import Metrics
 from service.api.settings import Settings
 from service.api.state import ModelState
-from service.core.manifest import Manifest
 from service.core.predictor import Predictor
 
 API_KEY_HEADER = "X-API-Key"
@@ -33,10 +32,6 @@ def get_predictor(state: ModelState = Depends(get_state)) -> Predictor:
     if state.predictor is None:
         raise HTTPException(503, "model is still loading")
     return state.predictor
-
-
-def get_manifest(predictor: Predictor = Depends(get_predictor)) -> Manifest:
-    return predictor.manifest
 
 
 def key_is_valid(settings: Settings, sent: str | None) -> bool:

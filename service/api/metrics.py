@@ -23,9 +23,19 @@ class Metrics:
         )
         self.inference = Histogram(
             "lesion_model_inference_seconds",
-            "Model time per request (CNN + boosters + stack)",
-            ["route"],
+            "Model time per micro-batch (CNN + boosters + stack)",
             registry=self.registry,
             buckets=(0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
         )
+        self.batch_size = Histogram(
+            "lesion_model_batch_images",
+            "Images per model call: concurrent requests gathered by the micro-batcher",
+            registry=self.registry,
+            buckets=(1, 2, 4, 8, 16, 32, 64),
+        )
         self.images = Counter("lesion_images_predicted_total", "Images predicted", registry=self.registry)
+
+    def observe_batch(self, images: int, seconds: float) -> None:
+        self.inference.observe(seconds)
+        self.batch_size.observe(images)
+        self.images.inc(images)

@@ -109,11 +109,12 @@ class ModelInfo(BaseModel):
     preprocessing: dict
     components: list[str] = Field(description="every model a prediction reports, in order")
     served_by: str
+    cnn: dict = Field(description="the CNN graph this worker runs: file, precision, fold models, the int8 gate")
     metrics: dict = Field(description="cross-validated (out-of-fold) metrics per model")
     training: dict
 
     @classmethod
-    def of(cls, m: Manifest) -> ModelInfo:
+    def of(cls, m: Manifest, cnn_file: str) -> ModelInfo:
         return cls(
             bundle_id=m.bundle_id,
             created_at=m.created_at,
@@ -124,6 +125,12 @@ class ModelInfo(BaseModel):
             preprocessing=m.preprocessing.model_dump(),
             components=m.components,
             served_by=m.served,
+            cnn={
+                "file": cnn_file,
+                "precision": m.cnn.precision if cnn_file == m.cnn.file else "fp32",
+                "members": m.cnn.members,
+                "quantization": m.cnn.quantization.model_dump() if m.cnn.quantization else None,
+            },
             metrics=m.metrics,
             training=m.training,
         )

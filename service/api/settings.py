@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Literal, NamedTuple
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -11,6 +12,14 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from service.core.preprocess import DEFAULT_MAX_PIXELS
 
 BATCH_ROUTE = "/predict/batch"
+
+
+class ThreadBudget(NamedTuple):
+    """Threads one worker may use, sized together so that the workers fill the cores and no more."""
+
+    onnxruntime: int  # the CNN's intra-op threads: the heavy part of every model call
+    boosters: int  # per booster call: small batches are fastest on one thread
+    decode: int  # images decoded at once (in the request thread pool)
 
 
 class Settings(BaseSettings):
@@ -26,6 +35,14 @@ class Settings(BaseSettings):
     max_pixels: int = Field(DEFAULT_MAX_PIXELS, ge=1, description="decoded pixels per image; more gets 413")
     max_request_pixels: int = Field(4 * DEFAULT_MAX_PIXELS, ge=1, description="decoded pixels per request")
     max_batch: int = Field(32, ge=1, description="images per /predict/batch request")
+    batch_max_size: int = Field(16, ge=1, description="micro-batching: most images in one model call")
+    batch_max_wait_ms: float = Field(
+        0.0, ge=0, description="micro-batching: how long a model call may wait for more requests; 0 = take what queued"
+    )
+    cnn_precision: Literal["auto", "fp32"] = Field(
+        "auto", description="auto: the bundle's CNN (int8 when it passed its gate); fp32: its fp32 graph, if bundled"
+    )
+    booster_threads: int = Field(1, ge=1, description="threads per booster call")
     max_metadata_bytes: int = Field(16 * 1024, ge=2, description="the metadata form field")
     decode_slots: int = Field(0, ge=0, description="images decoded at once per worker; 0 = CPU cores / workers")
     api_key: str | None = Field(None, description="if set, every route but health, docs and the page needs X-API-Key")
@@ -41,9 +58,11 @@ class Settings(BaseSettings):
     def cores_per_worker(self) -> int:
         return max(1, (os.cpu_count() or 1) // self.workers)
 
-    def intra_op_threads(self) -> int:
-        """Split the cores between workers so they do not oversubscribe the CPU."""
-        return self.ort_threads or self.cores_per_worker()
+    def thread_budget(self) -> ThreadBudget:
+        """Split the cores between workers so they do not oversubscribe the CPU. One model call runs
+        at a time per worker (the micro-batcher), so the CNN may use all of the worker's cores."""
+        cores = self.cores_per_worker()
+        return ThreadBudget(self.ort_threads or cores, self.booster_threads, self.decode_slots or cores)
 
     def max_request_bytes(self, path: str = BATCH_ROUTE) -> int:
         """The largest body a route accepts: its images plus the form's other fields."""

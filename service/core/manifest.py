@@ -7,13 +7,15 @@ and which libraries each file needs. Serving code reads every model name from he
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import BaseModel, Field, model_validator
 
 from service.core.features import FeatureSpec
 from service.core.preprocess import ImageSpec
 from service.core.signing import MANIFEST_NAME, SIGNATURE_NAME
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3  # 3: the CNN may be int8, with its gate figures and an optional fp32 graph
 
 
 class ModelFile(BaseModel):
@@ -22,12 +24,32 @@ class ModelFile(BaseModel):
     libraries: list[str] = Field(description="Python distributions needed to load the file")
 
 
+class QuantizationGate(BaseModel):
+    """int8 vs fp32 fold models on their out-of-fold images (training.quantize)."""
+
+    passed: bool
+    images: int
+    agreement: float = Field(description="top-1 agreement of int8 with fp32")
+    min_agreement: float
+    max_metric_drop: float = Field(description="largest allowed fall in malignant AUC and pAUC")
+    fp32: dict[str, float]
+    int8: dict[str, float]
+    members: list[dict] = Field(default_factory=list, description="per fold model: images, agreement, max diff")
+
+
 class CnnModel(ModelFile):
     input_name: str = Field(description="ONNX input: normalised float32 images, NCHW")
     output_name: str = Field(description="ONNX output: class probabilities")
     members: int = Field(description="fold models averaged inside the graph")
     architecture: str
-    training_precision: str = Field(description="autocast used while training (inference is fp32)")
+    training_precision: str = Field(description="autocast used while training")
+    precision: Literal["fp32", "int8"] = Field("fp32", description="weights and activations of `file`")
+    fp32_file: str | None = Field(None, description="the fp32 graph, when an int8 `file` is served beside it")
+    quantization: QuantizationGate | None = Field(None, description="the int8 gate, when one was measured")
+
+    @property
+    def files(self) -> list[str]:
+        return [self.file] + ([self.fp32_file] if self.fp32_file else [])
 
 
 def libraries_of(models: list[ModelFile]) -> list[str]:
@@ -82,10 +104,13 @@ class Manifest(BaseModel):
         for f in self.files:
             if not f or f in (".", "..") or any(c in f for c in "/\\\x00") or f in (MANIFEST_NAME, SIGNATURE_NAME):
                 raise ValueError(f"file name {f!r} is not a plain name inside the bundle")
-        for m in self.model_files:
-            if m.file not in self.files:
-                raise ValueError(f"model {m.name!r} file {m.file!r} is not among the hashed files")
-        unused = sorted(set(self.files) - {m.file for m in self.model_files})
+        used = [m.file for m in self.model_files] + self.cnn.files[1:]
+        for f in used:
+            if f not in self.files:
+                raise ValueError(f"model file {f!r} is not among the hashed files")
+        if self.cnn.fp32_file and self.cnn.precision != "int8":
+            raise ValueError("cnn.fp32_file is only for an int8 cnn.file")
+        unused = sorted(set(self.files) - set(used))
         if unused:
             raise ValueError(f"hashed files {unused} belong to no model: the roster and the file list must agree")
         missing = [lib for lib in self.required_libraries if lib not in self.library_versions]

@@ -5,10 +5,11 @@ This is also the offline inference API: `Predictor.load(dir).predict(images, met
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
@@ -32,14 +33,44 @@ class Prediction:
         return self.components[self.served]
 
 
+def cnn_graph(manifest: Manifest, precision: str) -> str:
+    """The bundle file of the CNN graph to serve."""
+    cnn = manifest.cnn
+    if precision == "auto" or cnn.precision == "fp32":
+        return cnn.file
+    if cnn.fp32_file is None:
+        raise BundleError(
+            "fp32 CNN asked for, but this bundle carries only its int8 graph "
+            "(train with --keep-fp32 to bundle both, or serve with cnn precision auto)"
+        )
+    return cnn.fp32_file
+
+
+def thread_limit(model: Any, threads: int) -> dict[str, int]:
+    """Limit an estimator's threads: scikit-learn style `n_jobs` is set on the model (XGBoost and
+    LightGBM read it when predicting); a `thread_count` argument of predict_proba (CatBoost, whose
+    fitted models refuse set_params) is returned, to be passed on every call."""
+    params = model.get_params() if hasattr(model, "get_params") else {}
+    if "n_jobs" in params:
+        model.set_params(n_jobs=threads)
+        return {}
+    if "thread_count" in inspect.signature(model.predict_proba).parameters:
+        return {"thread_count": threads}
+    return {}
+
+
 class Predictor:
     """A loaded bundle. Immutable after `load`, so safe to share across threads."""
 
-    def __init__(self, bundle_dir: Path, manifest: Manifest, session: Any, models: dict[str, Any]) -> None:
+    def __init__(
+        self, bundle_dir: Path, manifest: Manifest, session: Any, models: dict[str, Any], cnn_file: str
+    ) -> None:
         self.bundle_dir = bundle_dir
         self.manifest = manifest
         self.session = session
         self.models = models
+        self.cnn_file = cnn_file  # the graph `session` runs
+        self.predict_kwargs: dict[str, dict[str, int]] = {name: {} for name in models}
 
     @classmethod
     def load(
@@ -48,33 +79,43 @@ class Predictor:
         intra_op_threads: int = 0,
         inter_op_threads: int = 1,
         public_key_pem: bytes | None = None,
+        cnn_precision: Literal["auto", "fp32"] = "auto",
+        model_threads: int = 1,
     ) -> Predictor:
         """Check the signature (if a public key is given) and the library versions, then load each
-        model from the very bytes whose sha256 was just checked; pickles go through an allow-list."""
+        model from the very bytes whose sha256 was just checked; pickles go through an allow-list.
+
+        cnn_precision "auto" serves the manifest's `cnn.file` (int8 when it passed its gate);
+        "fp32" the fp32 graph, which an int8 bundle carries only if it was built to.
+        model_threads: threads each booster may use per call (1 for the small batches of serving:
+        a single row is slower on several threads, and workers would oversubscribe the cores)."""
         import onnxruntime as ort
 
         bundle_dir = Path(bundle_dir)
         manifest = read_manifest(bundle_dir, public_key_pem)
         check_libraries(manifest)
+        cnn_file = cnn_graph(manifest, cnn_precision)
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = intra_op_threads
         opts.inter_op_num_threads = inter_op_threads
         try:
             session = ort.InferenceSession(
-                read_verified(bundle_dir, manifest, manifest.cnn.file), opts, providers=["CPUExecutionProvider"]
+                read_verified(bundle_dir, manifest, cnn_file), opts, providers=["CPUExecutionProvider"]
             )
         except Exception as exc:  # onnxruntime raises its own exception types
-            raise BundleError(f"cannot load {manifest.cnn.file}: {exc}") from None
+            raise BundleError(f"cannot load {cnn_file}: {exc}") from None
         names = {i.name for i in session.get_inputs()}, {o.name for o in session.get_outputs()}
         if manifest.cnn.input_name not in names[0] or manifest.cnn.output_name not in names[1]:
             raise BundleError(
-                f"{manifest.cnn.file} has no input {manifest.cnn.input_name!r} / output {manifest.cnn.output_name!r}"
+                f"{cnn_file} has no input {manifest.cnn.input_name!r} / output {manifest.cnn.output_name!r}"
             )
         models = {
             m.name: load_model(read_verified(bundle_dir, manifest, m.file), m.libraries, m.file)
             for m in [*manifest.boosters, manifest.stack]
         }
-        return cls(bundle_dir, manifest, session, models)
+        predictor = cls(bundle_dir, manifest, session, models, cnn_file)
+        predictor.predict_kwargs = {name: thread_limit(model, model_threads) for name, model in models.items()}
+        return predictor
 
     def cnn_probs(self, images: np.ndarray) -> np.ndarray:
         """uint8 images (N,H,W,3) -> the CNN's class probabilities (N,C)."""
@@ -95,7 +136,8 @@ class Predictor:
         feats = build_features(cnn_probs, meta, image_stats(images), m.features)
         probs = {m.cnn.name: cnn_probs}
         for booster in m.boosters:
-            probs[booster.name] = self.models[booster.name].predict_proba(feats).astype(np.float64)
+            model, kwargs = self.models[booster.name], self.predict_kwargs[booster.name]
+            probs[booster.name] = model.predict_proba(feats, **kwargs).astype(np.float64)
         probs[m.soft_vote] = soft_vote(probs, m.level1)
         probs[m.stack.name] = self.models[m.stack.name].predict_proba(stack_inputs(probs, m.level1)).astype(np.float64)
         return probs

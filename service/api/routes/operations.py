@@ -11,10 +11,9 @@ from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import HTMLResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from service.api.dependencies import check_api_key, get_manifest, get_metrics, get_predictor
+from service.api.dependencies import check_api_key, get_metrics, get_predictor
 from service.api.metrics import Metrics
 from service.api.schemas import ErrorResponse, ModelInfo
-from service.core.manifest import Manifest
 from service.core.predictor import Predictor
 
 STATIC = Path(__file__).parents[1] / "static"
@@ -63,8 +62,8 @@ async def ready(predictor: Predictor = Depends(get_predictor)) -> dict:
 
 
 @router.get("/model", response_model=ModelInfo, tags=["model"], dependencies=[Depends(check_api_key)], responses=KEYED)
-async def model_info(manifest: Manifest = Depends(get_manifest)) -> ModelInfo:
-    return ModelInfo.of(manifest)
+async def model_info(predictor: Predictor = Depends(get_predictor)) -> ModelInfo:
+    return ModelInfo.of(predictor.manifest, predictor.cnn_file)
 
 
 @router.get(

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import ctypes
 import sys
-import time
 from threading import Semaphore
 
 import numpy as np
@@ -12,8 +11,7 @@ from fastapi import APIRouter, Depends, File, Form, HTTPException, Request, Uplo
 from fastapi.concurrency import run_in_threadpool
 from PIL import Image
 
-from service.api.dependencies import check_api_key, get_metrics, get_predictor, get_settings, get_state
-from service.api.metrics import Metrics
+from service.api.dependencies import check_api_key, get_predictor, get_settings, get_state
 from service.api.schemas import (
     BatchItem,
     BatchResponse,
@@ -98,22 +96,14 @@ def check_metadata_size(raw: str | None, settings: Settings) -> None:
         raise HTTPException(413, f"the metadata field is over the {settings.max_metadata_bytes} byte limit")
 
 
-def predict_uploads(
-    uploads: list[tuple[bytes, str | None]],
-    metas: list[ClinicalMetadata],
-    predictor: Predictor,
-    slots: Semaphore,
-    settings: Settings,
-    metrics: Metrics,
-    route: str,
+async def predict_uploads(
+    uploads: list[tuple[bytes, str | None]], metas: list[ClinicalMetadata], state: ModelState, settings: Settings
 ) -> list[Prediction]:
-    """Decode the uploads and run the whole stack once on them; CPU work, run in the thread pool."""
-    batch = decode_all(uploads, predictor.manifest.preprocessing, slots, settings)
-    t0 = time.perf_counter()
-    preds = predictor.predict(batch, metas)  # the CNN runs once on the whole batch
-    metrics.inference.labels(route).observe(time.perf_counter() - t0)
-    metrics.images.inc(len(preds))
-    return preds
+    """Decode the uploads in the thread pool, then queue them for the micro-batcher's next model call."""
+    assert state.predictor is not None and state.batcher is not None
+    spec = state.predictor.manifest.preprocessing
+    batch = await run_in_threadpool(decode_all, uploads, spec, state.decode_slots, settings)
+    return await state.batcher.submit(batch, metas)
 
 
 @router.post("/predict", response_model=PredictResponse)
@@ -124,14 +114,11 @@ async def predict(
     predictor: Predictor = Depends(get_predictor),
     state: ModelState = Depends(get_state),
     settings: Settings = Depends(get_settings),
-    metrics: Metrics = Depends(get_metrics),
 ) -> PredictResponse:
     check_metadata_size(metadata, settings)
     data = await read_upload(image, settings)
     meta = metadata_from_json(metadata, predictor.manifest.features)
-    (pred,) = await run_in_threadpool(
-        predict_uploads, [(data, image.filename)], [meta], predictor, state.decode_slots, settings, metrics, "/predict"
-    )
+    (pred,) = await predict_uploads([(data, image.filename)], [meta], state, settings)
     m = predictor.manifest
     return PredictResponse.from_prediction(pred, m, model=ModelRef.of(m), request_id=request.state.request_id)
 
@@ -144,14 +131,11 @@ async def predict_batch(
     predictor: Predictor = Depends(get_predictor),
     state: ModelState = Depends(get_state),
     settings: Settings = Depends(get_settings),
-    metrics: Metrics = Depends(get_metrics),
 ) -> BatchResponse:
     check_metadata_size(metadata, settings)
     uploads = [(await read_upload(f, settings), f.filename) for f in images]
     metas = metadata_list_from_json(metadata, len(images), predictor.manifest.features)
-    preds = await run_in_threadpool(
-        predict_uploads, uploads, metas, predictor, state.decode_slots, settings, metrics, BATCH_ROUTE
-    )
+    preds = await predict_uploads(uploads, metas, state, settings)
     m = predictor.manifest
     items = [BatchItem.from_prediction(p, m, filename=name) for (_, name), p in zip(uploads, preds)]
     return BatchResponse(predictions=items, model=ModelRef.of(m), request_id=request.state.request_id)

@@ -1,0 +1,102 @@
+"""Micro-batching: concurrent requests share one model call.
+
+Every image a worker predicts goes through one queue. A single task takes what is waiting (up
+to `max_batch`, waiting at most `max_wait_s` for more), runs the whole stack once on it in the
+thread pool, and hands each caller its own row. While a batch runs, new requests queue, so under
+load batches grow by themselves; a lone request on an idle worker starts at once (with the
+default wait of 0 it never waits for company). One model call at a time also means the CNN's
+threads never compete with another call's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from fastapi.concurrency import run_in_threadpool
+
+from service.core.metadata import ClinicalMetadata
+from service.core.predictor import Prediction
+
+log = logging.getLogger("service")
+PredictFn = Callable[[np.ndarray, list[ClinicalMetadata]], list[Prediction]]
+
+
+@dataclass
+class Item:
+    image: np.ndarray  # HxWx3 uint8, already decoded and resized
+    metadata: ClinicalMetadata
+    future: asyncio.Future
+
+
+class MicroBatcher:
+    def __init__(
+        self, predict: PredictFn, max_batch: int, max_wait_s: float, observe: Callable[[int, float], None]
+    ) -> None:
+        self.predict, self.max_batch, self.max_wait_s, self.observe = predict, max_batch, max_wait_s, observe
+        self.queue: asyncio.Queue[Item] = asyncio.Queue()
+        self.task: asyncio.Task | None = None
+
+    def start(self) -> None:
+        self.task = asyncio.get_running_loop().create_task(self.serve(), name="micro-batcher")
+
+    async def stop(self) -> None:
+        if self.task is not None:
+            self.task.cancel()
+            await asyncio.gather(self.task, return_exceptions=True)
+
+    async def submit(self, images: np.ndarray, metadata: Sequence[ClinicalMetadata]) -> list[Prediction]:
+        """Queue each image; returns their predictions, in order, once their batches have run."""
+        if self.task is None or self.task.done():
+            raise RuntimeError("the micro-batcher is not running")
+        loop = asyncio.get_running_loop()
+        items = [Item(img, meta, loop.create_future()) for img, meta in zip(images, metadata)]
+        for item in items:
+            self.queue.put_nowait(item)
+        return list(await asyncio.gather(*(i.future for i in items)))
+
+    async def next_batch(self) -> list[Item]:
+        batch = [await self.queue.get()]
+        deadline = time.monotonic() + self.max_wait_s
+        while len(batch) < self.max_batch:
+            if not self.queue.empty():
+                batch.append(self.queue.get_nowait())
+                continue
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            try:
+                batch.append(await asyncio.wait_for(self.queue.get(), remaining))
+            except TimeoutError:
+                break
+        return [i for i in batch if not i.future.done()]  # a caller that went away was cancelled
+
+    async def serve(self) -> None:
+        while True:
+            batch = await self.next_batch()
+            if batch:
+                await self.run(batch)
+
+    async def run(self, batch: list[Item]) -> None:
+        t0 = time.perf_counter()
+        try:
+            preds = await run_in_threadpool(
+                self.predict, np.stack([i.image for i in batch]), [i.metadata for i in batch]
+            )
+        except Exception as exc:
+            if len(batch) > 1:  # one item's failure must not fail the others: run them one by one
+                for item in batch:
+                    await self.run([item])
+                return
+            log.exception("prediction failed")
+            if not batch[0].future.done():
+                batch[0].future.set_exception(exc)
+            return
+        self.observe(len(batch), time.perf_counter() - t0)
+        for item, pred in zip(batch, preds):
+            if not item.future.done():
+                item.future.set_result(pred)

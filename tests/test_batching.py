@@ -1,0 +1,135 @@
+"""Micro-batching: concurrent requests share model calls, and each caller gets its own answer."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from service.api.batching import MicroBatcher
+from service.api.settings import Settings
+from service.core.metadata import ClinicalMetadata
+from service.core.predictor import Prediction
+from service.core.preprocess import load_for_model
+
+
+def echo_model(calls: list[int], fail_on: int | None = None, delay: float = 0.02):
+    """A stand-in for Predictor.predict: answers each image with its own first pixel value."""
+
+    def predict(images: np.ndarray, metas: list[ClinicalMetadata]) -> list[Prediction]:
+        calls.append(len(images))
+        time.sleep(delay)  # a model call takes time, so requests queue behind it
+        if fail_on is not None and fail_on in images[:, 0, 0, 0]:
+            raise RuntimeError("bad item")
+        return [
+            Prediction({"m": np.array([float(img[0, 0, 0]), float(meta.age or 0)])}, "m")
+            for img, meta in zip(images, metas)
+        ]
+
+    return predict
+
+
+def run_concurrently(batcher: MicroBatcher, n: int) -> list:
+    async def main():
+        batcher.start()
+        try:
+            tasks = [batcher.submit(np.full((1, 4, 4, 3), i, np.uint8), [ClinicalMetadata(age=i)]) for i in range(n)]
+            return await asyncio.gather(*tasks, return_exceptions=True)
+        finally:
+            await batcher.stop()
+
+    return asyncio.run(main())
+
+
+def test_concurrent_requests_share_model_calls_and_get_their_own_answers():
+    calls: list[int] = []
+    observed: list[int] = []
+    batcher = MicroBatcher(echo_model(calls), max_batch=8, max_wait_s=0, observe=lambda n, s: observed.append(n))
+    results = run_concurrently(batcher, 20)
+    for i, (pred,) in enumerate(results):
+        assert pred.probabilities.tolist() == [i, i]  # image i and metadata i came back to caller i
+    assert sum(calls) == 20 and max(calls) == 8 and len(calls) < 20  # gathered, never over max_batch
+    assert observed == calls
+
+
+def test_a_lone_request_is_not_held_back():
+    calls: list[int] = []
+    batcher = MicroBatcher(echo_model(calls, delay=0), max_batch=8, max_wait_s=0, observe=lambda n, s: None)
+    (pred,) = run_concurrently(batcher, 1)[0]
+    assert calls == [1] and pred.probabilities[0] == 0
+
+
+def test_max_wait_gathers_requests_that_arrive_apart():
+    calls: list[int] = []
+    batcher = MicroBatcher(echo_model(calls, delay=0), max_batch=4, max_wait_s=1.0, observe=lambda n, s: None)
+
+    async def main():
+        batcher.start()
+        tasks = []
+        for i in range(4):
+            tasks.append(
+                asyncio.ensure_future(batcher.submit(np.full((1, 4, 4, 3), i, np.uint8), [ClinicalMetadata()]))
+            )
+            await asyncio.sleep(0.01)
+        out = await asyncio.gather(*tasks)
+        await batcher.stop()
+        return out
+
+    asyncio.run(main())
+    assert calls == [4]  # the first waited for the other three (the batch filled before the second passed)
+
+
+def test_one_failing_item_fails_only_its_own_request():
+    calls: list[int] = []
+    batcher = MicroBatcher(echo_model(calls, fail_on=3), max_batch=8, max_wait_s=0, observe=lambda n, s: None)
+    results = run_concurrently(batcher, 8)
+    assert isinstance(results[3], RuntimeError)
+    assert all(r[0].probabilities[0] == i for i, r in enumerate(results) if i != 3)
+
+
+def test_http_answers_under_concurrency_match_one_by_one(app_factory, tiny_run, predictor, sample_dir):
+    """Through the app: 12 concurrent /predict calls, each with its own image and metadata."""
+    api = app_factory(tiny_run / "bundle", batch_max_size=16, batch_max_wait_ms=50)
+    paths = sorted((sample_dir / "images").iterdir())[:12]
+    metas = [{"age": 20 + 5 * i, "sex": ["male", "female"][i % 2], "site": "back"} for i in range(12)]
+    answers: dict[int, dict] = {}
+
+    def call(i: int) -> None:
+        r = api.post("/predict", files={"image": paths[i].read_bytes()}, data={"metadata": json.dumps(metas[i])})
+        answers[i] = r.json()
+
+    threads = [threading.Thread(target=call, args=(i,)) for i in range(12)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    spec = predictor.manifest.preprocessing
+    for i, path in enumerate(paths):
+        (alone,) = predictor.predict(load_for_model(path.read_bytes(), spec)[None], [metas[i]])
+        got = answers[i]["components"]
+        for name, probs in alone.components.items():
+            assert np.allclose([got[name][c] for c in predictor.manifest.classes], probs, atol=1e-5), (i, name)
+    text = api.get("/metrics").text
+    count = next(line for line in text.splitlines() if line.startswith("lesion_model_batch_images_count"))
+    total = next(line for line in text.splitlines() if line.startswith("lesion_model_batch_images_sum"))
+    assert float(total.split()[-1]) > float(count.split()[-1])  # some model call held more than one image
+
+
+@pytest.mark.parametrize("workers", [1, 2, 4])
+def test_thread_budget_never_oversubscribes_the_cores(workers, monkeypatch):
+    monkeypatch.setattr("os.cpu_count", lambda: 8)
+    budget = Settings(workers=workers).thread_budget()
+    assert budget.onnxruntime * workers == 8 and budget.decode * workers == 8 and budget.boosters == 1
+
+
+def test_boosters_run_on_the_budgeted_threads(tiny_run):
+    from service.core.predictor import Predictor
+
+    p = Predictor.load(tiny_run / "bundle", model_threads=1)
+    for booster in p.manifest.boosters:
+        model, kwargs = p.models[booster.name], p.predict_kwargs[booster.name]
+        assert model.get_params().get("n_jobs") == 1 or kwargs == {"thread_count": 1}, booster.name

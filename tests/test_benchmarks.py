@@ -1,0 +1,22 @@
+"""The serving benchmark runs end to end (it is documented as runnable on a fresh clone)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from tests.helpers import REPO, free_port
+
+
+@pytest.mark.scenario
+def test_bench_serving_runs_and_prints_every_ratio(tiny_run, sample_dir):
+    cmd = [sys.executable, "-m", "benchmarks.bench_serving", "--bundle", str(tiny_run / "bundle")]
+    cmd += ["--images", str(sample_dir / "images"), "--n-images", "4", "--requests", "8", "--rounds", "2"]
+    cmd += ["--clients", "1,8", "--port", str(free_port())]
+    out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    for line in ("HTTP 8 clients / naive script", "p50 at 1 client, batching on / off", "int8 / fp32 CNN"):
+        assert line in out.stdout, out.stdout
+    assert "draft vs full JPEG decoding, 4 images: top-1 agreement" in out.stdout

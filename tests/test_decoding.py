@@ -1,0 +1,58 @@
+"""JPEG draft decoding (DCT scaling) against full decoding: the same predictions on real images."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+from PIL import Image
+
+from service.core.preprocess import ImageSpec, decode_opened, draft_size, load_for_model, open_image, resize_for_model
+
+TOP1_AGREEMENT = 0.99
+MAX_PROB_DIFF = 0.10  # served probabilities, draft vs full decoding: the worst image
+MEAN_PROB_DIFF = 0.01  # and on average
+
+
+def as_original_jpeg(path, size=(600, 450)) -> bytes:
+    """A sample image (200x150) brought back to the originals' 600x450, as clients send them."""
+    buf = io.BytesIO()
+    Image.open(path).convert("RGB").resize(size, Image.Resampling.BILINEAR).save(buf, "JPEG", quality=90)
+    return buf.getvalue()
+
+
+def full_decode(data: bytes, spec: ImageSpec) -> np.ndarray:
+    return resize_for_model(decode_opened(open_image(data)), spec)  # no spec: no draft
+
+
+def test_draft_keeps_twice_the_model_input_along_each_side():
+    spec = ImageSpec(width=128, height=96)
+    assert draft_size(600, 450, spec) == (256, 192)
+    assert draft_size(450, 600, spec) == (192, 256)  # portrait: long side along long side
+    img = open_image(as_original_jpeg_bytes(600, 450), spec)
+    assert img.size == (300, 225)  # DCT-scaled by 1/2: a quarter of the pixels decoded
+    assert open_image(as_original_jpeg_bytes(300, 225), spec).size == (300, 225)  # nothing to gain
+
+
+def as_original_jpeg_bytes(w: int, h: int) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (w, h), (120, 80, 60)).save(buf, "JPEG")
+    return buf.getvalue()
+
+
+def test_draft_decoding_predicts_what_full_decoding_does(smoke_run, sample_dir):
+    from service.core.predictor import Predictor
+
+    predictor = Predictor.load(smoke_run / "bundle")
+    spec = predictor.manifest.preprocessing
+    paths = sorted((sample_dir / "images").iterdir())  # all 2,118: agreement is a rate, small samples are lumpy
+    jpegs = [as_original_jpeg(p) for p in paths]
+    assert open_image(jpegs[0], spec).size[0] < 600  # the draft path is taken
+    draft = np.stack([load_for_model(d, spec) for d in jpegs])
+    full = np.stack([full_decode(d, spec) for d in jpegs])
+    assert np.abs(draft.astype(int) - full.astype(int)).mean() < 3  # pixel values: near, not equal
+    meta = [None] * len(jpegs)
+    a = predictor.predict_components(draft, meta)[predictor.manifest.served]
+    b = predictor.predict_components(full, meta)[predictor.manifest.served]
+    assert np.mean(a.argmax(1) == b.argmax(1)) >= TOP1_AGREEMENT
+    assert np.abs(a - b).max() <= MAX_PROB_DIFF and np.abs(a - b).mean() <= MEAN_PROB_DIFF
