@@ -179,6 +179,9 @@ def test_report_has_every_model_and_metric(smoke_run, sample_dir):
         present
     )
     assert report["config"]["precision"] == native_precision()  # no --precision given: auto
+    gate = json.loads((smoke_run / "cnn" / "quantization.json").read_text())
+    assert report["int8_gate"] == gate and report["served_cnn"] == "refit"
+    assert f"top-1 agreement with fp32 {gate['agreement']:.4f}" in (smoke_run / "artifacts" / "report.md").read_text()
     for plot in ("roc_stack.png", "confusion_stack.png", "reliability.png"):
         assert (smoke_run / "artifacts" / "plots" / plot).read_bytes()[:4] == b"\x89PNG"
 

@@ -54,6 +54,18 @@ def markdown(report: dict) -> str:
             f"Paired difference {d['models']}: "
             + ", ".join(f"{k} {fmt(d[k])}" for k in ("malignant_pauc", "bmca", "macro_auc")),
         ]
+    served = report.get("served_cnn", "ensemble")
+    lines += ["", f"The CNN row is the fold models' out-of-fold predictions; the bundle serves the {served} CNN."]
+    gate = report.get("int8_gate")
+    if gate:
+        lines += [
+            "",
+            f"int8 gate {'passed' if gate['passed'] else 'failed (fp32 served)'}: top-1 agreement with fp32 "
+            f"{gate['agreement']:.4f} (>= {gate['min_agreement']}) on {gate['images']} out-of-fold images; malignant "
+            f"AUC {gate['fp32']['malignant_auc']:.4f} -> {gate['int8']['malignant_auc']:.4f}, pAUC "
+            f"{gate['fp32']['malignant_pauc']:.4f} -> {gate['int8']['malignant_pauc']:.4f} "
+            f"(max drop {gate['max_metric_drop']}).",
+        ]
     lines += [
         "",
         "malignant = mel + bcc + akiec; malignant_pauc is the ISIC 2024 partial AUC above 80% TPR (range 0-0.2).",
@@ -126,6 +138,9 @@ def write_report(run) -> dict:
     report["config"] = run.cfg.model_dump()
     report["machine"] = machine_description()
     report["cnn_train_images_per_s"] = training_throughput(run.dir, run.cfg.folds)
+    report["served_cnn"] = run.cfg.served_cnn
+    gate = run.dir / "cnn" / "quantization.json"
+    report["int8_gate"] = json.loads(gate.read_text()) if run.cfg.int8 and gate.exists() else None
     atomic_write_text(run.artifacts / "report.json", json.dumps(report, indent=2))
     atomic_write_text(run.artifacts / "report.md", markdown(report))
     plots = run.artifacts / "plots"
