@@ -10,7 +10,7 @@ import time
 import numpy as np
 import pytest
 
-from service.api.batching import MicroBatcher
+from service.api.batching import BatcherStopped, MicroBatcher
 from service.api.settings import Settings
 from service.core.metadata import ClinicalMetadata
 from service.core.predictor import Prediction
@@ -133,3 +133,31 @@ def test_boosters_run_on_the_budgeted_threads(tiny_run):
     for booster in p.manifest.boosters:
         model, kwargs = p.models[booster.name], p.predict_kwargs[booster.name]
         assert model.get_params().get("n_jobs") == 1 or kwargs == {"thread_count": 1}, booster.name
+
+
+def test_requests_pending_when_the_batcher_stops_are_answered():
+    calls: list[int] = []
+    batcher = MicroBatcher(echo_model(calls, delay=0.2), max_batch=1, max_wait_s=0, observe=lambda n, s: None)
+
+    async def main():
+        batcher.start()
+        image = np.zeros((1, 4, 4, 3), np.uint8)
+        tasks = [asyncio.ensure_future(batcher.submit(image, [ClinicalMetadata()])) for _ in range(3)]
+        await asyncio.sleep(0.05)  # the first is in the model, two are queued
+        await batcher.stop()
+        results = await asyncio.gather(*tasks, return_exceptions=True)
+        with pytest.raises(BatcherStopped):
+            await batcher.submit(image, [ClinicalMetadata()])
+        return results
+
+    results = asyncio.run(main())
+    assert [type(r) for r in results] == [BatcherStopped] * 3  # nobody waits forever
+
+
+def test_a_stopped_batcher_makes_the_worker_unready(app_factory, tiny_run, sample_dir):
+    api = app_factory(tiny_run / "bundle")
+    assert api.get("/health/ready").status_code == 200
+    api.portal.call(api.app.state.model.batcher.stop)
+    assert api.get("/health/ready").status_code == 503
+    r = api.post("/predict", files={"image": sorted((sample_dir / "images").iterdir())[0].read_bytes()})
+    assert r.status_code == 503 and r.json()["request_id"]

@@ -90,6 +90,10 @@ def test_offline_predictor_reports_bad_metadata_for_people(predictor):
         (lambda m: m["boosters"].append(m["boosters"][0]), "model names repeat"),
         (lambda m: m.pop("stack"), "stack: Field required"),
         (lambda m: m.update(format_version=1), "format_version 1 is not supported"),
+        (lambda m: m["cnn"].update(precision="int8", quantization=None), "needs a passed quantization gate"),
+        (lambda m: m["cnn"].update(members=0), "greater than or equal to 1"),
+        (lambda m: m["cnn"].update(precision="int8", fp32_file=m["cnn"]["file"]), "model files repeat"),
+        (lambda m: m["cnn"].update(precision="int8", fp32_file=m["stack"]["file"]), "model files repeat"),
     ],
 )
 def test_the_manifest_roster_must_be_consistent(tiny_run, tmp_path, edit, words):

@@ -201,7 +201,7 @@ def train_refit(cfg: RunConfig, images: np.ndarray, y: np.ndarray, rows: np.ndar
     return t.model.float().eval().cpu()
 
 
-def served_members(run) -> list[nn.Module]:
+def served_members(run, train: bool = False) -> list[nn.Module]:
     """The CNN the bundle serves: one model refit on every row (cnn/refit.pt, trained once), or with
     --served-cnn ensemble the fold models, averaged in the graph. The fold models always give the
     out-of-fold predictions the boosters and the report use."""
@@ -210,6 +210,8 @@ def served_members(run) -> list[nn.Module]:
         return [load_fold_model(cnn_dir, k) for k in range(run.cfg.folds)]
     path = cnn_dir / "refit.pt"
     if not path.exists():
+        if not train:
+            raise RunError(f"{path} is missing: run the export stage again (delete {path.parent / 'cnn.onnx'})")
         y = run.table.label.to_numpy()
         model = train_refit(run.cfg, run.images, y, np.arange(len(y)), run.log)
         atomic_write(path, lambda p: torch.save(model.state_dict(), p))
@@ -263,19 +265,20 @@ def export_stage(run) -> None:
     gate measured on the fold models' out-of-fold images, cnn/quantization.json."""
     from training.export import export_onnx
 
-    served = served_members(run)
+    served = served_members(run, train=True)
     rng = np.random.default_rng(run.cfg.seed)
     idx = np.sort(rng.choice(len(run.table), size=min(32, len(run.table)), replace=False))
     cnn_dir = run.dir / "cnn"
     export_onnx(served, run.cfg.image_spec(), run.images[idx], cnn_dir / "cnn.onnx", log=run.log)
     if run.cfg.int8:
-        from training.quantize import quantize_ensemble, quantize_member
+        from training.quantize import quantize_ensemble, quantize_refit
 
         folds = [load_fold_model(cnn_dir, k) for k in range(run.cfg.folds)]
         y, fold = run.table.label.to_numpy(), run.table.fold.to_numpy()
         out = cnn_dir / "cnn.int8.onnx"
         gate = quantize_ensemble(folds, run.images, y, fold, run.cfg.image_spec(), out, run.cfg.seed, run.log)
-        if run.cfg.served_cnn == "refit":  # the fold models' gate stands for the recipe; quantize the refit model
+        if run.cfg.served_cnn == "refit":
             calib = np.sort(rng.choice(len(y), size=min(256, len(y)), replace=False))
-            quantize_member(cnn_dir / "cnn.onnx", run.images[calib], run.cfg.image_spec(), out)
+            gate = quantize_refit(gate, cnn_dir / "cnn.onnx", run.images, run.images[calib], run.cfg.image_spec(), out)
+            run.log(f"int8: refit model vs its fp32 graph, top-1 agreement {gate.served_agreement:.4f}")
         atomic_write_text(cnn_dir / "quantization.json", gate.model_dump_json(indent=2))

@@ -113,7 +113,10 @@ def save_or_check(cfg: RunConfig, run_dir: Path) -> None:
     """First run writes config.json; a resumed run must use the same result-changing settings."""
     path = run_dir / "config.json"
     if path.exists():
-        old = RunConfig(**json.loads(path.read_text()))
+        saved = json.loads(path.read_text())
+        saved.setdefault("served_cnn", "ensemble")  # what runs made before these settings existed did
+        saved.setdefault("int8", False)
+        old = RunConfig(**saved)
         new = cfg.fingerprint()
         diff = {k: (v, new[k]) for k, v in old.fingerprint().items() if new[k] != v}
         if diff:

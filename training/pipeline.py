@@ -75,7 +75,8 @@ class Stage:
 
 def export_outputs(run: Run) -> list[Path]:
     cnn = run.dir / "cnn"
-    return [cnn / "cnn.onnx"] + ([cnn / "cnn.int8.onnx", cnn / "quantization.json"] if run.cfg.int8 else [])
+    refit = [cnn / "refit.pt"] if run.cfg.served_cnn == "refit" else []
+    return [*refit, cnn / "cnn.onnx"] + ([cnn / "cnn.int8.onnx", cnn / "quantization.json"] if run.cfg.int8 else [])
 
 
 def make_folds_stage(run: Run) -> None:

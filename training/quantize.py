@@ -10,6 +10,7 @@ passed (`training.bundle`).
 
 from __future__ import annotations
 
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -154,6 +155,22 @@ def quantize_ensemble(
         f"{gate.int8['malignant_pauc']:.4f} vs {gate.fp32['malignant_pauc']:.4f} (max drop {MAX_METRIC_DROP})"
     )
     return gate
+
+
+def quantize_refit(
+    gate: QuantizationGate, fp32_path: Path, images: np.ndarray, calibration: np.ndarray, spec: ImageSpec, out: Path
+) -> QuantizationGate:
+    """Quantize the refit model into `out`. It has no out-of-fold images: the fold models' gate
+    stands for the recipe, and the refit's own int8 graph must also agree with its fp32 graph,
+    measured on every image (its training images) and held to the same threshold."""
+    with tempfile.TemporaryDirectory() as tmp:
+        int8_path = Path(tmp) / "refit.int8.onnx"
+        quantize_member(fp32_path, calibration, spec, int8_path)
+        a, b = run_graph(session(fp32_path), images, spec), run_graph(session(int8_path), images, spec)
+        agreement = float(np.mean(a.argmax(1) == b.argmax(1)))
+        atomic_write(out, lambda p: shutil.copyfile(int8_path, p))
+    passed = gate.passed and agreement >= gate.min_agreement
+    return gate.model_copy(update={"served_model": "refit", "served_agreement": agreement, "passed": passed})
 
 
 def gate_figures(

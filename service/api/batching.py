@@ -26,6 +26,10 @@ log = logging.getLogger("service")
 PredictFn = Callable[[np.ndarray, list[ClinicalMetadata]], list[Prediction]]
 
 
+class BatcherStopped(RuntimeError):
+    """The batcher is not running: the service answers 503."""
+
+
 @dataclass
 class Item:
     image: np.ndarray  # HxWx3 uint8, already decoded and resized
@@ -49,15 +53,26 @@ class MicroBatcher:
             self.task.cancel()
             await asyncio.gather(self.task, return_exceptions=True)
 
+    @property
+    def running(self) -> bool:
+        return self.task is not None and not self.task.done()
+
     async def submit(self, images: np.ndarray, metadata: Sequence[ClinicalMetadata]) -> list[Prediction]:
         """Queue each image; returns their predictions, in order, once their batches have run."""
-        if self.task is None or self.task.done():
-            raise RuntimeError("the micro-batcher is not running")
+        if not self.running:
+            raise BatcherStopped("the model is not accepting work (shutting down or failed); retry later")
         loop = asyncio.get_running_loop()
         items = [Item(img, meta, loop.create_future()) for img, meta in zip(images, metadata)]
         for item in items:
             self.queue.put_nowait(item)
-        return list(await asyncio.gather(*(i.future for i in items)))
+        try:
+            return list(await asyncio.gather(*(i.future for i in items)))
+        finally:
+            for item in items:  # one failed: the others need no answer (and no "never retrieved" warning)
+                if not item.future.done():
+                    item.future.cancel()
+                elif not item.future.cancelled():
+                    item.future.exception()
 
     async def next_batch(self) -> list[Item]:
         batch = [await self.queue.get()]
@@ -76,10 +91,18 @@ class MicroBatcher:
         return [i for i in batch if not i.future.done()]  # a caller that went away was cancelled
 
     async def serve(self) -> None:
-        while True:
-            batch = await self.next_batch()
-            if batch:
-                await self.run(batch)
+        batch: list[Item] = []
+        try:
+            while True:
+                batch = await self.next_batch()
+                if batch:
+                    await self.run(batch)
+        finally:  # stopped or crashed: nobody may wait forever for an answer
+            while not self.queue.empty():
+                batch.append(self.queue.get_nowait())
+            for item in batch:
+                if not item.future.done():
+                    item.future.set_exception(BatcherStopped("the model stopped before answering; retry"))
 
     async def run(self, batch: list[Item]) -> None:
         t0 = time.perf_counter()
@@ -87,6 +110,9 @@ class MicroBatcher:
             preds = await run_in_threadpool(
                 self.predict, np.stack([i.image for i in batch]), [i.metadata for i in batch]
             )
+            if len(preds) != len(batch):
+                raise RuntimeError(f"{len(batch)} images in, {len(preds)} predictions out")
+            self.observe(len(batch), time.perf_counter() - t0)
         except Exception as exc:
             if len(batch) > 1:  # one item's failure must not fail the others: run them one by one
                 for item in batch:
@@ -96,7 +122,6 @@ class MicroBatcher:
             if not batch[0].future.done():
                 batch[0].future.set_exception(exc)
             return
-        self.observe(len(batch), time.perf_counter() - t0)
         for item, pred in zip(batch, preds):
             if not item.future.done():
                 item.future.set_result(pred)

@@ -31,6 +31,8 @@ def get_metrics(request: Request) -> Metrics:
 def get_predictor(state: ModelState = Depends(get_state)) -> Predictor:
     if state.predictor is None:
         raise HTTPException(503, "model is still loading")
+    if state.batcher is not None and not state.batcher.running:
+        raise HTTPException(503, "the model's batcher has stopped; this worker is not serving")
     return state.predictor
 
 

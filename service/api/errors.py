@@ -9,6 +9,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
+from service.api.batching import BatcherStopped
 from service.core.metadata import MetadataError
 from service.core.preprocess import ImageError, ImageShapeError, ImageTooLargeError, UnsupportedImageError
 
@@ -45,6 +46,10 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ImageError)
     async def image_error(request: Request, exc: ImageError) -> JSONResponse:
         return error_response(image_status(exc), str(exc), request_id(request))
+
+    @app.exception_handler(BatcherStopped)
+    async def batcher_stopped(request: Request, exc: BatcherStopped) -> JSONResponse:
+        return error_response(503, str(exc), request_id(request), {"Retry-After": "5"})
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:

@@ -13,7 +13,7 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from service.core.errors import BundleError
-from service.core.manifest import FORMAT_VERSION, MANIFEST_NAME, Manifest
+from service.core.manifest import MANIFEST_NAME, READABLE_VERSIONS, Manifest
 from service.core.signing import verify_signature
 
 __all__ = ["BundleError", "check_libraries", "read_manifest", "read_verified", "verify_bundle"]
@@ -54,9 +54,9 @@ def read_manifest(bundle_dir: str | Path, public_key_pem: bytes | None = None) -
     except (ValueError, UnicodeDecodeError) as exc:
         raise BundleError(f"{path} is not valid JSON: {exc}") from None
     version_ = raw.get("format_version") if isinstance(raw, dict) else None
-    if version_ != FORMAT_VERSION:
+    if version_ not in READABLE_VERSIONS:
         raise BundleError(
-            f"bundle format_version {version_} is not supported (this service reads {FORMAT_VERSION}); "
+            f"bundle format_version {version_} is not supported (this service reads {', '.join(map(str, READABLE_VERSIONS))}); "
             "retrain the bundle with this version of the training code"
         )
     try:

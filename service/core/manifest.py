@@ -16,6 +16,7 @@ from service.core.preprocess import ImageSpec
 from service.core.signing import MANIFEST_NAME, SIGNATURE_NAME
 
 FORMAT_VERSION = 3  # 3: the CNN may be int8, with its gate figures and an optional fp32 graph
+READABLE_VERSIONS = (2, 3)  # a version 2 manifest is a valid version 3 one (fp32 CNN, no gate)
 
 
 class ModelFile(BaseModel):
@@ -35,12 +36,16 @@ class QuantizationGate(BaseModel):
     fp32: dict[str, float]
     int8: dict[str, float]
     members: list[dict] = Field(default_factory=list, description="per fold model: images, agreement, max diff")
+    served_model: str = Field("fold ensemble", description="the CNN whose int8 graph the bundle would serve")
+    served_agreement: float | None = Field(
+        None, description="refit CNN: its int8 vs fp32 top-1 agreement on its own (training) images; also gated"
+    )
 
 
 class CnnModel(ModelFile):
     input_name: str = Field(description="ONNX input: normalised float32 images, NCHW")
     output_name: str = Field(description="ONNX output: class probabilities")
-    members: int = Field(description="fold models averaged inside the graph")
+    members: int = Field(ge=1, description="models averaged inside the graph (1: the refit model)")
     architecture: str
     training_precision: str = Field(description="autocast used while training")
     precision: Literal["fp32", "int8"] = Field("fp32", description="weights and activations of `file`")
@@ -110,6 +115,10 @@ class Manifest(BaseModel):
                 raise ValueError(f"model file {f!r} is not among the hashed files")
         if self.cnn.fp32_file and self.cnn.precision != "int8":
             raise ValueError("cnn.fp32_file is only for an int8 cnn.file")
+        if len(set(used)) != len(used):
+            raise ValueError(f"model files repeat: {used}")
+        if self.cnn.precision == "int8" and not (self.cnn.quantization and self.cnn.quantization.passed):
+            raise ValueError("an int8 cnn.file needs a passed quantization gate in the manifest")
         unused = sorted(set(self.files) - set(used))
         if unused:
             raise ValueError(f"hashed files {unused} belong to no model: the roster and the file list must agree")
