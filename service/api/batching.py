@@ -2,7 +2,7 @@
 
 Every image a worker predicts goes through one queue. A single task takes what is waiting (up
 to `max_batch`, waiting at most `max_wait_s` for more), runs the whole stack once on it in the
-thread pool, and hands each caller its own row. While a batch runs, new requests queue, so under
+model thread, and hands each caller its own row. While a batch runs, new requests queue, so under
 load batches grow by themselves; a lone request on an idle worker starts at once (with the
 default wait of 0 it never waits for company). One model call at a time also means the CNN's
 threads never compete with another call's.
@@ -14,10 +14,10 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
-from fastapi.concurrency import run_in_threadpool
 
 from service.core.metadata import ClinicalMetadata
 from service.core.predictor import Prediction
@@ -44,6 +44,8 @@ class MicroBatcher:
         self.predict, self.max_batch, self.max_wait_s, self.observe = predict, max_batch, max_wait_s, observe
         self.queue: asyncio.Queue[Item] = asyncio.Queue()
         self.task: asyncio.Task | None = None
+        # its own thread: model calls never queue behind requests that hold the shared pool's threads
+        self.executor = ThreadPoolExecutor(1, thread_name_prefix="model")
 
     def start(self) -> None:
         self.task = asyncio.get_running_loop().create_task(self.serve(), name="micro-batcher")
@@ -52,6 +54,7 @@ class MicroBatcher:
         if self.task is not None:
             self.task.cancel()
             await asyncio.gather(self.task, return_exceptions=True)
+        self.executor.shutdown(wait=False)
 
     @property
     def running(self) -> bool:
@@ -107,9 +110,8 @@ class MicroBatcher:
     async def run(self, batch: list[Item]) -> None:
         t0 = time.perf_counter()
         try:
-            preds = await run_in_threadpool(
-                self.predict, np.stack([i.image for i in batch]), [i.metadata for i in batch]
-            )
+            images, metas = np.stack([i.image for i in batch]), [i.metadata for i in batch]
+            preds = await asyncio.get_running_loop().run_in_executor(self.executor, self.predict, images, metas)
             if len(preds) != len(batch):
                 raise RuntimeError(f"{len(batch)} images in, {len(preds)} predictions out")
             self.observe(len(batch), time.perf_counter() - t0)
