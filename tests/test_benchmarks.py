@@ -20,3 +20,13 @@ def test_bench_serving_runs_and_prints_every_ratio(tiny_run, sample_dir):
     for line in ("HTTP 8 clients / naive script", "p50 at 1 client, batching on / off", "int8 / fp32 CNN"):
         assert line in out.stdout, out.stdout
     assert "draft vs full JPEG decoding, 4 images: top-1 agreement" in out.stdout
+
+
+@pytest.mark.scenario
+def test_bench_training_prints_the_pipeline_and_model_only_speeds(tiny_data):
+    cmd = [sys.executable, "-m", "benchmarks.bench_training", "--data-dir", str(tiny_data)]
+    cmd += ["--image-size", "32", "--batch-size", "8", "--steps", "2", "--workers", "0", "--precision", "fp32"]
+    out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    ratio = [line for line in out.stdout.splitlines() if line.startswith("ratio pipeline / model only: ")]
+    assert len(ratio) == 1 and float(ratio[0].split(": ")[1]) > 0, out.stdout

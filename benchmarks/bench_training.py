@@ -1,0 +1,90 @@
+"""Training pipeline speed against the model-only limit, side by side in one run.
+
+python -m benchmarks.bench_training --data-dir DIR [--image-size 128] [--batch-size 64] [--steps 20]
+
+1. pipeline: `training.cnn.train_one_epoch` as a run uses it (the cached uint8 images, augmentation
+   in DataLoader workers, normalisation, the optimiser and schedule) over `steps` batches of real
+   images, after one warm-up pass;
+2. model only: the same ResNet-18, batch size, input size and precision, forward + backward +
+   optimiser step on one batch already on the device (channels-last).
+Prints both in images/s and their ratio: how much of the model's speed the pipeline delivers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import numpy as np
+import torch
+
+from training.cnn import build_fold, train_one_epoch
+from training.config import make_config
+from training.data import decode_all, load_dataset
+from training.dataset import normalise_batch
+
+
+def model_only(t, x: torch.Tensor, y: torch.Tensor, steps: int) -> float:
+    """Images/s of forward + backward + step on a batch already on the device."""
+
+    def step() -> None:
+        with torch.autocast(t.device.type, dtype=t.amp_dtype or torch.float32, enabled=t.amp_dtype is not None):
+            loss = t.loss_fn(t.model(x), y)
+        t.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        t.opt.step()
+
+    t.model.train()
+    step()
+    if t.device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    if t.device.type == "cuda":
+        torch.cuda.synchronize()
+    return steps * len(x) / (time.perf_counter() - start)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data-dir", required=True)
+    p.add_argument("--image-size", type=int, default=128)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--steps", type=int, default=20, help="batches timed in each measurement")
+    p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"])
+    p.add_argument("--workers", type=int, default=2)
+    args = p.parse_args()
+    cfg = make_config(
+        "cpu",
+        args.data_dir,
+        image_size=args.image_size,
+        batch_size=args.batch_size,
+        precision=args.precision,
+        workers=args.workers,
+        epochs=2,
+    )
+    spec = cfg.image_spec()
+    table = load_dataset(cfg.data_dir, log=lambda m: None).table
+    n = min(len(table), args.steps * cfg.batch_size)
+    images = decode_all(list(table.path[:n]), spec)
+    y = table.label.to_numpy()[:n]
+    rows = np.arange(n)
+
+    t = build_fold(0, cfg, images, y, rows)
+    train_one_epoch(t, spec, desc="warm-up")  # starts the workers, warms the kernels
+    _, pipeline = train_one_epoch(t, spec, desc="pipeline")
+
+    batch = torch.from_numpy(images[: cfg.batch_size]).permute(0, 3, 1, 2)
+    x = normalise_batch(batch, spec).to(t.device).contiguous(memory_format=torch.channels_last)
+    limit = model_only(t, x, torch.from_numpy(y[: cfg.batch_size]).to(t.device), args.steps)
+
+    device = torch.cuda.get_device_name() if t.device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    print(f"device: {device}; {spec.width}x{spec.height}, batch {cfg.batch_size}, {cfg.precision}, {n} real images")
+    print(f"pipeline (train_one_epoch, {cfg.workers} DataLoader workers): {pipeline:.1f} images/s")
+    print(f"model only (forward + backward + step, data on the device): {limit:.1f} images/s")
+    print(f"ratio pipeline / model only: {pipeline / limit:.2f}")
+
+
+if __name__ == "__main__":
+    main()
