@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import itertools
 import os
 import statistics
 import subprocess
@@ -30,6 +31,7 @@ import httpx
 import numpy as np
 from PIL import Image
 
+from benchmarks.bench_inference import graph_images_per_s, timed
 from service.core.metadata import ClinicalMetadata
 from service.core.predictor import Predictor
 from service.core.preprocess import decode_opened, load_for_model, open_image, resize_for_model, to_model_input
@@ -51,11 +53,9 @@ def jpeg_requests(folder: Path, n: int, size: tuple[int, int]) -> list[bytes]:
 
 
 def per_second(fn, items: list, rounds: int) -> float:
-    fn(items[0])  # warm-up
-    t = time.perf_counter()
-    for i in range(rounds):
-        fn(items[i % len(items)])
-    return rounds / (time.perf_counter() - t)
+    """Calls/s of fn over the items in turn."""
+    cycle = itertools.cycle(items)
+    return 1 / timed(lambda: fn(next(cycle)), rounds)
 
 
 def naive_script(images: list[bytes], width: int, height: int, rounds: int) -> float:
@@ -92,17 +92,6 @@ def cnn_graphs(bundle: Path, m) -> dict[str, Path]:
         if precision not in graphs and (bundle.parent / "cnn" / name).exists():
             graphs[precision] = bundle.parent / "cnn" / name
     return graphs
-
-
-def cnn_speed(graph: Path, batch: np.ndarray, rounds: int) -> float:
-    """Images/s of one CNN graph on a batch of normalised images."""
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = os.cpu_count() or 1
-    sess = ort.InferenceSession(str(graph), opts, providers=["CPUExecutionProvider"])
-    name = sess.get_inputs()[0].name
-    return per_second(lambda _: sess.run(None, {name: batch}), [None], rounds) * len(batch)
 
 
 def start_service(bundle: Path, port: int, env: dict[str, str]) -> subprocess.Popen:
@@ -183,8 +172,10 @@ def main() -> None:
 
     decoded = np.stack([load_for_model(d, spec) for d in images[:8]])
     graphs = cnn_graphs(args.bundle, m)
+    threads = os.cpu_count() or 1
     cnn = {
-        p: {b: cnn_speed(g, to_model_input(decoded[:b], spec), args.rounds) for b in (1, 8)} for p, g in graphs.items()
+        p: {b: graph_images_per_s(g, to_model_input(decoded[:b], spec), args.rounds, threads) for b in (1, 8)}
+        for p, g in graphs.items()
     }
     for p, g in graphs.items():
         note = "" if g.parent == args.bundle else " (from the run directory, not in the bundle)"

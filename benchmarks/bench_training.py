@@ -18,29 +18,21 @@ import time
 import numpy as np
 import torch
 
-from training.cnn import build_fold, train_one_epoch
+from training.cnn import build_fold, train_one_epoch, train_step
 from training.config import make_config
 from training.data import decode_all, load_dataset
 from training.dataset import normalise_batch
 
 
 def model_only(t, x: torch.Tensor, y: torch.Tensor, steps: int) -> float:
-    """Images/s of forward + backward + step on a batch already on the device."""
-
-    def step() -> None:
-        with torch.autocast(t.device.type, dtype=t.amp_dtype or torch.float32, enabled=t.amp_dtype is not None):
-            loss = t.loss_fn(t.model(x), y)
-        t.opt.zero_grad(set_to_none=True)
-        loss.backward()
-        t.opt.step()
-
+    """Images/s of forward + backward + step (the pipeline's own `train_step`) on a batch already on the device."""
     t.model.train()
-    step()
+    train_step(t, x, y)
     if t.device.type == "cuda":
         torch.cuda.synchronize()
     start = time.perf_counter()
     for _ in range(steps):
-        step()
+        train_step(t, x, y)
     if t.device.type == "cuda":
         torch.cuda.synchronize()
     return steps * len(x) / (time.perf_counter() - start)

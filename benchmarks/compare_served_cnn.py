@@ -13,30 +13,20 @@ from __future__ import annotations
 
 import argparse
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 
+from benchmarks.bench_inference import graph_images_per_s
+from service.core.preprocess import to_model_input
 from training.cnn import load_fold_model, predict_probs, train_fold, train_refit
 from training.config import PRESETS, make_config
 from training.data import decode_all, load_dataset
-from training.export import INPUT_NAME, export_onnx
+from training.export import export_onnx
 from training.folds import ensure_folds
 from training.metrics import all_metrics
 
 KEYS = ("bmca", "macro_auc", "malignant_auc", "malignant_pauc", "log_loss")
-
-
-def images_per_s(graph: Path, x: np.ndarray, rounds: int = 20) -> float:
-    import onnxruntime as ort
-
-    sess = ort.InferenceSession(str(graph), providers=["CPUExecutionProvider"])
-    sess.run(None, {INPUT_NAME: x})
-    t = time.perf_counter()
-    for _ in range(rounds):
-        sess.run(None, {INPUT_NAME: x})
-    return rounds * len(x) / (time.perf_counter() - t)
 
 
 def main() -> None:
@@ -71,14 +61,11 @@ def main() -> None:
             },
             "refit on all inner folds (1 model)": all_metrics(y[test], predict_probs(refit, images[test], spec)),
         }
-        x = {b: np.ascontiguousarray(images[test][:b]) for b in (1, 8)}
         export_onnx(members, spec, images[test][:8], tmp / "ensemble.onnx", log=lambda m: None)
         export_onnx([refit], spec, images[test][:8], tmp / "one.onnx", log=lambda m: None)
-        from service.core.preprocess import to_model_input
-
+        x = {b: to_model_input(images[test][:b], spec) for b in (1, 8)}
         speed = {
-            name: {b: images_per_s(tmp / f"{name}.onnx", to_model_input(x[b], spec)) for b in (1, 8)}
-            for name in ("ensemble", "one")
+            name: {b: graph_images_per_s(tmp / f"{name}.onnx", x[b]) for b in (1, 8)} for name in ("ensemble", "one")
         }
 
     print(f"\nheld-out lesions (fold {test_fold}), {len(test)} images:")

@@ -27,12 +27,10 @@ from service.core.predictor import Predictor
 from service.core.preprocess import to_model_input
 from training.boosters import BOOSTERS, feature_matrix
 from training.cnn import served_members
-from training.config import CNN, SOFT_VOTE, STACK
+from training.config import CNN, FP32_GRAPH, INT8_GRAPH, SOFT_VOTE, STACK
 from training.export import INPUT_NAME, OUTPUT_NAME
 from training.io import PROB_COLUMNS, atomic_write_text
 from training.models import FoldEnsemble
-
-FP32_FILE, INT8_FILE = "cnn.onnx", "cnn.int8.onnx"  # the same names in RUN_DIR/cnn/ and in the bundle
 
 
 def roster(run) -> tuple[CnnModel, list[ModelFile], ModelFile]:
@@ -46,7 +44,7 @@ def roster(run) -> tuple[CnnModel, list[ModelFile], ModelFile]:
     int8 = gate is not None and gate.passed
     cnn = CnnModel(
         name=CNN,
-        file=INT8_FILE if int8 else FP32_FILE,
+        file=INT8_GRAPH if int8 else FP32_GRAPH,
         libraries=["numpy", "onnxruntime"],
         input_name=INPUT_NAME,
         output_name=OUTPUT_NAME,
@@ -54,7 +52,7 @@ def roster(run) -> tuple[CnnModel, list[ModelFile], ModelFile]:
         architecture="resnet18",
         training_precision=run.cfg.precision,
         precision="int8" if int8 else "fp32",
-        fp32_file=FP32_FILE if int8 and run.cfg.keep_fp32 else None,
+        fp32_file=FP32_GRAPH if int8 and run.cfg.keep_fp32 else None,
         quantization=gate,
     )
     boosters = [ModelFile(name=b, file=f"{b}.pkl", libraries=list(BOOSTERS[b].libraries)) for b in run.cfg.boosters]
@@ -87,9 +85,9 @@ def build_manifest(run, folder: Path, cnn: CnnModel, boosters: list[ModelFile], 
 
 
 def reference_predictions(run, n: int = 8) -> dict:
-    """Training's own numbers for n rows, computed without the Predictor:
-    the served CNN (fold ensemble or refit model) run in torch, and the refit level-2 models on the boosters' training features
-    (whose CNN part is the out-of-fold CNN probabilities)."""
+    """Training's own numbers for n rows, computed without the Predictor: the served CNN (refit
+    model or fold ensemble) run in torch, and the refit level-2 models on the boosters' training
+    features (whose CNN part is the out-of-fold CNN probabilities)."""
     idx = np.linspace(0, len(run.table) - 1, n).astype(int)
     members = served_members(run)
     x = torch.from_numpy(to_model_input(run.images[idx], run.cfg.image_spec()))

@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from service.core import labels
 from service.core.preprocess import ImageSpec
-from training.config import RunConfig
+from training.config import FP32_GRAPH, INT8_GRAPH, RunConfig
 from training.dataset import ImageDataset, normalise_batch
 from training.errors import RunError
 from training.io import PROB_COLUMNS, atomic_write, atomic_write_csv, atomic_write_text, write_oof
@@ -115,6 +115,16 @@ def load_checkpoint(t: FoldTraining, path: Path) -> None:
     t.state = ckpt["state"]
 
 
+def train_step(t: FoldTraining, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Forward (autocast), backward and optimiser step on one batch already on the device; the loss."""
+    with torch.autocast(t.device.type, dtype=t.amp_dtype or torch.float32, enabled=t.amp_dtype is not None):
+        loss = t.loss_fn(t.model(x), y)
+    t.opt.zero_grad(set_to_none=True)
+    loss.backward()
+    t.opt.step()
+    return loss
+
+
 def train_one_epoch(t: FoldTraining, spec: ImageSpec, desc: str) -> tuple[float, float]:
     """One pass over the augmented training rows; returns (mean loss, images/s)."""
     t.model.train()
@@ -122,11 +132,7 @@ def train_one_epoch(t: FoldTraining, spec: ImageSpec, desc: str) -> tuple[float,
     bar = tqdm(t.loader, desc=desc, unit="batch", leave=False, disable=None)
     for xb, yb in bar:
         x, yb = normalise_batch(xb, spec).to(t.device), yb.to(t.device)
-        with torch.autocast(t.device.type, dtype=t.amp_dtype or torch.float32, enabled=t.amp_dtype is not None):
-            loss = t.loss_fn(t.model(x), yb)
-        t.opt.zero_grad(set_to_none=True)
-        loss.backward()
-        t.opt.step()
+        loss = train_step(t, x, yb)
         t.sched.step()
         seen += len(yb)
         total_loss += loss.item() * len(yb)
@@ -211,7 +217,7 @@ def served_members(run, train: bool = False) -> list[nn.Module]:
     path = cnn_dir / "refit.pt"
     if not path.exists():
         if not train:
-            raise RunError(f"{path} is missing: run the export stage again (delete {path.parent / 'cnn.onnx'})")
+            raise RunError(f"{path} is missing: run the export stage again (delete {path.parent / FP32_GRAPH})")
         y = run.table.label.to_numpy()
         model = train_refit(run.cfg, run.images, y, np.arange(len(y)), run.log)
         atomic_write(path, lambda p: torch.save(model.state_dict(), p))
@@ -269,16 +275,16 @@ def export_stage(run) -> None:
     rng = np.random.default_rng(run.cfg.seed)
     idx = np.sort(rng.choice(len(run.table), size=min(32, len(run.table)), replace=False))
     cnn_dir = run.dir / "cnn"
-    export_onnx(served, run.cfg.image_spec(), run.images[idx], cnn_dir / "cnn.onnx", log=run.log)
+    export_onnx(served, run.cfg.image_spec(), run.images[idx], cnn_dir / FP32_GRAPH, log=run.log)
     if run.cfg.int8:
         from training.quantize import quantize_ensemble, quantize_refit
 
-        folds = [load_fold_model(cnn_dir, k) for k in range(run.cfg.folds)]
+        spec, out, refit = run.cfg.image_spec(), cnn_dir / INT8_GRAPH, run.cfg.served_cnn == "refit"
+        folds = [load_fold_model(cnn_dir, k) for k in range(run.cfg.folds)] if refit else served
         y, fold = run.table.label.to_numpy(), run.table.fold.to_numpy()
-        out = cnn_dir / "cnn.int8.onnx"
-        gate = quantize_ensemble(folds, run.images, y, fold, run.cfg.image_spec(), out, run.cfg.seed, run.log)
-        if run.cfg.served_cnn == "refit":
-            calib = np.sort(rng.choice(len(y), size=min(256, len(y)), replace=False))
-            gate = quantize_refit(gate, cnn_dir / "cnn.onnx", run.images, run.images[calib], run.cfg.image_spec(), out)
+        # the fold models are always gated; their joined int8 graph is only written when it is served
+        gate = quantize_ensemble(folds, run.images, y, fold, spec, None if refit else out, run.cfg.seed, run.log)
+        if refit:
+            gate = quantize_refit(gate, cnn_dir / FP32_GRAPH, run.images, spec, out, run.cfg.seed)
             run.log(f"int8: refit model vs its fp32 graph, top-1 agreement {gate.served_agreement:.4f}")
         atomic_write_text(cnn_dir / "quantization.json", gate.model_dump_json(indent=2))

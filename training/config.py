@@ -17,6 +17,7 @@ from training.errors import ConfigMismatch
 from training.io import atomic_write_text
 
 CNN, SOFT_VOTE, STACK = "cnn", "soft_vote", "stack"
+FP32_GRAPH, INT8_GRAPH = "cnn.onnx", "cnn.int8.onnx"  # the CNN's graphs, same names in RUN_DIR/cnn/ and the bundle
 ALL_BOOSTERS = ["xgboost", "lightgbm", "catboost"]  # training.boosters.BOOSTERS implements each
 
 PRESETS: dict[str, dict] = {

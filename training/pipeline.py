@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from training.config import SOFT_VOTE, STACK, RunConfig, save_or_check
+from training.config import FP32_GRAPH, INT8_GRAPH, SOFT_VOTE, STACK, RunConfig, save_or_check
 from training.data import Dataset, decode_all, load_dataset
 from training.errors import ConfigMismatch
 from training.folds import ensure_folds, folds_path
@@ -76,7 +76,7 @@ class Stage:
 def export_outputs(run: Run) -> list[Path]:
     cnn = run.dir / "cnn"
     refit = [cnn / "refit.pt"] if run.cfg.served_cnn == "refit" else []
-    return [*refit, cnn / "cnn.onnx"] + ([cnn / "cnn.int8.onnx", cnn / "quantization.json"] if run.cfg.int8 else [])
+    return [*refit, cnn / FP32_GRAPH] + ([cnn / INT8_GRAPH, cnn / "quantization.json"] if run.cfg.int8 else [])
 
 
 def make_folds_stage(run: Run) -> None:

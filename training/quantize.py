@@ -21,7 +21,6 @@ import torch
 from onnx import compose, helper
 from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
 from onnxruntime.quantization.shape_inference import quant_pre_process
-from pydantic import BaseModel
 
 from service.core.labels import CLASSES
 from service.core.manifest import QuantizationGate
@@ -102,24 +101,18 @@ def join_members(paths: list[Path]) -> onnx.ModelProto:
     return model
 
 
-class MemberFigures(BaseModel):
-    fold: int
-    images: int
-    agreement: float
-    max_abs_diff: float
-
-
 def quantize_ensemble(
     members: list[torch.nn.Module],
     images: np.ndarray,
     y: np.ndarray,
     fold: np.ndarray,
     spec: ImageSpec,
-    out: Path,
+    out: Path | None,
     seed: int,
     log=print,
 ) -> QuantizationGate:
-    """Quantize every fold model, gate on out-of-fold images, write `out` (the int8 ensemble).
+    """Quantize every fold model, gate on out-of-fold images, write `out` (the int8 ensemble) unless
+    it is None.
 
     Returns the gate's figures; `out` is written whether or not the gate passed: the bundle
     decides what it serves, and a failed int8 graph stays in RUN_DIR/cnn for comparison."""
@@ -138,15 +131,12 @@ def quantize_ensemble(
             b = run_graph(session(int8_path), images[val_rows], spec)
             fp32_oof[val_rows], int8_oof[val_rows] = a, b
             agree = float(np.mean(a.argmax(1) == b.argmax(1)))
-            figures.append(
-                MemberFigures(
-                    fold=k, images=len(val_rows), agreement=agree, max_abs_diff=float(np.abs(a - b).max())
-                ).model_dump()
-            )
+            figures.append(dict(fold=k, images=len(val_rows), agreement=agree, max_abs_diff=float(np.abs(a - b).max())))
             log(f"int8: fold {k} model quantized; top-1 agreement with fp32 on its fold {agree:.4f}")
             paths.append(int8_path)
-        joined = join_members(paths)
-    atomic_write(out, lambda p: onnx.save(joined, str(p)))
+        if out is not None:
+            joined = join_members(paths)
+            atomic_write(out, lambda p: onnx.save(joined, str(p)))
     gate = gate_figures(y, fp32_oof, int8_oof, figures)
     verdict = "passed" if gate.passed else "FAILED (the bundle will serve fp32)"
     log(
@@ -158,11 +148,13 @@ def quantize_ensemble(
 
 
 def quantize_refit(
-    gate: QuantizationGate, fp32_path: Path, images: np.ndarray, calibration: np.ndarray, spec: ImageSpec, out: Path
+    gate: QuantizationGate, fp32_path: Path, images: np.ndarray, spec: ImageSpec, out: Path, seed: int
 ) -> QuantizationGate:
     """Quantize the refit model into `out`. It has no out-of-fold images: the fold models' gate
     stands for the recipe, and the refit's own int8 graph must also agree with its fp32 graph,
     measured on every image (its training images) and held to the same threshold."""
+    rng = np.random.default_rng(seed)
+    calibration = images[np.sort(rng.choice(len(images), size=min(CALIBRATION_IMAGES, len(images)), replace=False))]
     with tempfile.TemporaryDirectory() as tmp:
         int8_path = Path(tmp) / "refit.int8.onnx"
         quantize_member(fp32_path, calibration, spec, int8_path)

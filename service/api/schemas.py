@@ -6,7 +6,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from service.core.manifest import Manifest
-from service.core.predictor import Prediction
+from service.core.predictor import Prediction, Predictor
 
 NOTICE = (
     "Research use only. Not a medical device and not a diagnosis: a dermatologist must assess any lesion of concern."
@@ -114,7 +114,8 @@ class ModelInfo(BaseModel):
     training: dict
 
     @classmethod
-    def of(cls, m: Manifest, cnn_file: str) -> ModelInfo:
+    def of(cls, predictor: Predictor) -> ModelInfo:
+        m = predictor.manifest
         return cls(
             bundle_id=m.bundle_id,
             created_at=m.created_at,
@@ -126,8 +127,8 @@ class ModelInfo(BaseModel):
             components=m.components,
             served_by=m.served,
             cnn={
-                "file": cnn_file,
-                "precision": m.cnn.precision if cnn_file == m.cnn.file else "fp32",
+                "file": predictor.cnn_file,
+                "precision": predictor.cnn_precision,
                 "members": m.cnn.members,
                 "quantization": m.cnn.quantization.model_dump() if m.cnn.quantization else None,
             },

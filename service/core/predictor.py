@@ -63,14 +63,25 @@ class Predictor:
     """A loaded bundle. Immutable after `load`, so safe to share across threads."""
 
     def __init__(
-        self, bundle_dir: Path, manifest: Manifest, session: Any, models: dict[str, Any], cnn_file: str
+        self,
+        bundle_dir: Path,
+        manifest: Manifest,
+        session: Any,
+        models: dict[str, Any],
+        cnn_file: str,
+        model_threads: int = 1,
     ) -> None:
         self.bundle_dir = bundle_dir
         self.manifest = manifest
         self.session = session
         self.models = models
         self.cnn_file = cnn_file  # the graph `session` runs
-        self.predict_kwargs: dict[str, dict[str, int]] = {name: {} for name in models}
+        self.predict_kwargs = {name: thread_limit(model, model_threads) for name, model in models.items()}
+
+    @property
+    def cnn_precision(self) -> str:
+        """Of the graph `session` runs: the manifest's CNN, or its fp32 graph."""
+        return self.manifest.cnn.precision if self.cnn_file == self.manifest.cnn.file else "fp32"
 
     @classmethod
     def load(
@@ -113,9 +124,7 @@ class Predictor:
             m.name: load_model(read_verified(bundle_dir, manifest, m.file), m.libraries, m.file)
             for m in [*manifest.boosters, manifest.stack]
         }
-        predictor = cls(bundle_dir, manifest, session, models, cnn_file)
-        predictor.predict_kwargs = {name: thread_limit(model, model_threads) for name, model in models.items()}
-        return predictor
+        return cls(bundle_dir, manifest, session, models, cnn_file, model_threads)
 
     def cnn_probs(self, images: np.ndarray) -> np.ndarray:
         """uint8 images (N,H,W,3) -> the CNN's class probabilities (N,C)."""

@@ -88,12 +88,11 @@ DRAFT_OVERSAMPLING = 2  # decode at least this many pixels per model-input pixel
 def draft_size(width: int, height: int, spec: ImageSpec) -> tuple[int, int]:
     """The smallest size a JPEG may be DCT-scaled to: 2x the model input, long side along long side.
 
-    For an image whose orientation differs from the model's (portrait, or turned by EXIF), the
-    centre crop keeps less than that: a 450x600 upload for 128x96 decodes at 225x300, crops to
-    225x169, so 1.76x.
     JPEG decoding can scale by 1/2, 1/4 or 1/8 almost for free; a 600x450 upload for a 128x96
     model decodes at 300x225, a quarter of the pixels. Predictions agree with full decoding
-    (tests/test_decoding.py; the figures are in the README)."""
+    (tests/test_decoding.py; the figures are in the README). For an image whose orientation differs
+    from the model's (portrait, or turned by EXIF) the centre crop keeps less: a 450x600 upload for
+    128x96 decodes at 225x300 and crops to 225x169, 1.76x."""
     long_, short = max(spec.width, spec.height), min(spec.width, spec.height)
     size = (DRAFT_OVERSAMPLING * long_, DRAFT_OVERSAMPLING * short)
     return size if width >= height else size[::-1]

@@ -63,7 +63,7 @@ async def ready(predictor: Predictor = Depends(get_predictor)) -> dict:
 
 @router.get("/model", response_model=ModelInfo, tags=["model"], dependencies=[Depends(check_api_key)], responses=KEYED)
 async def model_info(predictor: Predictor = Depends(get_predictor)) -> ModelInfo:
-    return ModelInfo.of(predictor.manifest, predictor.cnn_file)
+    return ModelInfo.of(predictor)
 
 
 @router.get(
