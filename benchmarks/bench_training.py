@@ -1,10 +1,10 @@
 """Training pipeline speed against the model-only limit, side by side in one run.
 
-python -m benchmarks.bench_training --data-dir DIR [--image-size 128] [--batch-size 64] [--steps 20]
+python -m benchmarks.bench_training --data-dir DIR [--image-size 128] [--batch-size 64] [--steps 20] [--compile]
 
-1. pipeline: `training.cnn.train_one_epoch` as a run uses it (the cached uint8 images, augmentation
-   in DataLoader workers, normalisation, the optimiser and schedule) over `steps` batches of real
-   images, after one warm-up pass;
+1. pipeline: `training.cnn.train_one_epoch` as a run uses it (the uint8 image cache on the device,
+   shuffled batches, batched augmentation and normalisation there, the optimiser and schedule) over
+   `steps` batches of real images, after one warm-up pass;
 2. model only: the same ResNet-18, batch size, input size and precision, forward + backward +
    optimiser step on one batch already on the device (channels-last).
 Prints both in images/s and their ratio: how much of the model's speed the pipeline delivers.
@@ -21,7 +21,7 @@ import torch
 from training.cnn import build_fold, train_one_epoch, train_step
 from training.config import make_config
 from training.data import decode_all, load_dataset
-from training.dataset import normalise_batch
+from training.dataset import eval_batch
 
 
 def model_only(t, x: torch.Tensor, y: torch.Tensor, steps: int) -> float:
@@ -45,7 +45,7 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--steps", type=int, default=20, help="batches timed in each measurement")
     p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"])
-    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--compile", action="store_true", help="torch.compile the model (both measurements)")
     args = p.parse_args()
     cfg = make_config(
         "cpu",
@@ -53,7 +53,7 @@ def main() -> None:
         image_size=args.image_size,
         batch_size=args.batch_size,
         precision=args.precision,
-        workers=args.workers,
+        compile=args.compile,
         epochs=2,
     )
     spec = cfg.image_spec()
@@ -64,16 +64,16 @@ def main() -> None:
     rows = np.arange(n)
 
     t = build_fold(0, cfg, images, y, rows)
-    train_one_epoch(t, spec, desc="warm-up")  # starts the workers, warms the kernels
+    train_one_epoch(t, spec, desc="warm-up")  # warms the kernels (and compiles, with --compile)
     _, pipeline = train_one_epoch(t, spec, desc="pipeline")
 
-    batch = torch.from_numpy(images[: cfg.batch_size]).permute(0, 3, 1, 2)
-    x = normalise_batch(batch, spec).to(t.device).contiguous(memory_format=torch.channels_last)
+    x = eval_batch(images[: cfg.batch_size], spec, t.device)
     limit = model_only(t, x, torch.from_numpy(y[: cfg.batch_size]).to(t.device), args.steps)
 
     device = torch.cuda.get_device_name() if t.device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(f"device: {device}; {spec.width}x{spec.height}, batch {cfg.batch_size}, {cfg.precision}, {n} real images")
-    print(f"pipeline (train_one_epoch, {cfg.workers} DataLoader workers): {pipeline:.1f} images/s")
+    compiled = ", torch.compile" if cfg.compile else ""
+    print(f"pipeline (train_one_epoch: batches augmented on the device{compiled}): {pipeline:.1f} images/s")
     print(f"model only (forward + backward + step, data on the device): {limit:.1f} images/s")
     print(f"ratio pipeline / model only: {pipeline / limit:.2f}")
 

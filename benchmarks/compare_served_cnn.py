@@ -35,9 +35,8 @@ def main() -> None:
     p.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
     p.add_argument("--epochs", type=int)
     p.add_argument("--image-size", type=int)
-    p.add_argument("--workers", type=int)
     args = p.parse_args()
-    cfg = make_config(args.preset, args.data_dir, epochs=args.epochs, image_size=args.image_size, workers=args.workers)
+    cfg = make_config(args.preset, args.data_dir, epochs=args.epochs, image_size=args.image_size)
     spec = cfg.image_spec()
     with tempfile.TemporaryDirectory() as tmp_:
         tmp = Path(tmp_)

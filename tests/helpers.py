@@ -97,7 +97,7 @@ def train(data_dir: Path, out: Path, *extra: str) -> Path:
     """`python -m training run` in its own process, as a user runs it; returns the run directory.
 
     (In the test process, libraries loaded by earlier tests would share the cores with torch.)"""
-    cmd = [sys.executable, "-m", "training", "run", "--data-dir", str(data_dir), "--out", str(out), "--workers", "0"]
+    cmd = [sys.executable, "-m", "training", "run", "--data-dir", str(data_dir), "--out", str(out)]
     out_ = subprocess.run(cmd + list(extra), cwd=REPO, capture_output=True, text=True, timeout=1200)
     if out_.returncode != 0:
         raise AssertionError(f"training exited with {out_.returncode}:\n{out_.stdout[-3000:]}\n{out_.stderr[-3000:]}")

@@ -1,4 +1,4 @@
-"""The serving benchmark runs end to end (it is documented as runnable on a fresh clone)."""
+"""The benchmarks run end to end (each is documented as runnable on a fresh clone)."""
 
 from __future__ import annotations
 
@@ -25,8 +25,16 @@ def test_bench_serving_runs_and_prints_every_ratio(tiny_run, sample_dir):
 @pytest.mark.scenario
 def test_bench_training_prints_the_pipeline_and_model_only_speeds(tiny_data):
     cmd = [sys.executable, "-m", "benchmarks.bench_training", "--data-dir", str(tiny_data)]
-    cmd += ["--image-size", "32", "--batch-size", "8", "--steps", "2", "--workers", "0", "--precision", "fp32"]
+    cmd += ["--image-size", "32", "--batch-size", "8", "--steps", "2", "--precision", "fp32"]
     out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     ratio = [line for line in out.stdout.splitlines() if line.startswith("ratio pipeline / model only: ")]
     assert len(ratio) == 1 and float(ratio[0].split(": ")[1]) > 0, out.stdout
+
+
+@pytest.mark.scenario
+def test_compare_tta_prints_the_gain_and_the_cost(tiny_run):
+    cmd = [sys.executable, "-m", "benchmarks.compare_tta", "--run", str(tiny_run), "--rounds", "2"]
+    out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "TTA - one view" in out.stdout and out.stdout.count("cost ") == 2, out.stdout

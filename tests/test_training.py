@@ -61,18 +61,17 @@ def test_fold_model_never_trains_on_its_own_fold(tmp_path, subset, monkeypatch):
     d = subset(6)
     ds = load_dataset(d, log=lambda m: None)
     table = ds.table.merge(make_folds(ds.table, 3, 0)[["image_id", "fold"]], on="image_id")
-    cfg = make_config("smoke", str(d), folds=3, epochs=1, image_size=32, workers=0)
+    cfg = make_config("smoke", str(d), folds=3, epochs=1, image_size=32)
     images = np.stack([np.full((24, 32, 3), i % 256, np.uint8) for i in range(len(table))])
     images[:, 0, 0, 0], images[:, 0, 0, 1] = np.arange(len(table)) % 256, np.arange(len(table)) // 256  # unique ids
     seen = []
-    real = cnn_module.ImageDataset
+    real = cnn_module.TrainBatches
 
-    def spy(imgs, labels, augment):
-        if augment:
-            seen.append({(int(a), int(b)) for a, b in imgs[:, 0, 0, :2]})
-        return real(imgs, labels, augment)
+    def spy(imgs, labels, *args, **kwargs):
+        seen.append({(int(a), int(b)) for a, b in imgs[:, 0, 0, :2]})
+        return real(imgs, labels, *args, **kwargs)
 
-    monkeypatch.setattr(cnn_module, "ImageDataset", spy)
+    monkeypatch.setattr(cnn_module, "TrainBatches", spy)
     oof = cnn_module.run_cnn(cfg, tmp_path / "run", table, images, log=lambda m: None)
     ident = {(int(a), int(b)): i for i, (a, b) in enumerate(images[:, 0, 0, :2])}
     assert len(seen) == cfg.folds
@@ -117,7 +116,7 @@ def test_killed_run_resumes(tmp_path, subset):
     d = subset(8)
     run_dir = tmp_path / "run"
     cmd = [sys.executable, "-m", "training", "cnn", "--data-dir", str(d), "--out", str(run_dir)]
-    cmd += ["--preset", "smoke", "--folds", "3", "--epochs", "2", "--image-size", "32", "--workers", "0"]
+    cmd += ["--preset", "smoke", "--folds", "3", "--epochs", "2", "--image-size", "32"]
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
@@ -221,6 +220,7 @@ def test_bundle_with_chosen_boosters_serves_exactly_them(tiny_data, tmp_path, ap
         "lightgbm.pkl",
         "manifest.json",
         "stack.pkl",
+        "training_images.csv",
         "xgboost.pkl",
     ]
     assert "catboost" not in manifest.library_versions

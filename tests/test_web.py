@@ -6,7 +6,7 @@ import shutil
 
 import pytest
 
-from tests.helpers import ARTIFACTS
+from tests.helpers import ARTIFACTS, start_server
 
 pytestmark = pytest.mark.scenario
 
@@ -69,3 +69,19 @@ def test_upload_shows_prediction_and_errors(browser, server, sample_dir, tmp_pat
     browser.find_element(By.ID, "submit").click()
     wait.until(lambda d: d.find_element(By.ID, "error").text)
     assert "not a readable image" in browser.find_element(By.ID, "error").text
+
+
+def test_a_demo_bundle_shows_a_banner(browser, demo_run):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    proc, url = start_server(demo_run / "bundle")
+    try:
+        browser.get(url + "/")
+        notice = browser.find_element(By.ID, "notice")
+        WebDriverWait(browser, 30).until(lambda d: notice.text.startswith("DEMO MODEL"))
+        assert "demo" in notice.get_attribute("class").split()
+        assert "Research use only" in notice.text
+    finally:
+        proc.terminate()
+        proc.wait(10)

@@ -1,4 +1,4 @@
-"""Command line: `python -m training run|<stage>|demo-data|download ...`.
+"""Command line: `python -m training run|<stage>|evaluate|demo-data|download ...`.
 
 Errors a user can cause print `error: ...` and exit 2. `demo-data`, `download`, `keygen` and `sign`
 never import torch or onnxruntime: they run on a machine with only the serving and data packages.
@@ -15,7 +15,7 @@ from training.errors import RunError
 from training.pipeline import STAGE_NAMES
 
 RUN_OVERRIDES = ["folds", "epochs", "image_size", "batch_size", "lr", "weights", "precision", "boosters", "seed"]
-RUN_OVERRIDES += ["workers", "bootstrap", "served_cnn", "int8", "keep_fp32"]
+RUN_OVERRIDES += ["compile", "bootstrap", "served_cnn", "int8", "keep_fp32", "tta"]
 
 
 def add_run_args(p: argparse.ArgumentParser) -> None:
@@ -45,9 +45,15 @@ def add_run_args(p: argparse.ArgumentParser) -> None:
         action=argparse.BooleanOptionalAction,
         help="quantize the CNN to int8, served only if it passes its out-of-fold gate (default on)",
     )
+    p.add_argument(
+        "--tta",
+        action=argparse.BooleanOptionalAction,
+        help="test-time augmentation: the CNN averaged over the 8 flips/transposes of each image in validation, "
+        "out-of-fold predictions and the served graph (8x the CNN's cost; default off)",
+    )
     p.add_argument("--keep-fp32", action="store_true", default=None, help="bundle the fp32 CNN beside the int8 one")
     p.add_argument("--seed", type=int)
-    p.add_argument("--workers", type=int, help="DataLoader workers (default 2)")
+    p.add_argument("--compile", action="store_true", default=None, help="torch.compile the CNN for training (GPU)")
     p.add_argument("--bootstrap", type=int, help="bootstrap resamples for metric intervals")
 
 
@@ -66,6 +72,17 @@ def build_parser() -> argparse.ArgumentParser:
     dl.add_argument("--base-url", default=None, help="Dataverse server (default https://dataverse.harvard.edu)")
     keygen = sub.add_parser("keygen", help="make an Ed25519 key pair for signing bundles")
     keygen.add_argument("--out", required=True, type=Path, help="folder for bundle-signing.key and .pub")
+    ev = sub.add_parser("evaluate", help="score a bundle on labelled HAM10000-layout data (external validation)")
+    ev.add_argument("--bundle", required=True, type=Path)
+    ev.add_argument("--data-dir", required=True, type=Path, help="HAM10000 metadata CSV + image folder(s), with dx")
+    ev.add_argument("--out", required=True, type=Path, help="folder for report.{json,md}, predictions.csv, plots/")
+    ev.add_argument("--bootstrap", type=int, default=1000, help="lesion-bootstrap resamples for the intervals")
+    ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument(
+        "--include-overlap",
+        action="store_true",
+        help="keep images the bundle trained on (same image_id or lesion_id) in the figures (default: left out)",
+    )
     sign = sub.add_parser("sign", help="sign a bundle (manifest.sig) with a private key from keygen")
     sign.add_argument("--bundle", required=True, type=Path)
     sign.add_argument("--key", required=True, type=Path, help="bundle-signing.key")
@@ -91,6 +108,14 @@ def dispatch(args: argparse.Namespace) -> None:
             print(f"wrote {sign_bundle(args.bundle, args.key.read_bytes())}")
         except (BundleError, OSError, ValueError) as exc:
             raise RunError(f"cannot sign {args.bundle}: {exc}") from None
+    elif args.command == "evaluate":
+        from service.core.bundle import BundleError
+        from training.evaluate import evaluate_bundle
+
+        try:
+            evaluate_bundle(args.bundle, args.data_dir, args.out, args.bootstrap, args.seed, args.include_overlap)
+        except BundleError as exc:
+            raise RunError(f"cannot evaluate {args.bundle}: {exc}") from None
     elif args.command == "download":
         from training.download import DATAVERSE_URL, download_ham10000
 

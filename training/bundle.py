@@ -22,7 +22,15 @@ import torch
 from service.core import labels
 from service.core.bundle import library_versions, sha256_file
 from service.core.features import FeatureSpec, soft_vote, stack_inputs
-from service.core.manifest import MANIFEST_NAME, CnnModel, Manifest, ModelFile, QuantizationGate, libraries_of
+from service.core.manifest import (
+    MANIFEST_NAME,
+    TRAINING_IMAGES,
+    CnnModel,
+    Manifest,
+    ModelFile,
+    QuantizationGate,
+    libraries_of,
+)
 from service.core.predictor import Predictor
 from service.core.preprocess import to_model_input
 from training.boosters import BOOSTERS, feature_matrix
@@ -54,6 +62,7 @@ def roster(run) -> tuple[CnnModel, list[ModelFile], ModelFile]:
         precision="int8" if int8 else "fp32",
         fp32_file=FP32_GRAPH if int8 and run.cfg.keep_fp32 else None,
         quantization=gate,
+        tta=run.cfg.tta,
     )
     boosters = [ModelFile(name=b, file=f"{b}.pkl", libraries=list(BOOSTERS[b].libraries)) for b in run.cfg.boosters]
     stack = ModelFile(name=STACK, file=f"{STACK}.pkl", libraries=["numpy", "scikit-learn"])
@@ -64,8 +73,11 @@ def build_manifest(run, folder: Path, cnn: CnnModel, boosters: list[ModelFile], 
     report = json.loads((run.artifacts / "report.json").read_text())
     files = {p.name: sha256_file(p) for p in sorted(folder.iterdir())}
     created = dt.datetime.now(dt.timezone.utc).replace(microsecond=0)
+    synthetic = bool(report["data"].get("synthetic", False))
     return Manifest(
-        bundle_id=f"ham-resnet18-{created:%Y%m%dT%H%M%SZ}-{files[cnn.file][:8]}",
+        bundle_id=f"{'demo-synthetic' if synthetic else 'ham'}-resnet18-{created:%Y%m%dT%H%M%SZ}-{files[cnn.file][:8]}",
+        synthetic_data=synthetic,
+        training_images=TRAINING_IMAGES,
         created_at=created.isoformat(),
         classes=labels.CLASSES,
         class_names=labels.CLASS_NAMES,
@@ -92,7 +104,7 @@ def reference_predictions(run, n: int = 8) -> dict:
     members = served_members(run)
     x = torch.from_numpy(to_model_input(run.images[idx], run.cfg.image_spec()))
     with torch.no_grad():
-        cnn_torch = FoldEnsemble(members)(x).numpy().astype(np.float64)
+        cnn_torch = FoldEnsemble(members, run.cfg.tta)(x).numpy().astype(np.float64)
     cnn_oof = run.oof(CNN)[PROB_COLUMNS].to_numpy()[idx]
     features = feature_matrix(run)[idx]
     probs = {CNN: cnn_oof}
@@ -123,6 +135,7 @@ def write_bundle(run) -> Path:
             shutil.copy2(run.dir / "cnn" / name, tmp / name)
         for m in [*boosters, stack]:
             shutil.copy2(run.models / f"{m.name}.pkl", tmp / m.file)
+        run.table[["image_id", "lesion_id"]].to_csv(tmp / TRAINING_IMAGES, index=False)
         manifest = build_manifest(run, tmp, cnn, boosters, stack)
         (tmp / MANIFEST_NAME).write_text(manifest.model_dump_json(indent=2))
         tmp.chmod(0o755)

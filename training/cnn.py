@@ -23,16 +23,15 @@ import pandas as pd
 import torch
 from sklearn.metrics import balanced_accuracy_score, log_loss
 from torch import nn
-from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from service.core import labels
 from service.core.preprocess import ImageSpec
 from training.config import FP32_GRAPH, INT8_GRAPH, RunConfig
-from training.dataset import ImageDataset, normalise_batch
+from training.dataset import TrainBatches, augment_batch, eval_batch, train_augmentation
 from training.errors import RunError
 from training.io import PROB_COLUMNS, atomic_write, atomic_write_csv, atomic_write_text, write_oof
-from training.models import build_resnet18
+from training.models import FoldEnsemble, build_resnet18
 
 
 def device_and_dtype(precision: str) -> tuple[torch.device, torch.dtype | None]:
@@ -41,15 +40,18 @@ def device_and_dtype(precision: str) -> tuple[torch.device, torch.dtype | None]:
 
 
 @torch.no_grad()
-def predict_probs(model: nn.Module, images: np.ndarray, spec: ImageSpec, batch_size: int = 256) -> np.ndarray:
-    """Evaluation transform, float32: the same numbers the exported graph gives."""
+def predict_probs(
+    model: nn.Module, images: np.ndarray, spec: ImageSpec, tta: bool = False, batch_size: int = 256
+) -> np.ndarray:
+    """Evaluation transform, float32 (with `tta`, the 8 dihedral views averaged): the same numbers
+    the exported graph gives."""
     model.eval()
     device = next(model.parameters()).device
+    net = FoldEnsemble([model], tta)
     out = []
     for start in range(0, len(images), batch_size):
-        batch = torch.from_numpy(images[start : start + batch_size]).permute(0, 3, 1, 2)
-        x = normalise_batch(batch, spec).to(device)
-        out.append(model(x).float().softmax(dim=1).cpu().numpy())
+        x = eval_batch(images[start : start + batch_size], spec, device)
+        out.append(net(x).cpu().numpy())
     probs = np.concatenate(out).astype(np.float64)
     return probs / probs.sum(axis=1, keepdims=True)  # exact sums for sklearn's log_loss check
 
@@ -70,31 +72,27 @@ class FoldTraining:
     loss_fn: nn.Module
     opt: torch.optim.Optimizer
     sched: torch.optim.lr_scheduler.LRScheduler
-    loader: DataLoader
+    batches: TrainBatches
+    augment: nn.Module
     device: torch.device
     amp_dtype: torch.dtype | None
     state: dict = field(default_factory=lambda: {"epoch": 0, "best": None, "best_bmca": -1.0, "history": []})
 
 
 def build_fold(k: int, cfg: RunConfig, images: np.ndarray, y: np.ndarray, train_rows: np.ndarray) -> FoldTraining:
-    """Model, weighted loss, AdamW, the augmented loader over the training rows, one-cycle schedule."""
+    """Model, weighted loss, AdamW, the training rows' batches on the device, one-cycle schedule."""
     device, amp_dtype = device_and_dtype(cfg.precision)
     torch.manual_seed(cfg.seed + k)
     n_classes = len(labels.CLASSES)
     model = build_resnet18(n_classes, cfg.weights).to(device, memory_format=torch.channels_last)
+    if cfg.compile:
+        model.compile()  # in place: state_dict keys, checkpoints and export stay those of the plain model
     loss_fn = nn.CrossEntropyLoss(weight=class_weights(y[train_rows], n_classes).to(device), label_smoothing=0.05)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=1e-4)
-    loader = DataLoader(
-        ImageDataset(images[train_rows], y[train_rows], augment=True),
-        batch_size=cfg.batch_size,
-        shuffle=True,
-        drop_last=len(train_rows) > cfg.batch_size,
-        num_workers=cfg.workers,
-        persistent_workers=cfg.workers > 0,
-        generator=torch.Generator().manual_seed(cfg.seed + k),
-    )
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=cfg.epochs * len(loader), pct_start=0.2)
-    return FoldTraining(k, model, loss_fn, opt, sched, loader, device, amp_dtype)
+    batches = TrainBatches(images[train_rows], y[train_rows], cfg.batch_size, device, seed=cfg.seed + k)
+    steps = cfg.epochs * len(batches)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=steps, pct_start=0.2)
+    return FoldTraining(k, model, loss_fn, opt, sched, batches, train_augmentation().to(device), device, amp_dtype)
 
 
 def save_checkpoint(t: FoldTraining, path: Path) -> None:
@@ -126,33 +124,37 @@ def train_step(t: FoldTraining, x: torch.Tensor, y: torch.Tensor) -> torch.Tenso
 
 
 def train_one_epoch(t: FoldTraining, spec: ImageSpec, desc: str) -> tuple[float, float]:
-    """One pass over the augmented training rows; returns (mean loss, images/s)."""
+    """One pass over the augmented training rows; returns (mean loss, images/s).
+
+    The loss is summed on the device and read every 20 steps: reading it each step would make a
+    GPU wait for every batch."""
     t.model.train()
-    start, seen, total_loss = time.perf_counter(), 0, 0.0
-    bar = tqdm(t.loader, desc=desc, unit="batch", leave=False, disable=None)
-    for xb, yb in bar:
-        x, yb = normalise_batch(xb, spec).to(t.device), yb.to(t.device)
-        loss = train_step(t, x, yb)
+    start, seen, total_loss = time.perf_counter(), 0, torch.zeros((), device=t.device)
+    bar = tqdm(t.batches, desc=desc, unit="batch", leave=False, disable=None)
+    for step, (xb, yb) in enumerate(bar):
+        loss = train_step(t, augment_batch(t.augment, xb, spec), yb)
         t.sched.step()
         seen += len(yb)
-        total_loss += loss.item() * len(yb)
-        bar.set_postfix(loss=f"{total_loss / seen:.3f}")
-    return total_loss / seen, seen / (time.perf_counter() - start)
+        total_loss += loss.detach().float() * len(yb)
+        if step % 20 == 0:
+            bar.set_postfix(loss=f"{total_loss.item() / seen:.3f}")
+    mean_loss = total_loss.item() / seen  # waits for the last step, so the clock below is honest
+    return mean_loss, seen / (time.perf_counter() - start)
 
 
-def evaluate(model: nn.Module, images: np.ndarray, y: np.ndarray, spec: ImageSpec) -> tuple[float, float]:
+def evaluate(model: nn.Module, images: np.ndarray, y: np.ndarray, spec: ImageSpec, tta: bool) -> tuple[float, float]:
     """Validation BMCA and log loss with the evaluation transform."""
-    probs = predict_probs(model, images, spec)
+    probs = predict_probs(model, images, spec, tta)
     return balanced_accuracy_score(y, probs.argmax(1)), log_loss(y, probs, labels=range(len(labels.CLASSES)))
 
 
 def write_fold_outputs(
-    t: FoldTraining, images: np.ndarray, val_rows: np.ndarray, spec: ImageSpec, cnn_dir: Path
+    t: FoldTraining, images: np.ndarray, val_rows: np.ndarray, spec: ImageSpec, tta: bool, cnn_dir: Path
 ) -> dict:
     """The best epoch's OOF rows, the fold summary, and its weights last (fold<k>.pt marks the fold done)."""
     k, state = t.k, t.state
     t.model.load_state_dict(state["best"])
-    oof = pd.DataFrame(predict_probs(t.model, images[val_rows], spec), columns=PROB_COLUMNS)
+    oof = pd.DataFrame(predict_probs(t.model, images[val_rows], spec, tta), columns=PROB_COLUMNS)
     oof.insert(0, "row", val_rows)
     atomic_write_csv(cnn_dir / f"oof_fold{k}.csv", oof)
     summary = {
@@ -179,7 +181,7 @@ def train_fold(
         log(f"fold {k}: resuming after epoch {t.state['epoch']}")
     for epoch in range(t.state["epoch"] + 1, cfg.epochs + 1):
         train_loss, ips = train_one_epoch(t, spec, desc=f"fold {k} epoch {epoch}/{cfg.epochs}")
-        bmca, vloss = evaluate(t.model, images[val_rows], y[val_rows], spec)
+        bmca, vloss = evaluate(t.model, images[val_rows], y[val_rows], spec, cfg.tta)
         t.state["history"].append(
             dict(epoch=epoch, train_loss=train_loss, val_bmca=bmca, val_log_loss=vloss, train_images_per_s=ips)
         )
@@ -191,7 +193,7 @@ def train_fold(
             t.state.update(best_bmca=bmca, best_epoch=epoch, best=copy.deepcopy(t.model.state_dict()))
         t.state["epoch"] = epoch
         save_checkpoint(t, ckpt_path)
-    summary = write_fold_outputs(t, images, val_rows, spec, cnn_dir)
+    summary = write_fold_outputs(t, images, val_rows, spec, cfg.tta, cnn_dir)
     ckpt_path.unlink(missing_ok=True)
     return summary
 
@@ -275,7 +277,7 @@ def export_stage(run) -> None:
     rng = np.random.default_rng(run.cfg.seed)
     idx = np.sort(rng.choice(len(run.table), size=min(32, len(run.table)), replace=False))
     cnn_dir = run.dir / "cnn"
-    export_onnx(served, run.cfg.image_spec(), run.images[idx], cnn_dir / FP32_GRAPH, log=run.log)
+    export_onnx(served, run.cfg.image_spec(), run.images[idx], cnn_dir / FP32_GRAPH, run.cfg.tta, log=run.log)
     if run.cfg.int8:
         from training.quantize import quantize_ensemble, quantize_refit
 
@@ -283,7 +285,9 @@ def export_stage(run) -> None:
         folds = [load_fold_model(cnn_dir, k) for k in range(run.cfg.folds)] if refit else served
         y, fold = run.table.label.to_numpy(), run.table.fold.to_numpy()
         # the fold models are always gated; their joined int8 graph is only written when it is served
-        gate = quantize_ensemble(folds, run.images, y, fold, spec, None if refit else out, run.cfg.seed, run.log)
+        gate = quantize_ensemble(
+            folds, run.images, y, fold, spec, None if refit else out, run.cfg.seed, run.cfg.tta, run.log
+        )
         if refit:
             gate = quantize_refit(gate, cnn_dir / FP32_GRAPH, run.images, spec, out, run.cfg.seed)
             run.log(f"int8: refit model vs its fp32 graph, top-1 agreement {gate.served_agreement:.4f}")

@@ -43,11 +43,12 @@ class RunConfig(BaseModel):
     boosters: list[str] = ALL_BOOSTERS
     served_cnn: Literal["ensemble", "refit"] = "refit"  # see `--served-cnn` and README "Which CNN is served"
     int8: bool = True  # quantize the CNN; the bundle serves int8 only if it passes its out-of-fold gate
+    tta: bool = False  # average the CNN over the 8 dihedral flips: validation, OOF and the served graph (8x cost)
     keep_fp32: bool = False  # also bundle the fp32 graph beside an int8 one (serving can then pick it)
     booster_rounds: int = 600
     bootstrap: int = 200
     seed: int = 42
-    workers: int = 2
+    compile: bool = False  # torch.compile the CNN while training: same model, faster steps on a GPU
 
     @field_validator("boosters", mode="before")
     @classmethod
@@ -80,7 +81,7 @@ class RunConfig(BaseModel):
 
     def fingerprint(self) -> dict:
         """Settings that change results: a resumed run must agree on them."""
-        return self.model_dump(exclude={"workers", "data_dir", "bootstrap", "keep_fp32"})
+        return self.model_dump(exclude={"compile", "data_dir", "bootstrap", "keep_fp32"})
 
 
 def native_precision() -> str:

@@ -18,6 +18,7 @@ from training.errors import DataError
 
 REQUIRED_COLUMNS = ["lesion_id", "image_id", "dx", "age", "sex", "localization"]
 METADATA_NAME = "HAM10000_metadata.csv"
+SYNTHETIC_DX_TYPE = "synthetic"  # how training.synthetic marks its rows (HAM10000's own: histo, follow_up, ...)
 IMAGE_RE = re.compile(r"^(isic_\d+)\.(jpe?g|png)$", re.IGNORECASE)
 
 
@@ -25,6 +26,7 @@ IMAGE_RE = re.compile(r"^(isic_\d+)\.(jpe?g|png)$", re.IGNORECASE)
 class Dataset:
     table: pd.DataFrame  # one row per image that exists: image_id, lesion_id, dx, age, sex, localization, path, label
     skipped: int  # metadata rows whose image file is missing
+    synthetic: bool = False  # every row is the project's synthetic demo data (dx_type "synthetic")
 
     def metadata(self) -> list[ClinicalMetadata]:
         return [
@@ -104,8 +106,13 @@ def load_dataset(data_dir: str | Path, log=print) -> Dataset:
     df["label"] = df.dx.map(labels.CLASSES.index).astype(int)
     if skipped:
         log(f"{csv_path.name}: {len(df)} images found, {skipped} listed rows skipped because their image is missing")
+    synthetic = "dx_type" in df.columns and bool((df.dx_type == SYNTHETIC_DX_TYPE).all())
+    if synthetic:
+        log(f"{csv_path.name}: synthetic demo data: the bundle will say so in its id, manifest and every answer")
     return Dataset(
-        table=df[["image_id", "lesion_id", "dx", "label", "age", "sex", "localization", "path"]], skipped=skipped
+        table=df[["image_id", "lesion_id", "dx", "label", "age", "sex", "localization", "path"]],
+        skipped=skipped,
+        synthetic=synthetic,
     )
 
 

@@ -17,13 +17,16 @@ PARITY_TOLERANCE = 1e-4
 INPUT_NAME, OUTPUT_NAME = "image", "probabilities"
 
 
-def export_onnx(members: list[torch.nn.Module], spec: ImageSpec, images: np.ndarray, out: Path, log=print) -> float:
-    """Write `out` (input 'image' NCHW float32, output 'probabilities', dynamic batch).
+def export_onnx(
+    members: list[torch.nn.Module], spec: ImageSpec, images: np.ndarray, out: Path, tta: bool = False, log=print
+) -> float:
+    """Write `out` (input 'image' NCHW float32, output 'probabilities', dynamic batch); with `tta`
+    the graph averages the 8 dihedral views of each image (`training.models.FoldEnsemble`).
 
     `images` are real uint8 images (N,H,W,3); the run fails unless onnxruntime's
     probabilities match torch's to PARITY_TOLERANCE. Returns the max abs difference.
     """
-    model = FoldEnsemble([m.float().eval().cpu() for m in members]).eval()
+    model = FoldEnsemble([m.float().eval().cpu() for m in members], tta).eval()
     x = torch.from_numpy(to_model_input(images, spec))
     with torch.no_grad():
         expected = model(x).numpy()

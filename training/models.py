@@ -47,12 +47,23 @@ def build_resnet18(num_classes: int, weights: str = "none") -> nn.Module:
     return model
 
 
-class FoldEnsemble(nn.Module):
-    """The served CNN: the fold models' softmax outputs averaged, in one graph."""
+def dihedral_batches(x: torch.Tensor) -> list[torch.Tensor]:
+    """The 8 symmetries of the square applied to a batch (N,3,H,W): its 4 flips, and the 4 flips of
+    its transpose (W,H: a second batch, as a non-square image changes shape)."""
+    return [torch.cat([v, v.flip(3), v.flip(2), v.flip((2, 3))]) for v in (x, x.transpose(2, 3))]
 
-    def __init__(self, members: list[nn.Module]) -> None:
+
+class FoldEnsemble(nn.Module):
+    """The served CNN: the members' softmax outputs averaged, in one graph. With `tta`, over the
+    8 dihedral views of each image too (dermoscopy has no canonical orientation); 8x the cost."""
+
+    def __init__(self, members: list[nn.Module], tta: bool = False) -> None:
         super().__init__()
         self.members = nn.ModuleList(members)
+        self.tta = tta
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.stack([m(x).float().softmax(dim=1) for m in self.members]).mean(dim=0)
+        batches = dihedral_batches(x) if self.tta else [x]
+        probs = [m(b).float().softmax(dim=1) for m in self.members for b in batches]
+        # each is (views * N, classes), view-major: regroup to (views, N, classes) and average all
+        return torch.cat([p.reshape(-1, x.shape[0], p.shape[1]) for p in probs]).mean(dim=0)

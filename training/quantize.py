@@ -109,6 +109,7 @@ def quantize_ensemble(
     spec: ImageSpec,
     out: Path | None,
     seed: int,
+    tta: bool = False,
     log=print,
 ) -> QuantizationGate:
     """Quantize every fold model, gate on out-of-fold images, write `out` (the int8 ensemble) unless
@@ -125,7 +126,7 @@ def quantize_ensemble(
             train_rows, val_rows = np.flatnonzero(fold != k), np.flatnonzero(fold == k)
             calib = np.sort(rng.choice(train_rows, size=min(CALIBRATION_IMAGES, len(train_rows)), replace=False))
             fp32_path, int8_path = Path(tmp) / f"m{k}.onnx", Path(tmp) / f"m{k}.int8.onnx"
-            export_onnx([member], spec, images[calib[:16]], fp32_path, log=lambda m: None)
+            export_onnx([member], spec, images[calib[:16]], fp32_path, tta, log=lambda m: None)
             quantize_member(fp32_path, images[calib], spec, int8_path)
             a = run_graph(session(fp32_path), images[val_rows], spec)
             b = run_graph(session(int8_path), images[val_rows], spec)

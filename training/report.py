@@ -34,17 +34,9 @@ def fmt(m: dict) -> str:
     return f"{m['value']:.3f} [{lo:.3f}, {hi:.3f}]"
 
 
-def markdown(report: dict) -> str:
-    lines = [
-        "# Out-of-fold results",
-        "",
-        f"Data: `{report['data']['data_dir']}`, {report['data']['images']} images of {report['data']['lesions']} lesions, "
-        f"{report['data']['folds']} lesion-grouped folds. Machine: {report['machine']}. "
-        f"95% intervals: {report['n_bootstrap']} bootstrap resamples of lesions.",
-        "",
-        "| model | " + " | ".join(METRICS) + " |",
-        "|---" * (len(METRICS) + 1) + "|",
-    ]
+def metrics_table(report: dict) -> list[str]:
+    """The models' metrics with intervals as markdown rows, and the paired difference if measured."""
+    lines = ["| model | " + " | ".join(METRICS) + " |", "|---" * (len(METRICS) + 1) + "|"]
     for name, m in report["models"].items():
         lines.append(f"| {name} | " + " | ".join(fmt(m[k]) for k in METRICS) + " |")
     if "paired_difference" in report:
@@ -54,8 +46,31 @@ def markdown(report: dict) -> str:
             f"Paired difference {d['models']}: "
             + ", ".join(f"{k} {fmt(d[k])}" for k in ("malignant_pauc", "bmca", "macro_auc")),
         ]
+    return lines
+
+
+MALIGNANT_NOTE = (
+    "malignant = mel + bcc + akiec; malignant_pauc is the ISIC 2024 partial AUC above 80% TPR (range 0-0.2)."
+)
+
+
+def markdown(report: dict) -> str:
+    lines = [
+        "# Out-of-fold results",
+        "",
+        f"Data: `{report['data']['data_dir']}`, {report['data']['images']} images of {report['data']['lesions']} lesions, "
+        f"{report['data']['folds']} lesion-grouped folds. Machine: {report['machine']}. "
+        f"95% intervals: {report['n_bootstrap']} bootstrap resamples of lesions.",
+        "",
+        *metrics_table(report),
+    ]
     served = report.get("served_cnn", "ensemble")
-    lines += ["", f"The CNN row is the fold models' out-of-fold predictions; the bundle serves the {served} CNN."]
+    tta = " (8 dihedral views averaged, in validation, out-of-fold predictions and the served graph)"
+    lines += [
+        "",
+        f"The CNN row is the fold models' out-of-fold predictions{tta if report['config'].get('tta') else ''}; "
+        f"the bundle serves the {served} CNN.",
+    ]
     gate = report.get("int8_gate")
     if gate:
         lines += [
@@ -68,7 +83,7 @@ def markdown(report: dict) -> str:
         ]
     lines += [
         "",
-        "malignant = mel + bcc + akiec; malignant_pauc is the ISIC 2024 partial AUC above 80% TPR (range 0-0.2).",
+        MALIGNANT_NOTE,
         "",
         "![ROC](plots/roc_stack.png) ![confusion](plots/confusion_stack.png) ![reliability](plots/reliability.png)",
     ]
@@ -107,7 +122,7 @@ def plot_confusion(y, probs, title, path) -> None:
     save_png(fig, path)
 
 
-def plot_reliability(y, model_probs, path, n_bins: int = 10) -> None:
+def plot_reliability(y, model_probs, path, title: str = "Reliability (out-of-fold)", n_bins: int = 10) -> None:
     fig, ax = plt.subplots(figsize=(5, 5))
     for name, p in model_probs.items():
         conf, correct = p.max(1), p.argmax(1) == y
@@ -116,7 +131,7 @@ def plot_reliability(y, model_probs, path, n_bins: int = 10) -> None:
         ys = [correct[bins == b].mean() for b in range(n_bins) if (bins == b).any()]
         ax.plot(xs, ys, "o-", label=name, ms=3)
     ax.plot([0, 1], [0, 1], "k:", lw=0.8)
-    ax.set(xlabel="confidence (top class)", ylabel="accuracy", title="Reliability (out-of-fold)")
+    ax.set(xlabel="confidence (top class)", ylabel="accuracy", title=title)
     ax.legend()
     save_png(fig, path)
 
@@ -132,6 +147,7 @@ def write_report(run) -> dict:
         "images": len(y),
         "lesions": int(run.table.lesion_id.nunique()),
         "skipped_missing_images": run.dataset.skipped,
+        "synthetic": run.dataset.synthetic,
         "folds": run.cfg.folds,
         "class_counts": {c: int((y == i).sum()) for i, c in enumerate(labels.CLASSES)},
     }

@@ -14,6 +14,7 @@ import pandas as pd
 from PIL import Image, ImageFilter
 
 from service.core import labels
+from training.data import SYNTHETIC_DX_TYPE
 from training.io import atomic_write_csv
 
 # class -> (prior, RGB lesion colour, radius px, border irregularity, texture, mean age, favoured sites)
@@ -77,7 +78,7 @@ def write_demo_dataset(out: Path, n_images: int = 700, seed: int = 0) -> pd.Data
                     lesion_id=f"HAM_{9_000_000 + lesion_no:07d}",
                     image_id=image_id,
                     dx=dx,
-                    dx_type="synthetic",
+                    dx_type=SYNTHETIC_DX_TYPE,
                     age=age if rng.random() > 0.01 else None,
                     sex=sex,
                     localization=site,

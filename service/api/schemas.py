@@ -11,15 +11,23 @@ from service.core.predictor import Prediction, Predictor
 NOTICE = (
     "Research use only. Not a medical device and not a diagnosis: a dermatologist must assess any lesion of concern."
 )
+SYNTHETIC_NOTICE = (
+    "DEMO MODEL: trained on synthetic images the project generates, not on real lesions; its answers mean nothing."
+)
+
+
+def notice_for(manifest: Manifest) -> str:
+    return f"{SYNTHETIC_NOTICE} {NOTICE}" if manifest.synthetic_data else NOTICE
 
 
 class ModelRef(BaseModel):
     bundle_id: str
     created_at: str
+    synthetic_data: bool = Field(description="true: a demo bundle trained on synthetic images")
 
     @classmethod
     def of(cls, manifest: Manifest) -> ModelRef:
-        return cls(bundle_id=manifest.bundle_id, created_at=manifest.created_at)
+        return cls(bundle_id=manifest.bundle_id, created_at=manifest.created_at, synthetic_data=manifest.synthetic_data)
 
 
 class PredictionFields(BaseModel):
@@ -53,7 +61,7 @@ class PredictionFields(BaseModel):
 class PredictResponse(PredictionFields):
     model: ModelRef
     request_id: str
-    notice: str = NOTICE
+    notice: str = Field(description="research-use notice; it says so first when the model is a synthetic-data demo")
 
     model_config = ConfigDict(
         json_schema_extra={
@@ -75,6 +83,7 @@ class PredictResponse(PredictionFields):
                 "model": {
                     "bundle_id": "ham-resnet18-20261126T140221Z-868d4c7e",
                     "created_at": "2026-11-26T14:02:21+00:00",
+                    "synthetic_data": False,
                 },
                 "request_id": "3f2a0c7e9b1d4c55",
                 "notice": NOTICE,
@@ -91,7 +100,7 @@ class BatchResponse(BaseModel):
     predictions: list[BatchItem] = Field(description="one per image, in request order")
     model: ModelRef
     request_id: str
-    notice: str = NOTICE
+    notice: str = Field(description="research-use notice; it says so first when the model is a synthetic-data demo")
 
 
 class ErrorResponse(BaseModel):
@@ -102,6 +111,8 @@ class ErrorResponse(BaseModel):
 class ModelInfo(BaseModel):
     bundle_id: str
     created_at: str
+    synthetic_data: bool = Field(description="true: a demo bundle trained on synthetic images, not a model of lesions")
+    notice: str
     classes: list[str]
     class_names: dict[str, str]
     malignant_classes: list[str]
@@ -109,7 +120,7 @@ class ModelInfo(BaseModel):
     preprocessing: dict
     components: list[str] = Field(description="every model a prediction reports, in order")
     served_by: str
-    cnn: dict = Field(description="the CNN graph this worker runs: file, precision, fold models, the int8 gate")
+    cnn: dict = Field(description="the CNN graph this worker runs: file, precision, fold models, TTA, the int8 gate")
     metrics: dict = Field(description="cross-validated (out-of-fold) metrics per model")
     training: dict
 
@@ -119,6 +130,8 @@ class ModelInfo(BaseModel):
         return cls(
             bundle_id=m.bundle_id,
             created_at=m.created_at,
+            synthetic_data=m.synthetic_data,
+            notice=notice_for(m),
             classes=m.classes,
             class_names=m.class_names,
             malignant_classes=m.malignant_classes,
@@ -130,6 +143,7 @@ class ModelInfo(BaseModel):
                 "file": predictor.cnn_file,
                 "precision": predictor.cnn_precision,
                 "members": m.cnn.members,
+                "tta": m.cnn.tta,
                 "quantization": m.cnn.quantization.model_dump() if m.cnn.quantization else None,
             },
             metrics=m.metrics,

@@ -15,6 +15,8 @@ from service.core.features import FeatureSpec
 from service.core.preprocess import ImageSpec
 from service.core.signing import MANIFEST_NAME, SIGNATURE_NAME
 
+TRAINING_IMAGES = "training_images.csv"  # the bundle's list of its training images (image_id, lesion_id)
+
 FORMAT_VERSION = 3  # 3: the CNN may be int8, with its gate figures and an optional fp32 graph
 READABLE_VERSIONS = (2, 3)  # a version 2 manifest is a valid version 3 one (fp32 CNN, no gate)
 
@@ -51,6 +53,7 @@ class CnnModel(ModelFile):
     precision: Literal["fp32", "int8"] = Field("fp32", description="weights and activations of `file`")
     fp32_file: str | None = Field(None, description="the fp32 graph, when an int8 `file` is served beside it")
     quantization: QuantizationGate | None = Field(None, description="the int8 gate, when one was measured")
+    tta: bool = Field(False, description="the graph averages the 8 dihedral flips of each image (8x the cost)")
 
     @property
     def files(self) -> list[str]:
@@ -66,6 +69,10 @@ class Manifest(BaseModel):
     format_version: int = FORMAT_VERSION
     bundle_id: str
     created_at: str
+    synthetic_data: bool = Field(
+        False,
+        description="trained on the project's synthetic demo images: a demo of the plumbing, not a model of lesions",
+    )
     classes: list[str]
     class_names: dict[str, str]
     malignant_classes: list[str]
@@ -76,6 +83,9 @@ class Manifest(BaseModel):
     soft_vote: str = Field(description="name of the level-1 models' average")
     stack: ModelFile = Field(description="the meta-learner over the level-1 models' log-probabilities")
     served: str = Field(description="the component whose probabilities are the answer")
+    training_images: str | None = Field(
+        None, description="CSV (image_id, lesion_id) of every image the models trained on: overlap checks"
+    )
     files: dict[str, str] = Field(description="file name -> sha256, every file of the bundle but this manifest")
     library_versions: dict[str, str] = Field(description="versions of the libraries the models need, as written")
     metrics: dict = Field(default_factory=dict, description="cross-validated metrics from report.json")
@@ -110,16 +120,17 @@ class Manifest(BaseModel):
             if not f or f in (".", "..") or any(c in f for c in "/\\\x00") or f in (MANIFEST_NAME, SIGNATURE_NAME):
                 raise ValueError(f"file name {f!r} is not a plain name inside the bundle")
         used = [m.file for m in self.model_files] + self.cnn.files[1:]
-        for f in used:
+        listed = used + ([self.training_images] if self.training_images else [])
+        for f in listed:
             if f not in self.files:
-                raise ValueError(f"model file {f!r} is not among the hashed files")
+                raise ValueError(f"bundle file {f!r} is not among the hashed files")
         if self.cnn.fp32_file and self.cnn.precision != "int8":
             raise ValueError("cnn.fp32_file is only for an int8 cnn.file")
         if len(set(used)) != len(used):
             raise ValueError(f"model files repeat: {used}")
         if self.cnn.precision == "int8" and not (self.cnn.quantization and self.cnn.quantization.passed):
             raise ValueError("an int8 cnn.file needs a passed quantization gate in the manifest")
-        unused = sorted(set(self.files) - set(used))
+        unused = sorted(set(self.files) - set(listed))
         if unused:
             raise ValueError(f"hashed files {unused} belong to no model: the roster and the file list must agree")
         missing = [lib for lib in self.required_libraries if lib not in self.library_versions]

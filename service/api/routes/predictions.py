@@ -18,6 +18,7 @@ from service.api.schemas import (
     ErrorResponse,
     ModelRef,
     PredictResponse,
+    notice_for,
 )
 from service.api.settings import BATCH_ROUTE, Settings
 from service.api.state import ModelState
@@ -120,7 +121,9 @@ async def predict(
     meta = metadata_from_json(metadata, predictor.manifest.features)
     (pred,) = await predict_uploads([(data, image.filename)], [meta], state, settings)
     m = predictor.manifest
-    return PredictResponse.from_prediction(pred, m, model=ModelRef.of(m), request_id=request.state.request_id)
+    return PredictResponse.from_prediction(
+        pred, m, model=ModelRef.of(m), request_id=request.state.request_id, notice=notice_for(m)
+    )
 
 
 @router.post(BATCH_ROUTE, response_model=BatchResponse)
@@ -138,4 +141,6 @@ async def predict_batch(
     preds = await predict_uploads(uploads, metas, state, settings)
     m = predictor.manifest
     items = [BatchItem.from_prediction(p, m, filename=name) for (_, name), p in zip(uploads, preds)]
-    return BatchResponse(predictions=items, model=ModelRef.of(m), request_id=request.state.request_id)
+    return BatchResponse(
+        predictions=items, model=ModelRef.of(m), request_id=request.state.request_id, notice=notice_for(m)
+    )

@@ -1,0 +1,156 @@
+"""External validation: a bundle scored on any labelled HAM10000-layout dataset, without a server.
+
+`python -m training evaluate --bundle DIR --data-dir DIR --out DIR` is how a clinic checks a model
+on its own images. Each image goes through the service's own code (`service.core`: decoding, the
+metadata features, the bundle's models through `Predictor`), and the result has the training
+report's metrics, lesion-bootstrap intervals and plots. Images the bundle trained on (same
+image_id, or another image of a lesion it trained on) are not external: they are named in the
+output and left out of the figures unless `--include-overlap` keeps them.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from tqdm import tqdm
+
+from service.core import labels
+from service.core.bundle import read_verified
+from service.core.predictor import Predictor
+from service.core.preprocess import load_for_model
+from training.config import CNN
+from training.data import load_dataset
+from training.errors import DataError
+from training.io import PROB_COLUMNS, atomic_write_csv, atomic_write_text
+from training.metrics import with_intervals
+from training.report import (
+    MALIGNANT_NOTE,
+    machine_description,
+    metrics_table,
+    plot_confusion,
+    plot_reliability,
+    plot_roc,
+)
+
+
+def training_overlap(predictor: Predictor, bundle: Path, table: pd.DataFrame) -> pd.Series | None:
+    """Per row: True if the bundle trained on this image or on another image of its lesion.
+    None when the bundle does not list its training images (bundles made before it did)."""
+    name = predictor.manifest.training_images
+    if name is None:
+        return None
+    seen = pd.read_csv(io.BytesIO(read_verified(bundle, predictor.manifest, name)), dtype=str)
+    return table.image_id.str.upper().isin(set(seen.image_id.str.upper())) | table.lesion_id.isin(set(seen.lesion_id))
+
+
+def predict_all(predictor: Predictor, table: pd.DataFrame, metadata: list, batch: int = 64) -> dict[str, np.ndarray]:
+    """Every component's probabilities for every row, in batches, as the service computes them."""
+    spec = predictor.manifest.preprocessing
+    out: dict[str, list[np.ndarray]] = {c: [] for c in predictor.manifest.components}
+    for start in tqdm(range(0, len(table), batch), desc="scoring", unit="batch", leave=False, disable=None):
+        rows = table.iloc[start : start + batch]
+        images = np.stack([load_for_model(Path(p).read_bytes(), spec) for p in rows.path])
+        for c, p in predictor.predict_components(images, metadata[start : start + batch]).items():
+            out[c].append(p)
+    return {c: np.concatenate(p) for c, p in out.items()}
+
+
+def overlap_sentence(o: dict) -> str:
+    if not o["checked"]:
+        return "The bundle does not list its training images: overlap with them is unknown."
+    if not o["images"]:
+        return "None of these images or lesions were in the bundle's training data."
+    where = "included in the figures" if o["included"] else "left out of the figures"
+    return f"{o['images']} image(s) overlap the bundle's training data (same image or same lesion), {where}."
+
+
+def markdown(report: dict) -> str:
+    d = report["data"]
+    return "\n".join(
+        [
+            f"# External validation of {report['bundle_id']}",
+            "",
+            f"Data: `{d['data_dir']}`, {d['images']} images of {d['lesions']} lesions scored "
+            f"(served model: {report['served']}). Machine: {report['machine']}. "
+            f"95% intervals: {report['n_bootstrap']} bootstrap resamples of lesions.",
+            "",
+            overlap_sentence(report["overlap"]),
+            "",
+            *(["**This bundle was trained on synthetic demo data.**", ""] if report["synthetic_bundle"] else []),
+            *metrics_table(report),
+            "",
+            MALIGNANT_NOTE,
+            "",
+            "![ROC](plots/roc_served.png) ![confusion](plots/confusion_served.png) ![reliability](plots/reliability.png)",
+            "",
+        ]
+    )
+
+
+def evaluate_bundle(
+    bundle: Path,
+    data_dir: Path,
+    out: Path,
+    bootstrap: int = 1000,
+    seed: int = 0,
+    include_overlap: bool = False,
+    log=print,
+) -> dict:
+    """Score `bundle` on `data_dir`; write OUT/report.{json,md}, OUT/predictions.csv and OUT/plots."""
+    predictor = Predictor.load(bundle)
+    m = predictor.manifest
+    dataset = load_dataset(data_dir, log=log)
+    table = dataset.table
+    overlap = training_overlap(predictor, bundle, table)
+    if overlap is None:
+        log("warning: this bundle does not list its training images; overlap with this data cannot be checked")
+    elif overlap.any():
+        log(
+            f"warning: {int(overlap.sum())} of {len(table)} images are training images of this bundle or images of "
+            f"lesions it trained on (e.g. {', '.join(table.image_id[overlap].head(3))}); "
+            + ("they are included (--include-overlap)" if include_overlap else "they are left out of the figures")
+        )
+    keep = np.ones(len(table), bool) if overlap is None or include_overlap else ~overlap.to_numpy()
+    if not keep.any():
+        raise DataError(f"{data_dir}: every image overlaps the bundle's training data; --include-overlap scores them")
+    metadata = [md for md, k in zip(dataset.metadata(), keep) if k]
+    table = table[keep].reset_index(drop=True)
+
+    probs = predict_all(predictor, table, metadata)
+    y = table.label.to_numpy()
+    report = with_intervals(y, probs, table.lesion_id.to_numpy(), bootstrap, seed, paired=(m.served, CNN))
+    report.update(
+        bundle_id=m.bundle_id,
+        served=m.served,
+        machine=machine_description(),
+        synthetic_bundle=m.synthetic_data,
+        data={
+            "data_dir": str(data_dir),
+            "images": len(table),
+            "lesions": int(table.lesion_id.nunique()),
+            "skipped_missing_images": dataset.skipped,
+            "class_counts": {c: int((y == i).sum()) for i, c in enumerate(labels.CLASSES)},
+        },
+        overlap={
+            "checked": overlap is not None,
+            "images": 0 if overlap is None else int(overlap.sum()),
+            "included": include_overlap,
+            "image_ids": [] if overlap is None else dataset.table.image_id[overlap].tolist(),
+        },
+    )
+    out.mkdir(parents=True, exist_ok=True)
+    rows = table[["image_id", "lesion_id", "dx"]].copy()
+    rows[PROB_COLUMNS] = probs[m.served]
+    atomic_write_csv(out / "predictions.csv", rows)
+    atomic_write_text(out / "report.json", json.dumps(report, indent=2))
+    atomic_write_text(out / "report.md", markdown(report))
+    plots = out / "plots"
+    plot_roc(y, probs[m.served], f"ROC per class: {m.served}", plots / "roc_served.png")
+    plot_confusion(y, probs[m.served], f"Confusion (row-normalised): {m.served}", plots / "confusion_served.png")
+    plot_reliability(y, probs, plots / "reliability.png", title="Reliability (external data)")
+    log((out / "report.md").read_text())
+    return report
