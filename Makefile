@@ -7,10 +7,10 @@ PY := $(VENV)/bin/python
 .PHONY: venv demo train-demo serve-demo test test-fast check lint
 venv: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml clients/pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e ".[dev]"
+	$(PY) -m pip install --quiet -e ".[dev]" -e ./clients
 	touch $@
 
 train-demo: venv

@@ -38,3 +38,16 @@ def test_compare_tta_prints_the_gain_and_the_cost(tiny_run):
     out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "TTA - one view" in out.stdout and out.stdout.count("cost ") == 2, out.stdout
+
+
+@pytest.mark.scenario
+def test_bench_scoring_prints_the_ratio_and_the_same_labels(tiny_run, tiny_data):
+    cmd = [sys.executable, "-m", "benchmarks.bench_scoring", "--bundle", str(tiny_run / "bundle")]
+    cmd += ["--data-dir", str(tiny_data), "--port", str(free_port())]
+    out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    last = out.stdout.strip().splitlines()[-1]
+    n = len(list((tiny_data / "images").iterdir()))
+    same = int(last.split("same label for ")[1].split("/")[0])
+    assert last.startswith("ratio batch scoring / one by one: ") and f"/{n} images" in last
+    assert same >= 0.95 * n, last  # batched and single model calls may differ by float rounding on near-ties

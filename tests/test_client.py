@@ -1,29 +1,215 @@
-"""The Python client without a server: retries and connection errors."""
+"""The client package without a server: typed results, retries, errors, environment, chunking, scoring."""
 
 from __future__ import annotations
 
+import asyncio
+import csv
+import re
+
 import httpx
 import pytest
+from lesion_client import (
+    AsyncLesionClient,
+    LesionAPIError,
+    LesionClient,
+    LesionConnectionError,
+    LesionTimeout,
+    Prediction,
+)
+from lesion_client.scoring import score
 
-from clients.client import LesionClient
 from tests.helpers import free_port
 
+CLASSES = ["akiec", "bcc", "bkl", "df", "mel", "nv", "vasc"]
+ENVELOPE = {
+    "model": {"bundle_id": "b1", "created_at": "now", "synthetic_data": False},
+    "request_id": "r1",
+    "notice": "Research use only.",
+}
 
-def test_client_retries_while_the_model_loads():
-    calls = []
+
+def answer(filename: str | None = None) -> dict:
+    probs = {c: (0.4 if c == "nv" else 0.1) for c in CLASSES}
+    return {
+        "label": "nv",
+        "label_name": "Melanocytic nevus",
+        "probabilities": probs,
+        "malignant_probability": 0.3,
+        "served_by": "stack",
+        "components": {"stack": probs},
+        "filename": filename,
+    }
+
+
+class FakeService:
+    """Enough of the API for the client: /model with limits, /predict, /predict/batch (a part whose
+    bytes contain BAD is refused, and with it its whole request, as the real service does)."""
+
+    def __init__(self, max_batch: int = 2) -> None:
+        self.max_batch, self.requests = max_batch, []
+
+    def __call__(self, request: httpx.Request) -> httpx.Response:
+        self.requests.append(request)
+        if request.url.path == "/model":
+            return httpx.Response(200, json={"classes": CLASSES, "limits": {"max_batch": self.max_batch}})
+        body = request.read()
+        names = re.findall(rb'filename="([^"]*)"', body)
+        if b"BAD" in body:
+            return httpx.Response(400, json={"detail": "image BAD: not a readable image", "request_id": "r2"})
+        if request.url.path == "/predict":
+            return httpx.Response(200, json={**answer(), **ENVELOPE})
+        assert len(names) <= self.max_batch, "the client must chunk to the server's limit"
+        return httpx.Response(200, json={"predictions": [answer(n.decode()) for n in names], **ENVELOPE})
+
+    @property
+    def batch_sizes(self) -> list[int]:
+        return [len(re.findall(rb'name="images"', r.read())) for r in self.requests if r.url.path == "/predict/batch"]
+
+
+def test_results_are_typed_and_batches_are_chunked_to_the_server_limit(tmp_path):
+    fake = FakeService(max_batch=2)
+    path = tmp_path / "a.jpg"
+    path.write_bytes(b"jpeg")
+    with LesionClient("http://svc", transport=httpx.MockTransport(fake)) as c:
+        one = c.predict(path, age=50, sex="male")
+        many = c.predict_batch([path, b"x", b"y", path, b"z"])
+    assert isinstance(one, Prediction) and one.label == "nv" and one.model.bundle_id == "b1"
+    assert len(many) == 5 and fake.batch_sizes == [2, 2, 1]
+    assert [p.filename for p in many] == ["a.jpg", "image1", "image0", "a.jpg", "image0"]
+
+
+def test_retries_503_then_succeeds_sync_and_async():
+    def flaky():
+        calls = []
+
+        def handler(request: httpx.Request) -> httpx.Response:
+            calls.append(1)
+            if len(calls) < 3:
+                return httpx.Response(503, json={"detail": "model is still loading"})
+            return httpx.Response(200, json={"classes": CLASSES})
+
+        return calls, handler
+
+    calls, handler = flaky()
+    with LesionClient("http://svc", retries=3, backoff=0.001, transport=httpx.MockTransport(handler)) as c:
+        assert c.model()["classes"] == CLASSES and len(calls) == 3
+
+    async def run() -> None:
+        acalls, ahandler = flaky()
+        async with AsyncLesionClient(
+            "http://svc", retries=3, backoff=0.001, transport=httpx.MockTransport(ahandler)
+        ) as c:
+            assert (await c.model())["classes"] == CLASSES and len(acalls) == 3
+
+    asyncio.run(run())
+
+
+def test_every_failure_is_the_clients_own_exception():
+    with LesionClient(f"http://127.0.0.1:{free_port()}", retries=1, backoff=0.001) as c:
+        with pytest.raises(LesionConnectionError, match="cannot reach"):
+            c.model()
+
+    def slow(request: httpx.Request) -> httpx.Response:
+        raise httpx.ReadTimeout("timed out", request=request)
+
+    with LesionClient("http://svc", retries=0, transport=httpx.MockTransport(slow)) as c:
+        with pytest.raises(LesionTimeout):
+            c.model()
+    refused = httpx.MockTransport(lambda r: httpx.Response(422, json={"detail": "sex: use one of", "request_id": "q"}))
+    with LesionClient("http://svc", transport=refused) as c:
+        with pytest.raises(LesionAPIError) as err:
+            c.predict(b"x", sex="robot")
+    assert err.value.status == 422 and err.value.detail == "sex: use one of" and err.value.request_id == "q"
+
+
+def test_url_and_key_come_from_the_environment(monkeypatch):
+    seen = []
+    monkeypatch.setenv("LESION_URL", "http://from-env:9000/")
+    monkeypatch.setenv("LESION_API_KEY", "k3y")
 
     def handler(request: httpx.Request) -> httpx.Response:
-        calls.append(request.url.path)
-        if len(calls) < 3:
-            return httpx.Response(503, json={"detail": "model is still loading"})
-        return httpx.Response(200, json={"classes": ["akiec"]})
+        seen.append((str(request.url), request.headers.get("x-api-key")))
+        return httpx.Response(200, json={})
 
-    c = LesionClient("http://test", retries=3, backoff=0.01)
-    c._http = httpx.Client(base_url="http://test", transport=httpx.MockTransport(handler))
-    assert c.model() == {"classes": ["akiec"]} and len(calls) == 3
+    with LesionClient(transport=httpx.MockTransport(handler)) as c:
+        c.model()
+    assert seen == [("http://from-env:9000/model", "k3y")]
 
 
-def test_unreachable_server_is_a_connection_error():
-    with LesionClient(f"http://127.0.0.1:{free_port()}", retries=1, backoff=0.01) as c:
-        with pytest.raises(ConnectionError, match="cannot reach"):
-            c.model()
+def run_score(fake: FakeService, source, out):
+    async def go():
+        async with AsyncLesionClient("http://svc", transport=httpx.MockTransport(fake)) as c:
+            return await score(c, source, out, in_flight=3)
+
+    return asyncio.run(go())
+
+
+def test_scoring_keeps_going_past_a_bad_image_and_resumes(tmp_path):
+    data = tmp_path / "data"
+    (data / "images").mkdir(parents=True)
+    rows = []
+    for i in range(7):
+        (data / "images" / f"ISIC_{i}.jpg").write_bytes(b"BAD" if i == 3 else b"jpeg")
+        rows.append({"image_id": f"ISIC_{i}", "lesion_id": f"L{i}", "dx": "nv", "age": "40", "sex": "male"})
+    rows.append({"image_id": "ISIC_404", "lesion_id": "L9", "dx": "mel", "age": "", "sex": "female"})  # no image
+    with open(data / "HAM10000_metadata.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    out = tmp_path / "out.csv"
+    summary = run_score(FakeService(max_batch=2), data / "HAM10000_metadata.csv", out)
+    assert (summary.scored, summary.errors, summary.without_image, summary.already_done) == (6, 1, 1, 0)
+    got = {r["image_id"]: r for r in csv.DictReader(open(out))}
+    assert set(got) == {f"ISIC_{i}" for i in range(7)}
+    assert got["ISIC_3"]["error"] == "image BAD: not a readable image" and got["ISIC_3"]["label"] == ""
+    assert got["ISIC_0"]["lesion_id"] == "L0" and got["ISIC_0"]["dx"] == "nv" and got["ISIC_0"]["p_nv"] == "0.4"
+
+    again = FakeService()
+    summary = run_score(again, data / "HAM10000_metadata.csv", out)
+    assert summary.already_done == 7 and summary.scored == 0 and again.batch_sizes == []  # nothing re-sent
+    assert len(list(csv.DictReader(open(out)))) == 7
+
+
+def test_scoring_refuses_an_image_as_its_source(tmp_path):
+    from lesion_client import LesionError
+
+    img = tmp_path / "a.jpg"
+    img.write_bytes(b"\xff\xd8\xff")
+    with pytest.raises(LesionError, match="is an image"):
+        run_score(FakeService(), img, tmp_path / "out.csv")
+
+
+def test_a_run_killed_mid_line_resumes_without_losing_or_merging_rows(tmp_path):
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i in range(4):
+        (folder / f"img{i}.jpg").write_bytes(b"jpeg")
+    out = tmp_path / "out.csv"
+    run_score(FakeService(max_batch=4), folder, out)
+    lines = out.read_bytes().splitlines(keepends=True)
+    out.write_bytes(b"".join(lines[:3]) + lines[3][:12])  # header, 2 rows, then half a row: a kill mid-write
+    summary = run_score(FakeService(max_batch=4), folder, out)
+    assert summary.already_done == 2 and summary.scored == 2
+    rows = list(csv.DictReader(open(out)))
+    assert sorted(r["image"] for r in rows) == [f"img{i}.jpg" for i in range(4)]
+    assert all(r["p_nv"] == "0.4" and None not in r.values() for r in rows)
+
+
+def test_scoring_settings_and_inputs_a_user_can_get_wrong(tmp_path):
+    from lesion_client import LesionError
+
+    (tmp_path / "a.jpg").write_bytes(b"jpeg")
+    with pytest.raises(LesionError, match="at least 1"):
+        asyncio.run(
+            score(
+                AsyncLesionClient("http://svc", transport=httpx.MockTransport(FakeService())),
+                tmp_path,
+                tmp_path / "o.csv",
+                in_flight=0,
+            )
+        )
+    (tmp_path / "HAM10000_metadata.csv").write_text("image_id,age\na,forty\n")
+    with pytest.raises(LesionError, match="not a number"):
+        run_score(FakeService(), tmp_path / "HAM10000_metadata.csv", tmp_path / "o.csv")
+    with pytest.raises(LesionError, match="cannot write"):
+        run_score(FakeService(), tmp_path, tmp_path / "missing-folder" / "o.csv")

@@ -25,13 +25,16 @@ def full_decode(data: bytes, spec: ImageSpec) -> np.ndarray:
     return resize_for_model(decode_opened(open_image(data)), spec)  # no spec: no draft
 
 
-def test_draft_keeps_three_times_the_model_input_along_each_side():
+def test_draft_keeps_twice_the_model_input_and_256_pixels_along_each_side():
     spec = ImageSpec(width=128, height=96)
-    assert draft_size(600, 450, spec) == (384, 288)
-    assert draft_size(450, 600, spec) == (288, 384)  # portrait: long side along long side
-    assert open_image(as_original_jpeg_bytes(1200, 900), spec).size == (600, 450)  # DCT-scaled by 1/2
+    assert draft_size(600, 450, spec) == (256, 192)
+    assert draft_size(450, 600, spec) == (192, 256)  # portrait: long side along long side
+    assert open_image(as_original_jpeg_bytes(600, 450), spec).size == (300, 225)  # DCT-scaled by 1/2
     assert open_image(as_original_jpeg_bytes(4000, 3000), spec).size == (500, 375)  # by 1/8: 1/64 of the pixels
-    assert open_image(as_original_jpeg_bytes(600, 450), spec).size == (600, 450)  # 1/2 would leave too few
+    assert open_image(as_original_jpeg_bytes(300, 225), spec).size == (300, 225)  # nothing to gain
+    small = ImageSpec(width=64, height=48)
+    assert draft_size(600, 450, small) == (256, 192)  # the floor, not 128x96
+    assert open_image(as_original_jpeg_bytes(600, 450), small).size == (300, 225)  # 1/2, not 1/4
 
 
 def as_original_jpeg_bytes(w: int, h: int) -> bytes:

@@ -86,3 +86,22 @@ def test_api_image_install_serves_a_bundle(smoke_run, tmp_path, sample_dir):
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+@pytest.mark.scenario
+def test_client_package_installs_alone_with_its_command(tmp_path):
+    """`pip install ./clients` in a fresh venv: the client and its console command, nothing of the server."""
+    env_dir = tmp_path / "venv"
+    venv.create(env_dir, with_pip=True)
+    py = env_dir / "bin" / "python"
+    subprocess.run(
+        [str(py), "-m", "pip", "install", "--quiet", str(REPO / "clients")], cwd=tmp_path, check=True, timeout=900
+    )
+    help_ = subprocess.run([str(env_dir / "bin" / "lesion-client"), "--help"], capture_output=True, text=True)
+    assert help_.returncode == 0 and "score" in help_.stdout
+    code = "from lesion_client import AsyncLesionClient, LesionClient, Prediction; print('ok')"
+    assert subprocess.run([str(py), "-c", code], capture_output=True, text=True, cwd=tmp_path).stdout.strip() == "ok"
+    for module in ("fastapi", "numpy", "torch", "service", "training"):
+        assert subprocess.run([str(py), "-c", f"import {module}"], capture_output=True, cwd=tmp_path).returncode != 0, (
+            f"{module} must not come with the client"
+        )

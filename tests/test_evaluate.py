@@ -84,3 +84,13 @@ def test_a_bundle_without_its_training_list_says_overlap_is_unknown(tiny_run, ti
     report = evaluate_bundle(bundle, tiny_data, tmp_path / "eval", bootstrap=5, log=quiet)
     assert not report["overlap"]["checked"] and report["data"]["images"] > 0
     assert "overlap with them is unknown" in (tmp_path / "eval" / "report.md").read_text()
+
+
+def test_evaluate_needs_malignant_and_benign_lesions(tiny_run, subset, tmp_path):
+    from training.errors import DataError
+
+    data = subset(3, name="benign-only")
+    table = pd.read_csv(data / "HAM10000_metadata.csv")
+    table[table.dx == "nv"].to_csv(data / "HAM10000_metadata.csv", index=False)
+    with pytest.raises(DataError, match="all benign"):
+        evaluate_bundle(tiny_run / "bundle", data, tmp_path / "eval", bootstrap=5, include_overlap=True, log=quiet)

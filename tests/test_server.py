@@ -116,33 +116,51 @@ def test_missing_or_tampered_files_stop_startup(smoke_run, tmp_path):
 # ---- the Python client, against the same real server ----------------------------------------
 
 
-def test_client_script_table_json_and_csv(server, sample_dir, subset, tmp_path, capsys):
-    from clients.predict import main as client_main
+def test_client_command_table_json_and_score(server, sample_dir, subset, tmp_path, capsys):
+    from lesion_client.cli import main as client_main
 
     img = str(sample_images(sample_dir)[0])
-    assert client_main([img, "--age", "50", "--sex", "male", "--site", "back", "--url", server]) == 0
+    assert client_main(["predict", img, "--age", "50", "--sex", "male", "--site", "back", "--url", server]) == 0
     out = capsys.readouterr().out
     assert "malignant probability" in out and "stack" in out and "Research use only" in out
-    assert client_main([img, "--url", server, "--json"]) == 0
+    assert client_main(["predict", img, "--url", server, "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["label"]
-    d = subset(1)
+    second = str(sample_images(sample_dir)[1])
+    assert client_main(["predict", img, second, "--url", server, "--json"]) == 0
+    assert set(json.loads(capsys.readouterr().out)) == {img, second}
+    d = subset(2)
+    images = sorted((d / "images").iterdir())
+    images[1].write_bytes(b"not an image")  # one bad file: its own error row, not the end of the run
     for source in (d / "images", d / "HAM10000_metadata.csv"):
         out_csv = tmp_path / f"{source.name}.csv"
-        assert client_main([str(source), "--csv", str(out_csv), "--url", server]) == 0
+        assert client_main(["score", str(source), "--out", str(out_csv), "--url", server]) == 0
         rows = list(csv.DictReader(open(out_csv)))
-        assert len(rows) == len(list((d / "images").iterdir()))
-        assert {"label", "malignant_probability", "p_mel"} <= set(rows[0])
+        assert len(rows) == len(images)
+        assert {"label", "malignant_probability", "p_mel", "error"} <= set(rows[0])
+        bad = [r for r in rows if r["error"]]
+        assert len(bad) == 1 and "not a readable image" in bad[0]["error"]
+    assert {"image_id", "lesion_id", "dx"} <= set(rows[0])  # the CSV's own columns are carried
+    # resumable: a rerun sends nothing and writes nothing new
+    assert client_main(["score", str(d / "HAM10000_metadata.csv"), "--out", str(out_csv), "--url", server]) == 0
+    assert "already in" in capsys.readouterr().out and len(list(csv.DictReader(open(out_csv)))) == len(images)
+    # two JPEGs are not a CSV: a clear error, not a UnicodeDecodeError
+    assert client_main(["score", str(images[0]), "--out", str(tmp_path / "x.csv"), "--url", server]) == 1
+    assert "is an image" in capsys.readouterr().err
 
 
 def test_client_errors_carry_the_server_message(server, sample_dir, capsys):
-    from clients.client import LesionAPIError, LesionClient
-    from clients.predict import main as client_main
+    from lesion_client import LesionAPIError, LesionClient
+    from lesion_client.cli import main as client_main
 
     with LesionClient(server) as c:
         with pytest.raises(LesionAPIError) as err:
             c.predict(sample_images(sample_dir)[0], sex="robot")
         assert err.value.status == 422 and "use one of: male, female, unknown" in err.value.detail
         assert c.model()["classes"][0] == "akiec"
-        assert len(c.predict_batch(sample_images(sample_dir, 2), [{"age": 40}, {}])["predictions"]) == 2
-    assert client_main([str(sample_images(sample_dir)[0]), "--url", server, "--sex", "robot"]) == 1
+        paths = sample_images(sample_dir, 2)
+        assert [p.filename for p in c.predict_batch([paths[0], paths[1].read_bytes()], [{"age": 40}, {}])] == [
+            paths[0].name,
+            "image1",
+        ]
+    assert client_main(["predict", str(sample_images(sample_dir)[0]), "--url", server, "--sex", "robot"]) == 1
     assert "use one of" in capsys.readouterr().err

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import shutil
+import subprocess
+import sys
 
 import pytest
 
-from tests.helpers import ARTIFACTS, start_server
+from tests.helpers import ARTIFACTS, REPO, start_server
 
 pytestmark = pytest.mark.scenario
 
@@ -39,36 +41,86 @@ def browser():
     driver.quit()
 
 
-def test_upload_shows_prediction_and_errors(browser, server, sample_dir, tmp_path):
-    from selenium.webdriver.common.by import By
-    from selenium.webdriver.support import expected_conditions as ec
-    from selenium.webdriver.support.ui import Select, WebDriverWait
+LAYOUT = """
+const rows = [...document.querySelectorAll("form label")].map((label) => {
+  const a = label.getBoundingClientRect(), b = document.getElementById(label.htmlFor).getBoundingClientRect();
+  return {name: label.htmlFor, right: a.right, left: b.left, width: b.width,
+          dy: Math.abs((a.top + a.bottom) / 2 - (b.top + b.bottom) / 2)};
+});
+return {rows, scroll: document.documentElement.scrollWidth, inner: window.innerWidth};
+"""
 
-    wait = WebDriverWait(browser, 30)
-    browser.get(server + "/")
-    wait.until(lambda d: len(Select(d.find_element(By.ID, "site")).options) > 5)  # filled from GET /model
-    image = sorted((sample_dir / "images").iterdir())[0]
-    browser.find_element(By.ID, "image").send_keys(str(image))
-    browser.find_element(By.ID, "age").send_keys("55")
-    Select(browser.find_element(By.ID, "sex")).select_by_value("male")
-    Select(browser.find_element(By.ID, "site")).select_by_value("back")
-    browser.find_element(By.ID, "submit").click()
-    wait.until(ec.visibility_of_element_located((By.ID, "result")))
-    label = browser.find_element(By.ID, "label").text
-    assert label in {"akiec", "bcc", "bkl", "df", "mel", "nv", "vasc"}
-    assert browser.find_element(By.ID, "malignant").text.endswith("%")
-    models = [e.get_attribute("data-model") for e in browser.find_elements(By.CSS_SELECTOR, ".model")]
-    assert set(models) == {"cnn", "xgboost", "lightgbm", "catboost", "soft_vote", "stack"}
+
+def check_layout(browser, state: str) -> None:
+    """Each label left of its control, level with it; nothing wider than the window."""
+    got = browser.execute_script(LAYOUT)
+    assert [r["name"] for r in got["rows"]] == ["image", "age", "sex", "site", "apikey"]
+    for r in got["rows"]:
+        assert r["right"] <= r["left"] and r["width"] > 0, (state, r)
+        assert r["dy"] <= 6, (state, r)
+    assert got["scroll"] <= got["inner"], f"{state}: the page scrolls sideways ({got['scroll']} > {got['inner']} px)"
+
+
+@pytest.mark.parametrize("width", [1280, 390])
+def test_layout_and_result_at_desktop_and_phone_width(browser, server, sample_dir, width):
+    from selenium.webdriver.common.by import By
+
+    from docs.screenshots import page_ready, show_result
+
+    page_ready(browser, server, width)
+    assert browser.execute_script("return window.innerWidth") == width
+    check_layout(browser, "before an image is chosen")
+    assert "[" in browser.find_element(By.ID, "model-metrics").text  # cross-validated metrics with intervals
+    assert "images of" in browser.find_element(By.ID, "model-data").text  # what it was trained on
+    show_result(browser, sorted((sample_dir / "images").iterdir())[0])
+    check_layout(browser, "with a result")
+    panels = browser.find_elements(By.CSS_SELECTOR, ".model")
+    served = browser.execute_script("return document.querySelector('.model.served').dataset.model")
+    assert panels[0].get_attribute("data-model") == served == "stack"  # the served answer first
+    assert {p.get_attribute("data-model") for p in panels} == {
+        "cnn",
+        "xgboost",
+        "lightgbm",
+        "catboost",
+        "soft_vote",
+        "stack",
+    }
+    classes = ["akiec", "bcc", "bkl", "df", "mel", "nv", "vasc"]
+    for panel in panels:  # one class order everywhere, each bar a labelled meter
+        bars = panel.find_elements(By.CSS_SELECTOR, ".bar")
+        assert [b.get_attribute("data-cls") for b in bars] == classes
+        for b in bars:
+            assert b.get_attribute("role") == "meter" and b.get_attribute("aria-label").endswith("%")
+    mel = panels[0].find_element(By.CSS_SELECTOR, ".bar[data-cls=mel]")
+    assert "Melanoma" in mel.text and "malignant" in mel.text and "malignant" in mel.get_attribute("aria-label")
+    assert "malignant" in browser.find_element(By.ID, "legend").text
     assert "Research use only" in browser.find_element(By.ID, "notice").text
     ARTIFACTS.mkdir(exist_ok=True)
-    browser.save_screenshot(str(ARTIFACTS / "web_page.png"))
-    # an API error is shown in plain words
+    browser.save_screenshot(str(ARTIFACTS / f"web_page_{width}.png"))
+
+
+def test_errors_are_shown_in_plain_words(browser, server, tmp_path):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    from docs.screenshots import page_ready
+
+    page_ready(browser, server, 1280)
     bad = tmp_path / "notes.png"
     bad.write_bytes(b"not really a png")
     browser.find_element(By.ID, "image").send_keys(str(bad))
     browser.find_element(By.ID, "submit").click()
-    wait.until(lambda d: d.find_element(By.ID, "error").text)
+    WebDriverWait(browser, 30).until(lambda d: d.find_element(By.ID, "error").text)
     assert "not a readable image" in browser.find_element(By.ID, "error").text
+
+
+def test_screenshot_script_writes_every_view(smoke_run, sample_dir, tmp_path):
+    cmd = [sys.executable, "docs/screenshots.py", "--bundle", str(smoke_run / "bundle"), "--out", str(tmp_path)]
+    cmd += ["--image", str(sorted((sample_dir / "images").iterdir())[0])]
+    out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    for name in ("web-page.png", "web-page-empty.png", "web-page-phone.png", "web-page-phone-empty.png"):
+        assert (tmp_path / name).stat().st_size > 10_000, name
 
 
 def test_a_demo_bundle_shows_a_banner(browser, demo_run):

@@ -92,6 +92,7 @@ def build_manifest(run, folder: Path, cnn: CnnModel, boosters: list[ModelFile], 
         files=files,
         library_versions=library_versions(libraries_of([cnn, *boosters, stack])),
         metrics={m: {k: v["value"] for k, v in r.items()} for m, r in report["models"].items()},
+        metric_intervals={m: {k: v["ci95"] for k, v in r.items()} for m, r in report["models"].items()},
         training={"config": run.cfg.model_dump(), "data": report["data"], "report": "artifacts/report.json"},
     )
 

@@ -15,10 +15,10 @@ from service.core import labels
 from service.core.metadata import ClinicalMetadata
 from service.core.preprocess import ImageError, ImageSpec, load_for_model
 from training.errors import DataError
+from training.synthetic import SYNTHETIC_DX_TYPE
 
 REQUIRED_COLUMNS = ["lesion_id", "image_id", "dx", "age", "sex", "localization"]
 METADATA_NAME = "HAM10000_metadata.csv"
-SYNTHETIC_DX_TYPE = "synthetic"  # how training.synthetic marks its rows (HAM10000's own: histo, follow_up, ...)
 IMAGE_RE = re.compile(r"^(isic_\d+)\.(jpe?g|png)$", re.IGNORECASE)
 
 
@@ -26,7 +26,7 @@ IMAGE_RE = re.compile(r"^(isic_\d+)\.(jpe?g|png)$", re.IGNORECASE)
 class Dataset:
     table: pd.DataFrame  # one row per image that exists: image_id, lesion_id, dx, age, sex, localization, path, label
     skipped: int  # metadata rows whose image file is missing
-    synthetic: bool = False  # every row is the project's synthetic demo data (dx_type "synthetic")
+    synthetic: bool = False  # some rows are the project's synthetic demo data (dx_type "synthetic")
 
     def metadata(self) -> list[ClinicalMetadata]:
         return [
@@ -106,9 +106,10 @@ def load_dataset(data_dir: str | Path, log=print) -> Dataset:
     df["label"] = df.dx.map(labels.CLASSES.index).astype(int)
     if skipped:
         log(f"{csv_path.name}: {len(df)} images found, {skipped} listed rows skipped because their image is missing")
-    synthetic = "dx_type" in df.columns and bool((df.dx_type == SYNTHETIC_DX_TYPE).all())
+    n_synthetic = int((df.dx_type == SYNTHETIC_DX_TYPE).sum()) if "dx_type" in df.columns else 0
+    synthetic = n_synthetic > 0  # any: a bundle that saw demo images is a demo
     if synthetic:
-        log(f"{csv_path.name}: synthetic demo data: the bundle will say so in its id, manifest and every answer")
+        log(f"{csv_path.name}: {n_synthetic} of {len(df)} images are synthetic demo data (dx_type={SYNTHETIC_DX_TYPE})")
     return Dataset(
         table=df[["image_id", "lesion_id", "dx", "label", "age", "sex", "localization", "path"]],
         skipped=skipped,

@@ -21,7 +21,7 @@ from tqdm import tqdm
 from service.core import labels
 from service.core.bundle import read_verified
 from service.core.predictor import Predictor
-from service.core.preprocess import load_for_model
+from service.core.preprocess import ImageError, load_for_model
 from training.config import CNN
 from training.data import load_dataset
 from training.errors import DataError
@@ -47,13 +47,20 @@ def training_overlap(predictor: Predictor, bundle: Path, table: pd.DataFrame) ->
     return table.image_id.str.upper().isin(set(seen.image_id.str.upper())) | table.lesion_id.isin(set(seen.lesion_id))
 
 
+def decode(path: Path, spec) -> np.ndarray:
+    try:
+        return load_for_model(path.read_bytes(), spec)
+    except ImageError as exc:
+        raise DataError(f"{path}: unreadable image: {exc}") from None
+
+
 def predict_all(predictor: Predictor, table: pd.DataFrame, metadata: list, batch: int = 64) -> dict[str, np.ndarray]:
     """Every component's probabilities for every row, in batches, as the service computes them."""
     spec = predictor.manifest.preprocessing
     out: dict[str, list[np.ndarray]] = {c: [] for c in predictor.manifest.components}
     for start in tqdm(range(0, len(table), batch), desc="scoring", unit="batch", leave=False, disable=None):
         rows = table.iloc[start : start + batch]
-        images = np.stack([load_for_model(Path(p).read_bytes(), spec) for p in rows.path])
+        images = np.stack([decode(Path(p), spec) for p in rows.path])
         for c, p in predictor.predict_components(images, metadata[start : start + batch]).items():
             out[c].append(p)
     return {c: np.concatenate(p) for c, p in out.items()}
@@ -120,8 +127,14 @@ def evaluate_bundle(
     metadata = [md for md, k in zip(dataset.metadata(), keep) if k]
     table = table[keep].reset_index(drop=True)
 
-    probs = predict_all(predictor, table, metadata)
     y = table.label.to_numpy()
+    malignant = np.isin(y, [labels.CLASSES.index(c) for c in labels.MALIGNANT_CLASSES])
+    if malignant.all() or not malignant.any():
+        raise DataError(
+            f"{data_dir}: the images to score are all {'malignant' if malignant.all() else 'benign'}; "
+            "AUC and pAUC need both malignant (mel, bcc, akiec) and benign lesions"
+        )
+    probs = predict_all(predictor, table, metadata)
     report = with_intervals(y, probs, table.lesion_id.to_numpy(), bootstrap, seed, paired=(m.served, CNN))
     report.update(
         bundle_id=m.bundle_id,

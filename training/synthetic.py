@@ -14,8 +14,9 @@ import pandas as pd
 from PIL import Image, ImageFilter
 
 from service.core import labels
-from training.data import SYNTHETIC_DX_TYPE
 from training.io import atomic_write_csv
+
+SYNTHETIC_DX_TYPE = "synthetic"  # marks its rows (HAM10000's own dx_type: histo, follow_up, consensus, confocal)
 
 # class -> (prior, RGB lesion colour, radius px, border irregularity, texture, mean age, favoured sites)
 LOOK = {

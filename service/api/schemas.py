@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
+from service.api.settings import Settings
 from service.core.manifest import Manifest
 from service.core.predictor import Prediction, Predictor
 
@@ -122,10 +123,12 @@ class ModelInfo(BaseModel):
     served_by: str
     cnn: dict = Field(description="the CNN graph this worker runs: file, precision, fold models, TTA, the int8 gate")
     metrics: dict = Field(description="cross-validated (out-of-fold) metrics per model")
+    metric_intervals: dict = Field(description="their 95% lesion-bootstrap intervals, [low, high]")
     training: dict
+    limits: dict = Field(description="what one request may hold: images per /predict/batch, bytes per image, pixels")
 
     @classmethod
-    def of(cls, predictor: Predictor) -> ModelInfo:
+    def of(cls, predictor: Predictor, settings: Settings) -> ModelInfo:
         m = predictor.manifest
         return cls(
             bundle_id=m.bundle_id,
@@ -147,5 +150,12 @@ class ModelInfo(BaseModel):
                 "quantization": m.cnn.quantization.model_dump() if m.cnn.quantization else None,
             },
             metrics=m.metrics,
+            metric_intervals=m.metric_intervals,
             training=m.training,
+            limits={
+                "max_batch": settings.max_batch,
+                "max_upload_bytes": settings.max_upload_bytes,
+                "max_pixels": settings.max_pixels,
+                "max_request_pixels": settings.max_request_pixels,
+            },
         )

@@ -89,6 +89,9 @@ class Manifest(BaseModel):
     files: dict[str, str] = Field(description="file name -> sha256, every file of the bundle but this manifest")
     library_versions: dict[str, str] = Field(description="versions of the libraries the models need, as written")
     metrics: dict = Field(default_factory=dict, description="cross-validated metrics from report.json")
+    metric_intervals: dict = Field(
+        default_factory=dict, description="95% lesion-bootstrap intervals of `metrics`, [low, high], from report.json"
+    )
     training: dict = Field(default_factory=dict, description="run configuration and data summary")
 
     @property

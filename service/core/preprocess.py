@@ -8,6 +8,7 @@ service does for an upload. Training augmentations act on the cached uint8 image
 from __future__ import annotations
 
 import io
+import math
 import struct
 import warnings
 
@@ -82,21 +83,25 @@ def open_image(data: bytes, spec: ImageSpec | None = None, max_pixels: int = DEF
     return img
 
 
-DRAFT_OVERSAMPLING = 3  # decode at least this many pixels per model-input pixel, along each side
+DRAFT_OVERSAMPLING = 2  # decode at least this many pixels per model-input pixel, along each side
+DRAFT_MIN_LONG_SIDE = 256  # and at least this many along the long side
 
 
 def draft_size(width: int, height: int, spec: ImageSpec) -> tuple[int, int]:
-    """The smallest size a JPEG may be DCT-scaled to: 3x the model input, long side along long side.
+    """The smallest size a JPEG may be DCT-scaled to: 2x the model input and at least 256 pixels
+    along the long side, long side along long side.
 
-    JPEG decoding can scale by 1/2, 1/4 or 1/8 almost for free: a 4000x3000 phone photo for a
-    128x96 model decodes at 500x375, 1/64 of the pixels; a 600x450 upload for a 64x48 model at
-    300x225. At 2x, a 600x450 upload for 64x48 decoded at 150x113 differed from full decoding by half
-    a grey level on average, which changed 1.1 % of a smoke-trained bundle's answers
-    (tests/test_decoding.py holds served top-1 agreement >= 99 %). For an image whose orientation
-    differs from the model's (portrait, or turned by EXIF) the centre crop keeps less: a 3000x4000
-    upload for 128x96 decodes at 375x500 and crops to 375x281, 2.9x."""
+    JPEG decoding can scale by 1/2, 1/4 or 1/8 almost for free: a 600x450 upload for a 128x96
+    model decodes at 300x225, a quarter of the pixels; a 4000x3000 phone photo at 500x375, 1/64.
+    Without the 256-pixel floor a 600x450 upload for a 64x48 model decoded at 150x113, half a grey
+    level from full decoding on average, which changed 1.1 % of a smoke-trained bundle's answers;
+    at 300x225 it is a tenth of a grey level (tests/test_decoding.py holds served top-1 agreement
+    >= 99 %). For an image whose orientation differs from the model's (portrait, or turned by
+    EXIF) the centre crop keeps less: a 450x600 upload for 128x96 decodes at 225x300 and crops to
+    225x169, 1.76x."""
     long_, short = max(spec.width, spec.height), min(spec.width, spec.height)
-    size = (DRAFT_OVERSAMPLING * long_, DRAFT_OVERSAMPLING * short)
+    scale = max(DRAFT_OVERSAMPLING, DRAFT_MIN_LONG_SIDE / long_)
+    size = (math.ceil(scale * long_), math.ceil(scale * short))
     return size if width >= height else size[::-1]
 
 

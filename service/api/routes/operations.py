@@ -11,9 +11,10 @@ from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import HTMLResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from service.api.dependencies import check_api_key, get_metrics, get_predictor
+from service.api.dependencies import check_api_key, get_metrics, get_predictor, get_settings
 from service.api.metrics import Metrics
 from service.api.schemas import ErrorResponse, ModelInfo
+from service.api.settings import Settings
 from service.core.predictor import Predictor
 
 STATIC = Path(__file__).parents[1] / "static"
@@ -62,8 +63,10 @@ async def ready(predictor: Predictor = Depends(get_predictor)) -> dict:
 
 
 @router.get("/model", response_model=ModelInfo, tags=["model"], dependencies=[Depends(check_api_key)], responses=KEYED)
-async def model_info(predictor: Predictor = Depends(get_predictor)) -> ModelInfo:
-    return ModelInfo.of(predictor)
+async def model_info(
+    predictor: Predictor = Depends(get_predictor), settings: Settings = Depends(get_settings)
+) -> ModelInfo:
+    return ModelInfo.of(predictor, settings)
 
 
 @router.get(

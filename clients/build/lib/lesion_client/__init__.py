@@ -1,0 +1,16 @@
+"""Python client for the skin-lesion classifier's HTTP API: `pip install ./clients` from the repository."""
+
+from lesion_client.client import AsyncLesionClient, LesionClient
+from lesion_client.errors import LesionAPIError, LesionConnectionError, LesionError, LesionTimeout
+from lesion_client.results import ModelRef, Prediction
+
+__all__ = [
+    "AsyncLesionClient",
+    "LesionClient",
+    "LesionAPIError",
+    "LesionConnectionError",
+    "LesionError",
+    "LesionTimeout",
+    "ModelRef",
+    "Prediction",
+]

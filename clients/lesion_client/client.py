@@ -1,0 +1,215 @@
+"""`LesionClient` (sync) and `AsyncLesionClient` (asyncio) for the inference service.
+
+Both retry connection errors and 503 (a model still loading, a worker stopping) with exponential
+backoff through tenacity, wrap every transport error in the package's own exceptions, read
+`LESION_URL` and `LESION_API_KEY` from the environment when not given, and return typed results.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import httpx
+from tenacity import AsyncRetrying, Retrying, retry_if_exception, stop_after_attempt, wait_exponential
+
+from lesion_client.errors import LesionAPIError, LesionConnectionError, LesionError, LesionTimeout
+from lesion_client.results import Prediction
+
+DEFAULT_URL = "http://127.0.0.1:8000"
+DEFAULT_MAX_BATCH = 32  # the service's default LESION_MAX_BATCH, for servers that do not say theirs
+Image = str | Path | bytes  # a path to a JPEG/PNG, or its bytes
+
+
+def retryable(exc: BaseException) -> bool:
+    return isinstance(exc, LesionConnectionError) or (isinstance(exc, LesionAPIError) and exc.status == 503)
+
+
+def image_part(image: Image, field: str, i: int = 0) -> tuple[str, tuple[str, bytes]]:
+    if isinstance(image, bytes):
+        return field, (f"image{i}", image)
+    path = Path(image)
+    try:
+        return field, (path.name, path.read_bytes())
+    except OSError as exc:
+        raise LesionError(f"cannot read {path}: {exc.strerror or exc}") from None
+
+
+def metadata_of(age: float | None, sex: str | None, site: str | None) -> dict:
+    return {k: v for k, v in dict(age=age, sex=sex, site=site).items() if v is not None}
+
+
+def checked(r: httpx.Response) -> Any:
+    """The JSON body of a successful response, or the server's error as `LesionAPIError`."""
+    if r.is_error:
+        try:
+            body = r.json()
+            detail, request_id = body.get("detail", r.text), body.get("request_id")
+        except (ValueError, AttributeError):
+            detail, request_id = r.text, None
+        raise LesionAPIError(r.status_code, str(detail), request_id)
+    try:
+        return r.json()
+    except ValueError:
+        raise LesionError(f"{r.request.url} answered {r.status_code} with a body that is not JSON") from None
+
+
+class _Base:
+    """What the sync and async clients share: settings, retry policy, request building, parsing."""
+
+    http_class: type = httpx.Client
+
+    def __init__(
+        self,
+        url: str | None = None,
+        api_key: str | None = None,
+        timeout: float = 60.0,
+        retries: int = 3,
+        backoff: float = 0.5,
+        transport: httpx.BaseTransport | httpx.AsyncBaseTransport | None = None,
+    ) -> None:
+        """`url` and `api_key` default to $LESION_URL (else http://127.0.0.1:8000) and $LESION_API_KEY;
+        `retries` more attempts on connection errors and 503, `backoff` seconds doubling each time."""
+        self.url = (url or os.environ.get("LESION_URL") or DEFAULT_URL).rstrip("/")
+        key = api_key if api_key is not None else os.environ.get("LESION_API_KEY")
+        headers = {"X-API-Key": key} if key else {}
+        self._http = self.http_class(base_url=self.url, headers=headers, timeout=timeout, transport=transport)
+        self.retry_options: dict[str, Any] = dict(
+            retry=retry_if_exception(retryable),
+            stop=stop_after_attempt(retries + 1),
+            wait=wait_exponential(multiplier=backoff, max=30),
+            reraise=True,
+        )
+        self._max_batch: int | None = None
+
+    def translated(self, exc: httpx.HTTPError) -> LesionError:
+        if isinstance(exc, httpx.TimeoutException):
+            return LesionTimeout(f"the service at {self.url} did not answer in time: {exc!r}")
+        if isinstance(exc, httpx.TransportError):
+            return LesionConnectionError(f"cannot reach the service at {self.url}: {exc}")
+        return LesionError(f"request to {self.url} failed: {exc}")
+
+    @staticmethod
+    def predict_request(image: Image, age: float | None, sex: str | None, site: str | None) -> dict:
+        return dict(files=[image_part(image, "image")], data={"metadata": json.dumps(metadata_of(age, sex, site))})
+
+    @staticmethod
+    def batch_request(images: Sequence[Image], metadata: Sequence[dict] | None) -> dict:
+        files = [image_part(img, "images", i) for i, img in enumerate(images)]
+        return dict(files=files, data={"metadata": json.dumps(list(metadata))} if metadata is not None else {})
+
+    @staticmethod
+    def chunks(images: Sequence[Image], metadata: Sequence[dict] | None, size: int):
+        if metadata is not None and len(metadata) != len(images):
+            raise LesionError(f"{len(images)} images but {len(metadata)} metadata objects")
+        for start in range(0, len(images), size):
+            yield images[start : start + size], None if metadata is None else metadata[start : start + size]
+
+    @staticmethod
+    def batch_results(body: dict) -> list[Prediction]:
+        return [Prediction.from_json(item, body) for item in body["predictions"]]
+
+
+class LesionClient(_Base):
+    """Synchronous client. `with LesionClient() as c: c.predict("lesion.jpg", age=50, sex="male")`."""
+
+    http_class = httpx.Client
+
+    def __enter__(self) -> LesionClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._http.close()
+
+    def request(self, method: str, path: str, **kwargs: Any) -> Any:
+        for attempt in Retrying(**self.retry_options):
+            with attempt:
+                try:
+                    return checked(self._http.request(method, path, **kwargs))
+                except httpx.HTTPError as exc:
+                    raise self.translated(exc) from None
+        raise AssertionError("unreachable")  # tenacity re-raises the last error
+
+    def predict(
+        self, image: Image, age: float | None = None, sex: str | None = None, site: str | None = None
+    ) -> Prediction:
+        body = self.request("POST", "/predict", **self.predict_request(image, age, sex, site))
+        return Prediction.from_json(body, body)
+
+    def predict_batch(self, images: Sequence[Image], metadata: Sequence[dict] | None = None) -> list[Prediction]:
+        """Paths or bytes, in order; sent in requests of at most the server's batch limit."""
+        out: list[Prediction] = []
+        for imgs, meta in self.chunks(images, metadata, self.max_batch()):
+            out += self.batch_results(self.request("POST", "/predict/batch", **self.batch_request(imgs, meta)))
+        return out
+
+    def max_batch(self) -> int:
+        if self._max_batch is None:
+            self._max_batch = int(self.model().get("limits", {}).get("max_batch", DEFAULT_MAX_BATCH))
+        return self._max_batch
+
+    def model(self) -> dict:
+        return self.request("GET", "/model")
+
+    def ready(self) -> bool:
+        try:
+            return self._http.get("/health/ready").status_code == 200
+        except httpx.HTTPError:
+            return False
+
+
+class AsyncLesionClient(_Base):
+    """asyncio client with the same methods, awaited: `async with AsyncLesionClient() as c: await c.predict(...)`."""
+
+    http_class = httpx.AsyncClient
+
+    async def __aenter__(self) -> AsyncLesionClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        await self._http.aclose()
+
+    async def request(self, method: str, path: str, **kwargs: Any) -> Any:
+        async for attempt in AsyncRetrying(**self.retry_options):
+            with attempt:
+                try:
+                    return checked(await self._http.request(method, path, **kwargs))
+                except httpx.HTTPError as exc:
+                    raise self.translated(exc) from None
+        raise AssertionError("unreachable")
+
+    async def predict(
+        self, image: Image, age: float | None = None, sex: str | None = None, site: str | None = None
+    ) -> Prediction:
+        body = await self.request("POST", "/predict", **self.predict_request(image, age, sex, site))
+        return Prediction.from_json(body, body)
+
+    async def predict_batch(self, images: Sequence[Image], metadata: Sequence[dict] | None = None) -> list[Prediction]:
+        out: list[Prediction] = []
+        for imgs, meta in self.chunks(images, metadata, await self.max_batch()):
+            body = await self.request("POST", "/predict/batch", **self.batch_request(imgs, meta))
+            out += self.batch_results(body)
+        return out
+
+    async def max_batch(self) -> int:
+        if self._max_batch is None:
+            self._max_batch = int((await self.model()).get("limits", {}).get("max_batch", DEFAULT_MAX_BATCH))
+        return self._max_batch
+
+    async def model(self) -> dict:
+        return await self.request("GET", "/model")
+
+    async def ready(self) -> bool:
+        try:
+            return (await self._http.get("/health/ready")).status_code == 200
+        except httpx.HTTPError:
+            return False

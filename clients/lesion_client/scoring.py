@@ -1,0 +1,218 @@
+"""Batch scoring: every image of a folder or of a HAM10000-style metadata CSV, into one CSV.
+
+Images go through `/predict/batch` in requests of the server's batch limit, a few in flight. A bad
+image fails only its own row (its `error` column says why): a rejected request is retried image by
+image. The input columns (`image_id`, `lesion_id`, `dx`, ...) are carried to the output, so labelled
+data can be evaluated from it; metadata rows without an image are counted, not silently dropped.
+A rerun with the same output skips the rows already there, errors included (resumable: delete an
+error row to retry it); rows are written as their request completes, so their order can differ
+from the input's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import csv
+import io
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from lesion_client.client import AsyncLesionClient
+from lesion_client.errors import LesionAPIError, LesionConnectionError, LesionError, LesionTimeout
+from lesion_client.results import Prediction
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png"}
+
+
+@dataclass(frozen=True)
+class Job:
+    key: str  # the row's identity in the output: image_id for a CSV, the file name for a folder
+    path: Path
+    metadata: dict
+    columns: dict[str, str]  # carried to the output as they came
+
+
+@dataclass
+class Source:
+    jobs: list[Job]
+    key_column: str
+    input_columns: list[str]
+    without_image: list[str] = field(default_factory=list)  # CSV rows whose image was not found
+
+
+def read_source(source: Path) -> Source:
+    """A folder of images (metadata unknown) or a HAM10000-style metadata CSV beside its images."""
+    if source.is_dir():
+        paths = sorted(p for p in source.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        jobs = [Job(p.name, p, {}, {"image": p.name}) for p in paths]
+        return Source(jobs, "image", ["image"])
+    if source.suffix.lower() in IMAGE_SUFFIXES:
+        raise LesionError(f"{source} is an image: score a folder or a metadata CSV, or use `lesion-client predict`")
+    images = {p.stem.upper(): p for p in source.parent.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES}
+    try:
+        with open(source, newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f)
+            rows, columns = list(reader), list(reader.fieldnames or [])
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise LesionError(f"cannot read {source} as a CSV: {exc}") from None
+    if "image_id" not in columns:
+        raise LesionError(f"{source} has no image_id column (columns: {', '.join(columns) or 'none'})")
+    out = Source([], "image_id", columns)
+    for row in rows:
+        path = images.get(row["image_id"].upper())
+        if path is None:
+            out.without_image.append(row["image_id"])
+            continue
+        age = (row.get("age") or "").strip()
+        try:
+            age_value = float(age) if age else None
+        except ValueError:
+            raise LesionError(f"{source}: image {row['image_id']} has age {age!r}, not a number") from None
+        meta = {
+            "age": age_value,
+            "sex": row.get("sex") or None,
+            "site": row.get("localization") or row.get("site") or None,
+        }
+        out.jobs.append(Job(row["image_id"], path, {k: v for k, v in meta.items() if v is not None}, row))
+    return out
+
+
+@dataclass
+class Summary:
+    scored: int = 0
+    errors: int = 0
+    already_done: int = 0
+    without_image: int = 0
+
+
+class ResultsFile:
+    """The output CSV: the input columns, then the answer's, then `error`; appended row by row."""
+
+    def __init__(self, path: Path, source: Source, classes: list[str]) -> None:
+        self.path, self.key = path, source.key_column
+        self.columns = [*source.input_columns, "label", "malignant_probability"]
+        self.columns += [f"p_{c}" for c in classes] + ["served_by", "bundle_id", "error"]
+        self.done: set[str] = set()
+        try:
+            new = not (path.exists() and path.stat().st_size)
+            if not new:
+                self.done = self.resume()
+            self.file = open(path, "a", newline="", encoding="utf-8")
+        except OSError as exc:
+            raise LesionError(f"cannot write {path}: {exc.strerror or exc}") from None
+        if new:
+            self.write_text(self.csv_text([], header=True))
+
+    def resume(self) -> set[str]:
+        """The keys of the complete rows already written. A run killed mid-write may have left a
+        partial last line: it is cut off, so its image is scored again."""
+        data = self.path.read_bytes()
+        complete = data[: data.rfind(b"\n") + 1]
+        if len(complete) < len(data):
+            self.path.write_bytes(complete)
+        with open(self.path, newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f)
+            if reader.fieldnames != self.columns:
+                raise LesionError(f"{self.path} holds other columns than this run writes; give a new output file")
+            return {row[self.key] for row in reader if None not in row.values()}
+
+    def csv_text(self, rows: list[dict], header: bool = False) -> str:
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, fieldnames=self.columns)
+        if header:
+            writer.writeheader()
+        writer.writerows(rows)
+        return buf.getvalue()
+
+    def write_text(self, text: str) -> None:
+        self.file.write(text)
+        self.file.flush()  # one write per request: a killed run keeps every finished request's rows
+
+    def write(self, rows: list[dict]) -> None:
+        self.write_text(self.csv_text(rows))
+
+    def close(self) -> None:
+        self.file.close()
+
+
+def answer_row(job: Job, p: Prediction) -> dict:
+    probs = {f"p_{c}": v for c, v in p.probabilities.items()}
+    return {
+        **job.columns,
+        "label": p.label,
+        "malignant_probability": p.malignant_probability,
+        **probs,
+        "served_by": p.served_by,
+        "bundle_id": p.model.bundle_id,
+        "error": "",
+    }
+
+
+def error_row(job: Job, message: str) -> dict:
+    return {**job.columns, "error": message}
+
+
+async def score_one_by_one(client: AsyncLesionClient, chunk: list[Job]) -> list[dict]:
+    rows = []
+    for job in chunk:
+        try:
+            rows.append(answer_row(job, await client.predict(job.path, **job.metadata)))
+        except LesionAPIError as exc:
+            if exc.status in (401, 403):  # the key: every request would fail the same way
+                raise
+            rows.append(error_row(job, f"HTTP {exc.status}: {exc.detail}" if exc.status >= 500 else exc.detail))
+        except (LesionConnectionError, LesionTimeout):
+            raise
+        except LesionError as exc:  # e.g. the file could not be read
+            rows.append(error_row(job, str(exc)))
+    return rows
+
+
+async def score(
+    client: AsyncLesionClient,
+    source: Path,
+    out: Path,
+    in_flight: int = 4,
+    progress: Callable[[int], None] | None = None,
+) -> Summary:
+    """Score `source` into `out` (see the module docstring); `progress(n)` after each request."""
+    if in_flight < 1:
+        raise LesionError(f"in_flight must be at least 1, not {in_flight}")
+    src = read_source(source)
+    info = await client.model()
+    results = ResultsFile(out, src, info["classes"])
+    todo = [j for j in src.jobs if j.key not in results.done]
+    summary = Summary(already_done=len(src.jobs) - len(todo), without_image=len(src.without_image))
+    size = await client.max_batch()
+    chunks = [todo[i : i + size] for i in range(0, len(todo), size)]
+    slots = asyncio.Semaphore(in_flight)
+
+    async def run(chunk: list[Job]) -> None:
+        async with slots:
+            try:
+                preds = await client.predict_batch([j.path for j in chunk], [j.metadata for j in chunk])
+                rows = [answer_row(j, p) for j, p in zip(chunk, preds)]
+            except LesionAPIError as exc:
+                if exc.status in (401, 403):
+                    raise
+                rows = await score_one_by_one(client, chunk)  # one bad image fails its whole request
+            except (LesionConnectionError, LesionTimeout):
+                raise
+            except LesionError:
+                rows = await score_one_by_one(client, chunk)
+        results.write(rows)
+        summary.scored += sum(1 for r in rows if not r["error"])
+        summary.errors += sum(1 for r in rows if r["error"])
+        if progress:
+            progress(len(chunk))
+
+    try:
+        async with asyncio.TaskGroup() as tasks:  # one failure (server gone, key refused) cancels the rest
+            for c in chunks:
+                tasks.create_task(run(c))
+    except ExceptionGroup as group:
+        raise group.exceptions[0] from None  # the first failure, as the caller's own exception type
+    finally:
+        results.close()
+    return summary
