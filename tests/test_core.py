@@ -173,3 +173,13 @@ def test_exif_orientation_is_applied_before_anything_else(sample_dir, predictor)
     big.transpose(Image.Transpose.ROTATE_90).save(rotated, "JPEG", quality=92, exif=exif)
     upright, reference = load_for_model(rotated.getvalue(), spec), load_for_model(plain.getvalue(), spec)
     assert upright.shape == reference.shape and np.abs(upright.astype(int) - reference.astype(int)).mean() < 12
+
+
+def test_xgboost_cpu_counts_as_xgboost():
+    """The serving extra installs xgboost-cpu (no NCCL); bundles name the library xgboost."""
+    import xgboost
+
+    from service.core.bundle import library_versions
+
+    assert library_versions(["xgboost"])["xgboost"] == xgboost.__version__
+    assert library_versions(["no-such-library"]) == {"no-such-library": "missing"}

@@ -44,6 +44,25 @@ def test_dockerfiles_install_the_project_extras():
     assert pip_install_target("Dockerfile.train") == ".[train]"
 
 
+def test_serving_lock_file_pins_what_pyproject_pins():
+    """requirements-serve.txt (what the image installs, --no-deps) has every pin of the core and the
+    serve extra at the same version, and leaves out training's packages."""
+    import tomllib
+
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    wanted = [d.split("#")[0].strip() for d in project["dependencies"] + project["optional-dependencies"]["serve"]]
+    norm = lambda s: s.lower().replace("_", "-")  # noqa: E731
+    locked = {
+        norm(line.split("==")[0]): line.split("==")[1].strip()
+        for line in (REPO / "requirements-serve.txt").read_text().splitlines()
+        if line and not line.startswith("#")
+    }
+    for pin in wanted:
+        name, version = pin.split("==")
+        assert locked.get(norm(name)) == version, f"{pin} is not in requirements-serve.txt at that version"
+    assert not {"torch", "torchvision", "kornia", "matplotlib", "plotly", "xgboost"} & set(locked)
+
+
 @pytest.mark.scenario
 def test_train_extra_resolves():
     out = subprocess.run(
@@ -71,7 +90,13 @@ def test_api_image_install_serves_a_bundle(smoke_run, tmp_path, sample_dir):
     venv.create(env_dir, with_pip=True)
     py = env_dir / "bin" / "python"
     target = pip_install_target("Dockerfile.api")
-    subprocess.run([str(py), "-m", "pip", "install", "--quiet", target], cwd=app_dir, check=True, timeout=900)
+    assert "--no-deps -r requirements-serve.txt" in (REPO / "Dockerfile.api").read_text()
+    for args in (
+        ["-r", "requirements-serve.txt"],
+        [target],
+    ):  # as the Dockerfile does: the pinned set, then the project
+        pip = [str(py), "-m", "pip", "install", "--quiet", "--no-deps", *args]
+        subprocess.run(pip, cwd=app_dir, check=True, timeout=900)
     for module in ("torch", "torchvision", "training"):
         assert subprocess.run([str(py), "-c", f"import {module}"], capture_output=True, cwd=tmp_path).returncode != 0, (
             f"{module} must not be in the serving image"
