@@ -24,17 +24,14 @@ def sha256_file(path: Path) -> str:
         return hashlib.file_digest(f, "sha256").hexdigest()
 
 
-# The same library under another distribution name: xgboost-cpu is xgboost without the NVIDIA NCCL
-# wheel (the serving image installs it; 5.6 MB against several hundred).
-SAME_LIBRARY = {"xgboost": ("xgboost", "xgboost-cpu")}
-
-
 def library_versions(names: Iterable[str]) -> dict[str, str]:
-    """Installed versions of the given libraries ("missing" when absent), by distribution name."""
+    """Installed versions of the given libraries ("missing" when absent), by distribution name.
+    A `<name>-cpu` distribution counts as `<name>`: the serving image installs xgboost-cpu, the same
+    library without the NVIDIA NCCL wheel, and bundles name it by its library."""
     out = {}
     for name in names:
         out[name] = "missing"
-        for dist in SAME_LIBRARY.get(name, (name,)):
+        for dist in (name, f"{name}-cpu"):
             try:
                 out[name] = version(dist)
                 break
