@@ -21,9 +21,8 @@ from tqdm import tqdm
 from service.core import labels
 from service.core.bundle import read_verified
 from service.core.predictor import Predictor
-from service.core.preprocess import ImageError, load_for_model
 from training.config import CNN
-from training.data import load_dataset
+from training.data import decode_all, load_dataset
 from training.errors import DataError
 from training.io import PROB_COLUMNS, atomic_write_csv, atomic_write_text
 from training.metrics import with_intervals
@@ -47,21 +46,14 @@ def training_overlap(predictor: Predictor, bundle: Path, table: pd.DataFrame) ->
     return table.image_id.str.upper().isin(set(seen.image_id.str.upper())) | table.lesion_id.isin(set(seen.lesion_id))
 
 
-def decode(path: Path, spec) -> np.ndarray:
-    try:
-        return load_for_model(path.read_bytes(), spec)
-    except ImageError as exc:
-        raise DataError(f"{path}: unreadable image: {exc}") from None
-
-
 def predict_all(predictor: Predictor, table: pd.DataFrame, metadata: list, batch: int = 64) -> dict[str, np.ndarray]:
-    """Every component's probabilities for every row, in batches, as the service computes them."""
-    spec = predictor.manifest.preprocessing
+    """Every component's probabilities for every row, in batches, as the service computes them
+    (images decoded by the service's `load_for_model`, as training decodes them)."""
+    images = decode_all(list(table.path), predictor.manifest.preprocessing)
     out: dict[str, list[np.ndarray]] = {c: [] for c in predictor.manifest.components}
     for start in tqdm(range(0, len(table), batch), desc="scoring", unit="batch", leave=False, disable=None):
-        rows = table.iloc[start : start + batch]
-        images = np.stack([decode(Path(p), spec) for p in rows.path])
-        for c, p in predictor.predict_components(images, metadata[start : start + batch]).items():
+        batch_metadata = metadata[start : start + batch]
+        for c, p in predictor.predict_components(images[start : start + batch], batch_metadata).items():
             out[c].append(p)
     return {c: np.concatenate(p) for c, p in out.items()}
 

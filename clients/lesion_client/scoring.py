@@ -153,19 +153,29 @@ def error_row(job: Job, message: str) -> dict:
     return {**job.columns, "error": message}
 
 
+def ends_the_run(exc: LesionError) -> bool:
+    """Failures every further request would share: the service unreachable or too slow (after the
+    client's retries), or the key refused. Anything else belongs to the images of one request."""
+    return isinstance(exc, LesionConnectionError | LesionTimeout) or (
+        isinstance(exc, LesionAPIError) and exc.status in (401, 403)
+    )
+
+
+def error_message(exc: LesionError) -> str:
+    if isinstance(exc, LesionAPIError):
+        return f"HTTP {exc.status}: {exc.detail}" if exc.status >= 500 else exc.detail
+    return str(exc)  # e.g. the file could not be read
+
+
 async def score_one_by_one(client: AsyncLesionClient, chunk: list[Job]) -> list[dict]:
     rows = []
     for job in chunk:
         try:
             rows.append(answer_row(job, await client.predict(job.path, **job.metadata)))
-        except LesionAPIError as exc:
-            if exc.status in (401, 403):  # the key: every request would fail the same way
+        except LesionError as exc:
+            if ends_the_run(exc):
                 raise
-            rows.append(error_row(job, f"HTTP {exc.status}: {exc.detail}" if exc.status >= 500 else exc.detail))
-        except (LesionConnectionError, LesionTimeout):
-            raise
-        except LesionError as exc:  # e.g. the file could not be read
-            rows.append(error_row(job, str(exc)))
+            rows.append(error_row(job, error_message(exc)))
     return rows
 
 
@@ -193,14 +203,10 @@ async def score(
             try:
                 preds = await client.predict_batch([j.path for j in chunk], [j.metadata for j in chunk])
                 rows = [answer_row(j, p) for j, p in zip(chunk, preds)]
-            except LesionAPIError as exc:
-                if exc.status in (401, 403):
+            except LesionError as exc:
+                if ends_the_run(exc):
                     raise
                 rows = await score_one_by_one(client, chunk)  # one bad image fails its whole request
-            except (LesionConnectionError, LesionTimeout):
-                raise
-            except LesionError:
-                rows = await score_one_by_one(client, chunk)
         results.write(rows)
         summary.scored += sum(1 for r in rows if not r["error"])
         summary.errors += sum(1 for r in rows if r["error"])
