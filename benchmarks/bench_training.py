@@ -68,7 +68,7 @@ def main() -> None:
     _, pipeline = train_one_epoch(t, spec, desc="pipeline")
 
     x = eval_batch(images[: cfg.batch_size], spec, t.device)
-    limit = model_only(t, x, torch.from_numpy(y[: cfg.batch_size]).to(t.device), args.steps)
+    limit = model_only(t, x, torch.from_numpy(y[: cfg.batch_size].copy()).to(t.device), args.steps)
 
     device = torch.cuda.get_device_name() if t.device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(f"device: {device}; {spec.width}x{spec.height}, batch {cfg.batch_size}, {cfg.precision}, {n} real images")

@@ -110,4 +110,4 @@ def test_synthetic_dataset_is_deterministic_and_loadable(tmp_path):
 def test_stage_out_of_order_is_a_clear_error(tmp_path, subset, capsys):
     d = subset(1)
     assert main(["boosters", "--data-dir", str(d), "--out", str(tmp_path / "run"), "--preset", "smoke"]) == 2
-    assert "stage boosters needs cnn, export first" in capsys.readouterr().err
+    assert "stage boosters needs cnn first" in capsys.readouterr().err

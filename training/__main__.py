@@ -14,7 +14,19 @@ from training.config import ALL_BOOSTERS, PRESETS
 from training.errors import RunError
 from training.pipeline import STAGE_NAMES
 
-RUN_OVERRIDES = ["folds", "epochs", "image_size", "batch_size", "lr", "weights", "precision", "boosters", "seed"]
+RUN_OVERRIDES = [
+    "folds",
+    "epochs",
+    "image_size",
+    "batch_size",
+    "lr",
+    "weight_decay",
+    "label_smoothing",
+    "weights",
+    "precision",
+    "boosters",
+    "seed",
+]
 RUN_OVERRIDES += ["compile", "bootstrap", "served_cnn", "int8", "keep_fp32", "tta"]
 
 
@@ -27,6 +39,8 @@ def add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--image-size", type=int, help="CNN input width; height is 3/4 of it")
     p.add_argument("--batch-size", type=int)
     p.add_argument("--lr", type=float)
+    p.add_argument("--weight-decay", type=float, help="AdamW weight decay (default 1e-4)")
+    p.add_argument("--label-smoothing", type=float, help="cross-entropy label smoothing (default 0.05)")
     p.add_argument("--weights", help="imagenet | none | PATH to a resnet18 state dict (default none)")
     p.add_argument(
         "--precision",

@@ -87,8 +87,10 @@ def build_fold(k: int, cfg: RunConfig, images: np.ndarray, y: np.ndarray, train_
     model = build_resnet18(n_classes, cfg.weights).to(device, memory_format=torch.channels_last)
     if cfg.compile:
         model.compile()  # in place: state_dict keys, checkpoints and export stay those of the plain model
-    loss_fn = nn.CrossEntropyLoss(weight=class_weights(y[train_rows], n_classes).to(device), label_smoothing=0.05)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=1e-4)
+    loss_fn = nn.CrossEntropyLoss(
+        weight=class_weights(y[train_rows], n_classes).to(device), label_smoothing=cfg.label_smoothing
+    )
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     batches = TrainBatches(images[train_rows], y[train_rows], cfg.batch_size, device, seed=cfg.seed + k)
     steps = cfg.epochs * len(batches)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=steps, pct_start=0.2)

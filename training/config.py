@@ -38,6 +38,8 @@ class RunConfig(BaseModel):
     image_size: int = 128  # width; height is 3/4 of it (HAM10000's aspect ratio)
     batch_size: int = 64
     lr: float = 2e-3
+    weight_decay: float = Field(1e-4, ge=0)  # AdamW's
+    label_smoothing: float = Field(0.05, ge=0, lt=1)
     weights: str = "none"  # imagenet | none | PATH
     precision: Literal["bf16", "fp32"] = "bf16"  # training autocast; evaluation is always fp32
     boosters: list[str] = ALL_BOOSTERS

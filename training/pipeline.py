@@ -71,6 +71,7 @@ class Stage:
     name: str
     outputs: Callable[[Run], list[Path]]  # all exist <=> the stage is done
     run: Callable[[Run], None]
+    needs: tuple[str, ...] = ()  # stages whose outputs it reads (folds are made on demand)
 
 
 def export_outputs(run: Run) -> list[Path]:
@@ -86,23 +87,31 @@ def make_folds_stage(run: Run) -> None:
 STAGES: list[Stage] = [
     Stage("folds", lambda r: [folds_path(r.dir)], make_folds_stage),
     Stage("cnn", lambda r: [r.artifacts / "oof_cnn.csv"], lazy("training.cnn", "cnn_stage")),
-    Stage("export", export_outputs, lazy("training.cnn", "export_stage")),
+    Stage("export", export_outputs, lazy("training.cnn", "export_stage"), needs=("cnn",)),
     Stage(
         "boosters",
         lambda r: [p for m in r.cfg.boosters for p in (r.artifacts / f"oof_{m}.csv", r.models / f"{m}.pkl")],
         lazy("training.boosters", "boosters_stage"),
+        needs=("cnn",),
     ),
     Stage(
         "stack",
         lambda r: [r.artifacts / f"oof_{SOFT_VOTE}.csv", r.artifacts / f"oof_{STACK}.csv", r.models / f"{STACK}.pkl"],
         lazy("training.stacking", "stack_stage"),
+        needs=("cnn", "boosters"),
     ),
     Stage(
-        "report",
+        "report",  # includes the int8 gate when export has run; the out-of-fold figures do not need it
         lambda r: [r.artifacts / "report.json", r.artifacts / "report.md"],
         lazy("training.report", "write_report"),
+        needs=("cnn", "boosters", "stack"),
     ),
-    Stage("bundle", lambda r: [r.dir / "bundle" / "manifest.json"], lazy("training.bundle", "write_bundle")),
+    Stage(
+        "bundle",
+        lambda r: [r.dir / "bundle" / "manifest.json"],
+        lazy("training.bundle", "write_bundle"),
+        needs=("cnn", "export", "boosters", "stack", "report"),
+    ),
 ]
 STAGE_NAMES = [s.name for s in STAGES]
 
@@ -112,17 +121,19 @@ def stage_done(run: Run, stage: Stage) -> bool:
 
 
 def run_pipeline(cfg: RunConfig, run_dir: Path, stages: list[str], log=print) -> Run:
-    """Run the named stages in order, skipping finished ones; earlier stages must be done."""
+    """Run the named stages in order, skipping finished ones; the stages they need must be done or named.
+
+    The out-of-fold stages (boosters, stack, report) need the CNN's OOF rows but not its export, so the
+    CNN stage can run on a GPU machine and the rest wherever the run directory is copied."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     save_or_check(cfg, run_dir)
     run = Run(cfg, run_dir, log)
-    first = STAGE_NAMES.index(stages[0])
-    missing = [s.name for s in STAGES[1:first] if not stage_done(run, s)]  # folds are made on demand
-    if missing:
-        raise ConfigMismatch(
-            f"stage {stages[0]} needs {', '.join(missing)} first; run `python -m training run` instead"
-        )
+    by_name = {s.name: s for s in STAGES}
+    for name in stages:
+        missing = [n for n in by_name[name].needs if n not in stages and not stage_done(run, by_name[n])]
+        if missing:
+            raise ConfigMismatch(f"stage {name} needs {', '.join(missing)} first; run `python -m training run` instead")
     for stage in (s for s in STAGES if s.name in stages):
         if stage_done(run, stage):
             log(f"[{stage.name}] already done in {run_dir}, skipping")
