@@ -27,7 +27,7 @@ RUN_OVERRIDES = [
     "boosters",
     "seed",
 ]
-RUN_OVERRIDES += ["compile", "bootstrap", "served_cnn", "int8", "keep_fp32", "tta"]
+RUN_OVERRIDES += ["compile", "bootstrap", "served_cnn", "int8", "keep_fp32", "tta", "ood_method", "ood_share", "prior"]
 
 
 def add_run_args(p: argparse.ArgumentParser) -> None:
@@ -65,6 +65,18 @@ def add_run_args(p: argparse.ArgumentParser) -> None:
         help="test-time augmentation: the CNN averaged over the 8 flips/transposes of each image in validation, "
         "out-of-fold predictions and the served graph (8x the CNN's cost; default off)",
     )
+    p.add_argument(
+        "--ood-method",
+        choices=["mahalanobis", "energy"],
+        help="the out-of-distribution score the bundle serves (default mahalanobis: python -m benchmarks.bench_ood)",
+    )
+    p.add_argument("--ood-share", type=float, help="share of held-out real images the OOD flag fires on (default 0.05)")
+    p.add_argument(
+        "--prior",
+        choices=["balanced", "training"],
+        help="the class prior of the served probabilities unless a request names one: balanced (as trained, the "
+        "default) or training (the training data's class shares)",
+    )
     p.add_argument("--keep-fp32", action="store_true", default=None, help="bundle the fp32 CNN beside the int8 one")
     p.add_argument("--seed", type=int)
     p.add_argument("--compile", action="store_true", default=None, help="torch.compile the CNN for training (GPU)")
@@ -76,7 +88,15 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     add_run_args(sub.add_parser("run", help="every stage, skipping finished ones"))
     for stage in STAGE_NAMES:
-        add_run_args(sub.add_parser(stage, help=f"only the {stage} stage (earlier stages must be done)"))
+        stage_parser = sub.add_parser(stage, help=f"only the {stage} stage (the stages it reads must be done)")
+        add_run_args(stage_parser)
+        if stage == "cnn":
+            stage_parser.add_argument(
+                "--fold",
+                type=int,
+                help="train only this fold (one process or pod per fold, same --out); the last fold to finish "
+                "writes the out-of-fold table",
+            )
     demo = sub.add_parser("demo-data", help="write the synthetic demo dataset")
     demo.add_argument("--out", required=True, type=Path)
     demo.add_argument("--images", type=int, default=700)
@@ -139,7 +159,8 @@ def dispatch(args: argparse.Namespace) -> None:
         from training.pipeline import run_pipeline
 
         cfg = make_config(args.preset, args.data_dir, **{k: getattr(args, k) for k in RUN_OVERRIDES})
-        run_pipeline(cfg, args.out, STAGE_NAMES if args.command == "run" else [args.command])
+        stages = STAGE_NAMES if args.command == "run" else [args.command]
+        run_pipeline(cfg, args.out, stages, fold=getattr(args, "fold", None))
         print(f"done: {args.out}")
 
 

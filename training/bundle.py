@@ -24,6 +24,7 @@ from service.core.bundle import library_versions, sha256_file
 from service.core.features import FeatureSpec, soft_vote, stack_inputs
 from service.core.manifest import (
     MANIFEST_NAME,
+    MODEL_CARD,
     TRAINING_IMAGES,
     CnnModel,
     Manifest,
@@ -31,6 +32,7 @@ from service.core.manifest import (
     QuantizationGate,
     libraries_of,
 )
+from service.core.ood import OodSpec
 from service.core.predictor import Predictor
 from service.core.preprocess import to_model_input
 from training.boosters import BOOSTERS, feature_matrix
@@ -38,6 +40,7 @@ from training.cnn import served_members
 from training.config import CNN, FP32_GRAPH, INT8_GRAPH, SOFT_VOTE, STACK
 from training.export import INPUT_NAME, OUTPUT_NAME
 from training.io import PROB_COLUMNS, atomic_write_text
+from training.model_card import model_card
 from training.models import FoldEnsemble
 
 
@@ -63,14 +66,23 @@ def roster(run) -> tuple[CnnModel, list[ModelFile], ModelFile]:
         fp32_file=FP32_GRAPH if int8 and run.cfg.keep_fp32 else None,
         quantization=gate,
         tta=run.cfg.tta,
+        explain_outputs=graph_outputs(run.dir / "cnn" / (INT8_GRAPH if int8 else FP32_GRAPH))[1:],
     )
     boosters = [ModelFile(name=b, file=f"{b}.pkl", libraries=list(BOOSTERS[b].libraries)) for b in run.cfg.boosters]
     stack = ModelFile(name=STACK, file=f"{STACK}.pkl", libraries=["numpy", "scikit-learn"])
     return cnn, boosters, stack
 
 
+def graph_outputs(path: Path) -> list[str]:
+    import onnx
+
+    return [o.name for o in onnx.load(str(path), load_external_data=False).graph.output]
+
+
 def build_manifest(run, folder: Path, cnn: CnnModel, boosters: list[ModelFile], stack: ModelFile) -> Manifest:
     report = json.loads((run.artifacts / "report.json").read_text())
+    ood = OodSpec.model_validate_json((run.dir / "cnn" / "ood.json").read_text())
+    calibration = report["calibration"]
     files = {p.name: sha256_file(p) for p in sorted(folder.iterdir())}
     created = dt.datetime.now(dt.timezone.utc).replace(microsecond=0)
     synthetic = bool(report["data"].get("synthetic", False))
@@ -78,6 +90,11 @@ def build_manifest(run, folder: Path, cnn: CnnModel, boosters: list[ModelFile], 
         bundle_id=f"{'demo-synthetic' if synthetic else 'ham'}-resnet18-{created:%Y%m%dT%H%M%SZ}-{files[cnn.file][:8]}",
         synthetic_data=synthetic,
         training_images=TRAINING_IMAGES,
+        model_card=MODEL_CARD,
+        ood=ood if cnn.has_ood_outputs else None,
+        default_prior=run.cfg.prior,
+        training_prevalence=calibration["training_prevalence"],
+        temperature=calibration["temperature"],
         created_at=created.isoformat(),
         classes=labels.CLASSES,
         class_names=labels.CLASS_NAMES,
@@ -137,6 +154,9 @@ def write_bundle(run) -> Path:
         for m in [*boosters, stack]:
             shutil.copy2(run.models / f"{m.name}.pkl", tmp / m.file)
         run.table[["image_id", "lesion_id"]].to_csv(tmp / TRAINING_IMAGES, index=False)
+        if cnn.has_ood_outputs:  # a joined int8 fold ensemble has no explanation outputs
+            shutil.copy2(run.dir / "cnn" / "ood.npz", tmp / "ood.npz")
+        (tmp / MODEL_CARD).write_text(model_card(run, cnn, boosters))
         manifest = build_manifest(run, tmp, cnn, boosters, stack)
         (tmp / MANIFEST_NAME).write_text(manifest.model_dump_json(indent=2))
         tmp.chmod(0o755)

@@ -28,7 +28,7 @@ from tqdm import tqdm
 from service.core import labels
 from service.core.preprocess import ImageSpec
 from training.config import FP32_GRAPH, INT8_GRAPH, RunConfig
-from training.dataset import TrainBatches, augment_batch, eval_batch, train_augmentation
+from training.dataset import TrainBatches, augment_batch, eval_batch, normalise, train_augmentation
 from training.errors import RunError
 from training.io import PROB_COLUMNS, atomic_write, atomic_write_csv, atomic_write_text, write_oof
 from training.models import FoldEnsemble, build_resnet18
@@ -144,9 +144,18 @@ def train_one_epoch(t: FoldTraining, spec: ImageSpec, desc: str) -> tuple[float,
     return mean_loss, seen / (time.perf_counter() - start)
 
 
-def evaluate(model: nn.Module, images: np.ndarray, y: np.ndarray, spec: ImageSpec, tta: bool) -> tuple[float, float]:
-    """Validation BMCA and log loss with the evaluation transform."""
-    probs = predict_probs(model, images, spec, tta)
+@torch.no_grad()
+def evaluate(
+    model: nn.Module, images: torch.Tensor, y: np.ndarray, spec: ImageSpec, tta: bool, batch_size: int = 256
+) -> tuple[float, float]:
+    """Validation BMCA and log loss, for choosing the epoch: the evaluation transform (float32, no
+    augmentation) on the validation rows' uint8 images (N,3,H,W) already on the device. `normalise`
+    is the device twin of the service's `to_model_input`, so a GPU is not left waiting on the host."""
+    model.eval()
+    net = FoldEnsemble([model], tta)
+    out = [net(normalise(images[s : s + batch_size].float() / 255.0, spec)) for s in range(0, len(images), batch_size)]
+    probs = torch.cat(out).double().cpu().numpy()
+    probs /= probs.sum(axis=1, keepdims=True)
     return balanced_accuracy_score(y, probs.argmax(1)), log_loss(y, probs, labels=range(len(labels.CLASSES)))
 
 
@@ -177,13 +186,14 @@ def train_fold(
     spec = cfg.image_spec()
     train_rows, val_rows = np.flatnonzero(fold != k), np.flatnonzero(fold == k)
     t = build_fold(k, cfg, images, y, train_rows)
+    val_images = torch.from_numpy(images[val_rows]).to(t.device).permute(0, 3, 1, 2)
     ckpt_path = cnn_dir / f"fold{k}.ckpt"
     if ckpt_path.exists():
         load_checkpoint(t, ckpt_path)
         log(f"fold {k}: resuming after epoch {t.state['epoch']}")
     for epoch in range(t.state["epoch"] + 1, cfg.epochs + 1):
         train_loss, ips = train_one_epoch(t, spec, desc=f"fold {k} epoch {epoch}/{cfg.epochs}")
-        bmca, vloss = evaluate(t.model, images[val_rows], y[val_rows], spec, cfg.tta)
+        bmca, vloss = evaluate(t.model, val_images, y[val_rows], spec, cfg.tta)
         t.state["history"].append(
             dict(epoch=epoch, train_loss=train_loss, val_bmca=bmca, val_log_loss=vloss, train_images_per_s=ips)
         )
@@ -236,16 +246,26 @@ def load_fold_model(cnn_dir: Path, k: int) -> nn.Module:
     return model.eval()
 
 
-def run_cnn(cfg: RunConfig, run_dir: Path, table: pd.DataFrame, images: np.ndarray, log=print) -> pd.DataFrame:
-    """Train every unfinished fold, then write artifacts/oof_cnn.csv. Returns the OOF table."""
+def run_cnn(
+    cfg: RunConfig, run_dir: Path, table: pd.DataFrame, images: np.ndarray, log=print, only: int | None = None
+) -> pd.DataFrame | None:
+    """Train every unfinished fold (or only fold `only`), then, once every fold is done, write
+    artifacts/oof_cnn.csv and return the OOF table. Folds trained by separate processes (one per
+    pod of a cluster job) meet in the same run directory; the last one to finish writes the table."""
     cnn_dir = run_dir / "cnn"
     cnn_dir.mkdir(parents=True, exist_ok=True)
     y, fold = table.label.to_numpy(), table.fold.to_numpy()
-    for k in range(cfg.folds):
+    if only is not None and not 0 <= only < cfg.folds:
+        raise RunError(f"--fold {only}: this run has folds 0 to {cfg.folds - 1}")
+    for k in range(cfg.folds) if only is None else [only]:
         if (cnn_dir / f"fold{k}.pt").exists():
             log(f"fold {k}: already trained, skipping")
             continue
         train_fold(k, cfg, images, y, fold, cnn_dir, log)
+    waiting = [k for k in range(cfg.folds) if not (cnn_dir / f"fold{k}.pt").exists()]
+    if waiting:
+        log(f"fold {only} done; folds {', '.join(map(str, waiting))} still to train")
+        return None
 
     oof = pd.concat([pd.read_csv(cnn_dir / f"oof_fold{k}.csv") for k in range(cfg.folds)]).sort_values("row")
     if len(oof) != len(table) or not (oof.row.to_numpy() == np.arange(len(table))).all():
@@ -256,7 +276,7 @@ def run_cnn(cfg: RunConfig, run_dir: Path, table: pd.DataFrame, images: np.ndarr
 
 
 def cnn_stage(run) -> None:
-    run_cnn(run.cfg, run.dir, run.table, run.images, run.log)
+    run_cnn(run.cfg, run.dir, run.table, run.images, run.log, run.fold)
 
 
 def training_throughput(run_dir: Path, folds: int) -> float:
@@ -271,20 +291,26 @@ def training_throughput(run_dir: Path, folds: int) -> float:
 
 def export_stage(run) -> None:
     """The served CNN in one ONNX graph (the fold models averaged, or the refit model):
-    cnn/cnn.onnx, parity-checked on real images. With int8 on, also cnn/cnn.int8.onnx and the
-    gate measured on the fold models' out-of-fold images, cnn/quantization.json."""
+    cnn/cnn.onnx, parity-checked on real images, with the explanation outputs (CAM, embedding,
+    logits). Its out-of-distribution score, fitted out-of-fold: cnn/ood.{npz,json}. With int8 on,
+    also cnn/cnn.int8.onnx and the gate measured on the fold models' out-of-fold images,
+    cnn/quantization.json."""
     from training.export import export_onnx
+    from training.ood import fit_ood
 
     served = served_members(run, train=True)
     rng = np.random.default_rng(run.cfg.seed)
     idx = np.sort(rng.choice(len(run.table), size=min(32, len(run.table)), replace=False))
     cnn_dir = run.dir / "cnn"
-    export_onnx(served, run.cfg.image_spec(), run.images[idx], cnn_dir / FP32_GRAPH, run.cfg.tta, log=run.log)
+    spec = run.cfg.image_spec()
+    export_onnx(served, spec, run.images[idx], cnn_dir / FP32_GRAPH, run.cfg.tta, log=run.log, explain=True)
+    refit = run.cfg.served_cnn == "refit"
+    folds = [load_fold_model(cnn_dir, k) for k in range(run.cfg.folds)] if refit else served
+    fit_ood(run, served, folds, run.cfg.ood_method, run.cfg.ood_share)
     if run.cfg.int8:
         from training.quantize import quantize_ensemble, quantize_refit
 
-        spec, out, refit = run.cfg.image_spec(), cnn_dir / INT8_GRAPH, run.cfg.served_cnn == "refit"
-        folds = [load_fold_model(cnn_dir, k) for k in range(run.cfg.folds)] if refit else served
+        out = cnn_dir / INT8_GRAPH
         y, fold = run.table.label.to_numpy(), run.table.fold.to_numpy()
         # the fold models are always gated; their joined int8 graph is only written when it is served
         gate = quantize_ensemble(

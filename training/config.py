@@ -46,6 +46,9 @@ class RunConfig(BaseModel):
     served_cnn: Literal["ensemble", "refit"] = "refit"  # see `--served-cnn` and README "Which CNN is served"
     int8: bool = True  # quantize the CNN; the bundle serves int8 only if it passes its out-of-fold gate
     tta: bool = False  # average the CNN over the 8 dihedral flips: validation, OOF and the served graph (8x cost)
+    ood_method: Literal["mahalanobis", "energy"] = "mahalanobis"  # the out-of-distribution score served
+    ood_share: float = Field(0.05, gt=0, lt=1)  # share of held-out real images its threshold flags
+    prior: Literal["balanced", "training"] = "balanced"  # the served probabilities' default class prior
     keep_fp32: bool = False  # also bundle the fp32 graph beside an int8 one (serving can then pick it)
     booster_rounds: int = 600
     bootstrap: int = 200

@@ -15,21 +15,31 @@ from training.models import FoldEnsemble
 
 PARITY_TOLERANCE = 1e-4
 INPUT_NAME, OUTPUT_NAME = "image", "probabilities"
+EXPLAIN_OUTPUTS = ("cam", "embedding", "logits")  # with explain=True, after OUTPUT_NAME (FoldEnsemble's order)
 
 
 def export_onnx(
-    members: list[torch.nn.Module], spec: ImageSpec, images: np.ndarray, out: Path, tta: bool = False, log=print
+    members: list[torch.nn.Module],
+    spec: ImageSpec,
+    images: np.ndarray,
+    out: Path,
+    tta: bool = False,
+    log=print,
+    explain: bool = False,
 ) -> float:
     """Write `out` (input 'image' NCHW float32, output 'probabilities', dynamic batch); with `tta`
-    the graph averages the 8 dihedral views of each image (`training.models.FoldEnsemble`).
+    the graph averages the 8 dihedral views of each image (`training.models.FoldEnsemble`); with
+    `explain` it also outputs EXPLAIN_OUTPUTS: class activation maps, embedding and logits.
 
-    `images` are real uint8 images (N,H,W,3); the run fails unless onnxruntime's
-    probabilities match torch's to PARITY_TOLERANCE. Returns the max abs difference.
+    `images` are real uint8 images (N,H,W,3); the run fails unless every output of onnxruntime
+    matches torch's to PARITY_TOLERANCE. Returns the max abs difference.
     """
-    model = FoldEnsemble([m.float().eval().cpu() for m in members], tta).eval()
+    model = FoldEnsemble([m.float().eval().cpu() for m in members], tta, explain).eval()
     x = torch.from_numpy(to_model_input(images, spec))
+    outputs = [OUTPUT_NAME, *(EXPLAIN_OUTPUTS if explain else ())]
     with torch.no_grad():
-        expected = model(x).numpy()
+        expected = model(x)
+    expected = [t.numpy() for t in (expected if explain else (expected,))]
 
     result = {}
 
@@ -39,14 +49,14 @@ def export_onnx(
             (x[:2],),
             str(tmp),
             input_names=[INPUT_NAME],
-            output_names=[OUTPUT_NAME],
-            dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
+            output_names=outputs,
+            dynamic_axes={name: {0: "batch"} for name in [INPUT_NAME, *outputs]},
             opset_version=17,
             dynamo=False,
         )
         session = ort.InferenceSession(str(tmp), providers=["CPUExecutionProvider"])
-        got = session.run([OUTPUT_NAME], {INPUT_NAME: x.numpy()})[0]
-        diff = float(np.abs(got - expected).max())
+        got = session.run(outputs, {INPUT_NAME: x.numpy()})
+        diff = max(float(np.abs(a - b).max()) for a, b in zip(got, expected))
         if not diff <= PARITY_TOLERANCE:
             raise ExportError(f"onnxruntime differs from torch by {diff:.2e} (> {PARITY_TOLERANCE}) on real images")
         log(f"export: onnxruntime matches torch on {len(images)} real images (max abs diff {diff:.1e})")

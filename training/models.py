@@ -53,17 +53,48 @@ def dihedral_batches(x: torch.Tensor) -> list[torch.Tensor]:
     return [torch.cat([v, v.flip(3), v.flip(2), v.flip((2, 3))]) for v in (x, x.transpose(2, 3))]
 
 
+def resnet_forward(m: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """torchvision's ResNet forward, keeping what explanations need: the last feature maps
+    (N,512,h,w), their global average (the embedding, N,512) and the logits (N,C)."""
+    f = m.layer4(m.layer3(m.layer2(m.layer1(m.maxpool(m.relu(m.bn1(m.conv1(x))))))))
+    embedding = torch.flatten(m.avgpool(f), 1)
+    return f, embedding, m.fc(embedding)
+
+
+def class_activation_maps(m: nn.Module, f: torch.Tensor) -> torch.Tensor:
+    """CAM (Zhou et al. 2016): the linear head applied at every position of the last feature maps,
+    (N,C,h,w). With global average pooling it is exact: a map's mean plus the head's bias is the logit."""
+    return nn.functional.conv2d(f, m.fc.weight[:, :, None, None])
+
+
 class FoldEnsemble(nn.Module):
     """The served CNN: the members' softmax outputs averaged, in one graph. With `tta`, over the
-    8 dihedral views of each image too (dermoscopy has no canonical orientation); 8x the cost."""
+    8 dihedral views of each image too (dermoscopy has no canonical orientation); 8x the cost.
 
-    def __init__(self, members: list[nn.Module], tta: bool = False) -> None:
+    With `explain`, the graph also returns, for the image as given (not its flipped views) and
+    averaged over the members: class activation maps, the embedding and the logits, which the
+    service uses for heatmaps and its out-of-distribution score. Each is computed from the same
+    pass that gives the probabilities, so it adds almost nothing to the graph's cost."""
+
+    def __init__(self, members: list[nn.Module], tta: bool = False, explain: bool = False) -> None:
         super().__init__()
         self.members = nn.ModuleList(members)
-        self.tta = tta
+        self.tta, self.explain = tta, explain
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, ...]:
+        n = x.shape[0]
         batches = dihedral_batches(x) if self.tta else [x]
-        probs = [m(b).float().softmax(dim=1) for m in self.members for b in batches]
+        probs, maps, embeddings, logits = [], [], [], []
+        for m in self.members:
+            for i, b in enumerate(batches):
+                f, e, z = resnet_forward(m, b)
+                probs.append(z.float().softmax(dim=1))
+                if self.explain and i == 0:  # the first n rows of the first batch are the image as given
+                    maps.append(class_activation_maps(m, f[:n]).float())
+                    embeddings.append(e[:n].float())
+                    logits.append(z[:n].float())
         # each is (views * N, classes), view-major: regroup to (views, N, classes) and average all
-        return torch.cat([p.reshape(-1, x.shape[0], p.shape[1]) for p in probs]).mean(dim=0)
+        p = torch.cat([q.reshape(-1, n, q.shape[1]) for q in probs]).mean(dim=0)
+        if not self.explain:
+            return p
+        return p, *(torch.stack(v).mean(dim=0) for v in (maps, embeddings, logits))

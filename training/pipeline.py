@@ -32,8 +32,9 @@ from training.folds import ensure_folds, folds_path
 class Run:
     """A run directory plus what its stages share, loaded on first use."""
 
-    def __init__(self, cfg: RunConfig, run_dir: Path, log=print) -> None:
+    def __init__(self, cfg: RunConfig, run_dir: Path, log=print, fold: int | None = None) -> None:
         self.cfg, self.dir, self.log = cfg, Path(run_dir), log
+        self.fold = fold  # the cnn stage trains only this fold (one process per fold)
         self.artifacts = self.dir / "artifacts"
         self.models = self.dir / "models"
 
@@ -77,7 +78,8 @@ class Stage:
 def export_outputs(run: Run) -> list[Path]:
     cnn = run.dir / "cnn"
     refit = [cnn / "refit.pt"] if run.cfg.served_cnn == "refit" else []
-    return [*refit, cnn / FP32_GRAPH] + ([cnn / INT8_GRAPH, cnn / "quantization.json"] if run.cfg.int8 else [])
+    ood = [cnn / "ood.npz", cnn / "ood.json"]
+    return [*refit, cnn / FP32_GRAPH, *ood] + ([cnn / INT8_GRAPH, cnn / "quantization.json"] if run.cfg.int8 else [])
 
 
 def make_folds_stage(run: Run) -> None:
@@ -120,7 +122,7 @@ def stage_done(run: Run, stage: Stage) -> bool:
     return all(p.exists() for p in stage.outputs(run))
 
 
-def run_pipeline(cfg: RunConfig, run_dir: Path, stages: list[str], log=print) -> Run:
+def run_pipeline(cfg: RunConfig, run_dir: Path, stages: list[str], log=print, fold: int | None = None) -> Run:
     """Run the named stages in order, skipping finished ones; the stages they need must be done or named.
 
     The out-of-fold stages (boosters, stack, report) need the CNN's OOF rows but not its export, so the
@@ -128,7 +130,7 @@ def run_pipeline(cfg: RunConfig, run_dir: Path, stages: list[str], log=print) ->
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     save_or_check(cfg, run_dir)
-    run = Run(cfg, run_dir, log)
+    run = Run(cfg, run_dir, log, fold)
     by_name = {s.name: s for s in STAGES}
     for name in stages:
         missing = [n for n in by_name[name].needs if n not in stages and not stage_done(run, by_name[n])]

@@ -18,6 +18,7 @@ from training.cnn import training_throughput  # noqa: E402
 from training.config import CNN, STACK  # noqa: E402
 from training.io import PROB_COLUMNS, atomic_write, atomic_write_text  # noqa: E402
 from training.metrics import with_intervals  # noqa: E402
+from training.subgroups import MIN_SUBGROUP, served_figures  # noqa: E402
 
 METRICS = ["bmca", "macro_auc", "malignant_pauc", "malignant_auc", "accuracy", "log_loss", "ece"]
 
@@ -81,6 +82,8 @@ def markdown(report: dict) -> str:
             f"{gate['fp32']['malignant_pauc']:.4f} -> {gate['int8']['malignant_pauc']:.4f} "
             f"(max drop {gate['max_metric_drop']}).",
         ]
+    if "per_class" in report:
+        lines += ["", *served_tables(report)]
     lines += [
         "",
         MALIGNANT_NOTE,
@@ -88,6 +91,56 @@ def markdown(report: dict) -> str:
         "![ROC](plots/roc_stack.png) ![confusion](plots/confusion_stack.png) ![reliability](plots/reliability.png)",
     ]
     return "\n".join(lines) + "\n"
+
+
+def served_tables(report: dict) -> list[str]:
+    """Per class, calibration under two priors, and per subgroup: the served model, out-of-fold."""
+    served, pc = report["served"], report["per_class"]
+    lines = [f"## The served model ({served}) per class", "", "| class | recall | precision | AUC (one vs rest) |"]
+    lines.append("|---|---|---|---|")
+    for c in labels.CLASSES:
+        lines.append(
+            f"| {c} ({labels.CLASS_NAMES[c]}) | "
+            + " | ".join(fmt(pc[f"{c}.{k}"]) for k in ("recall", "precision", "auc"))
+            + " |"
+        )
+    cal = report["calibration"]
+    lines += [
+        "",
+        "## Probabilities under a stated class prior",
+        "",
+        "| prior | log loss | ECE |",
+        "|---|---|---|",
+        f"| balanced (as trained) | {cal['balanced']['log_loss']:.3f} | {cal['balanced']['ece']:.3f} |",
+        f"| training data's class shares | {cal['training_prior']['log_loss']:.3f} | {cal['training_prior']['ece']:.3f} |",
+        f"| training shares + temperature | {cal['training_prior_tempered']['log_loss']:.3f} | "
+        f"{cal['training_prior_tempered']['ece']:.3f} |",
+        "",
+        "Shares and temperature applied to each fold were fitted on the other folds. Temperature "
+        + (
+            f"adopted: T = {cal['temperature']:.3f}."
+            if cal["temperature_adopted"]
+            else "not adopted (it did not lower both log loss and ECE)."
+        ),
+        "",
+        f"## The served model ({served}) per subgroup",
+        "",
+        "| subgroup | images | lesions | BMCA | malignant AUC | malignant pAUC |",
+        "|---|---|---|---|---|---|",
+    ]
+    for kind, groups in report["subgroups"].items():
+        for name, g in groups.items():
+            m = g.get("metrics")
+            cells = [
+                fmt(m[k]) if m and not np.isnan(m[k]["value"]) else "-"
+                for k in ("bmca", "malignant_auc", "malignant_pauc")
+            ]
+            lines.append(f"| {kind}: {name} | {g['images']} | {g['lesions']} | " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        f"Subgroups under {MIN_SUBGROUP} images show counts only; '-': not measurable there (one kind of lesion).",
+    ]
+    return lines
 
 
 def save_png(fig, path) -> None:
@@ -157,6 +210,8 @@ def write_report(run) -> dict:
     report["served_cnn"] = run.cfg.served_cnn
     gate = run.dir / "cnn" / "quantization.json"
     report["int8_gate"] = json.loads(gate.read_text()) if run.cfg.int8 and gate.exists() else None
+    report["served"] = STACK
+    report.update(served_figures(run.table, y, model_probs[STACK], run.cfg.bootstrap, run.cfg.seed))
     atomic_write_text(run.artifacts / "report.json", json.dumps(report, indent=2))
     atomic_write_text(run.artifacts / "report.md", markdown(report))
     plots = run.artifacts / "plots"

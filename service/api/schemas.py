@@ -7,7 +7,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from service.api.settings import Settings
 from service.core.manifest import Manifest
-from service.core.predictor import Prediction, Predictor
+from service.core.predictor import Explanation, Prediction, Predictor
+from service.core.quality import quality_warnings
 
 NOTICE = (
     "Research use only. Not a medical device and not a diagnosis: a dermatologist must assess any lesion of concern."
@@ -31,6 +32,27 @@ class ModelRef(BaseModel):
         return cls(bundle_id=manifest.bundle_id, created_at=manifest.created_at, synthetic_data=manifest.synthetic_data)
 
 
+class OodResult(BaseModel):
+    method: str = Field(description="mahalanobis (CNN embedding) or energy (CNN logits); higher is less familiar")
+    score: float
+    threshold: float = Field(description="scores above it are flagged; it flags `flag_share` of real training images")
+    flag_share: float
+    flagged: bool
+
+
+def image_warnings(pred: Prediction, manifest: Manifest, image: np.ndarray, size: tuple[int, int] | None) -> list[str]:
+    """The image-quality checks, then the out-of-distribution flag, as sentences for a person."""
+    spec = manifest.preprocessing
+    out = quality_warnings(image, size, (spec.width, spec.height))
+    ood = manifest.ood
+    if ood is not None and pred.ood_score is not None and pred.ood_score > ood.thresholds[ood.method]:
+        out.append(
+            "out of distribution: this image is unlike the dermoscopy images the model was trained on "
+            f"({ood.method} score {pred.ood_score:.3g} > {ood.thresholds[ood.method]:.3g}); the answer may be meaningless"
+        )
+    return out
+
+
 class PredictionFields(BaseModel):
     label: str = Field(description="predicted class (dx code), argmax of the served model")
     label_name: str
@@ -38,6 +60,13 @@ class PredictionFields(BaseModel):
     malignant_probability: float = Field(description="sum of the malignant classes' probabilities")
     served_by: str = Field(description="the component whose probabilities are the answer")
     components: dict[str, dict[str, float]] = Field(description="model -> class probabilities, every model")
+    prior: str = Field(
+        "balanced",
+        description="class prior of these probabilities: balanced (as trained), training (the training data's "
+        "class shares) or custom (the request's)",
+    )
+    ood: OodResult | None = Field(None, description="how unlike the training images this one is (None: no score)")
+    warnings: list[str] = Field(default_factory=list, description="image quality and out-of-distribution warnings")
 
     @classmethod
     def from_prediction(cls, pred: Prediction, manifest: Manifest, **extra) -> PredictionFields:
@@ -48,6 +77,16 @@ class PredictionFields(BaseModel):
 
         probs = as_dict(pred.probabilities)
         label = classes[int(np.argmax(pred.probabilities))]
+        ood = manifest.ood
+        if ood is not None and pred.ood_score is not None:
+            t = ood.thresholds[ood.method]
+            extra["ood"] = OodResult(
+                method=ood.method,
+                score=pred.ood_score,
+                threshold=t,
+                flag_share=ood.flag_share,
+                flagged=pred.ood_score > t,
+            )
         return cls(
             label=label,
             label_name=manifest.class_names[label],
@@ -59,7 +98,22 @@ class PredictionFields(BaseModel):
         )
 
 
+class ExplanationOut(BaseModel):
+    label: str = Field(description="the class explained: the served answer")
+    heatmap_png: str = Field(description="base64 PNG: the class activation map over the model-size image")
+    cam: list[list[float]] = Field(description="the raw class activation map (rows of the CNN's last feature map)")
+    attributions: dict[str, dict[str, float]] = Field(
+        description="booster -> input group (cnn, age, sex, site, colour, bias) -> TreeSHAP contribution to its "
+        "raw (log-odds) score for the explained class"
+    )
+
+    @classmethod
+    def of(cls, e: Explanation) -> ExplanationOut:
+        return cls(label=e.label, heatmap_png=e.heatmap_png, cam=e.cam.tolist(), attributions=e.attributions)
+
+
 class PredictResponse(PredictionFields):
+    explanation: ExplanationOut | None = Field(None, description="with explain=true: heatmap and attributions")
     model: ModelRef
     request_id: str
     notice: str = Field(description="research-use notice; it says so first when the model is a synthetic-data demo")
@@ -126,6 +180,10 @@ class ModelInfo(BaseModel):
     metric_intervals: dict = Field(description="their 95% lesion-bootstrap intervals, [low, high]")
     training: dict
     limits: dict = Field(description="what one request may hold: images per /predict/batch, bytes per image, pixels")
+    explain: bool = Field(description="whether /predict can add a heatmap and attributions (explain=true)")
+    ood: dict | None = Field(description="the out-of-distribution score: method, thresholds, share flagged by design")
+    priors: dict = Field(description="the default class prior, the training data's class shares and the temperature")
+    model_card: str | None = Field(description="path of the bundle's model card (markdown), if it has one")
 
     @classmethod
     def of(cls, predictor: Predictor, settings: Settings) -> ModelInfo:
@@ -158,4 +216,12 @@ class ModelInfo(BaseModel):
                 "max_pixels": settings.max_pixels,
                 "max_request_pixels": settings.max_request_pixels,
             },
+            explain="cam" in m.cnn.explain_outputs,
+            ood=m.ood.model_dump() if m.ood else None,
+            priors={
+                "default": m.default_prior,
+                "training_prevalence": m.training_prevalence,
+                "temperature": m.temperature,
+            },
+            model_card="/model/card" if m.model_card else None,
         )

@@ -12,13 +12,15 @@ from typing import Literal
 from pydantic import BaseModel, Field, model_validator
 
 from service.core.features import FeatureSpec
+from service.core.ood import OodSpec
 from service.core.preprocess import ImageSpec
 from service.core.signing import MANIFEST_NAME, SIGNATURE_NAME
 
 TRAINING_IMAGES = "training_images.csv"  # the bundle's list of its training images (image_id, lesion_id)
 
-FORMAT_VERSION = 3  # 3: the CNN may be int8, with its gate figures and an optional fp32 graph
-READABLE_VERSIONS = (2, 3)  # a version 2 manifest is a valid version 3 one (fp32 CNN, no gate)
+FORMAT_VERSION = 4  # 4: explanation outputs, OOD score, class prior and temperature, model card
+READABLE_VERSIONS = (2, 3, 4)  # older manifests are valid version 4 ones (no explanations, OOD score or card)
+MODEL_CARD = "MODEL_CARD.md"
 
 
 class ModelFile(BaseModel):
@@ -54,10 +56,19 @@ class CnnModel(ModelFile):
     fp32_file: str | None = Field(None, description="the fp32 graph, when an int8 `file` is served beside it")
     quantization: QuantizationGate | None = Field(None, description="the int8 gate, when one was measured")
     tta: bool = Field(False, description="the graph averages the 8 dihedral flips of each image (8x the cost)")
+    explain_outputs: list[str] = Field(
+        default_factory=list,
+        description="further ONNX outputs for the image as given: class activation maps (N,C,h,w), embedding, logits",
+    )
 
     @property
     def files(self) -> list[str]:
         return [self.file] + ([self.fp32_file] if self.fp32_file else [])
+
+    @property
+    def has_ood_outputs(self) -> bool:
+        """The served graph gives what the out-of-distribution score reads."""
+        return {"embedding", "logits"} <= set(self.explain_outputs)
 
 
 def libraries_of(models: list[ModelFile]) -> list[str]:
@@ -86,6 +97,13 @@ class Manifest(BaseModel):
     training_images: str | None = Field(
         None, description="CSV (image_id, lesion_id) of every image the models trained on: overlap checks"
     )
+    ood: OodSpec | None = Field(None, description="the out-of-distribution score and its thresholds")
+    default_prior: str = Field("balanced", description="class prior of the served probabilities: balanced or training")
+    training_prevalence: dict[str, float] = Field(
+        default_factory=dict, description="class shares of the training data: the 'training' prior"
+    )
+    temperature: float = Field(1.0, gt=0, description="applied to every model's log-probabilities before the prior")
+    model_card: str | None = Field(None, description="the bundle's model card (markdown)")
     files: dict[str, str] = Field(description="file name -> sha256, every file of the bundle but this manifest")
     library_versions: dict[str, str] = Field(description="versions of the libraries the models need, as written")
     metrics: dict = Field(default_factory=dict, description="cross-validated metrics from report.json")
@@ -123,7 +141,8 @@ class Manifest(BaseModel):
             if not f or f in (".", "..") or any(c in f for c in "/\\\x00") or f in (MANIFEST_NAME, SIGNATURE_NAME):
                 raise ValueError(f"file name {f!r} is not a plain name inside the bundle")
         used = [m.file for m in self.model_files] + self.cnn.files[1:]
-        listed = used + ([self.training_images] if self.training_images else [])
+        extras = [self.training_images, self.model_card, self.ood.file if self.ood else None]
+        listed = used + [f for f in extras if f]
         for f in listed:
             if f not in self.files:
                 raise ValueError(f"bundle file {f!r} is not among the hashed files")
@@ -136,6 +155,12 @@ class Manifest(BaseModel):
         unused = sorted(set(self.files) - set(listed))
         if unused:
             raise ValueError(f"hashed files {unused} belong to no model: the roster and the file list must agree")
+        if self.default_prior not in ("balanced", "training"):
+            raise ValueError(f"default_prior must be balanced or training, not {self.default_prior!r}")
+        if self.default_prior == "training" and set(self.training_prevalence) != set(self.classes):
+            raise ValueError("default_prior training needs a training_prevalence for every class")
+        if self.ood and not self.cnn.has_ood_outputs:
+            raise ValueError("an OOD score needs the CNN graph's embedding and logits outputs")
         missing = [lib for lib in self.required_libraries if lib not in self.library_versions]
         if missing:
             raise ValueError(f"library_versions lacks {missing}")

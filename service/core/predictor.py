@@ -7,17 +7,20 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 
 from service.core.bundle import BundleError, check_libraries, read_manifest, read_verified
+from service.core.explain import feature_groups, group_attributions, heatmap_png, tree_shap
 from service.core.features import build_features, image_stats, soft_vote, stack_inputs
 from service.core.manifest import Manifest
 from service.core.metadata import ClinicalMetadata, validate_metadata
+from service.core.ood import GaussianFit, scores
 from service.core.preprocess import to_model_input
+from service.core.priors import adjust, prior_vector
 from service.core.safe_pickle import load_model
 
 MetadataLike = ClinicalMetadata | Mapping[str, Any] | None
@@ -27,10 +30,24 @@ MetadataLike = ClinicalMetadata | Mapping[str, Any] | None
 class Prediction:
     components: dict[str, np.ndarray]  # model name -> (C,) probabilities
     served: str  # the component that is the answer
+    ood_score: float | None = None  # the bundle's out-of-distribution score (None: the bundle has none)
 
     @property
     def probabilities(self) -> np.ndarray:
         return self.components[self.served]
+
+    def under_prior(self, prior: np.ndarray, temperature: float = 1.0) -> Prediction:
+        """Every component moved from the balanced prior it was trained under to `prior` (service.core.priors)."""
+        comps = {k: adjust(v[None], prior, temperature)[0] for k, v in self.components.items()}
+        return replace(self, components=comps)
+
+
+@dataclass
+class Explanation:
+    label: str  # the class explained: the served answer
+    cam: np.ndarray  # (h, w) its class activation map, at the CNN's last feature-map resolution
+    heatmap_png: str  # base64 PNG: the map, normalised to [0,1], over the model-size image
+    attributions: dict[str, dict[str, float]]  # booster -> input group -> contribution to its raw score
 
 
 def cnn_graph(manifest: Manifest, precision: str) -> str:
@@ -70,6 +87,8 @@ class Predictor:
         models: dict[str, Any],
         cnn_file: str,
         model_threads: int = 1,
+        gaussian: GaussianFit | None = None,
+        model_card: str | None = None,
     ) -> None:
         self.bundle_dir = bundle_dir
         self.manifest = manifest
@@ -77,6 +96,8 @@ class Predictor:
         self.models = models
         self.cnn_file = cnn_file  # the graph `session` runs
         self.predict_kwargs = {name: thread_limit(model, model_threads) for name, model in models.items()}
+        self.gaussian = gaussian  # the Mahalanobis score's class means and precision
+        self.model_card = model_card  # MODEL_CARD.md, when the bundle has one
 
     @property
     def cnn_precision(self) -> str:
@@ -120,17 +141,37 @@ class Predictor:
             raise BundleError(
                 f"{cnn_file} has no input {manifest.cnn.input_name!r} / output {manifest.cnn.output_name!r}"
             )
+        if set(manifest.cnn.explain_outputs) - names[1]:
+            raise BundleError(f"{cnn_file} lacks the outputs {sorted(set(manifest.cnn.explain_outputs) - names[1])}")
+        gaussian = None
+        if manifest.ood is not None and manifest.ood.method == "mahalanobis":
+            gaussian = GaussianFit.from_npz(read_verified(bundle_dir, manifest, manifest.ood.file))
         models = {
             m.name: load_model(read_verified(bundle_dir, manifest, m.file), m.libraries, m.file)
             for m in [*manifest.boosters, manifest.stack]
         }
-        return cls(bundle_dir, manifest, session, models, cnn_file, model_threads)
+        card = read_verified(bundle_dir, manifest, manifest.model_card).decode() if manifest.model_card else None
+        return cls(bundle_dir, manifest, session, models, cnn_file, model_threads, gaussian, card)
+
+    def cnn_outputs(self, images: np.ndarray, extra: Sequence[str] = ()) -> dict[str, np.ndarray]:
+        """uint8 images (N,H,W,3) -> the graph's 'probabilities' (N,C) and the `extra` outputs asked for."""
+        cnn = self.manifest.cnn
+        x = to_model_input(images, self.manifest.preprocessing)
+        names = [cnn.output_name, *extra]
+        return {n: v.astype(np.float64) for n, v in zip(names, self.session.run(names, {cnn.input_name: x}))}
 
     def cnn_probs(self, images: np.ndarray) -> np.ndarray:
         """uint8 images (N,H,W,3) -> the CNN's class probabilities (N,C)."""
-        x = to_model_input(images, self.manifest.preprocessing)
-        (probs,) = self.session.run([self.manifest.cnn.output_name], {self.manifest.cnn.input_name: x})
-        return probs.astype(np.float64)
+        return self.cnn_outputs(images)[self.manifest.cnn.output_name]
+
+    def prior(self, prior: str | Mapping[str, float] | None) -> tuple[np.ndarray, float] | None:
+        """A request's prior (None: the bundle's default) -> (prior vector, temperature), or None when
+        the probabilities stay as trained (balanced prior, no temperature). Raises PriorError."""
+        m = self.manifest
+        vec = prior_vector(m.default_prior if prior is None else prior, m.classes, m.training_prevalence)
+        if m.temperature == 1.0 and np.allclose(vec, 1.0 / len(vec)):
+            return None
+        return vec, m.temperature
 
     def predict_components(
         self, images: np.ndarray, metadata: Sequence[MetadataLike], cnn_probs: np.ndarray | None = None
@@ -152,5 +193,31 @@ class Predictor:
         return probs
 
     def predict(self, images: np.ndarray, metadata: Sequence[MetadataLike]) -> list[Prediction]:
-        comps = self.predict_components(images, metadata)
-        return [Prediction({k: v[i] for k, v in comps.items()}, self.manifest.served) for i in range(len(images))]
+        """Every model's probabilities as trained (balanced prior) and the OOD score, per image."""
+        ood = self.manifest.ood
+        outs = self.cnn_outputs(images, ["embedding", "logits"] if ood else [])
+        comps = self.predict_components(images, metadata, outs[self.manifest.cnn.output_name])
+        score = scores(ood.method, outs["embedding"], outs["logits"], self.gaussian) if ood else [None] * len(images)
+        return [
+            Prediction({k: v[i] for k, v in comps.items()}, self.manifest.served, None if s is None else float(s))
+            for i, s in enumerate(score)
+        ]
+
+    def explain(self, images: np.ndarray, metadata: Sequence[MetadataLike], labels: Sequence[str]) -> list[Explanation]:
+        """For each image, why `labels[i]` (the served answer): its class activation map and heatmap,
+        and each booster's TreeSHAP contributions for that class summed per input group."""
+        m = self.manifest
+        if "cam" not in m.cnn.explain_outputs:
+            raise BundleError("this bundle's CNN graph has no class activation maps; export it again to explain")
+        outs = self.cnn_outputs(images, ["cam"])
+        meta = [validate_metadata(v, m.features) for v in metadata]
+        feats = build_features(outs[m.cnn.output_name], meta, image_stats(images), m.features)
+        groups = feature_groups(m.features)
+        shap = {b.name: tree_shap(self.models[b.name], feats) for b in m.boosters}
+        out = []
+        for i, label in enumerate(labels):
+            c = m.classes.index(label)
+            cam = outs["cam"][i, c]
+            attributions = {name: group_attributions(v[i, c], groups) for name, v in shap.items()}
+            out.append(Explanation(label, cam, heatmap_png(images[i], cam), attributions))
+        return out

@@ -6,7 +6,7 @@ from functools import cache
 from pathlib import Path
 
 import swagger_ui
-from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request
 from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import HTMLResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -67,6 +67,20 @@ async def model_info(
     predictor: Predictor = Depends(get_predictor), settings: Settings = Depends(get_settings)
 ) -> ModelInfo:
     return ModelInfo.of(predictor, settings)
+
+
+@router.get(
+    "/model/card",
+    response_class=Response,
+    tags=["model"],
+    dependencies=[Depends(check_api_key)],
+    responses={**KEYED, 404: {"model": ErrorResponse}, 200: {"content": {"text/markdown": {}}}},
+)
+async def model_card(predictor: Predictor = Depends(get_predictor)) -> Response:
+    """The bundle's model card (markdown): intended use, data, metrics with intervals, subgroups, limits."""
+    if predictor.model_card is None:
+        raise HTTPException(404, "this bundle has no model card (bundles before format 4 have none)")
+    return Response(predictor.model_card, media_type="text/markdown; charset=utf-8")
 
 
 @router.get(

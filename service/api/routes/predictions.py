@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import ctypes
+import json
 import sys
 from threading import Semaphore
 
 import numpy as np
-from fastapi import APIRouter, Depends, File, Form, HTTPException, Request, UploadFile
+from fastapi import APIRouter, Depends, File, Form, HTTPException, Query, Request, UploadFile
 from fastapi.concurrency import run_in_threadpool
 from PIL import Image
 
@@ -16,8 +17,10 @@ from service.api.schemas import (
     BatchItem,
     BatchResponse,
     ErrorResponse,
+    ExplanationOut,
     ModelRef,
     PredictResponse,
+    image_warnings,
     notice_for,
 )
 from service.api.settings import BATCH_ROUTE, Settings
@@ -33,6 +36,7 @@ from service.core.preprocess import (
     open_image,
     resize_for_model,
 )
+from service.core.priors import PriorError
 
 ERRORS: dict[int | str, dict] = {code: {"model": ErrorResponse} for code in (400, 401, 408, 413, 415, 422, 503)}
 
@@ -59,15 +63,17 @@ def named(name: str | None, exc: ImageError) -> ImageError:
 
 def decode_all(
     uploads: list[tuple[bytes, str | None]], spec: ImageSpec, slots: Semaphore, settings: Settings
-) -> np.ndarray:
+) -> tuple[np.ndarray, list[tuple[int, int]]]:
     """Headers first: every image's decoded pixels are counted against the per-image and per-request
-    budgets before any is decoded. Then one image at a time, at most `decode_slots` at once per worker."""
+    budgets before any is decoded. Then one image at a time, at most `decode_slots` at once per worker.
+    Returns the model-size images and each upload's size (w, h) as sent."""
     opened: list[Image.Image | None] = []
     for data, name in uploads:
         try:
             opened.append(open_image(data, spec, settings.max_pixels))
         except ImageError as exc:
             raise named(name, exc) from None
+    sizes = [img.size for img in opened if img is not None]
     total = sum(decoded_pixels(img) for img in opened if img is not None)
     if total > settings.max_request_pixels:
         raise ImageTooLargeError(
@@ -83,7 +89,7 @@ def decode_all(
         opened[i] = None  # free the decoded image now
     if total > LARGE_DECODE:
         release_freed_memory()
-    return out
+    return out, sizes
 
 
 def release_freed_memory() -> None:
@@ -97,14 +103,49 @@ def check_metadata_size(raw: str | None, settings: Settings) -> None:
         raise HTTPException(413, f"the metadata field is over the {settings.max_metadata_bytes} byte limit")
 
 
+def parse_prior(raw: str | None, predictor: Predictor) -> tuple[str, tuple[np.ndarray, float] | None]:
+    """The `prior` field: balanced, training, or a JSON object of class prevalences (None: the bundle's
+    default). Returns its name for the response and what `Prediction.under_prior` takes."""
+    name = predictor.manifest.default_prior if raw is None or not raw.strip() else raw.strip()
+    prior: str | dict = name
+    if name.startswith("{"):
+        try:
+            prior = json.loads(name)
+        except json.JSONDecodeError as exc:
+            raise HTTPException(422, f"prior: not valid JSON ({exc.msg})") from None
+        if not isinstance(prior, dict):
+            raise HTTPException(422, "prior: give a JSON object of class prevalences")
+        name = "custom"
+    try:
+        return name, predictor.prior(prior)
+    except PriorError as exc:
+        raise HTTPException(422, f"prior: {exc}") from None
+
+
 async def predict_uploads(
     uploads: list[tuple[bytes, str | None]], metas: list[ClinicalMetadata], state: ModelState, settings: Settings
-) -> list[Prediction]:
+) -> tuple[list[Prediction], np.ndarray, list[tuple[int, int]]]:
     """Decode the uploads in the thread pool, then queue them for the micro-batcher's next model call."""
     assert state.predictor is not None and state.batcher is not None
     spec = state.predictor.manifest.preprocessing
-    batch = await run_in_threadpool(decode_all, uploads, spec, state.decode_slots, settings)
-    return await state.batcher.submit(batch, metas)
+    batch, sizes = await run_in_threadpool(decode_all, uploads, spec, state.decode_slots, settings)
+    return await state.batcher.submit(batch, metas), batch, sizes
+
+
+def answered(
+    pred: Prediction, prior: tuple[str, tuple[np.ndarray, float] | None], predictor: Predictor, image, size
+) -> dict:
+    """A prediction under the request's prior, with its warnings: the fields every answer shares."""
+    name, adjust = prior
+    m = predictor.manifest
+    moved = pred if adjust is None else pred.under_prior(*adjust)
+    return dict(pred=moved, manifest=m, prior=name, warnings=image_warnings(pred, m, image, size))
+
+
+PRIOR_HELP = (
+    "class prior of the returned probabilities: balanced (as trained), training (the training data's class "
+    'shares), or a JSON object of prevalences such as {"akiec": 0.03, ...} for every class; default: the bundle\'s'
+)
 
 
 @router.post("/predict", response_model=PredictResponse)
@@ -112,17 +153,35 @@ async def predict(
     request: Request,
     image: UploadFile = File(..., description="JPEG or PNG dermoscopy image"),
     metadata: str | None = Form(None, description=f"JSON: {EXAMPLE}; each key optional"),
+    prior: str | None = Form(None, description=PRIOR_HELP),
+    explain: bool = Form(False, description="add a heatmap and metadata attributions (costs a second model pass)"),
+    explain_query: bool = Query(False, alias="explain", description="the same as the form field"),
     predictor: Predictor = Depends(get_predictor),
     state: ModelState = Depends(get_state),
     settings: Settings = Depends(get_settings),
 ) -> PredictResponse:
     check_metadata_size(metadata, settings)
+    check_metadata_size(prior, settings)
     data = await read_upload(image, settings)
     meta = metadata_from_json(metadata, predictor.manifest.features)
-    (pred,) = await predict_uploads([(data, image.filename)], [meta], state, settings)
+    chosen = parse_prior(prior, predictor)
+    explain = explain or explain_query
+    if explain and "cam" not in predictor.manifest.cnn.explain_outputs:
+        raise HTTPException(422, "explain: this bundle's CNN graph has no heatmap output (retrain or re-export it)")
+    (pred,), batch, sizes = await predict_uploads([(data, image.filename)], [meta], state, settings)
     m = predictor.manifest
+    fields = answered(pred, chosen, predictor, batch[0], sizes[0])
+    explanation = None
+    if explain:
+        label = m.classes[int(np.argmax(pred.probabilities))]
+        (e,) = await run_in_threadpool(predictor.explain, batch, [meta], [label])
+        explanation = ExplanationOut.of(e)
     return PredictResponse.from_prediction(
-        pred, m, model=ModelRef.of(m), request_id=request.state.request_id, notice=notice_for(m)
+        **fields,
+        explanation=explanation,
+        model=ModelRef.of(m),
+        request_id=request.state.request_id,
+        notice=notice_for(m),
     )
 
 
@@ -131,16 +190,22 @@ async def predict_batch(
     request: Request,
     images: list[UploadFile] = File(..., description="several JPEG or PNG images"),
     metadata: str | None = Form(None, description="JSON list, one metadata object per image, in order"),
+    prior: str | None = Form(None, description=PRIOR_HELP),
     predictor: Predictor = Depends(get_predictor),
     state: ModelState = Depends(get_state),
     settings: Settings = Depends(get_settings),
 ) -> BatchResponse:
     check_metadata_size(metadata, settings)
+    check_metadata_size(prior, settings)
     uploads = [(await read_upload(f, settings), f.filename) for f in images]
     metas = metadata_list_from_json(metadata, len(images), predictor.manifest.features)
-    preds = await predict_uploads(uploads, metas, state, settings)
+    chosen = parse_prior(prior, predictor)
+    preds, batch, sizes = await predict_uploads(uploads, metas, state, settings)
     m = predictor.manifest
-    items = [BatchItem.from_prediction(p, m, filename=name) for (_, name), p in zip(uploads, preds)]
+    items = [
+        BatchItem.from_prediction(**answered(p, chosen, predictor, batch[i], sizes[i]), filename=name)
+        for i, ((_, name), p) in enumerate(zip(uploads, preds))
+    ]
     return BatchResponse(
         predictions=items, model=ModelRef.of(m), request_id=request.state.request_id, notice=notice_for(m)
     )

@@ -1,0 +1,267 @@
+"""Answers a person can question: heatmaps, metadata attributions, the out-of-distribution score
+and image checks, probabilities under a stated prior, the model card and the subgroup report."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from service.core.explain import feature_groups, tree_shap
+from service.core.features import build_features, image_stats
+from service.core.metadata import validate_metadata
+from service.core.ood import energy, fit_gaussian, mahalanobis
+from service.core.priors import PriorError, adjust, prior_vector
+from service.core.quality import quality_warnings
+from tests.helpers import CLASSES, sample_images
+
+META = json.dumps({"age": 55, "sex": "female", "localization": "back"})
+
+
+def jpeg(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(array.astype(np.uint8)).save(buf, format="JPEG", quality=95)
+    return buf.getvalue()
+
+
+def test_onnx_class_activation_maps_match_torch(tmp_path):
+    """The exported maps against maps computed in torch another way: torchvision's own trunk (every
+    layer but pool and head) and the head's weights, as in Zhou et al."""
+    import onnxruntime as ort
+    import torch
+
+    from service.core.preprocess import ImageSpec, to_model_input
+    from training.export import EXPLAIN_OUTPUTS, OUTPUT_NAME, export_onnx
+    from training.models import build_resnet18
+
+    torch.manual_seed(0)
+    members = [build_resnet18(7).eval(), build_resnet18(7).eval()]
+    for m in members:  # non-trivial batch-norm statistics, so the maps are not all alike
+        for bn in (x for x in m.modules() if isinstance(x, torch.nn.BatchNorm2d)):
+            bn.running_mean.uniform_(-0.5, 0.5)
+            bn.running_var.uniform_(0.5, 2.0)
+    spec = ImageSpec(width=128, height=96)
+    images = np.random.default_rng(0).integers(0, 256, (3, 96, 128, 3), dtype=np.uint8)
+    export_onnx(members, spec, images, tmp_path / "g.onnx", log=lambda m: None, explain=True)
+    sess = ort.InferenceSession(str(tmp_path / "g.onnx"), providers=["CPUExecutionProvider"])
+    probs, cam, emb, logits = sess.run([OUTPUT_NAME, *EXPLAIN_OUTPUTS], {"image": to_model_input(images, spec)})
+
+    x = torch.from_numpy(to_model_input(images, spec))
+    with torch.no_grad():
+        maps, zs = [], []
+        for m in members:
+            f = torch.nn.Sequential(*list(m.children())[:-2])(x)  # (N,512,3,4)
+            maps.append(torch.einsum("ck,nkhw->nchw", m.fc.weight, f))
+            zs.append(m(x))
+        expected_cam = torch.stack(maps).mean(0).numpy()
+        expected_logits = torch.stack(zs).mean(0).numpy()
+        expected_probs = torch.stack([z.softmax(1) for z in zs]).mean(0).numpy()
+    assert cam.shape == (3, 7, 3, 4)
+    assert np.abs(cam - expected_cam).max() <= 1e-4
+    assert np.abs(logits - expected_logits).max() <= 1e-4
+    assert np.abs(probs - expected_probs).max() <= 1e-5
+    # CAM is exact for a global-average-pool head: a map's mean plus the bias is the logit
+    bias = np.mean([m.fc.bias.detach().numpy() for m in members], axis=0)
+    assert np.abs(cam.mean(axis=(2, 3)) + bias - logits).max() <= 1e-4
+    assert emb.shape == (3, 512)
+
+
+def test_default_answer_is_the_balanced_models_and_carries_no_explanation(app_factory, tiny_run, predictor, sample_dir):
+    client = app_factory(tiny_run / "bundle")
+    path = sample_images(sample_dir, 1)[0]
+    body = client.post("/predict", files={"image": ("a.jpg", path.read_bytes())}, data={"metadata": META}).json()
+    assert body["explanation"] is None and body["prior"] == "balanced"
+    image = np.asarray(Image.open(path).convert("RGB").resize((32, 24), Image.Resampling.BILINEAR))
+    from service.core.preprocess import load_for_model
+
+    image = load_for_model(path.read_bytes(), predictor.manifest.preprocessing)[None]
+    comps = predictor.predict_components(image, [json.loads(META)])
+    served = comps[predictor.manifest.served][0]
+    assert np.allclose([body["probabilities"][c] for c in CLASSES], served, atol=1e-9)
+
+
+def test_explain_returns_a_heatmap_and_attributions_that_add_up(app_factory, tiny_run, predictor, sample_dir):
+    client = app_factory(tiny_run / "bundle")
+    path = sample_images(sample_dir, 1)[0]
+    files = {"image": ("a.jpg", path.read_bytes())}
+    plain = client.post("/predict", files=files, data={"metadata": META}).json()
+    body = client.post("/predict?explain=true", files=files, data={"metadata": META}).json()
+    form = client.post("/predict", files=files, data={"metadata": META, "explain": "true"}).json()
+    assert body["probabilities"] == plain["probabilities"] == form["probabilities"]
+    e = body["explanation"]
+    assert e == form["explanation"] and e["label"] == body["label"]
+    spec = predictor.manifest.preprocessing
+    heat = Image.open(io.BytesIO(base64.b64decode(e["heatmap_png"])))
+    assert heat.format == "PNG" and heat.size == (spec.width, spec.height)
+    assert np.asarray(e["cam"]).shape == (-(-spec.height // 32), -(-spec.width // 32))
+
+    # TreeSHAP is additive: the groups plus the bias give each booster's raw score for the class
+    from service.core.preprocess import load_for_model
+
+    image = load_for_model(path.read_bytes(), spec)[None]
+    meta = [validate_metadata(json.loads(META), predictor.manifest.features)]
+    feats = build_features(predictor.cnn_probs(image), meta, image_stats(image), predictor.manifest.features)
+    c = CLASSES.index(e["label"])
+    for b in predictor.manifest.boosters:
+        model = predictor.models[b.name]
+        raw = {
+            "xgboost": lambda: model.predict(feats, output_margin=True),
+            "lightgbm": lambda: model.predict(feats, raw_score=True),
+            "catboost": lambda: model.predict(feats, prediction_type="RawFormulaVal"),
+        }[b.name]()
+        groups = e["attributions"][b.name]
+        assert set(groups) == {"cnn", "age", "sex", "site", "colour", "bias"}
+        assert sum(groups.values()) == pytest.approx(float(np.asarray(raw)[0, c]), abs=1e-4)
+    assert tree_shap(predictor.models["xgboost"], feats).shape == (1, 7, len(feature_groups(predictor.manifest.features)) + 1)
+
+
+def test_priors_move_probabilities_by_bayes_rule(app_factory, tiny_run, sample_dir):
+    client = app_factory(tiny_run / "bundle")
+    model = client.get("/model").json()
+    shares = model["priors"]["training_prevalence"]
+    files = {"image": ("a.jpg", sample_images(sample_dir, 1)[0].read_bytes())}
+    base = client.post("/predict", files=files, data={"metadata": META}).json()
+    named = client.post("/predict", files=files, data={"metadata": META, "prior": "training"}).json()
+    custom = client.post("/predict", files=files, data={"metadata": META, "prior": json.dumps(shares)}).json()
+    p = np.array([[base["probabilities"][c] for c in CLASSES]])
+    expected = adjust(p, np.array([shares[c] for c in CLASSES]), model["priors"]["temperature"])[0]
+    assert named["prior"] == "training" and custom["prior"] == "custom"
+    assert np.allclose([named["probabilities"][c] for c in CLASSES], expected, atol=1e-9)
+    assert named["probabilities"] == custom["probabilities"]
+    for comp in named["components"].values():
+        assert sum(comp.values()) == pytest.approx(1.0)
+    for bad, words in [("nope", "unknown prior"), ('{"nv": 1}', "a prevalence for each"), ("{", "not valid JSON")]:
+        r = client.post("/predict", files=files, data={"prior": bad})
+        assert r.status_code == 422 and words in r.json()["detail"]
+    neg = dict(shares, nv=-1)
+    assert client.post("/predict", files=files, data={"prior": json.dumps(neg)}).status_code == 422
+
+
+def test_prior_arithmetic():
+    p = np.array([[0.5, 0.5], [0.9, 0.1]])
+    out = adjust(p, np.array([0.8, 0.2]))
+    assert out[0] == pytest.approx([0.8, 0.2]) and out.sum(1) == pytest.approx([1, 1])
+    assert adjust(p, np.array([0.5, 0.5]), temperature=2.0)[1, 0] == pytest.approx(3 / 4)  # sqrt(9)/(sqrt(9)+1)
+    assert prior_vector("balanced", ["a", "b"], {}) == pytest.approx([0.5, 0.5])
+    assert prior_vector({"a": 3, "b": 1}, ["a", "b"], {}) == pytest.approx([0.75, 0.25])
+    with pytest.raises(PriorError):
+        prior_vector({"a": 1, "c": 1}, ["a", "b"], {})
+
+
+def test_temperature_is_recovered_and_adopted_only_if_it_helps():
+    from training.subgroups import calibration, fit_temperature
+
+    rng = np.random.default_rng(0)
+    n, prior = 4000, np.full(7, 1 / 7)
+    logits = rng.normal(0, 2, (n, 7))
+    true = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    y = np.array([rng.choice(7, p=q) for q in true])
+    overconfident = adjust(true, prior, temperature=0.5)  # p^2: too sharp
+    assert fit_temperature(overconfident, y, prior) == pytest.approx(2.0, rel=0.15)
+    fold = np.arange(n) % 5
+    cal = calibration(y, overconfident, fold)
+    assert cal["temperature_adopted"] and cal["temperature"] == pytest.approx(2.0, rel=0.15)
+    assert calibration(y, true, fold)["temperature"] == pytest.approx(1.0, abs=0.2)
+
+
+def test_quality_checks_flag_bad_images_and_no_real_one(sample_dir):
+    from service.core.preprocess import ImageSpec, load_for_model
+
+    spec = ImageSpec(width=128, height=96)
+    paths = sorted(sample_dir.rglob("*.jpg"))[::4]
+    flagged = [p.name for p in paths if quality_warnings(load_for_model(p.read_bytes(), spec), (200, 150), (128, 96))]
+    assert flagged == []
+    real = load_for_model(paths[0].read_bytes(), spec)
+    rng = np.random.default_rng(0)
+    blurred = np.asarray(Image.fromarray(real).resize((8, 6)).resize((128, 96), Image.Resampling.BICUBIC))
+    cases = {
+        "nearly uniform": np.full((96, 128, 3), 120, np.uint8),
+        "too dark": (real * 0.15).astype(np.uint8),
+        "too bright": np.clip(real.astype(int) + 200, 0, 255).astype(np.uint8),
+        "blurred": blurred,
+    }
+    for words, image in cases.items():
+        assert any(w.startswith(words) for w in quality_warnings(image, (200, 150), (128, 96))), words
+    assert quality_warnings(real, (64, 48), (128, 96))[0].startswith("low resolution")
+    assert quality_warnings(rng.integers(0, 256, (96, 128, 3)).astype(np.uint8), (200, 150), (128, 96)) == []
+
+
+def test_ood_scores():
+    rng = np.random.default_rng(0)
+    y = np.repeat(np.arange(3), 200)
+    emb = rng.normal(0, 1, (600, 8)) + np.eye(3, 8)[y] * 5
+    fit = fit_gaussian(emb, y, 3)
+    near, far = mahalanobis(emb[:50], fit), mahalanobis(rng.normal(0, 1, (50, 8)) + 20, fit)
+    assert far.min() > near.max()
+    assert energy(np.array([[10.0, 0, 0], [0.0, 0, 0]]))[0] < energy(np.array([[0.0, 0, 0]]))[0]
+
+
+def test_ood_threshold_and_served_score_match_training(smoke_run, sample_dir, app_factory):
+    """The threshold flags the chosen share of held-out real images, the service's score is the one
+    training fitted (its graph's embedding against the bundle's Gaussian), and pictures unlike
+    dermoscopy (flat colour, noise) score above most real images."""
+    from service.core.predictor import Predictor
+
+    manifest = json.loads((smoke_run / "bundle" / "manifest.json").read_text())
+    ood = manifest["ood"]
+    held = pd.read_csv(smoke_run / "artifacts" / "oof_ood.csv")
+    for method, t in ood["thresholds"].items():
+        assert (held[method] > t).mean() == pytest.approx(ood["flag_share"], abs=0.01)
+    predictor = Predictor.load(smoke_run / "bundle")
+    client = app_factory(smoke_run / "bundle")
+    rng = np.random.default_rng(1)
+    odd = [np.full((150, 200, 3), (90, 160, 220), np.uint8), rng.integers(0, 256, (150, 200, 3))]
+    odd_scores = [client.post("/predict", files={"image": ("x.jpg", jpeg(a))}).json()["ood"]["score"] for a in odd]
+    assert min(odd_scores) > np.quantile(held[ood["method"]], 0.75)
+    path = sample_images(sample_dir, 1)[0]
+    from service.core.preprocess import load_for_model
+
+    image = load_for_model(path.read_bytes(), predictor.manifest.preprocessing)[None]
+    (pred,) = predictor.predict(image, [None])
+    body = client.post("/predict", files={"image": ("a.jpg", path.read_bytes())}).json()
+    assert body["ood"]["score"] == pytest.approx(pred.ood_score, rel=1e-6)
+    assert body["ood"]["flagged"] == (pred.ood_score > ood["thresholds"][ood["method"]])
+
+
+def test_report_has_per_class_subgroups_and_calibration_and_the_bundle_a_model_card(tiny_run, app_factory):
+    report = json.loads((tiny_run / "artifacts" / "report.json").read_text())
+    assert set(report["per_class"]) == {f"{c}.{k}" for c in CLASSES for k in ("recall", "precision", "auc")}
+    assert all(len(v["ci95"]) == 2 for v in report["per_class"].values())
+    sexes = report["subgroups"]["sex"]
+    assert sum(g["images"] for g in sexes.values()) == report["data"]["images"]
+    assert any("metrics" in g for g in sexes.values())
+    assert set(report["calibration"]) >= {"balanced", "training_prior", "training_prior_tempered", "temperature"}
+    card = (tiny_run / "bundle" / "MODEL_CARD.md").read_text()
+    for words in ("Intended use", "per subgroup", "Known limits", "log loss"):
+        assert words in card
+    client = app_factory(tiny_run / "bundle")
+    r = client.get("/model/card")
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/markdown") and r.text == card
+    assert client.get("/model").json()["model_card"] == "/model/card"
+
+
+def test_out_of_fold_stages_run_where_the_cnn_was_not_exported(tiny_run, tmp_path):
+    """The CNN stage on a GPU machine, the rest elsewhere: boosters, stack and report need only the
+    CNN's out-of-fold rows, and give the same out-of-fold answers as the one-process run."""
+    import shutil
+
+    from training.config import RunConfig
+    from training.pipeline import run_pipeline
+
+    run = tmp_path / "run"
+    for rel in ["config.json", "artifacts/folds.csv", "artifacts/oof_cnn.csv"]:
+        (run / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(tiny_run / rel, run / rel)
+    (run / "cnn").mkdir()
+    for f in (tiny_run / "cnn").glob("fold*.json"):
+        shutil.copy(f, run / "cnn" / f.name)
+    cfg = RunConfig.model_validate_json((run / "config.json").read_text())
+    run_pipeline(cfg, run, ["boosters", "stack", "report"], log=lambda m: None)
+    assert not (run / "cnn" / "cnn.onnx").exists()
+    a, b = pd.read_csv(run / "artifacts" / "oof_stack.csv"), pd.read_csv(tiny_run / "artifacts" / "oof_stack.csv")
+    pd.testing.assert_frame_equal(a, b, atol=1e-6)

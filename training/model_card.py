@@ -1,0 +1,84 @@
+"""The bundle's MODEL_CARD.md, generated from the run's report and settings (after Mitchell et al.,
+"Model Cards for Model Reporting", 2019). Served at GET /model/card."""
+
+from __future__ import annotations
+
+import json
+
+from service.core import labels
+from service.core.manifest import CnnModel, ModelFile
+from training.report import MALIGNANT_NOTE, metrics_table, served_tables
+
+
+def model_card(run, cnn: CnnModel, boosters: list[ModelFile]) -> str:
+    report = json.loads((run.artifacts / "report.json").read_text())
+    data, cfg = report["data"], run.cfg
+    synthetic = bool(data.get("synthetic"))
+    counts = ", ".join(f"{c} {n}" for c, n in data["class_counts"].items())
+    lines = ["# Model card: skin-lesion classifier (ResNet-18 + boosters + stacked meta-learner)", ""]
+    if synthetic:
+        lines += [
+            "> **DEMO MODEL, trained on synthetic images.** It shows the plumbing; its answers say nothing about "
+            "real lesions.",
+            "",
+        ]
+    lines += [
+        "## Intended use",
+        "",
+        "Research and decision support on **dermoscopy** images of pigmented skin lesions, for the seven "
+        f"HAM10000 diagnoses ({', '.join(f'{c}: {n}' for c, n in labels.CLASS_NAMES.items())}). It is not a "
+        "medical device and must not decide a diagnosis or a treatment on its own. It was not trained on clinical "
+        "(non-dermoscopic) photographs, on other diagnoses, or on populations unlike its training data; answers for "
+        "such inputs are unreliable, and the out-of-distribution flag catches only some of them.",
+        "",
+        "## Data",
+        "",
+        f"`{data['data_dir']}`: {data['images']} images of {data['lesions']} lesions "
+        f"({counts}). Folds: {data['folds']}, grouped by lesion, shared by every stage. "
+        + (
+            "Synthetic demo images."
+            if synthetic
+            else "HAM10000 comes from two sites (Vienna, Queensland) and mostly "
+            "light skin types; its labels are histopathology for most malignant lesions and follow-up, expert "
+            "consensus or confocal microscopy for the rest."
+        ),
+        "",
+        "## Models",
+        "",
+        f"ResNet-18 trained from the `{cfg.weights}` initialisation at {cfg.image_size}x{cfg.image_height} for "
+        f"{cfg.epochs} epochs; served: the {cfg.served_cnn} CNN, {cnn.precision}"
+        + (", 8-view test-time augmentation" if cnn.tta else "")
+        + f". Boosters on CNN probabilities, age, sex, site and colour statistics: {', '.join(b.name for b in boosters)}. "
+        "Served answer: the stacked meta-learner. Every model is trained with balanced class weights.",
+        "",
+        "## Cross-validated metrics (out-of-fold, 95% lesion-bootstrap intervals)",
+        "",
+        *metrics_table(report),
+        "",
+        MALIGNANT_NOTE,
+        "",
+        *[line.replace("## ", "### ") for line in served_tables(report)],
+        "",
+        "## Probabilities",
+        "",
+        "As trained, probabilities are those of a population where the seven classes are equally common, which "
+        "overstates rare (mostly malignant) classes for a typical clinic. A request may name `prior=training` (this "
+        "data's class shares) or give its own prevalences; the table above shows log loss and ECE under both. "
+        f"This bundle's default prior: **{cfg.prior}**.",
+        "",
+        "## Out-of-distribution flag and image checks",
+        "",
+        f"Each answer carries an out-of-distribution score ({cfg.ood_method}, from the CNN's embedding or logits); "
+        f"its threshold flags {cfg.ood_share:.0%} of held-out real training images by design. Cheap checks also warn "
+        "about low resolution, nearly uniform, blurred, too dark or too bright images.",
+        "",
+        "## Known limits",
+        "",
+        "- From-scratch training on one public dataset: accuracy is well below dermatologists' and the best "
+        "pretrained ISIC models; see the metrics above.",
+        "- Subgroups with few images have wide intervals; skin types and ages rare in HAM10000 are not measured.",
+        "- Heatmaps are class activation maps at the CNN's last feature-map resolution (1/32 of the input): coarse, "
+        "and they show what drove the CNN, not what is medically relevant.",
+        "- Metadata attributions explain the boosters' answers (TreeSHAP), not the stacked answer itself.",
+    ]
+    return "\n".join(lines) + "\n"

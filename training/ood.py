@@ -1,0 +1,68 @@
+"""Part of the export stage: fit the out-of-distribution score (service.core.ood) and its thresholds.
+
+Out-of-fold, as every figure of a run: fold model k embeds every image; its Gaussian is fitted on
+the lesions it trained on and scores the lesions of fold k, which it never saw. The thresholds are
+quantiles of those held-out scores, so by design they flag `share` of real images like the
+training ones. The served CNN's own Gaussian is fitted on its training images (all of them), as
+each fold model's was on its own; the service scores uploads against it.
+
+Writes cnn/ood.npz (the served CNN's class means and shared precision), cnn/ood.json (the
+OodSpec) and artifacts/oof_ood.csv (image_id, fold, and each method's held-out score).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+
+from service.core import labels
+from service.core.ood import METHODS, OodSpec, energy, fit_gaussian, mahalanobis
+from service.core.preprocess import ImageSpec
+from training.dataset import eval_batch
+from training.io import atomic_write, atomic_write_csv, atomic_write_text
+from training.models import FoldEnsemble
+
+OOD_FILE, OOD_SPEC = "ood.npz", "ood.json"
+
+
+@torch.no_grad()
+def embed(members: list[nn.Module], images: np.ndarray, spec: ImageSpec, batch_size: int = 256):
+    """(embeddings (N,512), logits (N,C)) of the image as given, averaged over `members`, float32
+    evaluation transform: what the exported graph's 'embedding' and 'logits' outputs give."""
+    net = FoldEnsemble([m.float().eval() for m in members], explain=True).eval()
+    device = next(net.parameters()).device
+    emb, logits = [], []
+    for start in range(0, len(images), batch_size):
+        _, _, e, z = net(eval_batch(images[start : start + batch_size], spec, device))
+        emb.append(e.cpu().numpy())
+        logits.append(z.cpu().numpy())
+    return np.concatenate(emb), np.concatenate(logits)
+
+
+def fit_ood(run, served: list[nn.Module], fold_models: list[nn.Module], method: str, share: float) -> OodSpec:
+    spec, images = run.cfg.image_spec(), run.images
+    y, fold = run.table.label.to_numpy(), run.table.fold.to_numpy()
+    n_classes = len(labels.CLASSES)
+    held_out = {m: np.zeros(len(y)) for m in METHODS}
+    for k, model in enumerate(fold_models):
+        train, val = fold != k, fold == k
+        emb, logits = embed([model], images, spec)
+        held_out["mahalanobis"][val] = mahalanobis(emb[val], fit_gaussian(emb[train], y[train], n_classes))
+        held_out["energy"][val] = energy(logits[val])
+    thresholds = {m: float(np.quantile(s, 1 - share)) for m, s in held_out.items()}
+    emb, _ = embed(served, images, spec)
+    fit = fit_gaussian(emb, y, n_classes)
+    cnn_dir = run.dir / "cnn"
+    atomic_write(cnn_dir / OOD_FILE, lambda p: p.write_bytes(fit.to_npz()))
+    table = run.table[["image_id", "fold"]].reset_index(drop=True).assign(**held_out)
+    atomic_write_csv(run.artifacts / "oof_ood.csv", table)
+    ood = OodSpec(method=method, thresholds=thresholds, flag_share=share, file=OOD_FILE)
+    atomic_write_text(cnn_dir / OOD_SPEC, ood.model_dump_json(indent=2))
+    run.log(f"ood: {method} score fitted; thresholds flagging {share:.0%} of held-out real images: {thresholds}")
+    return ood
+
+
+def held_out_scores(run) -> pd.DataFrame:
+    return pd.read_csv(run.artifacts / "oof_ood.csv")
