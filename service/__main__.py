@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import sys
+import tempfile
 
 import uvicorn
 
 from service.api.logs import log_config
+from service.api.metrics import MULTIPROC_ENV
 from service.api.protocol import HEADER_TIMEOUT_ENV, HeaderDeadlineProtocol
 from service.api.settings import Settings
 from service.core.bundle import BundleError, read_manifest, verify_bundle
@@ -32,6 +35,20 @@ def main(argv: list[str] | None = None) -> int:
     for key, value in overrides.items():
         os.environ[f"LESION_{key.upper()}"] = str(value)
     os.environ[HEADER_TIMEOUT_ENV] = str(settings.header_timeout_s)
+    metrics_dir = None
+    if settings.workers > 1 and not os.environ.get(MULTIPROC_ENV):
+        # one /metrics for all workers: they share this folder (prometheus-client multiprocess mode)
+        metrics_dir = tempfile.mkdtemp(prefix="lesion-metrics-")
+        os.environ[MULTIPROC_ENV] = metrics_dir
+    try:
+        serve(settings)
+    finally:
+        if metrics_dir:
+            shutil.rmtree(metrics_dir, ignore_errors=True)
+    return 0
+
+
+def serve(settings: Settings) -> None:
     uvicorn.run(
         "service.api.app:create_app",
         factory=True,
@@ -45,7 +62,6 @@ def main(argv: list[str] | None = None) -> int:
         timeout_graceful_shutdown=30,
         server_header=False,
     )
-    return 0
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ from service.core.preprocess import load_for_model
 def echo_model(calls: list[int], fail_on: int | None = None, delay: float = 0.02):
     """A stand-in for Predictor.predict: answers each image with its own first pixel value."""
 
-    def predict(images: np.ndarray, metas: list[ClinicalMetadata]) -> list[Prediction]:
+    def predict(model, images: np.ndarray, metas: list[ClinicalMetadata]) -> list[Prediction]:
         calls.append(len(images))
         time.sleep(delay)  # a model call takes time, so requests queue behind it
         if fail_on is not None and fail_on in images[:, 0, 0, 0]:
@@ -37,7 +37,9 @@ def run_concurrently(batcher: MicroBatcher, n: int) -> list:
     async def main():
         batcher.start()
         try:
-            tasks = [batcher.submit(np.full((1, 4, 4, 3), i, np.uint8), [ClinicalMetadata(age=i)]) for i in range(n)]
+            tasks = [
+                batcher.submit("m", np.full((1, 4, 4, 3), i, np.uint8), [ClinicalMetadata(age=i)]) for i in range(n)
+            ]
             return await asyncio.gather(*tasks, return_exceptions=True)
         finally:
             await batcher.stop()
@@ -72,7 +74,7 @@ def test_max_wait_gathers_requests_that_arrive_apart():
         tasks = []
         for i in range(4):
             tasks.append(
-                asyncio.ensure_future(batcher.submit(np.full((1, 4, 4, 3), i, np.uint8), [ClinicalMetadata()]))
+                asyncio.ensure_future(batcher.submit("m", np.full((1, 4, 4, 3), i, np.uint8), [ClinicalMetadata()]))
             )
             await asyncio.sleep(0.01)
         out = await asyncio.gather(*tasks)
@@ -142,12 +144,12 @@ def test_requests_pending_when_the_batcher_stops_are_answered():
     async def main():
         batcher.start()
         image = np.zeros((1, 4, 4, 3), np.uint8)
-        tasks = [asyncio.ensure_future(batcher.submit(image, [ClinicalMetadata()])) for _ in range(3)]
+        tasks = [asyncio.ensure_future(batcher.submit("m", image, [ClinicalMetadata()])) for _ in range(3)]
         await asyncio.sleep(0.05)  # the first is in the model, two are queued
         await batcher.stop()
         results = await asyncio.gather(*tasks, return_exceptions=True)
         with pytest.raises(BatcherStopped):
-            await batcher.submit(image, [ClinicalMetadata()])
+            await batcher.submit("m", image, [ClinicalMetadata()])
         return results
 
     results = asyncio.run(main())
@@ -161,3 +163,30 @@ def test_a_stopped_batcher_makes_the_worker_unready(app_factory, tiny_run, sampl
     assert api.get("/health/ready").status_code == 503
     r = api.post("/predict", files={"image": sorted((sample_dir / "images").iterdir())[0].read_bytes()})
     assert r.status_code == 503 and r.json()["request_id"]
+
+
+def test_each_image_is_answered_by_the_model_that_accepted_it():
+    """Across a bundle swap: one queue, but a model call never mixes two models' images."""
+    seen: list[tuple[str, int]] = []
+
+    def predict(model, images, metas):
+        seen.append((model, len(images)))
+        return [Prediction({model: np.array([float(img[0, 0, 0])])}, model) for img in images]
+
+    batcher = MicroBatcher(predict, max_batch=8, max_wait_s=0.05, observe=lambda n, s: None)
+
+    async def main():
+        batcher.start()
+        try:
+            tasks = [
+                batcher.submit("old" if i % 2 else "new", np.full((1, 4, 4, 3), i, np.uint8), [ClinicalMetadata()])
+                for i in range(6)
+            ]
+            return await asyncio.gather(*tasks)
+        finally:
+            await batcher.stop()
+
+    results = asyncio.run(main())
+    assert [r[0].served for r in results] == ["new", "old"] * 3
+    assert [int(r[0].probabilities[0]) for r in results] == list(range(6))
+    assert sorted(m for m, _ in seen) == ["new", "old"] and sum(n for _, n in seen) == 6

@@ -109,15 +109,20 @@ def test_explain_returns_a_heatmap_and_attributions_that_add_up(app_factory, tin
     c = CLASSES.index(e["label"])
     for b in predictor.manifest.boosters:
         model = predictor.models[b.name]
-        raw = {
-            "xgboost": lambda: model.predict(feats, output_margin=True),
-            "lightgbm": lambda: model.predict(feats, raw_score=True),
-            "catboost": lambda: model.predict(feats, prediction_type="RawFormulaVal"),
-        }[b.name]()
+        raw_score_option = {
+            "xgboost": {"output_margin": True},
+            "lightgbm": {"raw_score": True},
+            "catboost": {"prediction_type": "RawFormulaVal"},
+        }[b.name]
+        raw = model.predict(feats, **raw_score_option)
         groups = e["attributions"][b.name]
-        assert set(groups) == {"cnn", "age", "sex", "site", "colour", "bias"}
+        assert set(groups) == {"image", "age", "sex", "site", "colour", "bias"}
         assert sum(groups.values()) == pytest.approx(float(np.asarray(raw)[0, c]), abs=1e-4)
-    assert tree_shap(predictor.models["xgboost"], feats).shape == (1, 7, len(feature_groups(predictor.manifest.features)) + 1)
+    assert tree_shap(predictor.models["xgboost"], feats).shape == (
+        1,
+        7,
+        len(feature_groups(predictor.manifest.features)) + 1,
+    )
 
 
 def test_priors_move_probabilities_by_bayes_rule(app_factory, tiny_run, sample_dir):
@@ -135,6 +140,8 @@ def test_priors_move_probabilities_by_bayes_rule(app_factory, tiny_run, sample_d
     assert named["probabilities"] == custom["probabilities"]
     for comp in named["components"].values():
         assert sum(comp.values()) == pytest.approx(1.0)
+    explained = client.post("/predict?explain=true", files=files, data={"metadata": META, "prior": "training"}).json()
+    assert explained["explanation"]["label"] == explained["label"]  # the class of the answer as returned
     for bad, words in [("nope", "unknown prior"), ('{"nv": 1}', "a prevalence for each"), ("{", "not valid JSON")]:
         r = client.post("/predict", files=files, data={"prior": bad})
         assert r.status_code == 422 and words in r.json()["detail"]

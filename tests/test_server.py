@@ -164,3 +164,93 @@ def test_client_errors_carry_the_server_message(server, sample_dir, capsys):
         ]
     assert client_main(["predict", str(sample_images(sample_dir)[0]), "--url", server, "--sex", "robot"]) == 1
     assert "use one of" in capsys.readouterr().err
+
+
+def test_two_workers_report_all_traffic_in_one_scrape(smoke_run):
+    """Multiprocess metrics: whichever worker answers the scrape counts both workers' requests."""
+    import re
+
+    import httpx
+
+    from tests.helpers import start_server
+
+    proc, url = start_server(smoke_run / "bundle", env={"LESION_WORKERS": "2"})
+    try:
+        with httpx.Client() as http:
+            n = 40
+            for _ in range(n):
+                with httpx.Client() as fresh:  # one connection per request: the kernel spreads them over workers
+                    assert fresh.get(url + "/model").status_code == 200
+            for _ in range(4):
+                text = http.get(url + "/metrics").text
+                counted = sum(
+                    float(v)
+                    for v in re.findall(r'lesion_http_requests_total\{route="/model",status="200"\} (\S+)', text)
+                )
+                assert counted == n, text[:2000]
+                bundle_id = httpx.get(url + "/health/ready").json()["bundle_id"]
+                assert f'lesion_model_info{{bundle_id="{bundle_id}"}} 1.0' in text
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
+def test_bundle_swap_under_load_fails_no_request(smoke_run, tiny_run, sample_dir, tmp_path):
+    """Clients keep sending while the service swaps to another bundle, then refuses a tampered one:
+    every request succeeds, and each response names the bundle that answered it."""
+    import json
+    import shutil
+    import threading
+    import time
+
+    import httpx
+
+    from tests.helpers import sample_images, start_server
+
+    bad = tmp_path / "bad"
+    shutil.copytree(tiny_run / "bundle", bad)
+    (bad / "stack.pkl").write_bytes(b"tampered")
+    key = {"X-API-Key": "k" * 24}
+    proc, url = start_server(smoke_run / "bundle", env={"LESION_API_KEY": key["X-API-Key"]})
+    image = sample_images(sample_dir, 1)[0].read_bytes()
+    answers: list[tuple[int, str | None]] = []
+    stop = threading.Event()
+
+    def client() -> None:
+        with httpx.Client(headers=key, timeout=60) as http:
+            while not stop.is_set():
+                r = http.post(url + "/predict", files={"image": ("a.jpg", image)})
+                answers.append((r.status_code, r.json().get("model", {}).get("bundle_id")))
+
+    old = json.loads((smoke_run / "bundle" / "manifest.json").read_text())["bundle_id"]
+    new = json.loads((tiny_run / "bundle" / "manifest.json").read_text())["bundle_id"]
+    threads = [threading.Thread(target=client) for _ in range(4)]
+    try:
+        for t in threads:
+            t.start()
+        while len(answers) < 20:
+            time.sleep(0.05)
+        assert httpx.post(url + "/admin/bundle", json={"bundle": str(tiny_run / "bundle")}).status_code == 401
+        r = httpx.post(url + "/admin/bundle", json={"bundle": str(tiny_run / "bundle")}, headers=key, timeout=120)
+        assert r.status_code == 200 and r.json() == {"previous": old, "serving": new}
+        swapped_at = len(answers)
+        while len(answers) < swapped_at + 20:
+            time.sleep(0.05)
+        r = httpx.post(url + "/admin/bundle", json={"bundle": str(bad)}, headers=key, timeout=120)
+        assert r.status_code == 422 and "still serving the old one" in r.json()["detail"]
+        refused_at = len(answers)
+        while len(answers) < refused_at + 20:
+            time.sleep(0.05)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(60)
+        metrics = httpx.get(url + "/metrics", headers=key).text
+        proc.terminate()
+        proc.wait(30)
+    assert {status for status, _ in answers} == {200}, [a for a in answers if a[0] != 200][:5]
+    ids = [b for _, b in answers]
+    assert ids[:10] == [old] * 10 and set(ids[swapped_at + 4 :]) == {new}  # a few in flight finish on the old one
+    assert set(ids) == {old, new}
+    assert f'lesion_model_info{{bundle_id="{new}"}} 1.0' in metrics
+    assert f'lesion_model_info{{bundle_id="{old}"}} 0.0' in metrics

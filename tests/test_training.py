@@ -216,9 +216,11 @@ def test_bundle_with_chosen_boosters_serves_exactly_them(tiny_data, tmp_path, ap
     manifest = read_manifest(bundle)
     assert [b.name for b in manifest.boosters] == ["xgboost", "lightgbm"]
     assert sorted(p.name for p in bundle.iterdir()) == [
+        "MODEL_CARD.md",
         "cnn.onnx",
         "lightgbm.pkl",
         "manifest.json",
+        "ood.npz",
         "stack.pkl",
         "training_images.csv",
         "xgboost.pkl",
@@ -231,3 +233,19 @@ def test_bundle_with_chosen_boosters_serves_exactly_them(tiny_data, tmp_path, ap
     image = sorted((sample_dir / "images").iterdir())[0].read_bytes()
     r = api.post("/predict", files={"image": image}, data={"metadata": '{"age": 50}'})
     assert r.status_code == 200 and list(r.json()["components"]) == manifest.components
+
+
+def test_boosters_train_on_the_gpu_when_training_sees_one(monkeypatch):
+    import xgboost
+
+    from training import boosters
+
+    monkeypatch.setattr(boosters, "training_device", lambda: "cuda")
+    assert boosters.make_catboost(10, 0, False).get_params()["task_type"] == "GPU"
+    cuda_build = bool(xgboost.build_info().get("USE_CUDA"))
+    xgb = boosters.make_xgboost(10, 0, False)
+    assert xgb.get_params()["device"] == ("cuda" if cuda_build else "cpu")  # xgboost-cpu has no CUDA
+    assert boosters.for_serving(xgb).get_params()["device"] == "cpu"
+    monkeypatch.setattr(boosters, "training_device", lambda: "cpu")
+    assert boosters.make_catboost(10, 0, False).get_params()["task_type"] == "CPU"
+    assert boosters.make_xgboost(10, 0, False).get_params()["device"] == "cpu"

@@ -54,7 +54,7 @@ return {rows, scroll: document.documentElement.scrollWidth, inner: window.innerW
 def check_layout(browser, state: str) -> None:
     """Each label left of its control, level with it; nothing wider than the window."""
     got = browser.execute_script(LAYOUT)
-    assert [r["name"] for r in got["rows"]] == ["image", "age", "sex", "site", "apikey"]
+    assert [r["name"] for r in got["rows"]] == ["image", "age", "sex", "site", "prior", "explain", "apikey"]
     for r in got["rows"]:
         assert r["right"] <= r["left"] and r["width"] > 0, (state, r)
         assert r["dy"] <= 6, (state, r)
@@ -64,6 +64,7 @@ def check_layout(browser, state: str) -> None:
 @pytest.mark.parametrize("width", [1280, 390])
 def test_layout_and_result_at_desktop_and_phone_width(browser, server, sample_dir, width):
     from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
 
     from docs.screenshots import page_ready, show_result
 
@@ -95,6 +96,13 @@ def test_layout_and_result_at_desktop_and_phone_width(browser, server, sample_di
     assert "Melanoma" in mel.text and "malignant" in mel.text and "malignant" in mel.get_attribute("aria-label")
     assert "malignant" in browser.find_element(By.ID, "legend").text
     assert "Research use only" in browser.find_element(By.ID, "notice").text
+    heat = browser.find_element(By.ID, "heatmap")  # explain is on by default on the page
+    assert heat.is_displayed() and heat.get_attribute("src").startswith("data:image/png;base64,")
+    assert browser.execute_script("return document.getElementById('heatmap').naturalWidth") > 0
+    assert "xgboost" in browser.find_element(By.ID, "attributions").text
+    assert "Out-of-distribution score" in browser.find_element(By.ID, "ood").text
+    browser.find_element(By.CSS_SELECTOR, "#card-box summary").click()
+    WebDriverWait(browser, 10).until(lambda d: "Intended use" in d.find_element(By.ID, "card").text)
     ARTIFACTS.mkdir(exist_ok=True)
     browser.save_screenshot(str(ARTIFACTS / f"web_page_{width}.png"))
 

@@ -7,6 +7,7 @@ never import torch or onnxruntime: they run on a machine with only the serving a
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -160,8 +161,14 @@ def dispatch(args: argparse.Namespace) -> None:
 
         cfg = make_config(args.preset, args.data_dir, **{k: getattr(args, k) for k in RUN_OVERRIDES})
         stages = STAGE_NAMES if args.command == "run" else [args.command]
-        run_pipeline(cfg, args.out, stages, fold=getattr(args, "fold", None))
-        print(f"done: {args.out}")
+        fold = getattr(args, "fold", None)
+        if fold is not None and not 0 <= fold < cfg.folds:
+            raise RunError(f"--fold {fold}: this run has folds 0 to {cfg.folds - 1}")
+        if int(os.environ.get("WORLD_SIZE", 1)) > 1 and stages != ["cnn"]:
+            raise RunError("torchrun trains the cnn stage only: torchrun ... -m training cnn ...; run the rest once")
+        run_pipeline(cfg, args.out, stages, fold=fold)
+        if int(os.environ.get("RANK", 0)) == 0:
+            print(f"done: {args.out}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -44,6 +44,28 @@ def balanced(y: np.ndarray) -> np.ndarray:
     return compute_sample_weight("balanced", y)
 
 
+def training_device() -> str:
+    """'cuda' when training sees a GPU (as the CNN does), else 'cpu'."""
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def xgboost_device() -> str:
+    """XGBoost trains on the GPU when there is one and this build has CUDA (the xgboost-cpu
+    distribution this project installs has not: install `xgboost` on a GPU training machine)."""
+    import xgboost
+
+    return "cuda" if training_device() == "cuda" and xgboost.build_info().get("USE_CUDA") else "cpu"
+
+
+def for_serving(model):
+    """A model trained on a GPU predicts on the CPU in the service (no device-mismatch warnings)."""
+    if "device" in model.get_params():
+        model.set_params(device="cpu")
+    return model
+
+
 def make_xgboost(rounds: int, seed: int, early_stop: bool):
     from xgboost import XGBClassifier
 
@@ -54,6 +76,7 @@ def make_xgboost(rounds: int, seed: int, early_stop: bool):
         subsample=0.8,
         colsample_bytree=0.8,
         tree_method="hist",
+        device=xgboost_device(),
         objective="multi:softprob",
         eval_metric="mlogloss",
         random_state=seed,
@@ -90,6 +113,7 @@ def make_catboost(rounds: int, seed: int, early_stop: bool):
         classes_count=len(labels.CLASSES),
         random_seed=seed,
         thread_count=THREADS,
+        task_type="GPU" if training_device() == "cuda" else "CPU",
         verbose=False,
         allow_writing_files=False,
         early_stopping_rounds=EARLY_STOP if early_stop else None,
@@ -166,5 +190,5 @@ def boosters_stage(run) -> None:
         oof, chosen = cross_fit(b, x, y, fold, run.cfg.booster_rounds, run.cfg.seed)
         final = b.make(int(np.mean(chosen)), run.cfg.seed, False).fit(x, y, sample_weight=balanced(y))
         write_oof(oof_path, run.table, oof)
-        atomic_write(model_path, lambda p, model=final: p.write_bytes(pickle.dumps(model)))
+        atomic_write(model_path, lambda p, model=for_serving(final): p.write_bytes(pickle.dumps(model)))
         run.log(f"{name}: rounds per fold {chosen}, final model {int(np.mean(chosen))} rounds")

@@ -27,6 +27,7 @@ from tqdm import tqdm
 
 from service.core import labels
 from service.core.preprocess import ImageSpec
+from training import distributed
 from training.config import FP32_GRAPH, INT8_GRAPH, RunConfig
 from training.dataset import TrainBatches, augment_batch, eval_batch, normalise, train_augmentation
 from training.errors import RunError
@@ -35,8 +36,7 @@ from training.models import FoldEnsemble, build_resnet18
 
 
 def device_and_dtype(precision: str) -> tuple[torch.device, torch.dtype | None]:
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return device, (torch.bfloat16 if precision == "bf16" else None)
+    return distributed.device(), (torch.bfloat16 if precision == "bf16" else None)
 
 
 @torch.no_grad()
@@ -68,7 +68,8 @@ class FoldTraining:
     """Everything one fold's training loop touches; `state` is what a checkpoint resumes."""
 
     k: int
-    model: nn.Module
+    model: nn.Module  # what is saved and evaluated
+    net: nn.Module  # what trains: the model, or its DistributedDataParallel wrapper under torchrun
     loss_fn: nn.Module
     opt: torch.optim.Optimizer
     sched: torch.optim.lr_scheduler.LRScheduler
@@ -87,14 +88,19 @@ def build_fold(k: int, cfg: RunConfig, images: np.ndarray, y: np.ndarray, train_
     model = build_resnet18(n_classes, cfg.weights).to(device, memory_format=torch.channels_last)
     if cfg.compile:
         model.compile()  # in place: state_dict keys, checkpoints and export stay those of the plain model
+    net, rank, world = model, distributed.rank(), distributed.world_size()
+    if world > 1:
+        net = nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+        torch.manual_seed(cfg.seed + k + 7919 * rank)  # same initial weights, each process its own augmentations
     loss_fn = nn.CrossEntropyLoss(
         weight=class_weights(y[train_rows], n_classes).to(device), label_smoothing=cfg.label_smoothing
     )
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    batches = TrainBatches(images[train_rows], y[train_rows], cfg.batch_size, device, seed=cfg.seed + k)
+    batches = TrainBatches(images[train_rows], y[train_rows], cfg.batch_size, device, cfg.seed + k, rank, world)
     steps = cfg.epochs * len(batches)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=steps, pct_start=0.2)
-    return FoldTraining(k, model, loss_fn, opt, sched, batches, train_augmentation().to(device), device, amp_dtype)
+    augment = train_augmentation().to(device)
+    return FoldTraining(k, model, net, loss_fn, opt, sched, batches, augment, device, amp_dtype)
 
 
 def save_checkpoint(t: FoldTraining, path: Path) -> None:
@@ -118,7 +124,7 @@ def load_checkpoint(t: FoldTraining, path: Path) -> None:
 def train_step(t: FoldTraining, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """Forward (autocast), backward and optimiser step on one batch already on the device; the loss."""
     with torch.autocast(t.device.type, dtype=t.amp_dtype or torch.float32, enabled=t.amp_dtype is not None):
-        loss = t.loss_fn(t.model(x), y)
+        loss = t.loss_fn(t.net(x), y)
     t.opt.zero_grad(set_to_none=True)
     loss.backward()
     t.opt.step()
@@ -130,7 +136,7 @@ def train_one_epoch(t: FoldTraining, spec: ImageSpec, desc: str) -> tuple[float,
 
     The loss is summed on the device and read every 20 steps: reading it each step would make a
     GPU wait for every batch."""
-    t.model.train()
+    t.net.train()
     start, seen, total_loss = time.perf_counter(), 0, torch.zeros((), device=t.device)
     bar = tqdm(t.batches, desc=desc, unit="batch", leave=False, disable=None)
     for step, (xb, yb) in enumerate(bar):
@@ -141,7 +147,7 @@ def train_one_epoch(t: FoldTraining, spec: ImageSpec, desc: str) -> tuple[float,
         if step % 20 == 0:
             bar.set_postfix(loss=f"{total_loss.item() / seen:.3f}")
     mean_loss = total_loss.item() / seen  # waits for the last step, so the clock below is honest
-    return mean_loss, seen / (time.perf_counter() - start)
+    return mean_loss, seen * t.batches.world / (time.perf_counter() - start)  # every process's images
 
 
 @torch.no_grad()
@@ -204,9 +210,15 @@ def train_fold(
         if bmca > t.state["best_bmca"]:
             t.state.update(best_bmca=bmca, best_epoch=epoch, best=copy.deepcopy(t.model.state_dict()))
         t.state["epoch"] = epoch
-        save_checkpoint(t, ckpt_path)
-    summary = write_fold_outputs(t, images, val_rows, spec, cfg.tta, cnn_dir)
-    ckpt_path.unlink(missing_ok=True)
+        if distributed.is_main():  # under torchrun every process holds the same model; one writes
+            save_checkpoint(t, ckpt_path)
+    if not distributed.replicas_agree(t.model):
+        raise RunError(f"fold {k}: the torchrun processes ended with different weights")
+    summary = {}
+    if distributed.is_main():
+        summary = write_fold_outputs(t, images, val_rows, spec, cfg.tta, cnn_dir)
+        ckpt_path.unlink(missing_ok=True)
+    distributed.barrier()
     return summary
 
 
@@ -255,13 +267,19 @@ def run_cnn(
     cnn_dir = run_dir / "cnn"
     cnn_dir.mkdir(parents=True, exist_ok=True)
     y, fold = table.label.to_numpy(), table.fold.to_numpy()
-    if only is not None and not 0 <= only < cfg.folds:
-        raise RunError(f"--fold {only}: this run has folds 0 to {cfg.folds - 1}")
-    for k in range(cfg.folds) if only is None else [only]:
-        if (cnn_dir / f"fold{k}.pt").exists():
-            log(f"fold {k}: already trained, skipping")
-            continue
-        train_fold(k, cfg, images, y, fold, cnn_dir, log)
+    log = log if distributed.is_main() else (lambda m: None)
+    if distributed.start():
+        log(f"torchrun: {distributed.world_size()} processes train each fold together")
+    try:
+        for k in range(cfg.folds) if only is None else [only]:
+            if (cnn_dir / f"fold{k}.pt").exists():
+                log(f"fold {k}: already trained, skipping")
+                continue
+            train_fold(k, cfg, images, y, fold, cnn_dir, log)
+    finally:
+        distributed.stop()
+    if not distributed.is_main():
+        return None
     waiting = [k for k in range(cfg.folds) if not (cnn_dir / f"fold{k}.pt").exists()]
     if waiting:
         log(f"fold {only} done; folds {', '.join(map(str, waiting))} still to train")

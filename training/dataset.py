@@ -42,14 +42,23 @@ class TrainBatches:
     """Shuffled (uint8 images (N,3,H,W), labels) batches of the training rows, held on `device`.
 
     Shuffling uses its own seeded generator, so a fold's batch order does not depend on what
-    else drew random numbers."""
+    else drew random numbers. With `world` > 1 processes (torchrun), every process draws the same
+    order and takes rows rank, rank + world, ... of each global batch: together they see exactly
+    the batches one process would."""
 
     def __init__(
-        self, images: np.ndarray, labels: np.ndarray, batch_size: int, device: torch.device, seed: int
+        self,
+        images: np.ndarray,
+        labels: np.ndarray,
+        batch_size: int,
+        device: torch.device,
+        seed: int,
+        rank: int = 0,
+        world: int = 1,
     ) -> None:
         self.images = torch.from_numpy(images).to(device).permute(0, 3, 1, 2)  # NHWC on the device, NCHW view
         self.labels = torch.as_tensor(labels, dtype=torch.long, device=device)
-        self.batch_size = batch_size
+        self.batch_size, self.rank, self.world = batch_size, rank, world
         self.drop_last = len(labels) > batch_size  # no tiny last batch (BatchNorm), unless that is all there is
         self.generator = torch.Generator().manual_seed(seed)
 
@@ -60,7 +69,7 @@ class TrainBatches:
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         order = torch.randperm(len(self.labels), generator=self.generator).to(self.labels.device)
         for i in range(len(self)):
-            rows = order[i * self.batch_size : (i + 1) * self.batch_size]
+            rows = order[i * self.batch_size : (i + 1) * self.batch_size][self.rank :: self.world]
             yield self.images[rows], self.labels[rows]
 
 

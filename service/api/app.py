@@ -8,9 +8,13 @@ thread pool; the loaded Predictor is read-only, so requests run concurrently wit
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import contextlib
 import hashlib
+import logging
 import re
+import signal
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
@@ -20,9 +24,12 @@ from starlette.staticfiles import StaticFiles
 from service.api.errors import install_error_handlers
 from service.api.metrics import Metrics
 from service.api.middleware import RequestGuard
-from service.api.routes import operations, predictions
+from service.api.routes import admin, operations, predictions
 from service.api.settings import Settings
 from service.api.state import ModelState
+from service.core.bundle import BundleError
+
+log = logging.getLogger("service")
 
 
 def content_security_policy(*pages: str) -> str:
@@ -35,6 +42,22 @@ def content_security_policy(*pages: str) -> str:
     )
 
 
+def reload_on_sighup(state: ModelState, settings: Settings, metrics: Metrics) -> None:
+    """SIGHUP to a worker: swap in the bundle at the configured path again (say, after the `current`
+    link was pointed at a new bundle), as POST /admin/bundle does."""
+
+    async def reload() -> None:
+        try:
+            old, new = await state.swap(settings, settings.bundle)
+            metrics.serving(new, old)
+            log.info("SIGHUP: now serving %s (was %s)", new, old, extra={"bundle_id": new})
+        except BundleError as exc:
+            log.error("SIGHUP: bundle %s refused, still serving the old one: %s", settings.bundle, exc)
+
+    with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):  # no signals off the main thread
+        asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(reload()))
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
     # Keep uploads in memory: the request guard stops a body before it outgrows the spool size.
@@ -44,9 +67,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         state.load(settings)  # BundleError: this worker stops, nothing is served
+        metrics.serving(state.predictor.manifest.bundle_id)  # type: ignore[union-attr]
         state.start_batcher(settings, metrics)
+        reload_on_sighup(state, settings, metrics)
         yield
         await state.batcher.stop()  # type: ignore[union-attr]
+        metrics.worker_stopped()
 
     app = FastAPI(
         title="Skin lesion classifier",
@@ -71,4 +97,5 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_error_handlers(app)
     app.include_router(operations.router)
     app.include_router(predictions.router)
+    app.include_router(admin.router)
     return app

@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -23,7 +24,7 @@ from service.core.metadata import ClinicalMetadata
 from service.core.predictor import Prediction
 
 log = logging.getLogger("service")
-PredictFn = Callable[[np.ndarray, list[ClinicalMetadata]], list[Prediction]]
+PredictFn = Callable[[Any, np.ndarray, list[ClinicalMetadata]], list[Prediction]]  # (model, images, metadata)
 
 
 class BatcherStopped(RuntimeError):
@@ -32,6 +33,7 @@ class BatcherStopped(RuntimeError):
 
 @dataclass
 class Item:
+    model: Any  # the model the request was accepted by: it answers, even if another was swapped in since
     image: np.ndarray  # HxWx3 uint8, already decoded and resized
     metadata: ClinicalMetadata
     future: asyncio.Future
@@ -60,12 +62,12 @@ class MicroBatcher:
     def running(self) -> bool:
         return self.task is not None and not self.task.done()
 
-    async def submit(self, images: np.ndarray, metadata: Sequence[ClinicalMetadata]) -> list[Prediction]:
-        """Queue each image; returns their predictions, in order, once their batches have run."""
+    async def submit(self, model: Any, images: np.ndarray, metadata: Sequence[ClinicalMetadata]) -> list[Prediction]:
+        """Queue each image for `model`; returns their predictions, in order, once their batches have run."""
         if not self.running:
             raise BatcherStopped("the model is not accepting work (shutting down or failed); retry later")
         loop = asyncio.get_running_loop()
-        items = [Item(img, meta, loop.create_future()) for img, meta in zip(images, metadata)]
+        items = [Item(model, img, meta, loop.create_future()) for img, meta in zip(images, metadata)]
         for item in items:
             self.queue.put_nowait(item)
         try:
@@ -108,17 +110,24 @@ class MicroBatcher:
                     item.future.set_exception(BatcherStopped("the model stopped before answering; retry"))
 
     async def run(self, batch: list[Item]) -> None:
+        """One model call per model in the batch (two only while a new bundle is being swapped in)."""
+        models = list({id(i.model): i.model for i in batch}.values())
+        for model in models:
+            await self.run_one_model([i for i in batch if i.model is model])
+
+    async def run_one_model(self, batch: list[Item]) -> None:
         t0 = time.perf_counter()
         try:
             images, metas = np.stack([i.image for i in batch]), [i.metadata for i in batch]
-            preds = await asyncio.get_running_loop().run_in_executor(self.executor, self.predict, images, metas)
+            call = (self.predict, batch[0].model, images, metas)
+            preds = await asyncio.get_running_loop().run_in_executor(self.executor, *call)
             if len(preds) != len(batch):
                 raise RuntimeError(f"{len(batch)} images in, {len(preds)} predictions out")
             self.observe(len(batch), time.perf_counter() - t0)
         except Exception as exc:
             if len(batch) > 1:  # one item's failure must not fail the others: run them one by one
                 for item in batch:
-                    await self.run([item])
+                    await self.run_one_model([item])
                 return
             log.exception("prediction failed")
             if not batch[0].future.done():

@@ -103,7 +103,7 @@ class ExplanationOut(BaseModel):
     heatmap_png: str = Field(description="base64 PNG: the class activation map over the model-size image")
     cam: list[list[float]] = Field(description="the raw class activation map (rows of the CNN's last feature map)")
     attributions: dict[str, dict[str, float]] = Field(
-        description="booster -> input group (cnn, age, sex, site, colour, bias) -> TreeSHAP contribution to its "
+        description="booster -> input group (image: the CNN's probabilities; age, sex, site, colour, bias) -> TreeSHAP contribution to its "
         "raw (log-odds) score for the explained class"
     )
 

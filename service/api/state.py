@@ -1,9 +1,12 @@
-"""The one piece of mutable state: the bundle, loaded before the worker accepts a connection."""
+"""The one piece of mutable state: the bundle, loaded before the worker accepts a connection, and
+swapped for another one while serving (`swap`) without failing a request."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
+from pathlib import Path
 
 import numpy as np
 
@@ -21,6 +24,7 @@ class ModelState:
         self.predictor: Predictor | None = None
         self.decode_slots = threading.BoundedSemaphore(1)  # sized to the cores in `load`
         self.batcher: MicroBatcher | None = None
+        self.swap_lock = asyncio.Lock()  # one swap at a time
 
     @property
     def manifest(self) -> Manifest | None:
@@ -30,9 +34,25 @@ class ModelState:
         """Verify and load the bundle, then warm it up. Runs in the lifespan, so a worker answers
         nothing until its model is ready (readiness never flaps with several workers); a bad bundle
         raises BundleError and stops the worker."""
+        self.predictor = self.loaded(settings, settings.bundle)
+        self.decode_slots = threading.BoundedSemaphore(settings.thread_budget().decode)
+
+    async def swap(self, settings: Settings, bundle: Path) -> tuple[str, str]:
+        """Load and warm `bundle` beside the served one, then serve it: requests already accepted are
+        answered by the bundle that accepted them, new ones by the new bundle. A bundle that fails
+        to load or warm up raises BundleError and the old one keeps serving. Returns (old, new) ids."""
+        async with self.swap_lock:
+            new = await asyncio.get_running_loop().run_in_executor(None, self.loaded, settings, bundle)
+            old, self.predictor = self.predictor, new  # one assignment: each request sees one or the other
+            assert old is not None
+            return old.manifest.bundle_id, new.manifest.bundle_id
+
+    @staticmethod
+    def loaded(settings: Settings, bundle: Path) -> Predictor:
+        """A verified, loaded and warmed-up Predictor for `bundle` (BundleError if it is not one)."""
         budget = settings.thread_budget()
         predictor = Predictor.load(
-            settings.bundle,
+            bundle,
             intra_op_threads=budget.onnxruntime,
             public_key_pem=settings.public_key_pem(),
             cnn_precision=settings.cnn_precision,
@@ -40,8 +60,6 @@ class ModelState:
         )
         spec = predictor.manifest.preprocessing
         predictor.predict(np.full((1, spec.height, spec.width, 3), 128, np.uint8), [None])  # warm-up
-        self.decode_slots = threading.BoundedSemaphore(budget.decode)
-        self.predictor = predictor
         bundle_id = predictor.manifest.bundle_id
         log.info(
             "model %s loaded and warmed up (%s, threads: %s)",
@@ -50,11 +68,12 @@ class ModelState:
             budget,
             extra={"bundle_id": bundle_id},
         )
+        return predictor
 
-    def predict(self, images: np.ndarray, metadata: list) -> list:
-        """The loaded predictor, looked up on every call (not bound once when the batcher starts)."""
-        assert self.predictor is not None
-        return self.predictor.predict(images, metadata)
+    @staticmethod
+    def predict(predictor: Predictor, images: np.ndarray, metadata: list) -> list:
+        """The batcher's model call, on the predictor that accepted the requests."""
+        return predictor.predict(images, metadata)
 
     def start_batcher(self, settings: Settings, metrics: Metrics) -> None:
         """In the running event loop, after `load`."""

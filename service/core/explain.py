@@ -8,6 +8,8 @@ Both are computed only when a request asks (`explain=true`): the heatmap needs t
 from __future__ import annotations
 
 import base64
+import importlib
+import inspect
 import io
 from typing import Any
 
@@ -16,7 +18,7 @@ from PIL import Image
 
 from service.core.features import FeatureSpec
 
-GROUPS = {"cnn_p_": "cnn", "age": "age", "sex_": "sex", "site_": "site", "img_": "colour"}
+GROUPS = {"cnn_p_": "image", "age": "age", "sex_": "sex", "site_": "site", "img_": "colour"}  # image: the CNN
 
 
 def feature_groups(spec: FeatureSpec) -> list[str]:
@@ -26,19 +28,16 @@ def feature_groups(spec: FeatureSpec) -> list[str]:
 
 def tree_shap(model: Any, features: np.ndarray) -> np.ndarray:
     """Per-row, per-class, per-feature contributions to the booster's raw (log-odds) score, plus the
-    bias as the last column: (N, C, F+1). Each library's own exact TreeSHAP."""
-    kind = type(model).__module__.split(".")[0]
+    bias as the last column: (N, C, F+1). Each library's own exact TreeSHAP, found by what the
+    model offers (its library is the one that pickled it)."""
+    library = importlib.import_module(type(model).__module__.split(".")[0])
     n, f = features.shape
-    if kind == "xgboost":
-        import xgboost
-
-        out = model.get_booster().predict(xgboost.DMatrix(features), pred_contribs=True)
-    elif kind == "lightgbm":
-        out = np.asarray(model.predict(features, pred_contrib=True)).reshape(n, -1, f + 1)
-    elif kind == "catboost":
-        from catboost import Pool
-
-        out = model.get_feature_importance(data=Pool(features), type="ShapValues")
+    if hasattr(model, "get_booster"):  # XGBoost
+        out = model.get_booster().predict(library.DMatrix(features), pred_contribs=True)
+    elif hasattr(model, "get_feature_importance"):  # CatBoost
+        out = model.get_feature_importance(data=library.Pool(features), type="ShapValues")
+    elif "pred_contrib" in inspect.signature(model.predict).parameters:  # LightGBM
+        out = np.asarray(model.predict(features, pred_contrib=True))
     else:
         raise TypeError(f"no TreeSHAP for {type(model).__name__}")
     return np.asarray(out, np.float64).reshape(n, -1, f + 1)

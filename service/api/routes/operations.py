@@ -9,7 +9,7 @@ import swagger_ui
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request
 from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import HTMLResponse, Response
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from service.api.dependencies import check_api_key, get_metrics, get_predictor, get_settings
 from service.api.metrics import Metrics
@@ -87,4 +87,4 @@ async def model_card(predictor: Predictor = Depends(get_predictor)) -> Response:
     "/metrics", tags=["health"], response_class=Response, dependencies=[Depends(check_api_key)], responses=KEYED
 )
 async def prometheus(metrics: Metrics = Depends(get_metrics)) -> Response:
-    return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+    return Response(metrics.exposition(), media_type=CONTENT_TYPE_LATEST)

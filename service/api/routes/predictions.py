@@ -123,13 +123,18 @@ def parse_prior(raw: str | None, predictor: Predictor) -> tuple[str, tuple[np.nd
 
 
 async def predict_uploads(
-    uploads: list[tuple[bytes, str | None]], metas: list[ClinicalMetadata], state: ModelState, settings: Settings
+    uploads: list[tuple[bytes, str | None]],
+    metas: list[ClinicalMetadata],
+    predictor: Predictor,
+    state: ModelState,
+    settings: Settings,
 ) -> tuple[list[Prediction], np.ndarray, list[tuple[int, int]]]:
-    """Decode the uploads in the thread pool, then queue them for the micro-batcher's next model call."""
-    assert state.predictor is not None and state.batcher is not None
-    spec = state.predictor.manifest.preprocessing
+    """Decode the uploads in the thread pool, then queue them for the micro-batcher's next model call
+    on `predictor` (the bundle this request started with answers it, even across a swap)."""
+    assert state.batcher is not None
+    spec = predictor.manifest.preprocessing
     batch, sizes = await run_in_threadpool(decode_all, uploads, spec, state.decode_slots, settings)
-    return await state.batcher.submit(batch, metas), batch, sizes
+    return await state.batcher.submit(predictor, batch, metas), batch, sizes
 
 
 def answered(
@@ -168,12 +173,12 @@ async def predict(
     explain = explain or explain_query
     if explain and "cam" not in predictor.manifest.cnn.explain_outputs:
         raise HTTPException(422, "explain: this bundle's CNN graph has no heatmap output (retrain or re-export it)")
-    (pred,), batch, sizes = await predict_uploads([(data, image.filename)], [meta], state, settings)
+    (pred,), batch, sizes = await predict_uploads([(data, image.filename)], [meta], predictor, state, settings)
     m = predictor.manifest
     fields = answered(pred, chosen, predictor, batch[0], sizes[0])
     explanation = None
     if explain:
-        label = m.classes[int(np.argmax(pred.probabilities))]
+        label = m.classes[int(np.argmax(fields["pred"].probabilities))]  # the answer as returned (under its prior)
         (e,) = await run_in_threadpool(predictor.explain, batch, [meta], [label])
         explanation = ExplanationOut.of(e)
     return PredictResponse.from_prediction(
@@ -200,7 +205,7 @@ async def predict_batch(
     uploads = [(await read_upload(f, settings), f.filename) for f in images]
     metas = metadata_list_from_json(metadata, len(images), predictor.manifest.features)
     chosen = parse_prior(prior, predictor)
-    preds, batch, sizes = await predict_uploads(uploads, metas, state, settings)
+    preds, batch, sizes = await predict_uploads(uploads, metas, predictor, state, settings)
     m = predictor.manifest
     items = [
         BatchItem.from_prediction(**answered(p, chosen, predictor, batch[i], sizes[i]), filename=name)
