@@ -51,3 +51,24 @@ def test_bench_scoring_prints_the_ratio_and_the_same_labels(tiny_run, tiny_data)
     same = int(last.split("same label for ")[1].split("/")[0])
     assert last.startswith("ratio batch scoring / one by one: ") and f"/{n} images" in last
     assert same >= 0.95 * n, last  # batched and single model calls may differ by float rounding on near-ties
+
+
+@pytest.mark.scenario
+def test_bench_ood_prints_both_methods(tiny_run, sample_dir):
+    """Real images the tiny bundle never trained on (the sample's other lesions) against the rest."""
+    cmd = [sys.executable, "-m", "benchmarks.bench_ood", "--bundle", str(tiny_run / "bundle")]
+    cmd += ["--data-dir", str(sample_dir), "--max-real", "40"]
+    out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    for method in ("mahalanobis", "energy"):
+        assert f"{method}: AUROC real vs not real" in out.stdout, out.stdout
+    assert out.stdout.count("synthetic lesions") == 3, out.stdout
+
+
+@pytest.mark.scenario
+def test_bench_explain_prints_the_cost_ratio(tiny_run, tiny_data):
+    cmd = [sys.executable, "-m", "benchmarks.bench_explain", "--bundle", str(tiny_run / "bundle")]
+    cmd += ["--data-dir", str(tiny_data), "--requests", "5"]
+    out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "explain=true" in out.stdout and "ratio" in out.stdout, out.stdout
