@@ -145,8 +145,11 @@ def test_priors_move_probabilities_by_bayes_rule(app_factory, tiny_run, sample_d
     for bad, words in [("nope", "unknown prior"), ('{"nv": 1}', "a prevalence for each"), ("{", "not valid JSON")]:
         r = client.post("/predict", files=files, data={"prior": bad})
         assert r.status_code == 422 and words in r.json()["detail"]
-    neg = dict(shares, nv=-1)
-    assert client.post("/predict", files=files, data={"prior": json.dumps(neg)}).status_code == 422
+    for bad_value in (-1, "abc", [1], True, None):
+        r = client.post("/predict", files=files, data={"prior": json.dumps(dict(shares, nv=bad_value))})
+        assert r.status_code == 422, (bad_value, r.text)
+    huge = client.post("/predict", files=files, data={"prior": json.dumps({c: 1e308 for c in CLASSES})})
+    assert huge.status_code == 200 and sum(huge.json()["probabilities"].values()) == pytest.approx(1.0)
 
 
 def test_prior_arithmetic():

@@ -237,3 +237,15 @@ def test_keygen_and_sign_commands(tiny_run, tmp_path, capsys):
     assert (bundle / "manifest.sig").exists()
     assert main(["sign", "--bundle", str(tmp_path / "nope"), "--key", str(tmp_path / "k" / "bundle-signing.key")]) == 2
     assert "error: cannot sign" in capsys.readouterr().err
+
+
+def test_admin_routes_are_off_without_an_admin_key_and_need_it(app_factory, tiny_run):
+    bundle = tiny_run / "bundle"
+    r = app_factory(bundle).post("/admin/bundle", json={})
+    assert r.status_code == 403 and "LESION_ADMIN_KEY" in r.json()["detail"]
+    client = app_factory(bundle, admin_key="a" * 20)
+    assert client.post("/admin/bundle", json={}, headers={"X-Admin-Key": "b" * 20}).status_code == 401
+    outside = client.post("/admin/bundle", json={"bundle": "/tmp"}, headers={"X-Admin-Key": "a" * 20})
+    assert outside.status_code == 403
+    same = client.post("/admin/bundle", json={}, headers={"X-Admin-Key": "a" * 20})  # reload the configured one
+    assert same.status_code == 200 and same.json()["previous"] == same.json()["serving"]

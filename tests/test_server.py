@@ -199,6 +199,7 @@ def test_bundle_swap_under_load_fails_no_request(smoke_run, tiny_run, sample_dir
     """Clients keep sending while the service swaps to another bundle, then refuses a tampered one:
     every request succeeds, and each response names the bundle that answered it."""
     import json
+    import os
     import shutil
     import threading
     import time
@@ -211,7 +212,10 @@ def test_bundle_swap_under_load_fails_no_request(smoke_run, tiny_run, sample_dir
     shutil.copytree(tiny_run / "bundle", bad)
     (bad / "stack.pkl").write_bytes(b"tampered")
     key = {"X-API-Key": "k" * 24}
-    proc, url = start_server(smoke_run / "bundle", env={"LESION_API_KEY": key["X-API-Key"]})
+    admin = {**key, "X-Admin-Key": "a" * 24}
+    env = {"LESION_API_KEY": key["X-API-Key"], "LESION_ADMIN_KEY": admin["X-Admin-Key"]}
+    env["LESION_BUNDLES_ROOT"] = os.path.commonpath([tiny_run, bad])
+    proc, url = start_server(smoke_run / "bundle", env=env)
     image = sample_images(sample_dir, 1)[0].read_bytes()
     answers: list[tuple[int, str | None]] = []
     stop = threading.Event()
@@ -230,13 +234,18 @@ def test_bundle_swap_under_load_fails_no_request(smoke_run, tiny_run, sample_dir
             t.start()
         while len(answers) < 20:
             time.sleep(0.05)
-        assert httpx.post(url + "/admin/bundle", json={"bundle": str(tiny_run / "bundle")}).status_code == 401
-        r = httpx.post(url + "/admin/bundle", json={"bundle": str(tiny_run / "bundle")}, headers=key, timeout=120)
+        target = {"bundle": str(tiny_run / "bundle")}
+        assert (
+            httpx.post(url + "/admin/bundle", json=target, headers=key).status_code == 401
+        )  # the API key is not enough
+        outside = httpx.post(url + "/admin/bundle", json={"bundle": "/etc"}, headers=admin)
+        assert outside.status_code == 403 and "LESION_BUNDLES_ROOT" in outside.json()["detail"]
+        r = httpx.post(url + "/admin/bundle", json=target, headers=admin, timeout=120)
         assert r.status_code == 200 and r.json() == {"previous": old, "serving": new}
         swapped_at = len(answers)
         while len(answers) < swapped_at + 20:
             time.sleep(0.05)
-        r = httpx.post(url + "/admin/bundle", json={"bundle": str(bad)}, headers=key, timeout=120)
+        r = httpx.post(url + "/admin/bundle", json={"bundle": str(bad)}, headers=admin, timeout=120)
         assert r.status_code == 422 and "still serving the old one" in r.json()["detail"]
         refused_at = len(answers)
         while len(answers) < refused_at + 20:

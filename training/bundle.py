@@ -42,6 +42,7 @@ from training.export import INPUT_NAME, OUTPUT_NAME
 from training.io import PROB_COLUMNS, atomic_write_text
 from training.model_card import model_card
 from training.models import FoldEnsemble
+from training.ood import OOD_FILE, served_gaussian
 
 
 def roster(run) -> tuple[CnnModel, list[ModelFile], ModelFile]:
@@ -155,7 +156,9 @@ def write_bundle(run) -> Path:
             shutil.copy2(run.models / f"{m.name}.pkl", tmp / m.file)
         run.table[["image_id", "lesion_id"]].to_csv(tmp / TRAINING_IMAGES, index=False)
         if cnn.has_ood_outputs:  # a joined int8 fold ensemble has no explanation outputs
-            shutil.copy2(run.dir / "cnn" / "ood.npz", tmp / "ood.npz")
+            y, spec = run.table.label.to_numpy(), run.cfg.image_spec()
+            fit = served_gaussian(run.dir / "cnn" / cnn.file, run.images, y, spec)
+            (tmp / OOD_FILE).write_bytes(fit.to_npz())
         (tmp / MODEL_CARD).write_text(model_card(run, cnn, boosters))
         manifest = build_manifest(run, tmp, cnn, boosters, stack)
         (tmp / MANIFEST_NAME).write_text(manifest.model_dump_json(indent=2))

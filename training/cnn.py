@@ -270,14 +270,12 @@ def run_cnn(
     log = log if distributed.is_main() else (lambda m: None)
     if distributed.start():
         log(f"torchrun: {distributed.world_size()} processes train each fold together")
-    try:
-        for k in range(cfg.folds) if only is None else [only]:
-            if (cnn_dir / f"fold{k}.pt").exists():
-                log(f"fold {k}: already trained, skipping")
-                continue
-            train_fold(k, cfg, images, y, fold, cnn_dir, log)
-    finally:
-        distributed.stop()
+    for k in range(cfg.folds) if only is None else [only]:
+        if (cnn_dir / f"fold{k}.pt").exists():
+            log(f"fold {k}: already trained, skipping")
+            continue
+        train_fold(k, cfg, images, y, fold, cnn_dir, log)
+    distributed.stop()  # not on an error: torchrun ends the other processes, a barrier could hang them
     if not distributed.is_main():
         return None
     waiting = [k for k in range(cfg.folds) if not (cnn_dir / f"fold{k}.pt").exists()]
@@ -310,7 +308,7 @@ def training_throughput(run_dir: Path, folds: int) -> float:
 def export_stage(run) -> None:
     """The served CNN in one ONNX graph (the fold models averaged, or the refit model):
     cnn/cnn.onnx, parity-checked on real images, with the explanation outputs (CAM, embedding,
-    logits). Its out-of-distribution score, fitted out-of-fold: cnn/ood.{npz,json}. With int8 on,
+    logits). Its out-of-distribution thresholds, fitted out-of-fold: cnn/ood.json. With int8 on,
     also cnn/cnn.int8.onnx and the gate measured on the fold models' out-of-fold images,
     cnn/quantization.json."""
     from training.export import export_onnx
@@ -324,7 +322,7 @@ def export_stage(run) -> None:
     export_onnx(served, spec, run.images[idx], cnn_dir / FP32_GRAPH, run.cfg.tta, log=run.log, explain=True)
     refit = run.cfg.served_cnn == "refit"
     folds = [load_fold_model(cnn_dir, k) for k in range(run.cfg.folds)] if refit else served
-    fit_ood(run, served, folds, run.cfg.ood_method, run.cfg.ood_share)
+    fit_ood(run, folds, run.cfg.ood_method, run.cfg.ood_share)
     if run.cfg.int8:
         from training.quantize import quantize_ensemble, quantize_refit
 

@@ -43,8 +43,9 @@ class TrainBatches:
 
     Shuffling uses its own seeded generator, so a fold's batch order does not depend on what
     else drew random numbers. With `world` > 1 processes (torchrun), every process draws the same
-    order and takes rows rank, rank + world, ... of each global batch: together they see exactly
-    the batches one process would."""
+    order and takes rows rank, rank + world, ... of each global batch: together they see the rows
+    one process would (each with its own batch-norm statistics and weighted-loss normalisation, so
+    the gradients are close to, not equal to, one process's)."""
 
     def __init__(
         self,

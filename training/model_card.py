@@ -68,9 +68,13 @@ def model_card(run, cnn: CnnModel, boosters: list[ModelFile]) -> str:
         "",
         "## Out-of-distribution flag and image checks",
         "",
-        f"Each answer carries an out-of-distribution score ({cfg.ood_method}, from the CNN's embedding or logits); "
-        f"its threshold flags {cfg.ood_share:.0%} of held-out real training images by design. Cheap checks also warn "
-        "about low resolution, nearly uniform, blurred, too dark or too bright images.",
+        (
+            f"Each answer carries an out-of-distribution score ({cfg.ood_method}, from the CNN's embedding or "
+            f"logits); its threshold flags {cfg.ood_share:.0%} of held-out real training images by design. "
+            if cnn.has_ood_outputs
+            else "This bundle's CNN graph has no embedding output, so its answers carry no out-of-distribution score. "
+        )
+        + "Cheap checks warn about low resolution, nearly uniform, blurred, too dark or too bright images.",
         "",
         "## Known limits",
         "",

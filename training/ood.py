@@ -3,25 +3,28 @@
 Out-of-fold, as every figure of a run: fold model k embeds every image; its Gaussian is fitted on
 the lesions it trained on and scores the lesions of fold k, which it never saw. The thresholds are
 quantiles of those held-out scores, so by design they flag `share` of real images like the
-training ones. The served CNN's own Gaussian is fitted on its training images (all of them), as
-each fold model's was on its own; the service scores uploads against it.
+training ones. Writes cnn/ood.json (the OodSpec) and artifacts/oof_ood.csv (image_id, fold, and
+each method's held-out score).
 
-Writes cnn/ood.npz (the served CNN's class means and shared precision), cnn/ood.json (the
-OodSpec) and artifacts/oof_ood.csv (image_id, fold, and each method's held-out score).
+The served CNN's own Gaussian is fitted when the bundle is written (`served_gaussian`), on its
+training images (all of them, as each fold model's was on its own) and through the very graph
+the bundle serves, int8 or fp32, so the service scores uploads exactly as it was fitted.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
-import pandas as pd
 import torch
 from torch import nn
 
 from service.core import labels
-from service.core.ood import METHODS, OodSpec, energy, fit_gaussian, mahalanobis
-from service.core.preprocess import ImageSpec
+from service.core.ood import METHODS, GaussianFit, OodSpec, energy, fit_gaussian, mahalanobis
+from service.core.preprocess import ImageSpec, to_model_input
 from training.dataset import eval_batch
-from training.io import atomic_write, atomic_write_csv, atomic_write_text
+from training.export import INPUT_NAME
+from training.io import atomic_write_csv, atomic_write_text
 from training.models import FoldEnsemble
 
 OOD_FILE, OOD_SPEC = "ood.npz", "ood.json"
@@ -41,7 +44,7 @@ def embed(members: list[nn.Module], images: np.ndarray, spec: ImageSpec, batch_s
     return np.concatenate(emb), np.concatenate(logits)
 
 
-def fit_ood(run, served: list[nn.Module], fold_models: list[nn.Module], method: str, share: float) -> OodSpec:
+def fit_ood(run, fold_models: list[nn.Module], method: str, share: float) -> OodSpec:
     spec, images = run.cfg.image_spec(), run.images
     y, fold = run.table.label.to_numpy(), run.table.fold.to_numpy()
     n_classes = len(labels.CLASSES)
@@ -52,17 +55,25 @@ def fit_ood(run, served: list[nn.Module], fold_models: list[nn.Module], method: 
         held_out["mahalanobis"][val] = mahalanobis(emb[val], fit_gaussian(emb[train], y[train], n_classes))
         held_out["energy"][val] = energy(logits[val])
     thresholds = {m: float(np.quantile(s, 1 - share)) for m, s in held_out.items()}
-    emb, _ = embed(served, images, spec)
-    fit = fit_gaussian(emb, y, n_classes)
     cnn_dir = run.dir / "cnn"
-    atomic_write(cnn_dir / OOD_FILE, lambda p: p.write_bytes(fit.to_npz()))
     table = run.table[["image_id", "fold"]].reset_index(drop=True).assign(**held_out)
     atomic_write_csv(run.artifacts / "oof_ood.csv", table)
-    ood = OodSpec(method=method, thresholds=thresholds, flag_share=share, file=OOD_FILE)
+    ood = OodSpec(method=method, thresholds=thresholds, flag_share=share, file=OOD_FILE)  # OOD_FILE: in the bundle
     atomic_write_text(cnn_dir / OOD_SPEC, ood.model_dump_json(indent=2))
     run.log(f"ood: {method} score fitted; thresholds flagging {share:.0%} of held-out real images: {thresholds}")
     return ood
 
 
-def held_out_scores(run) -> pd.DataFrame:
-    return pd.read_csv(run.artifacts / "oof_ood.csv")
+def served_gaussian(
+    graph: Path, images: np.ndarray, y: np.ndarray, spec: ImageSpec, batch_size: int = 256
+) -> GaussianFit:
+    """Class means and shared precision of the served graph's embeddings of the training images
+    (onnxruntime, the service's own input transform)."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(graph), providers=["CPUExecutionProvider"])
+    emb = [
+        session.run(["embedding"], {INPUT_NAME: to_model_input(images[s : s + batch_size], spec)})[0]
+        for s in range(0, len(images), batch_size)
+    ]
+    return fit_gaussian(np.concatenate(emb), y, len(labels.CLASSES))

@@ -8,6 +8,7 @@ RUN_DIR/
   cnn/fold<k>.pt               fold models (out-of-fold predictions)
   cnn/refit.pt, cnn/cnn.onnx   the served CNN (refit on all rows, or the fold ensemble) in ONNX
   cnn/cnn.int8.onnx, cnn/quantization.json   the int8 ensemble and its out-of-fold gate
+  cnn/ood.json                 the out-of-distribution score's out-of-fold thresholds
   models/<name>.pkl            level-2 models refit on all rows
   bundle/                      what the service loads, and nothing else
 """
@@ -78,8 +79,9 @@ class Stage:
 def export_outputs(run: Run) -> list[Path]:
     cnn = run.dir / "cnn"
     refit = [cnn / "refit.pt"] if run.cfg.served_cnn == "refit" else []
-    ood = [cnn / "ood.npz", cnn / "ood.json"]
-    return [*refit, cnn / FP32_GRAPH, *ood] + ([cnn / INT8_GRAPH, cnn / "quantization.json"] if run.cfg.int8 else [])
+    return [*refit, cnn / FP32_GRAPH, cnn / "ood.json"] + (
+        [cnn / INT8_GRAPH, cnn / "quantization.json"] if run.cfg.int8 else []
+    )
 
 
 def make_folds_stage(run: Run) -> None:

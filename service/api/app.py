@@ -51,11 +51,16 @@ def reload_on_sighup(state: ModelState, settings: Settings, metrics: Metrics) ->
             old, new = await state.swap(settings, settings.bundle)
             metrics.serving(new, old)
             log.info("SIGHUP: now serving %s (was %s)", new, old, extra={"bundle_id": new})
-        except BundleError as exc:
+        except (BundleError, OSError) as exc:
             log.error("SIGHUP: bundle %s refused, still serving the old one: %s", settings.bundle, exc)
 
+    def on_sighup() -> None:
+        task = asyncio.ensure_future(reload())
+        state.tasks.add(task)  # a reference until it ends: the loop keeps only weak ones
+        task.add_done_callback(state.tasks.discard)
+
     with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):  # no signals off the main thread
-        asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(reload()))
+        asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, on_sighup)
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:

@@ -46,6 +46,12 @@ class Settings(BaseSettings):
     max_metadata_bytes: int = Field(16 * 1024, ge=2, description="the metadata form field")
     decode_slots: int = Field(0, ge=0, description="images decoded at once per worker; 0 = CPU cores / workers")
     api_key: str | None = Field(None, description="if set, every route but health, docs and the page needs X-API-Key")
+    admin_key: str | None = Field(
+        None, description="if set, POST /admin/bundle works with this X-Admin-Key; else it is off"
+    )
+    bundles_root: Path | None = Field(
+        None, description="POST /admin/bundle may load bundles under this folder; unset: only the configured bundle"
+    )
     body_timeout_s: float = Field(
         30.0, gt=0, description="a request body must keep arriving: max seconds between chunks"
     )

@@ -25,6 +25,7 @@ class ModelState:
         self.decode_slots = threading.BoundedSemaphore(1)  # sized to the cores in `load`
         self.batcher: MicroBatcher | None = None
         self.swap_lock = asyncio.Lock()  # one swap at a time
+        self.tasks: set[asyncio.Task] = set()  # swaps started by a signal, until they end
 
     @property
     def manifest(self) -> Manifest | None:

@@ -62,7 +62,7 @@ def fit_gaussian(embeddings: np.ndarray, y: np.ndarray, n_classes: int) -> Gauss
 def mahalanobis(embeddings: np.ndarray, fit: GaussianFit) -> np.ndarray:
     """Squared distance to the nearest class mean: (N,)."""
     d = embeddings.astype(np.float64)[:, None, :] - fit.means[None]  # (N, C, D)
-    return np.einsum("ncd,de,nce->nc", d, fit.precision, d).min(axis=1)
+    return ((d @ fit.precision) * d).sum(axis=-1).min(axis=1)
 
 
 def energy(logits: np.ndarray) -> np.ndarray:

@@ -166,10 +166,11 @@ class Predictor:
 
     def prior(self, prior: str | Mapping[str, float] | None) -> tuple[np.ndarray, float] | None:
         """A request's prior (None: the bundle's default) -> (prior vector, temperature), or None when
-        the probabilities stay as trained (balanced prior, no temperature). Raises PriorError."""
+        the probabilities stay as trained (a uniform prior: the balanced models' own). The temperature
+        was fitted with a real population's prior, so it comes only with one. Raises PriorError."""
         m = self.manifest
         vec = prior_vector(m.default_prior if prior is None else prior, m.classes, m.training_prevalence)
-        if m.temperature == 1.0 and np.allclose(vec, 1.0 / len(vec)):
+        if np.allclose(vec, 1.0 / len(vec)):
             return None
         return vec, m.temperature
 

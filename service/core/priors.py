@@ -42,9 +42,13 @@ def prior_vector(
         raise PriorError(
             f"a prior needs a prevalence for each of {', '.join(classes)} (missing {missing}, unknown {unknown})"
         )
-    v = np.array([prior[c] for c in classes], np.float64)
+    values = [prior[c] for c in classes]
+    if not all(isinstance(x, int | float) and not isinstance(x, bool) for x in values):
+        raise PriorError("prior prevalences must be numbers")
+    v = np.array(values, np.float64)
     if not np.isfinite(v).all() or (v <= 0).any():
-        raise PriorError("prior prevalences must be positive numbers")
+        raise PriorError("prior prevalences must be positive, finite numbers")
+    v = v / v.max()  # no overflow when summing huge values
     return v / v.sum()
 
 

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import hmac
 import logging
 from pathlib import Path
 
 from fastapi import APIRouter, Depends, HTTPException
+from fastapi.security import APIKeyHeader
 from pydantic import BaseModel, Field
 
 from service.api.dependencies import check_api_key, get_metrics, get_settings, get_state
@@ -18,21 +20,41 @@ from service.core.bundle import BundleError
 log = logging.getLogger("service")
 
 
-def admin_enabled(settings: Settings = Depends(get_settings)) -> None:
-    if not settings.api_key:
-        raise HTTPException(403, "admin routes are off: the service needs an API key (LESION_API_KEY) to enable them")
+ADMIN_KEY_HEADER = "X-Admin-Key"
+admin_key_header = APIKeyHeader(name=ADMIN_KEY_HEADER, auto_error=False, description="the admin key (LESION_ADMIN_KEY)")
+
+
+def check_admin_key(settings: Settings = Depends(get_settings), sent: str | None = Depends(admin_key_header)) -> None:
+    """Admin routes are off unless an admin key is set, and need it: a prediction client's API key is not enough."""
+    if not settings.admin_key:
+        raise HTTPException(403, "admin routes are off: set LESION_ADMIN_KEY to enable them")
+    if sent is None or not hmac.compare_digest(sent.encode(), settings.admin_key.encode()):
+        raise HTTPException(401, f"missing or wrong {ADMIN_KEY_HEADER} header")
+
+
+def allowed_bundle(requested: Path | None, settings: Settings) -> Path:
+    """The configured bundle, or one under LESION_BUNDLES_ROOT: no other folder of the server is loaded."""
+    if requested is None or requested.resolve() == settings.bundle.resolve():
+        return settings.bundle
+    root = settings.bundles_root
+    if root is None or not requested.resolve().is_relative_to(root.resolve()):
+        raise HTTPException(403, "bundle: only the configured bundle, or one under LESION_BUNDLES_ROOT, may be loaded")
+    return requested
 
 
 router = APIRouter(
     prefix="/admin",
     tags=["admin"],
-    dependencies=[Depends(admin_enabled), Depends(check_api_key)],
+    dependencies=[Depends(check_api_key), Depends(check_admin_key)],
     responses={c: {"model": ErrorResponse} for c in (401, 403, 422)},
 )
 
 
 class SwapRequest(BaseModel):
-    bundle: Path | None = Field(None, description="bundle folder on the server; default: the configured LESION_BUNDLE")
+    bundle: Path | None = Field(
+        None,
+        description="bundle folder on the server, under LESION_BUNDLES_ROOT; default: the configured LESION_BUNDLE",
+    )
 
 
 class SwapResponse(BaseModel):
@@ -47,11 +69,12 @@ async def swap_bundle(
     settings: Settings = Depends(get_settings),
     metrics: Metrics = Depends(get_metrics),
 ) -> SwapResponse:
-    """Load, verify and warm the bundle beside the served one, then switch to it atomically. Requests
+    """Load, verify and warm the bundle beside the served one, then switch to it atomically (set
+    LESION_PUBLIC_KEY too, so that only signed bundles load). Requests
     already accepted finish on the old bundle; every response names the bundle that answered it
     (`model.bundle_id`). A bundle that does not load is refused (422) and the old one keeps serving.
     With several workers, each worker swaps on its own: send SIGHUP to every worker, or roll the pods."""
-    path = body.bundle or settings.bundle
+    path = allowed_bundle(body.bundle, settings)
     try:
         old, new = await state.swap(settings, path)
     except (BundleError, OSError) as exc:
