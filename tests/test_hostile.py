@@ -90,6 +90,7 @@ def test_with_a_key_everything_but_health_docs_and_the_page_needs_it(app_factory
     assert client.post("/predict", files={"image": jpeg}, headers={"X-API-Key": "s3cret"}).status_code == 200
     schemes = client.get("/openapi.json").json()["components"]["securitySchemes"]
     assert any(s["type"] == "apiKey" and s["name"] == "X-API-Key" for s in schemes.values())
+    assert any(s["type"] == "apiKey" and s["name"] == "X-Admin-Key" for s in schemes.values())
 
 
 def test_uploads_never_roll_over_to_a_temporary_file(app_factory, tiny_run, monkeypatch):

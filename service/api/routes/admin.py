@@ -21,7 +21,9 @@ log = logging.getLogger("service")
 
 
 ADMIN_KEY_HEADER = "X-Admin-Key"
-admin_key_header = APIKeyHeader(name=ADMIN_KEY_HEADER, auto_error=False, description="the admin key (LESION_ADMIN_KEY)")
+admin_key_header = APIKeyHeader(
+    name=ADMIN_KEY_HEADER, scheme_name="AdminKey", auto_error=False, description="the admin key (LESION_ADMIN_KEY)"
+)
 
 
 def check_admin_key(settings: Settings = Depends(get_settings), sent: str | None = Depends(admin_key_header)) -> None:
