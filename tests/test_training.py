@@ -249,3 +249,15 @@ def test_boosters_train_on_the_gpu_when_training_sees_one(monkeypatch):
     monkeypatch.setattr(boosters, "training_device", lambda: "cpu")
     assert boosters.make_catboost(10, 0, False).get_params()["task_type"] == "CPU"
     assert boosters.make_xgboost(10, 0, False).get_params()["device"] == "cpu"
+
+
+def test_a_class_too_rare_for_the_boosters_splits_is_a_clear_error():
+    from training.boosters import check_every_class_trains
+    from training.errors import DataError
+
+    fold = np.repeat(np.arange(3), 14)
+    y = np.tile(np.arange(7), 6)
+    check_every_class_trains(y, fold)  # every class in every split: fine
+    y[(y == 3) & (fold != 0)] = 0  # df only in fold 0: the split training on folds 0's complement lacks it
+    with pytest.raises(DataError, match="df is missing from one .* use fewer --folds"):
+        check_every_class_trains(y, fold)

@@ -21,6 +21,7 @@ from tqdm import tqdm
 from service.core import labels
 from service.core.features import FeatureSpec, build_features, image_stats
 from training.config import CNN
+from training.errors import DataError
 from training.io import PROB_COLUMNS, atomic_write, write_oof
 
 EARLY_STOP = 50
@@ -161,6 +162,23 @@ def feature_matrix(run) -> np.ndarray:
     return build_features(cnn_probs, run.dataset.metadata(), image_stats(run.images), FeatureSpec())
 
 
+def check_every_class_trains(y: np.ndarray, fold: np.ndarray) -> None:
+    """Each booster fits on all folds but an outer and an inner one, and needs every class there
+    (XGBoost refuses labels that skip a class). Say so plainly when a class is too rare for that."""
+    n_folds = fold.max() + 1
+    for k in range(n_folds):
+        fit_rows = (fold != k) & (fold != (k + 1) % n_folds)
+        missing = [c for i, c in enumerate(labels.CLASSES) if not (y[fit_rows] == i).any()]
+        if missing:
+            counts = ", ".join(f"{c}: {(y == labels.CLASSES.index(c)).sum()} images" for c in missing)
+            raise DataError(
+                f"the boosters need every class in every training split, and {', '.join(missing)} "
+                f"{'is' if len(missing) == 1 else 'are'} missing from one ({counts} in the whole dataset, "
+                f"{n_folds} folds): add images of "
+                "those classes or use fewer --folds"
+            )
+
+
 def cross_fit(
     b: Booster, x: np.ndarray, y: np.ndarray, fold: np.ndarray, rounds: int, seed: int
 ) -> tuple[np.ndarray, list[int]]:
@@ -179,8 +197,9 @@ def cross_fit(
 
 
 def boosters_stage(run) -> None:
-    x = feature_matrix(run)
     y, fold = run.table.label.to_numpy(), run.table.fold.to_numpy()
+    check_every_class_trains(y, fold)
+    x = feature_matrix(run)
     for name in run.cfg.boosters:
         b = BOOSTERS[name]
         oof_path, model_path = run.artifacts / f"oof_{name}.csv", run.models / f"{name}.pkl"
