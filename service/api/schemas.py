@@ -45,10 +45,10 @@ def image_warnings(pred: Prediction, manifest: Manifest, image: np.ndarray, size
     spec = manifest.preprocessing
     out = quality_warnings(image, size, (spec.width, spec.height))
     ood = manifest.ood
-    if ood is not None and pred.ood_score is not None and pred.ood_score > ood.thresholds[ood.method]:
+    if ood is not None and pred.ood_score is not None and ood.flags(pred.ood_score):
         out.append(
             "out of distribution: this image is unlike the dermoscopy images the model was trained on "
-            f"({ood.method} score {pred.ood_score:.3g} > {ood.thresholds[ood.method]:.3g}); the answer may be meaningless"
+            f"({ood.method} score {pred.ood_score:.3g} > {ood.threshold:.3g}); the answer may be meaningless"
         )
     return out
 
@@ -79,13 +79,12 @@ class PredictionFields(BaseModel):
         label = classes[int(np.argmax(pred.probabilities))]
         ood = manifest.ood
         if ood is not None and pred.ood_score is not None:
-            t = ood.thresholds[ood.method]
             extra["ood"] = OodResult(
                 method=ood.method,
                 score=pred.ood_score,
-                threshold=t,
+                threshold=ood.threshold,
                 flag_share=ood.flag_share,
-                flagged=pred.ood_score > t,
+                flagged=ood.flags(pred.ood_score),
             )
         return cls(
             label=label,

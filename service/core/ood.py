@@ -30,6 +30,14 @@ class OodSpec(BaseModel):
     flag_share: float = Field(description="share of out-of-fold real training images above the threshold, by design")
     file: str = Field(description="bundle file (.npz) with the Mahalanobis class means and shared precision")
 
+    @property
+    def threshold(self) -> float:
+        """The served method's threshold."""
+        return self.thresholds[self.method]
+
+    def flags(self, score: float) -> bool:
+        return score > self.threshold
+
 
 class GaussianFit(BaseModel, arbitrary_types_allowed=True):
     means: np.ndarray  # (C, D)
