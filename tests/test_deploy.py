@@ -28,6 +28,11 @@ def test_hadolint(dockerfile):
     assert out.returncode == 0, out.stdout + out.stderr
 
 
+@pytest.mark.parametrize("dockerfile", ["Dockerfile.api", "Dockerfile.train"])
+def test_base_image_is_pinned_by_digest(dockerfile):
+    assert re.search(r"^ARG BASE=python:3\.11-slim@sha256:[0-9a-f]{64}$", (REPO / dockerfile).read_text(), re.M)
+
+
 def test_compose_files_match_the_compose_spec():
     out = subprocess.run(
         [str(BIN / "check-jsonschema"), "--builtin-schema", "vendor.compose-spec"]
@@ -85,6 +90,7 @@ def test_api_image_install_serves_a_bundle(smoke_run, tmp_path, sample_dir):
             item = item.rstrip("/")
             if item.startswith("$"):
                 continue
+            (app_dir / item).parent.mkdir(parents=True, exist_ok=True)
             subprocess.run(["cp", "-r", str(REPO / item), str(app_dir / item)], check=True)
     env_dir = tmp_path / "venv"
     venv.create(env_dir, with_pip=True)
@@ -97,6 +103,10 @@ def test_api_image_install_serves_a_bundle(smoke_run, tmp_path, sample_dir):
     ):  # as the Dockerfile does: the pinned set, then the project
         pip = [str(py), "-m", "pip", "install", "--quiet", "--no-deps", *args]
         subprocess.run(pip, cwd=app_dir, check=True, timeout=900)
+    assert "sh deploy/slim_venv.sh /opt/venv" in (REPO / "Dockerfile.api").read_text()
+    subprocess.run(["sh", "deploy/slim_venv.sh", str(env_dir)], cwd=app_dir, check=True)  # as the Dockerfile does
+    (site,) = env_dir.glob("lib/python3*/site-packages")
+    assert not (site / "pandas" / "tests").exists() and not (site / "pip").exists()
     for module in ("torch", "torchvision", "training"):
         assert subprocess.run([str(py), "-c", f"import {module}"], capture_output=True, cwd=tmp_path).returncode != 0, (
             f"{module} must not be in the serving image"
@@ -105,9 +115,12 @@ def test_api_image_install_serves_a_bundle(smoke_run, tmp_path, sample_dir):
     try:
         image = sorted((sample_dir / "images").iterdir())[0]
         r = httpx.post(
-            url + "/predict", files={"image": image.read_bytes()}, data={"metadata": '{"age": 50}'}, timeout=30
+            url + "/predict",
+            files={"image": image.read_bytes()},
+            data={"metadata": '{"age": 50}', "explain": "true"},
+            timeout=30,
         )
-        assert r.status_code == 200 and r.json()["label"]
+        assert r.status_code == 200 and r.json()["label"] and r.json()["explanation"]["attributions"]
     finally:
         proc.terminate()
         proc.wait(10)
