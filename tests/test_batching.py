@@ -137,6 +137,30 @@ def test_boosters_run_on_the_budgeted_threads(tiny_run):
         assert model.get_params().get("n_jobs") == 1 or kwargs == {"thread_count": 1}, booster.name
 
 
+def test_numpy_blas_runs_on_the_budgeted_threads_after_the_cnn(tiny_run, monkeypatch):
+    """Boosters, meta-learner and OOD distance run with BLAS held to `model_threads`: BLAS threads
+    left spinning after a call there would compete with the next CNN call. The limit is restored after."""
+    from threadpoolctl import threadpool_info
+
+    import service.core.predictor as predictor_module
+    from service.core.predictor import Predictor
+
+    def blas_threads() -> set[int]:
+        return {lib["num_threads"] for lib in threadpool_info() if lib["user_api"] == "blas"}
+
+    p = Predictor.load(tiny_run / "bundle", model_threads=1)
+    seen: list[set[int]] = []
+    stack, scores = p.models[p.manifest.stack.name], predictor_module.scores
+    monkeypatch.setattr(stack, "predict_proba", lambda x, f=stack.predict_proba: seen.append(blas_threads()) or f(x))
+    monkeypatch.setattr(predictor_module, "scores", lambda *a: seen.append(blas_threads()) or scores(*a))
+    with p.threadpools.limit(limits=2, user_api="blas"):
+        spec = p.manifest.preprocessing
+        image = np.zeros((1, spec.height, spec.width, 3), np.uint8)
+        p.predict(image, [{"age": 50}])
+        assert blas_threads() == {2}  # restored
+    assert len(seen) == 1 + (p.manifest.ood is not None) and all(s == {1} for s in seen), seen
+
+
 def test_requests_pending_when_the_batcher_stops_are_answered():
     calls: list[int] = []
     batcher = MicroBatcher(echo_model(calls, delay=0.2), max_batch=1, max_wait_s=0, observe=lambda n, s: None)

@@ -184,7 +184,8 @@ def test_quality_checks_flag_bad_images_and_no_real_one(sample_dir):
 
     spec = ImageSpec(width=128, height=96)
     paths = sorted(sample_dir.rglob("*.jpg"))[::4]
-    flagged = [p.name for p in paths if quality_warnings(load_for_model(p.read_bytes(), spec), (200, 150), (128, 96))]
+    images = np.stack([load_for_model(p.read_bytes(), spec) for p in paths])
+    flagged = [p.name for p, w in zip(paths, quality_warnings(images, [(200, 150)] * len(paths), (128, 96))) if w]
     assert flagged == []
     real = load_for_model(paths[0].read_bytes(), spec)
     rng = np.random.default_rng(0)
@@ -196,9 +197,12 @@ def test_quality_checks_flag_bad_images_and_no_real_one(sample_dir):
         "blurred": blurred,
     }
     for words, image in cases.items():
-        assert any(w.startswith(words) for w in quality_warnings(image, (200, 150), (128, 96))), words
-    assert quality_warnings(real, (64, 48), (128, 96))[0].startswith("low resolution")
-    assert quality_warnings(rng.integers(0, 256, (96, 128, 3)).astype(np.uint8), (200, 150), (128, 96)) == []
+        assert any(w.startswith(words) for w in quality_warnings(image[None], [(200, 150)], (128, 96))[0]), words
+    assert quality_warnings(real[None], [(64, 48)], (128, 96))[0][0].startswith("low resolution")
+    assert quality_warnings(rng.integers(0, 256, (1, 96, 128, 3)).astype(np.uint8), [(200, 150)], (128, 96)) == [[]]
+    batch, sizes = np.stack([*cases.values(), real]), [(200, 150), None, (200, 150), (200, 150), (64, 48)]
+    alone = [quality_warnings(image[None], [size], (128, 96))[0] for image, size in zip(batch, sizes)]
+    assert quality_warnings(batch, sizes, (128, 96)) == alone  # a request's batch: each image its own warnings
 
 
 def test_ood_scores():

@@ -8,7 +8,6 @@ from pydantic import BaseModel, ConfigDict, Field
 from service.api.settings import Settings
 from service.core.manifest import Manifest
 from service.core.predictor import Explanation, Prediction, Predictor
-from service.core.quality import quality_warnings
 
 NOTICE = (
     "Research use only. Not a medical device and not a diagnosis: a dermatologist must assess any lesion of concern."
@@ -40,10 +39,10 @@ class OodResult(BaseModel):
     flagged: bool
 
 
-def image_warnings(pred: Prediction, manifest: Manifest, image: np.ndarray, size: tuple[int, int] | None) -> list[str]:
-    """The image-quality checks, then the out-of-distribution flag, as sentences for a person."""
-    spec = manifest.preprocessing
-    out = quality_warnings(image, size, (spec.width, spec.height))
+def image_warnings(pred: Prediction, manifest: Manifest, quality: list[str]) -> list[str]:
+    """The image-quality warnings (`service.core.quality`), then the out-of-distribution flag, as
+    sentences for a person."""
+    out = list(quality)
     ood = manifest.ood
     if ood is not None and pred.ood_score is not None and ood.flags(pred.ood_score):
         out.append(

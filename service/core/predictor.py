@@ -98,6 +98,16 @@ class Predictor:
         self.predict_kwargs = {name: thread_limit(model, model_threads) for name, model in models.items()}
         self.gaussian = gaussian  # the Mahalanobis score's class means and precision
         self.model_card = model_card  # MODEL_CARD.md, when the bundle has one
+        self.model_threads = model_threads
+        from threadpoolctl import ThreadpoolController  # scikit-learn's own dependency
+
+        self.threadpools = ThreadpoolController()  # finds the BLAS libraries once (limiting is then ~35 us)
+
+    def blas_limited(self) -> Any:
+        """A context holding numpy's BLAS to `model_threads` threads. Left alone, a multi-threaded BLAS
+        call (the Mahalanobis distance, the meta-learner) leaves its threads spinning on the cores,
+        which made the next CNN call about twice as slow on 2 cores."""
+        return self.threadpools.limit(limits=self.model_threads, user_api="blas")
 
     @property
     def cnn_precision(self) -> str:
@@ -184,13 +194,15 @@ class Predictor:
         meta = [validate_metadata(v, m.features) for v in metadata]
         if cnn_probs is None:
             cnn_probs = self.cnn_probs(images)
-        feats = build_features(cnn_probs, meta, image_stats(images), m.features)
-        probs = {m.cnn.name: cnn_probs}
-        for booster in m.boosters:
-            model, kwargs = self.models[booster.name], self.predict_kwargs[booster.name]
-            probs[booster.name] = model.predict_proba(feats, **kwargs).astype(np.float64)
-        probs[m.soft_vote] = soft_vote(probs, m.level1)
-        probs[m.stack.name] = self.models[m.stack.name].predict_proba(stack_inputs(probs, m.level1)).astype(np.float64)
+        with self.blas_limited():
+            feats = build_features(cnn_probs, meta, image_stats(images), m.features)
+            probs = {m.cnn.name: cnn_probs}
+            for booster in m.boosters:
+                model, kwargs = self.models[booster.name], self.predict_kwargs[booster.name]
+                probs[booster.name] = model.predict_proba(feats, **kwargs).astype(np.float64)
+            probs[m.soft_vote] = soft_vote(probs, m.level1)
+            stacked = self.models[m.stack.name].predict_proba(stack_inputs(probs, m.level1))
+        probs[m.stack.name] = stacked.astype(np.float64)
         return probs
 
     def predict(self, images: np.ndarray, metadata: Sequence[MetadataLike]) -> list[Prediction]:
@@ -198,7 +210,10 @@ class Predictor:
         ood = self.manifest.ood
         outs = self.cnn_outputs(images, ["embedding", "logits"] if ood else [])
         comps = self.predict_components(images, metadata, outs[self.manifest.cnn.output_name])
-        score = scores(ood.method, outs["embedding"], outs["logits"], self.gaussian) if ood else [None] * len(images)
+        with self.blas_limited():
+            score = (
+                scores(ood.method, outs["embedding"], outs["logits"], self.gaussian) if ood else [None] * len(images)
+            )
         return [
             Prediction({k: v[i] for k, v in comps.items()}, self.manifest.served, None if s is None else float(s))
             for i, s in enumerate(score)
@@ -214,7 +229,8 @@ class Predictor:
         meta = [validate_metadata(v, m.features) for v in metadata]
         feats = build_features(outs[m.cnn.output_name], meta, image_stats(images), m.features)
         groups = feature_groups(m.features)
-        shap = {b.name: tree_shap(self.models[b.name], feats) for b in m.boosters}
+        with self.blas_limited():
+            shap = {b.name: tree_shap(self.models[b.name], feats) for b in m.boosters}
         out = []
         for i, label in enumerate(labels):
             c = m.classes.index(label)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import ctypes
 import json
 import sys
+from dataclasses import dataclass
 from threading import Semaphore
 
 import numpy as np
@@ -37,6 +38,7 @@ from service.core.preprocess import (
     resize_for_model,
 )
 from service.core.priors import PriorError
+from service.core.quality import quality_warnings
 
 ERRORS: dict[int | str, dict] = {code: {"model": ErrorResponse} for code in (400, 401, 408, 413, 415, 422, 503)}
 
@@ -61,12 +63,21 @@ def named(name: str | None, exc: ImageError) -> ImageError:
     return type(exc)(f"image '{name}': {exc}")
 
 
+@dataclass
+class Decoded:
+    """A request's uploads, ready for the model."""
+
+    images: np.ndarray  # (N,H,W,3) uint8 at the model's input size
+    sizes: list[tuple[int, int]]  # each upload's (w, h) as sent
+    quality: list[list[str]]  # each image's quality warnings
+
+
 def decode_all(
     uploads: list[tuple[bytes, str | None]], spec: ImageSpec, slots: Semaphore, settings: Settings
-) -> tuple[np.ndarray, list[tuple[int, int]]]:
+) -> Decoded:
     """Headers first: every image's decoded pixels are counted against the per-image and per-request
-    budgets before any is decoded. Then one image at a time, at most `decode_slots` at once per worker.
-    Returns the model-size images and each upload's size (w, h) as sent."""
+    budgets before any is decoded. Then one image at a time, at most `decode_slots` at once per worker,
+    and the quality checks on the whole request (here, in the thread pool, not on the event loop)."""
     opened: list[Image.Image | None] = []
     for data, name in uploads:
         try:
@@ -89,7 +100,7 @@ def decode_all(
         opened[i] = None  # free the decoded image now
     if total > LARGE_DECODE:
         release_freed_memory()
-    return out, sizes
+    return Decoded(out, sizes, quality_warnings(out, sizes, (spec.width, spec.height)))
 
 
 def release_freed_memory() -> None:
@@ -128,23 +139,23 @@ async def predict_uploads(
     predictor: Predictor,
     state: ModelState,
     settings: Settings,
-) -> tuple[list[Prediction], np.ndarray, list[tuple[int, int]]]:
+) -> tuple[list[Prediction], Decoded]:
     """Decode the uploads in the thread pool, then queue them for the micro-batcher's next model call
     on `predictor` (the bundle this request started with answers it, even across a swap)."""
     assert state.batcher is not None
     spec = predictor.manifest.preprocessing
-    batch, sizes = await run_in_threadpool(decode_all, uploads, spec, state.decode_slots, settings)
-    return await state.batcher.submit(predictor, batch, metas), batch, sizes
+    decoded = await run_in_threadpool(decode_all, uploads, spec, state.decode_slots, settings)
+    return await state.batcher.submit(predictor, decoded.images, metas), decoded
 
 
 def answered(
-    pred: Prediction, prior: tuple[str, tuple[np.ndarray, float] | None], predictor: Predictor, image, size
+    pred: Prediction, prior: tuple[str, tuple[np.ndarray, float] | None], predictor: Predictor, quality: list[str]
 ) -> dict:
     """A prediction under the request's prior, with its warnings: the fields every answer shares."""
     name, adjust = prior
     m = predictor.manifest
     moved = pred if adjust is None else pred.under_prior(*adjust)
-    return dict(pred=moved, manifest=m, prior=name, warnings=image_warnings(pred, m, image, size))
+    return dict(pred=moved, manifest=m, prior=name, warnings=image_warnings(pred, m, quality))
 
 
 PRIOR_HELP = (
@@ -173,13 +184,13 @@ async def predict(
     explain = explain or explain_query
     if explain and "cam" not in predictor.manifest.cnn.explain_outputs:
         raise HTTPException(422, "explain: this bundle's CNN graph has no heatmap output (retrain or re-export it)")
-    (pred,), batch, sizes = await predict_uploads([(data, image.filename)], [meta], predictor, state, settings)
+    (pred,), decoded = await predict_uploads([(data, image.filename)], [meta], predictor, state, settings)
     m = predictor.manifest
-    fields = answered(pred, chosen, predictor, batch[0], sizes[0])
+    fields = answered(pred, chosen, predictor, decoded.quality[0])
     explanation = None
     if explain:
         label = m.classes[int(np.argmax(fields["pred"].probabilities))]  # the answer as returned (under its prior)
-        (e,) = await run_in_threadpool(predictor.explain, batch, [meta], [label])
+        (e,) = await run_in_threadpool(predictor.explain, decoded.images, [meta], [label])
         explanation = ExplanationOut.of(e)
     return PredictResponse.from_prediction(
         **fields,
@@ -205,11 +216,11 @@ async def predict_batch(
     uploads = [(await read_upload(f, settings), f.filename) for f in images]
     metas = metadata_list_from_json(metadata, len(images), predictor.manifest.features)
     chosen = parse_prior(prior, predictor)
-    preds, batch, sizes = await predict_uploads(uploads, metas, predictor, state, settings)
+    preds, decoded = await predict_uploads(uploads, metas, predictor, state, settings)
     m = predictor.manifest
     items = [
-        BatchItem.from_prediction(**answered(p, chosen, predictor, batch[i], sizes[i]), filename=name)
-        for i, ((_, name), p) in enumerate(zip(uploads, preds))
+        BatchItem.from_prediction(**answered(p, chosen, predictor, quality), filename=name)
+        for (_, name), p, quality in zip(uploads, preds, decoded.quality)
     ]
     return BatchResponse(
         predictions=items, model=ModelRef.of(m), request_id=request.state.request_id, notice=notice_for(m)
