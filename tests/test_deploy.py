@@ -68,6 +68,17 @@ def test_serving_lock_file_pins_what_pyproject_pins():
     assert not {"torch", "torchvision", "kornia", "matplotlib", "plotly", "xgboost"} & set(locked)
 
 
+def test_the_gpu_training_image_swaps_in_the_cuda_xgboost():
+    """xgboost-cpu cannot train on a GPU: the CUDA build of Dockerfile.train replaces it with the same
+    version of the full xgboost (done by hand once: `build_info()['USE_CUDA']` was True after the swap)."""
+    import yaml
+
+    train = (REPO / "Dockerfile.train").read_text()
+    assert "ARG XGBOOST=xgboost-cpu" in train and 'pip install --no-cache-dir "${XGBOOST}==${version}"' in train
+    gpu = yaml.safe_load((REPO / "docker-compose.gpu.yml").read_text())
+    assert gpu["services"]["train"]["build"]["args"]["XGBOOST"] == "xgboost"
+
+
 @pytest.mark.scenario
 def test_train_extra_resolves():
     out = subprocess.run(

@@ -26,7 +26,9 @@ admin_key_header = APIKeyHeader(
 )
 
 
-def check_admin_key(settings: Settings = Depends(get_settings), sent: str | None = Depends(admin_key_header)) -> None:
+async def check_admin_key(
+    settings: Settings = Depends(get_settings), sent: str | None = Depends(admin_key_header)
+) -> None:
     """Admin routes are off unless an admin key is set, and need it: a prediction client's API key is not enough."""
     if not settings.admin_key:
         raise HTTPException(403, "admin routes are off: set LESION_ADMIN_KEY to enable them")
