@@ -133,8 +133,11 @@ def test_boosters_run_on_the_budgeted_threads(tiny_run):
 
     p = Predictor.load(tiny_run / "bundle", model_threads=1)
     for booster in p.manifest.boosters:
-        model, kwargs = p.models[booster.name], p.predict_kwargs[booster.name]
-        assert model.get_params().get("n_jobs") == 1 or kwargs == {"thread_count": 1}, booster.name
+        model, fn = p.models[booster.name], p.probabilities[booster.name]
+        keywords = getattr(fn, "keywords", {})  # CatBoost: functools.partial(..., thread_count=1)
+        assert model.get_params().get("n_jobs") == 1 or keywords == {"thread_count": 1}, booster.name
+        features = np.random.default_rng(0).random((3, len(p.manifest.features.names)), np.float32)
+        assert np.allclose(fn(features), model.predict_proba(features), atol=1e-6), booster.name  # the same numbers
 
 
 def test_numpy_blas_runs_on_the_budgeted_threads_after_the_cnn(tiny_run, monkeypatch):
@@ -150,8 +153,8 @@ def test_numpy_blas_runs_on_the_budgeted_threads_after_the_cnn(tiny_run, monkeyp
 
     p = Predictor.load(tiny_run / "bundle", model_threads=1)
     seen: list[set[int]] = []
-    stack, scores = p.models[p.manifest.stack.name], predictor_module.scores
-    monkeypatch.setattr(stack, "predict_proba", lambda x, f=stack.predict_proba: seen.append(blas_threads()) or f(x))
+    stack, scores = p.probabilities[p.manifest.stack.name], predictor_module.scores
+    p.probabilities[p.manifest.stack.name] = lambda x: seen.append(blas_threads()) or stack(x)
     monkeypatch.setattr(predictor_module, "scores", lambda *a: seen.append(blas_threads()) or scores(*a))
     with p.threadpools.limit(limits=2, user_api="blas"):
         spec = p.manifest.preprocessing

@@ -5,8 +5,9 @@ This is also the offline inference API: `Predictor.load(dir).predict(images, met
 
 from __future__ import annotations
 
+import functools
 import inspect
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -63,17 +64,22 @@ def cnn_graph(manifest: Manifest, precision: str) -> str:
     return cnn.fp32_file
 
 
-def thread_limit(model: Any, threads: int) -> dict[str, int]:
-    """Limit an estimator's threads: scikit-learn style `n_jobs` is set on the model (XGBoost and
-    LightGBM read it when predicting); a `thread_count` argument of predict_proba (CatBoost, whose
-    fitted models refuse set_params) is returned, to be passed on every call."""
+def probability_fn(model: Any, threads: int) -> Callable[[np.ndarray], np.ndarray]:
+    """The model's class probabilities on `threads` threads, as a function of the features.
+
+    LightGBM's own booster is called directly (the same numbers: its scikit-learn wrapper only
+    re-validates the input first, 0.9 ms for one row against 0.1 ms). A scikit-learn style `n_jobs`
+    is set on the model (XGBoost reads it when predicting); CatBoost, whose fitted models refuse
+    set_params, takes `thread_count` on every call."""
     params = model.get_params() if hasattr(model, "get_params") else {}
     if "n_jobs" in params:
         model.set_params(n_jobs=threads)
-        return {}
-    if "thread_count" in inspect.signature(model.predict_proba).parameters:
-        return {"thread_count": threads}
-    return {}
+    elif "thread_count" in inspect.signature(model.predict_proba).parameters:
+        return functools.partial(model.predict_proba, thread_count=threads)
+    booster = getattr(model, "booster_", None)
+    if type(model).__module__.startswith("lightgbm.") and booster is not None:
+        return lambda x: np.asarray(booster.predict(x, num_threads=threads)).reshape(len(x), -1)
+    return model.predict_proba
 
 
 class Predictor:
@@ -95,7 +101,7 @@ class Predictor:
         self.session = session
         self.models = models
         self.cnn_file = cnn_file  # the graph `session` runs
-        self.predict_kwargs = {name: thread_limit(model, model_threads) for name, model in models.items()}
+        self.probabilities = {name: probability_fn(model, model_threads) for name, model in models.items()}
         self.gaussian = gaussian  # the Mahalanobis score's class means and precision
         self.model_card = model_card  # MODEL_CARD.md, when the bundle has one
         self.model_threads = model_threads
@@ -198,10 +204,9 @@ class Predictor:
             feats = build_features(cnn_probs, meta, image_stats(images), m.features)
             probs = {m.cnn.name: cnn_probs}
             for booster in m.boosters:
-                model, kwargs = self.models[booster.name], self.predict_kwargs[booster.name]
-                probs[booster.name] = model.predict_proba(feats, **kwargs).astype(np.float64)
+                probs[booster.name] = self.probabilities[booster.name](feats).astype(np.float64)
             probs[m.soft_vote] = soft_vote(probs, m.level1)
-            stacked = self.models[m.stack.name].predict_proba(stack_inputs(probs, m.level1))
+            stacked = self.probabilities[m.stack.name](stack_inputs(probs, m.level1))
         probs[m.stack.name] = stacked.astype(np.float64)
         return probs
 
