@@ -17,7 +17,7 @@ import onnxruntime as ort
 
 from service.core.manifest import CnnModel
 from service.core.metadata import ClinicalMetadata
-from service.core.predictor import Predictor
+from service.core.predictor import Predictor, limit_numpy_blas
 from service.core.preprocess import load_for_model, to_model_input
 
 
@@ -55,6 +55,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args()
     pred = Predictor.load(args.bundle, intra_op_threads=args.threads)
+    limit_numpy_blas(1)  # as the service does
     spec = pred.manifest.preprocessing
     data = args.image.read_bytes() if args.image else None
     img = load_for_model(data, spec) if data else np.full((spec.height, spec.width, 3), 128, np.uint8)

@@ -33,7 +33,7 @@ from PIL import Image
 
 from benchmarks.bench_inference import graph_images_per_s, timed
 from service.core.metadata import ClinicalMetadata
-from service.core.predictor import Predictor
+from service.core.predictor import Predictor, limit_numpy_blas
 from service.core.preprocess import decode_opened, load_for_model, open_image, resize_for_model, to_model_input
 
 DEFAULT_IMAGES = Path(__file__).parents[1].parent / "shared" / "data" / "ham10000" / "images"
@@ -166,6 +166,7 @@ def main() -> None:
     naive = naive_script(images, spec.width, spec.height, args.rounds)
     print(f"naive torch script (one ResNet-18, per request): {naive:.1f} images/s")
 
+    limit_numpy_blas(1)  # as the service does (LESION_BOOSTER_THREADS=1): the same in-process conditions
     meta = [ClinicalMetadata(age=55, sex="female", site="back")]
     t_request = 1 / per_second(lambda d: predictor.predict(load_for_model(d, spec)[None], meta), images, args.rounds)
     print(f"in-process Predictor, one request (decode + whole stack): {1000 * t_request:.1f} ms")

@@ -1,6 +1,6 @@
 #!/bin/sh
 # Removes from a serving virtual environment what serving never loads: the libraries' own test
-# suites (pandas/tests, scipy/*/tests, numpy/_core/tests, ...: about 105 MB) and pip.
+# suites (pandas/tests, scipy/*/tests, numpy/_core/tests, ...: about 105 MB), pip and setuptools.
 # Used by Dockerfile.api; tests/test_deploy.py serves a bundle (explanations included) from a venv
 # slimmed by this same script.
 # Usage: deploy/slim_venv.sh VENV
@@ -9,4 +9,4 @@ venv=${1:?usage: slim_venv.sh VENV}
 for site in "$venv"/lib/python3*/site-packages; do
     find "$site" -depth -type d -name tests -path "$site/*/*" -exec rm -rf {} +
 done
-"$venv/bin/python" -m pip uninstall --yes --quiet pip setuptools 2>/dev/null || true
+"$venv/bin/python" -m pip uninstall --yes --quiet pip setuptools

@@ -132,36 +132,47 @@ def test_boosters_run_on_the_budgeted_threads(tiny_run):
     from service.core.predictor import Predictor
 
     p = Predictor.load(tiny_run / "bundle", model_threads=1)
+    features = np.random.default_rng(0).random((3, len(p.manifest.features.names)), np.float32)
     for booster in p.manifest.boosters:
         model, fn = p.models[booster.name], p.probabilities[booster.name]
-        keywords = getattr(fn, "keywords", {})  # CatBoost: functools.partial(..., thread_count=1)
+        keywords = getattr(fn, "keywords", {})  # functools.partial(..., thread_count=1 or threads=1)
         assert model.get_params().get("n_jobs") == 1 or keywords == {"thread_count": 1}, booster.name
-        features = np.random.default_rng(0).random((3, len(p.manifest.features.names)), np.float32)
-        assert np.allclose(fn(features), model.predict_proba(features), atol=1e-6), booster.name  # the same numbers
+        if type(model).__module__.startswith("lightgbm"):
+            assert keywords == {"threads": 1}  # its own booster, called with num_threads
+        got, expected = fn(features), model.predict_proba(features)
+        assert got.shape == expected.shape and np.allclose(got, expected, atol=1e-6), booster.name  # same numbers
 
 
-def test_numpy_blas_runs_on_the_budgeted_threads_after_the_cnn(tiny_run, monkeypatch):
-    """Boosters, meta-learner and OOD distance run with BLAS held to `model_threads`: BLAS threads
-    left spinning after a call there would compete with the next CNN call. The limit is restored after."""
-    from threadpoolctl import threadpool_info
+def test_lightgbm_binary_probabilities_have_both_columns():
+    from lightgbm import LGBMClassifier
 
-    import service.core.predictor as predictor_module
-    from service.core.predictor import Predictor
+    from service.core.predictor import probability_fn
+
+    rng = np.random.default_rng(0)
+    x, y = rng.random((60, 3)), rng.integers(0, 2, 60)
+    model = LGBMClassifier(n_estimators=5, min_child_samples=5, verbose=-1).fit(x, y)
+    got = probability_fn(model, 1)(x[:4])
+    assert got.shape == (4, 2) and np.allclose(got, model.predict_proba(x[:4]))
+
+
+def test_the_service_caps_numpy_blas_at_the_boosters_threads(tiny_run):
+    """After a multi-threaded BLAS call its threads keep spinning and slow the next CNN call: the
+    service caps numpy's BLAS at `booster_threads` for the process when it loads the model, and
+    never raises it."""
+    from threadpoolctl import threadpool_info, threadpool_limits
+
+    from service.api.state import ModelState
+    from service.core.predictor import limit_numpy_blas
 
     def blas_threads() -> set[int]:
         return {lib["num_threads"] for lib in threadpool_info() if lib["user_api"] == "blas"}
 
-    p = Predictor.load(tiny_run / "bundle", model_threads=1)
-    seen: list[set[int]] = []
-    stack, scores = p.probabilities[p.manifest.stack.name], predictor_module.scores
-    p.probabilities[p.manifest.stack.name] = lambda x: seen.append(blas_threads()) or stack(x)
-    monkeypatch.setattr(predictor_module, "scores", lambda *a: seen.append(blas_threads()) or scores(*a))
-    with p.threadpools.limit(limits=2, user_api="blas"):
-        spec = p.manifest.preprocessing
-        image = np.zeros((1, spec.height, spec.width, 3), np.uint8)
-        p.predict(image, [{"age": 50}])
-        assert blas_threads() == {2}  # restored
-    assert len(seen) == 1 + (p.manifest.ood is not None) and all(s == {1} for s in seen), seen
+    with threadpool_limits(limits=2, user_api="blas"):  # restores the test process's setting after
+        assert blas_threads() == {2}
+        ModelState().load(Settings(bundle=tiny_run / "bundle", booster_threads=1))
+        assert blas_threads() == {1}
+        limit_numpy_blas(4)
+        assert blas_threads() == {1}
 
 
 def test_requests_pending_when_the_batcher_stops_are_answered():

@@ -14,7 +14,7 @@ from service.api.batching import MicroBatcher
 from service.api.metrics import Metrics
 from service.api.settings import Settings
 from service.core.manifest import Manifest
-from service.core.predictor import Predictor
+from service.core.predictor import Predictor, limit_numpy_blas
 
 log = logging.getLogger("service")
 
@@ -59,6 +59,7 @@ class ModelState:
             cnn_precision=settings.cnn_precision,
             model_threads=budget.boosters,
         )
+        limit_numpy_blas(budget.boosters)  # for the process, once the bundle's libraries (and their BLAS) are loaded
         spec = predictor.manifest.preprocessing
         predictor.predict(np.full((1, spec.height, spec.width, 3), 128, np.uint8), [None])  # warm-up
         bundle_id = predictor.manifest.bundle_id

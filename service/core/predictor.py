@@ -78,8 +78,31 @@ def probability_fn(model: Any, threads: int) -> Callable[[np.ndarray], np.ndarra
         return functools.partial(model.predict_proba, thread_count=threads)
     booster = getattr(model, "booster_", None)
     if type(model).__module__.startswith("lightgbm.") and booster is not None:
-        return lambda x: np.asarray(booster.predict(x, num_threads=threads)).reshape(len(x), -1)
+        return functools.partial(lightgbm_probabilities, booster, threads=threads)
     return model.predict_proba
+
+
+def lightgbm_probabilities(booster: Any, x: np.ndarray, threads: int) -> np.ndarray:
+    """(N, C) as LGBMClassifier.predict_proba gives them (a binary booster returns P(class 1) only)."""
+    p = np.asarray(booster.predict(x, num_threads=threads))
+    return np.column_stack([1 - p, p]) if p.ndim == 1 else p
+
+
+def limit_numpy_blas(threads: int) -> None:
+    """Cap the BLAS that numpy and scipy use at `threads` threads, for the whole process (never
+    raised). A serving process calls it once: its BLAS work is small (the meta-learner, the
+    Mahalanobis distance), and after a multi-threaded BLAS call the library's threads keep spinning
+    on the cores, which made the next CNN call about twice as slow on 2 cores."""
+    from threadpoolctl import ThreadpoolController  # scikit-learn's own dependency
+
+    for lib in ThreadpoolController().select(user_api="blas").lib_controllers:
+        # threadpoolctl lets one thread at a time set a process-wide OpenBLAS pool ("controlling
+        # thread", silently ignoring others): take the role, set the size, give the role back
+        release = getattr(type(lib), "clear_controlling_thread", lambda force: None)
+        release(force=True)
+        if lib.num_threads > threads:
+            lib.set_num_threads(threads)
+        release(force=True)
 
 
 class Predictor:
@@ -104,16 +127,6 @@ class Predictor:
         self.probabilities = {name: probability_fn(model, model_threads) for name, model in models.items()}
         self.gaussian = gaussian  # the Mahalanobis score's class means and precision
         self.model_card = model_card  # MODEL_CARD.md, when the bundle has one
-        self.model_threads = model_threads
-        from threadpoolctl import ThreadpoolController  # scikit-learn's own dependency
-
-        self.threadpools = ThreadpoolController()  # finds the BLAS libraries once (limiting is then ~35 us)
-
-    def blas_limited(self) -> Any:
-        """A context holding numpy's BLAS to `model_threads` threads. Left alone, a multi-threaded BLAS
-        call (the Mahalanobis distance, the meta-learner) leaves its threads spinning on the cores,
-        which made the next CNN call about twice as slow on 2 cores."""
-        return self.threadpools.limit(limits=self.model_threads, user_api="blas")
 
     @property
     def cnn_precision(self) -> str:
@@ -200,14 +213,12 @@ class Predictor:
         meta = [validate_metadata(v, m.features) for v in metadata]
         if cnn_probs is None:
             cnn_probs = self.cnn_probs(images)
-        with self.blas_limited():
-            feats = build_features(cnn_probs, meta, image_stats(images), m.features)
-            probs = {m.cnn.name: cnn_probs}
-            for booster in m.boosters:
-                probs[booster.name] = self.probabilities[booster.name](feats).astype(np.float64)
-            probs[m.soft_vote] = soft_vote(probs, m.level1)
-            stacked = self.probabilities[m.stack.name](stack_inputs(probs, m.level1))
-        probs[m.stack.name] = stacked.astype(np.float64)
+        feats = build_features(cnn_probs, meta, image_stats(images), m.features)
+        probs = {m.cnn.name: cnn_probs}
+        for booster in m.boosters:
+            probs[booster.name] = self.probabilities[booster.name](feats).astype(np.float64)
+        probs[m.soft_vote] = soft_vote(probs, m.level1)
+        probs[m.stack.name] = self.probabilities[m.stack.name](stack_inputs(probs, m.level1)).astype(np.float64)
         return probs
 
     def predict(self, images: np.ndarray, metadata: Sequence[MetadataLike]) -> list[Prediction]:
@@ -215,10 +226,7 @@ class Predictor:
         ood = self.manifest.ood
         outs = self.cnn_outputs(images, ["embedding", "logits"] if ood else [])
         comps = self.predict_components(images, metadata, outs[self.manifest.cnn.output_name])
-        with self.blas_limited():
-            score = (
-                scores(ood.method, outs["embedding"], outs["logits"], self.gaussian) if ood else [None] * len(images)
-            )
+        score = scores(ood.method, outs["embedding"], outs["logits"], self.gaussian) if ood else [None] * len(images)
         return [
             Prediction({k: v[i] for k, v in comps.items()}, self.manifest.served, None if s is None else float(s))
             for i, s in enumerate(score)
@@ -234,8 +242,7 @@ class Predictor:
         meta = [validate_metadata(v, m.features) for v in metadata]
         feats = build_features(outs[m.cnn.output_name], meta, image_stats(images), m.features)
         groups = feature_groups(m.features)
-        with self.blas_limited():
-            shap = {b.name: tree_shap(self.models[b.name], feats) for b in m.boosters}
+        shap = {b.name: tree_shap(self.models[b.name], feats) for b in m.boosters}
         out = []
         for i, label in enumerate(labels):
             c = m.classes.index(label)
