@@ -183,3 +183,17 @@ def test_xgboost_cpu_counts_as_xgboost():
 
     assert library_versions(["xgboost"])["xgboost"] == xgboost.__version__
     assert library_versions(["no-such-library"]) == {"no-such-library": "missing"}
+
+
+def test_image_stats_are_each_channels_mean_and_std():
+    """The boosters' image features (shared by training and serving) against numpy's own mean and std."""
+    from service.core.features import image_stats
+
+    rng = np.random.default_rng(0)
+    images = np.concatenate([rng.integers(0, 256, (3, 24, 32, 3)), np.full((1, 24, 32, 3), 200)]).astype(np.uint8)
+    x = images.reshape(len(images), -1, 3).astype(np.float64) / 255.0
+    expected = np.concatenate([x.mean(axis=1), x.std(axis=1)], axis=1)
+    got = image_stats(images)
+    assert got.dtype == np.float32 and got.shape == (4, 6)
+    np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-7)
+    assert (got[3, 3:] == 0).all()  # a uniform image: std exactly 0, never NaN
