@@ -68,15 +68,30 @@ def test_serving_lock_file_pins_what_pyproject_pins():
     assert not {"torch", "torchvision", "kornia", "matplotlib", "plotly", "xgboost"} & set(locked)
 
 
-def test_the_gpu_training_image_swaps_in_the_cuda_xgboost():
-    """xgboost-cpu cannot train on a GPU: the CUDA build of Dockerfile.train replaces it with the same
-    version of the full xgboost (done by hand once: `build_info()['USE_CUDA']` was True after the swap)."""
+@pytest.mark.parametrize("xgboost_arg", ["xgboost", "xgboost-cpu"])
+def test_the_gpu_training_image_swaps_in_the_cuda_xgboost(xgboost_arg, tmp_path):
+    """xgboost-cpu cannot train on a GPU: the CUDA build of Dockerfile.train (XGBOOST=xgboost, set by
+    the GPU compose file) replaces it with the same version of the full xgboost. Runs the Dockerfile's
+    own RUN line with stand-ins for pip and python that log what they are asked to do. (The real swap
+    was run by hand once: `xgboost.build_info()['USE_CUDA']` was True after it.)"""
     import yaml
 
-    train = (REPO / "Dockerfile.train").read_text()
-    assert "ARG XGBOOST=xgboost-cpu" in train and 'pip install --no-cache-dir "${XGBOOST}==${version}"' in train
     gpu = yaml.safe_load((REPO / "docker-compose.gpu.yml").read_text())
     assert gpu["services"]["train"]["build"]["args"]["XGBOOST"] == "xgboost"
+    train = (REPO / "Dockerfile.train").read_text()
+    assert "ARG XGBOOST=xgboost-cpu" in train
+    (run,) = re.findall(r'^RUN (pip install [^\n]*"\.\[train\]"(?:.*\\\n)*.*)$', train, re.M)
+    log = tmp_path / "calls.log"
+    for tool, extra in (("pip", ""), ("python", "echo 3.2.0\n")):
+        stub = tmp_path / tool
+        stub.write_text(f'#!/bin/sh\necho "{tool} $*" >> "{log}"\n{extra}')
+        stub.chmod(0o755)
+    env = {"PATH": f"{tmp_path}:/usr/bin:/bin", "XGBOOST": xgboost_arg, "TORCH_INDEX": "https://index"}
+    subprocess.run(["sh", "-ec", run.replace("\\\n", "")], env=env, check=True)  # Docker joins continued lines
+    pips = [line for line in log.read_text().splitlines() if line.startswith("pip")]
+    swap = ["pip uninstall --yes xgboost-cpu", "pip install --no-cache-dir xgboost==3.2.0"]
+    assert pips[0].startswith("pip install") and pips[0].endswith(".[train]")
+    assert pips[1:] == (swap if xgboost_arg == "xgboost" else [])
 
 
 @pytest.mark.scenario
