@@ -162,12 +162,19 @@ def feature_matrix(run) -> np.ndarray:
     return build_features(cnn_probs, run.dataset.metadata(), image_stats(run.images), FeatureSpec())
 
 
+def inner_split(fold: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """For outer fold k: the rows a booster is fitted on (all folds but k and the next one) and the
+    rows that choose its number of rounds (the next fold)."""
+    inner = (k + 1) % (fold.max() + 1)
+    return (fold != k) & (fold != inner), fold == inner
+
+
 def check_every_class_trains(y: np.ndarray, fold: np.ndarray) -> None:
     """Each booster fits on all folds but an outer and an inner one, and needs every class there
     (XGBoost refuses labels that skip a class). Say so plainly when a class is too rare for that."""
     n_folds = fold.max() + 1
     for k in range(n_folds):
-        fit_rows = (fold != k) & (fold != (k + 1) % n_folds)
+        fit_rows, _ = inner_split(fold, k)
         missing = [c for i, c in enumerate(labels.CLASSES) if not (y[fit_rows] == i).any()]
         if missing:
             counts = ", ".join(f"{c}: {(y == labels.CLASSES.index(c)).sum()} images" for c in missing)
@@ -186,8 +193,7 @@ def cross_fit(
     oof = np.zeros((len(y), len(labels.CLASSES)))
     chosen = []
     for k in tqdm(range(n_folds), desc=b.name, leave=False, disable=None):
-        inner = (k + 1) % n_folds
-        fit_rows, stop_rows = (fold != k) & (fold != inner), fold == inner
+        fit_rows, stop_rows = inner_split(fold, k)
         xf, yf = x[fit_rows], y[fit_rows]
         probe = b.fit_early_stopping(b.make(rounds, seed, True), xf, yf, balanced(yf), x[stop_rows], y[stop_rows])
         chosen.append(b.best_rounds(probe))
