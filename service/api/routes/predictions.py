@@ -68,8 +68,7 @@ class Decoded:
     """A request's uploads, ready for the model."""
 
     images: np.ndarray  # (N,H,W,3) uint8 at the model's input size
-    sizes: list[tuple[int, int]]  # each upload's (w, h) as sent
-    quality: list[list[str]]  # each image's quality warnings
+    quality: list[list[str]]  # each image's quality warnings (these read the sizes as sent)
 
 
 def decode_all(
@@ -100,7 +99,7 @@ def decode_all(
         opened[i] = None  # free the decoded image now
     if total > LARGE_DECODE:
         release_freed_memory()
-    return Decoded(out, sizes, quality_warnings(out, sizes, (spec.width, spec.height)))
+    return Decoded(out, quality_warnings(out, sizes, (spec.width, spec.height)))
 
 
 def release_freed_memory() -> None:
