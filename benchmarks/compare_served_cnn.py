@@ -3,7 +3,7 @@
 python -m benchmarks.compare_served_cnn --data-dir DIR [--preset cpu] [--epochs N] [--image-size W]
 
 The last of the lesion-grouped folds is held out. On the other folds, the fold ensemble is trained as
-`training` trains it (one model per inner fold, best epoch by its validation BMCA) and one model is
+`training` trains it (one model per inner fold, last epoch kept) and one model is
 refit on all of them with the same recipe (`--served-cnn refit`). Both, and the ensemble's members
 alone, are scored on the held-out lesions; their CNN cost per image is measured side by side in
 onnxruntime on this machine's CPU.

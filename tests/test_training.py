@@ -82,6 +82,29 @@ def test_fold_model_never_trains_on_its_own_fold(tmp_path, subset, monkeypatch):
     assert len(oof) == len(table) and (oof.fold.to_numpy() == table.fold.to_numpy()).all()
 
 
+def test_held_out_labels_never_choose_the_fold_model(tmp_path, subset, monkeypatch):
+    """The fold's validation score is a learning curve only: whichever epoch scores best on the
+    held-out fold, the fold keeps its last epoch, so its OOF predictions and weights are the same."""
+    d = subset(4)
+    ds = load_dataset(d, log=lambda m: None)
+    table = ds.table.merge(make_folds(ds.table, 3, 0)[["image_id", "fold"]], on="image_id")
+    cfg = make_config("smoke", str(d), folds=3, epochs=3, image_size=32)
+    images = np.random.default_rng(0).integers(0, 256, (len(table), 24, 32, 3), dtype=np.uint8)
+    outputs = []
+    for peak in (1, 3):  # the validation score peaks at the first epoch, then at the last
+        scores = iter([1.0 if e == peak else 0.1 * e for _ in range(cfg.folds) for e in range(1, cfg.epochs + 1)])
+        monkeypatch.setattr(cnn_module, "evaluate", lambda *a, s=scores, **kw: (next(s), 1.0))
+        run_dir = tmp_path / f"peak{peak}"
+        oof = cnn_module.run_cnn(cfg, run_dir, table, images, log=lambda m: None)
+        summary = json.loads((run_dir / "cnn" / "fold0.json").read_text())
+        assert summary["epochs"] == cfg.epochs and len(summary["history"]) == cfg.epochs
+        assert summary["val_bmca"] == summary["history"][-1]["val_bmca"]
+        outputs.append((oof, torch.load(run_dir / "cnn" / "fold0.pt", weights_only=True)))
+    (oof_a, weights_a), (oof_b, weights_b) = outputs
+    pd.testing.assert_frame_equal(oof_a, oof_b)
+    assert all(torch.equal(weights_a[n], weights_b[n]) for n in weights_a)
+
+
 def test_onnx_matches_torch_on_real_images(smoke_run, sample_dir):
     cfg = run_config(smoke_run)
     spec = cfg.image_spec()

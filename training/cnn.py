@@ -1,9 +1,11 @@
 """Stage 2: ResNet-18 per fold -> out-of-fold probabilities; the fold models become the served CNN.
 
-Each fold trains on the other folds' lesions with augmentations, validates on its own fold with
-the evaluation transform, and keeps the epoch with the best validation BMCA. Its OOF probabilities
-come from that model, which never saw the fold's lesions. A per-epoch checkpoint lets a killed
-run resume inside a fold; finished folds are skipped.
+Each fold trains on the other folds' lesions with augmentations for a fixed number of epochs and
+keeps the last one, as the refit model does. Its OOF probabilities come from that model, which
+never saw the fold's lesions, and nothing about it was chosen with the fold's labels: the fold is
+validated after every epoch with the evaluation transform only to record a learning curve
+(picking the best epoch on it would make the OOF figures optimistic). A per-epoch checkpoint lets
+a killed run resume inside a fold; finished folds are skipped.
 
 The pieces, as in torchvision's reference scripts: `build_fold` (model, loss, optimiser, data,
 schedule), `train_one_epoch`, `evaluate`, `write_fold_outputs`; `train_fold` strings them together.
@@ -11,7 +13,6 @@ schedule), `train_one_epoch`, `evaluate`, `write_fold_outputs`; `train_fold` str
 
 from __future__ import annotations
 
-import copy
 import json
 import math
 import time
@@ -77,7 +78,7 @@ class FoldTraining:
     augment: nn.Module
     device: torch.device
     amp_dtype: torch.dtype | None
-    state: dict = field(default_factory=lambda: {"epoch": 0, "best": None, "best_bmca": -1.0, "history": []})
+    state: dict = field(default_factory=lambda: {"epoch": 0, "history": []})
 
 
 def build_fold(k: int, cfg: RunConfig, images: np.ndarray, y: np.ndarray, train_rows: np.ndarray) -> FoldTraining:
@@ -154,7 +155,7 @@ def train_one_epoch(t: FoldTraining, spec: ImageSpec, desc: str) -> tuple[float,
 def evaluate(
     model: nn.Module, images: torch.Tensor, y: np.ndarray, spec: ImageSpec, tta: bool, batch_size: int = 256
 ) -> tuple[float, float]:
-    """Validation BMCA and log loss, for choosing the epoch: the evaluation transform (float32, no
+    """Validation BMCA and log loss, for the learning curve: the evaluation transform (float32, no
     augmentation) on the validation rows' uint8 images (N,3,H,W) already on the device. `normalise`
     is the device twin of the service's `to_model_input`, so a GPU is not left waiting on the host."""
     model.eval()
@@ -168,27 +169,27 @@ def evaluate(
 def write_fold_outputs(
     t: FoldTraining, images: np.ndarray, val_rows: np.ndarray, spec: ImageSpec, tta: bool, cnn_dir: Path
 ) -> dict:
-    """The best epoch's OOF rows, the fold summary, and its weights last (fold<k>.pt marks the fold done)."""
+    """The last epoch's OOF rows, the fold summary, and its weights last (fold<k>.pt marks the fold done)."""
     k, state = t.k, t.state
-    t.model.load_state_dict(state["best"])
     oof = pd.DataFrame(predict_probs(t.model, images[val_rows], spec, tta), columns=PROB_COLUMNS)
     oof.insert(0, "row", val_rows)
     atomic_write_csv(cnn_dir / f"oof_fold{k}.csv", oof)
     summary = {
         "fold": k,
-        "best_epoch": state["best_epoch"],
-        "best_val_bmca": state["best_bmca"],
+        "epochs": state["epoch"],
+        "val_bmca": state["history"][-1]["val_bmca"],  # the kept (last) epoch's
         "history": state["history"],
     }
     atomic_write_text(cnn_dir / f"fold{k}.json", json.dumps(summary, indent=2))
-    atomic_write(cnn_dir / f"fold{k}.pt", lambda p: torch.save({n: v.cpu() for n, v in state["best"].items()}, p))
+    weights = {n: v.cpu() for n, v in t.model.state_dict().items()}
+    atomic_write(cnn_dir / f"fold{k}.pt", lambda p: torch.save(weights, p))
     return summary
 
 
 def train_fold(
     k: int, cfg: RunConfig, images: np.ndarray, y: np.ndarray, fold: np.ndarray, cnn_dir: Path, log=print
 ) -> dict:
-    """Train fold k on the other folds, keep its best epoch, write its OOF rows; returns its summary."""
+    """Train fold k on the other folds, keep its last epoch, write its OOF rows; returns its summary."""
     spec = cfg.image_spec()
     train_rows, val_rows = np.flatnonzero(fold != k), np.flatnonzero(fold == k)
     t = build_fold(k, cfg, images, y, train_rows)
@@ -207,8 +208,6 @@ def train_fold(
             f"fold {k} epoch {epoch}: train loss {train_loss:.3f}, val BMCA {bmca:.3f}, "
             f"val log loss {vloss:.3f}, {ips:.0f} train img/s"
         )
-        if bmca > t.state["best_bmca"]:
-            t.state.update(best_bmca=bmca, best_epoch=epoch, best=copy.deepcopy(t.model.state_dict()))
         t.state["epoch"] = epoch
         if distributed.is_main():  # under torchrun every process holds the same model; one writes
             save_checkpoint(t, ckpt_path)
@@ -224,7 +223,7 @@ def train_fold(
 
 def train_refit(cfg: RunConfig, images: np.ndarray, y: np.ndarray, rows: np.ndarray, log=print) -> nn.Module:
     """One model on all `rows` with the folds' recipe (cfg.epochs, the same one-cycle schedule),
-    keeping the last epoch: there is no held-out fold to pick an epoch with."""
+    keeping the last epoch, as the fold models do."""
     spec = cfg.image_spec()
     t = build_fold(cfg.folds, cfg, images, y, rows)  # seed cfg.seed + folds: unlike any fold model's
     for epoch in range(1, cfg.epochs + 1):
