@@ -4,8 +4,8 @@ python -m benchmarks.compare_tta --run RUN_DIR [--data-dir DIR]
 
 1. accuracy: every fold model scores the fold it never saw, once as trained and once with the 8
    dihedral views averaged (the cnn stage's own `predict_probs`); the CNN's out-of-fold metrics both
-   ways. The fold models were trained and their epochs chosen without TTA, so this is the gain of
-   switching it on at prediction time; a run with `--tta` also picks epochs with it.
+   ways. The fold models were trained without TTA, so this is the gain of switching it on at
+   prediction time; a run with `--tta` also records its learning curve with it.
 2. cost: the served CNN (RUN_DIR/cnn/refit.pt, or the fold models) exported with and without TTA,
    onnxruntime images/s at batch 1 and 8 on this machine's CPU, and their ratio.
 The stack's gain needs the boosters retrained on TTA out-of-fold features: `python -m training run --tta`.

@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+import json
+import shutil
 import subprocess
 import sys
 
+import numpy as np
+import pandas as pd
 import pytest
 
+from benchmarks.compare_recipes import compare
+from service.core.labels import CLASSES
 from tests.helpers import REPO, free_port
+from training.config import RunConfig
+from training.pipeline import Run
 
 
 def bench(module: str, *args: str) -> str:
@@ -67,3 +75,30 @@ def test_bench_explain_prints_the_cost_ratio(tiny_run, tiny_data):
     args = ["--bundle", str(tiny_run / "bundle"), "--data-dir", str(tiny_data), "--requests", "5"]
     stdout = bench("bench_explain", *args)
     assert "explain=true" in stdout and "ratio" in stdout, stdout
+
+
+def test_compare_recipes_pairs_runs_on_the_same_folds_and_refuses_others(tiny_run, tmp_path):
+    """A second "recipe" whose OOF rows lean toward the true class must come out paired and ahead."""
+    better = tmp_path / "better"
+    for part in ("config.json", "artifacts/folds.csv", "artifacts/oof_cnn.csv", "cnn"):
+        dst = better / part
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        (shutil.copytree if (tiny_run / part).is_dir() else shutil.copy)(tiny_run / part, dst)
+    config = json.loads((better / "config.json").read_text())
+    (better / "config.json").write_text(json.dumps({**config, "lr": config["lr"] / 2}))
+    oof = pd.read_csv(better / "artifacts" / "oof_cnn.csv")
+    onehot = np.eye(len(CLASSES))[Run(RunConfig(**config), tiny_run, log=lambda m: None).table.label.to_numpy()]
+    probs = oof.filter(like="p_").to_numpy()
+    oof[[f"p_{c}" for c in CLASSES]] = 0.5 * probs + 0.5 * onehot
+    oof.to_csv(better / "artifacts" / "oof_cnn.csv", index=False)
+
+    text = compare([tiny_run, better], bootstrap=20)
+    assert f"| lr | {config['lr']} | {config['lr'] / 2} |" in text
+    paired = next(line for line in text.splitlines() if line.startswith(f"Paired difference better - {tiny_run.name}"))
+    assert float(paired.split("bmca ")[1].split()[0]) > 0, paired
+    assert sum(line.startswith("| better |") for line in text.splitlines()) == 2  # metrics row, recall row
+
+    folds = pd.read_csv(better / "artifacts" / "folds.csv")
+    folds.assign(fold=(folds.fold + 1) % folds.fold.nunique()).to_csv(better / "artifacts" / "folds.csv", index=False)
+    with pytest.raises(SystemExit, match="do not share their folds"):
+        compare([tiny_run, better], bootstrap=5)
