@@ -21,12 +21,12 @@ import argparse
 import json
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 from sklearn.metrics import recall_score
 
 from service.core.labels import CLASSES
-from training.config import RunConfig
+from training.cnn import OLD_RULE, kept_best_epoch
+from training.config import saved_config
 from training.folds import folds_path
 from training.io import PROB_COLUMNS
 from training.metrics import with_intervals
@@ -35,12 +35,11 @@ from training.report import metrics_table
 
 
 def load_run(run_dir: Path, data_dir: str | None) -> Run:
-    saved = json.loads((run_dir / "config.json").read_text())
-    if data_dir:
-        saved["data_dir"] = data_dir
-    if not (run_dir / "artifacts" / "oof_cnn.csv").exists():
-        raise SystemExit(f"{run_dir}: its cnn stage is not finished (no artifacts/oof_cnn.csv)")
-    return Run(RunConfig(**saved), run_dir, log=lambda m: None)
+    cfg = saved_config(run_dir, data_dir=data_dir)
+    needed = [run_dir / "artifacts" / "oof_cnn.csv", *(run_dir / "cnn" / f"fold{k}.json" for k in range(cfg.folds))]
+    if missing := [str(p) for p in needed if not p.exists()]:
+        raise SystemExit(f"{run_dir}: its cnn stage is not finished ({', '.join(missing)} missing)")
+    return Run(cfg, run_dir, log=lambda m: None)
 
 
 def settings_that_differ(runs: dict[str, Run]) -> dict[str, list]:
@@ -49,13 +48,14 @@ def settings_that_differ(runs: dict[str, Run]) -> dict[str, list]:
     return {k: [p.get(k) for p in prints.values()] for k in keys if len({repr(p.get(k)) for p in prints.values()}) > 1}
 
 
-def learning_curve(run: Run) -> np.ndarray:
-    """Mean validation BMCA over the folds at each epoch."""
-    curves = [
-        [h["val_bmca"] for h in json.loads((run.dir / "cnn" / f"fold{k}.json").read_text())["history"]]
+def learning_curve(run: Run) -> pd.Series:
+    """Mean validation BMCA over the folds at each epoch (1, 2, ...)."""
+    rows = [
+        (h["epoch"], h["val_bmca"])
         for k in range(run.cfg.folds)
+        for h in json.loads((run.dir / "cnn" / f"fold{k}.json").read_text())["history"]
     ]
-    return np.mean(curves, axis=0)
+    return pd.DataFrame(rows, columns=["epoch", "bmca"]).groupby("epoch").bmca.mean()
 
 
 def compare(run_dirs: list[Path], data_dir: str | None = None, bootstrap: int = 1000, seed: int = 0) -> str:
@@ -71,18 +71,28 @@ def compare(run_dirs: list[Path], data_dir: str | None = None, bootstrap: int = 
             raise SystemExit(f"{name} and {first} do not share their folds: same data, --folds and --seed needed")
     table = runs[first].table
     y, lesions = table.label.to_numpy(), table.lesion_id.to_numpy()
-    probs = {name: r.oof("cnn")[PROB_COLUMNS].to_numpy() for name, r in runs.items()}
+    oofs = {name: r.oof("cnn") for name, r in runs.items()}
+    for name in others:
+        if not (oofs[name].image_id.to_numpy() == table.image_id.to_numpy()).all():
+            raise SystemExit(
+                f"{name} and {first} list their images in a different order: give both the same --data-dir"
+            )
+    probs = {name: oof[PROB_COLUMNS].to_numpy() for name, oof in oofs.items()}
 
     lines = [f"# CNN recipes on {len(y)} images, {runs[first].cfg.folds} lesion-grouped folds (out-of-fold)", ""]
     lines += ["| setting | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
     differ = settings_that_differ(runs)
-    lines += [f"| {k} | " + " | ".join(map(str, v)) + " |" for k, v in differ.items()] or ["| (none differ) |"]
+    none = ["| (none differ) |" + " |" * len(names)]
+    lines += [f"| {k} | " + " | ".join(map(str, v)) + " |" for k, v in differ.items()] or none
+    old = [name for name, r in runs.items() if any(kept_best_epoch(r.dir / "cnn", k) for k in range(r.cfg.folds))]
+    if old:
+        lines += ["", f"Note: {', '.join(old)} {OLD_RULE} (slightly optimistic against runs that kept the last)."]
     # the same seed draws the same lesion resamples in every call, so each difference is paired
     report = with_intervals(y, probs, lesions, bootstrap, seed, paired=(others[0], first) if others else ("", ""))
     lines += ["", *metrics_table(report)]
     for name in others[1:]:
         pair = with_intervals(y, {first: probs[first], name: probs[name]}, lesions, bootstrap, seed, (name, first))
-        lines.append(metrics_table(pair)[-1])
+        lines += ["", metrics_table(pair)[-1]]
     lines += ["", "Recall per class:", "", "| run | " + " | ".join(CLASSES) + " |", "|---" * (len(CLASSES) + 1) + "|"]
     for name, p in probs.items():
         recall = recall_score(y, p.argmax(1), labels=range(len(CLASSES)), average=None, zero_division=0)
@@ -90,8 +100,8 @@ def compare(run_dirs: list[Path], data_dir: str | None = None, bootstrap: int = 
     lines += ["", "Validation BMCA, mean over folds, by epoch:", ""]
     for name, r in runs.items():
         curve = learning_curve(r)
-        shown = sorted({*range(4, len(curve), 5), len(curve) - 1})
-        lines.append(f"- {name}: " + ", ".join(f"epoch {i + 1} {curve[i]:.3f}" for i in shown))
+        shown = [e for e in curve.index if e % 5 == 0 or e == curve.index[-1]]
+        lines.append(f"- {name}: " + ", ".join(f"epoch {e} {curve[e]:.3f}" for e in shown))
     return "\n".join(lines)
 
 

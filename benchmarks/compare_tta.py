@@ -14,7 +14,6 @@ The stack's gain needs the boosters retrained on TTA out-of-fold features: `pyth
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 from pathlib import Path
 
@@ -23,7 +22,7 @@ import numpy as np
 from benchmarks.bench_inference import graph_images_per_s
 from service.core.preprocess import to_model_input
 from training.cnn import load_fold_model, predict_probs, served_members
-from training.config import RunConfig
+from training.config import saved_config
 from training.export import export_onnx
 from training.metrics import all_metrics
 from training.pipeline import Run
@@ -37,10 +36,7 @@ def main() -> None:
     p.add_argument("--data-dir", help="the run's data, if it moved since (default: the run's config)")
     p.add_argument("--rounds", type=int, default=10)
     args = p.parse_args()
-    saved = json.loads((args.run / "config.json").read_text())
-    if args.data_dir:
-        saved["data_dir"] = args.data_dir
-    cfg = RunConfig(**saved)
+    cfg = saved_config(args.run, data_dir=args.data_dir)
     if cfg.tta:
         raise SystemExit(f"{args.run} was trained with --tta; compare on a run without it")
     run = Run(cfg, args.run, log=lambda m: None)

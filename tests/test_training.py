@@ -88,8 +88,9 @@ def test_held_out_labels_never_choose_the_fold_model(tmp_path, subset, monkeypat
     d = subset(4)
     ds = load_dataset(d, log=lambda m: None)
     table = ds.table.merge(make_folds(ds.table, 3, 0)[["image_id", "fold"]], on="image_id")
-    cfg = make_config("smoke", str(d), folds=3, epochs=3, image_size=32)
+    cfg = make_config("smoke", str(d), folds=3, epochs=3, image_size=32, precision="fp32")
     images = np.random.default_rng(0).integers(0, 256, (len(table), 24, 32, 3), dtype=np.uint8)
+    monkeypatch.setattr(cnn_module, "device_and_dtype", lambda p: (torch.device("cpu"), None))  # CPU: reproducible
     outputs = []
     for peak in (1, 3):  # the validation score peaks at the first epoch, then at the last
         scores = iter([1.0 if e == peak else 0.1 * e for _ in range(cfg.folds) for e in range(1, cfg.epochs + 1)])
@@ -284,3 +285,19 @@ def test_a_class_too_rare_for_the_boosters_splits_is_a_clear_error():
     y[(y == 3) & (fold != 0)] = 0  # df only in fold 0: the split training on folds 0's complement lacks it
     with pytest.raises(DataError, match="df is missing from one .* use fewer --folds"):
         check_every_class_trains(y, fold)
+
+
+def test_a_fold_trained_under_the_best_epoch_rule_is_named_when_resumed(tmp_path, subset):
+    """Runs from before the last-epoch rule resume, but their old folds are called out."""
+    d = subset(4)
+    ds = load_dataset(d, log=lambda m: None)
+    table = ds.table.merge(make_folds(ds.table, 3, 0)[["image_id", "fold"]], on="image_id")
+    cfg = make_config("smoke", str(d), folds=3, epochs=1, image_size=32, precision="fp32")
+    images = np.random.default_rng(0).integers(0, 256, (len(table), 24, 32, 3), dtype=np.uint8)
+    cnn_module.run_cnn(cfg, tmp_path, table, images, log=lambda m: None)
+    summary = tmp_path / "cnn" / "fold1.json"
+    summary.write_text(json.dumps({**json.loads(summary.read_text()), "best_epoch": 1}))  # as older versions wrote
+    logged: list[str] = []
+    cnn_module.run_cnn(cfg, tmp_path, table, images, log=logged.append)
+    warnings = [m for m in logged if m.startswith("warning:")]
+    assert len(warnings) == 1 and "fold 1 was trained before fold models kept their last epoch" in warnings[0]

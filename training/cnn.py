@@ -119,7 +119,7 @@ def load_checkpoint(t: FoldTraining, path: Path) -> None:
     t.model.load_state_dict(ckpt["model"])
     t.opt.load_state_dict(ckpt["opt"])
     t.sched.load_state_dict(ckpt["sched"])
-    t.state = ckpt["state"]
+    t.state = {"epoch": ckpt["state"]["epoch"], "history": ckpt["state"]["history"]}  # older ones also held "best"
 
 
 def train_step(t: FoldTraining, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -272,6 +272,8 @@ def run_cnn(
     for k in range(cfg.folds) if only is None else [only]:
         if (cnn_dir / f"fold{k}.pt").exists():
             log(f"fold {k}: already trained, skipping")
+            if kept_best_epoch(cnn_dir, k):
+                log(f"warning: fold {k} {OLD_RULE}; delete {cnn_dir} to retrain it with the last epoch kept")
             continue
         train_fold(k, cfg, images, y, fold, cnn_dir, log)
     distributed.stop()  # not on an error: torchrun ends the other processes, a barrier could hang them
@@ -292,6 +294,15 @@ def run_cnn(
 
 def cnn_stage(run) -> None:
     run_cnn(run.cfg, run.dir, run.table, run.images, run.log, run.fold)
+
+
+OLD_RULE = "was trained before fold models kept their last epoch: its OOF rows come from its best validation epoch"
+
+
+def kept_best_epoch(cnn_dir: Path, k: int) -> bool:
+    """True for a fold trained by an older version, which kept the epoch that scored best on the fold
+    itself (its out-of-fold figures are slightly optimistic)."""
+    return "best_epoch" in json.loads((cnn_dir / f"fold{k}.json").read_text())
 
 
 def training_throughput(run_dir: Path, folds: int) -> float:

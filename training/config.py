@@ -116,14 +116,19 @@ def make_config(preset: str, data_dir: str, **overrides) -> RunConfig:
         raise ConfigMismatch(f"{option}: {e['msg'].removeprefix('Value error, ')}") from None
 
 
+def saved_config(run_dir: Path, **overrides) -> RunConfig:
+    """RUN_DIR/config.json as written by its run (settings added since take what older runs did)."""
+    saved = json.loads((run_dir / "config.json").read_text())
+    saved.setdefault("served_cnn", "ensemble")
+    saved.setdefault("int8", False)
+    return RunConfig(**{**saved, **{k: v for k, v in overrides.items() if v is not None}})
+
+
 def save_or_check(cfg: RunConfig, run_dir: Path) -> None:
     """First run writes config.json; a resumed run must use the same result-changing settings."""
     path = run_dir / "config.json"
     if path.exists():
-        saved = json.loads(path.read_text())
-        saved.setdefault("served_cnn", "ensemble")  # what runs made before these settings existed did
-        saved.setdefault("int8", False)
-        old = RunConfig(**saved)
+        old = saved_config(run_dir)
         new = cfg.fingerprint()
         diff = {k: (v, new[k]) for k, v in old.fingerprint().items() if new[k] != v}
         if diff:
