@@ -14,7 +14,7 @@ import pytest
 from benchmarks.compare_recipes import compare
 from service.core.labels import CLASSES
 from tests.helpers import REPO, free_port
-from training.config import RunConfig
+from training.config import saved_config
 from training.pipeline import Run
 
 
@@ -87,7 +87,7 @@ def test_compare_recipes_pairs_runs_on_the_same_folds_and_refuses_others(tiny_ru
     config = json.loads((better / "config.json").read_text())
     (better / "config.json").write_text(json.dumps({**config, "lr": config["lr"] / 2}))
     oof = pd.read_csv(better / "artifacts" / "oof_cnn.csv")
-    onehot = np.eye(len(CLASSES))[Run(RunConfig(**config), tiny_run, log=lambda m: None).table.label.to_numpy()]
+    onehot = np.eye(len(CLASSES))[Run(saved_config(tiny_run), tiny_run, log=lambda m: None).table.label.to_numpy()]
     probs = oof.filter(like="p_").to_numpy()
     oof[[f"p_{c}" for c in CLASSES]] = 0.5 * probs + 0.5 * onehot
     oof.to_csv(better / "artifacts" / "oof_cnn.csv", index=False)

@@ -33,6 +33,12 @@ def run_config(run_dir: Path) -> RunConfig:
     return RunConfig(**json.loads((run_dir / "config.json").read_text()))
 
 
+def folded(data_dir: Path) -> pd.DataFrame:
+    """The dataset's rows with 3 lesion-grouped folds, as the cnn stage receives them."""
+    ds = load_dataset(data_dir, log=lambda m: None)
+    return ds.table.merge(make_folds(ds.table, 3, 0)[["image_id", "fold"]], on="image_id")
+
+
 def test_folds_never_split_a_lesion_on_the_full_metadata(sample_dir):
     meta = pd.read_csv(sample_dir / "HAM10000_metadata.csv")
     folds = make_folds(meta, 5, seed=42)
@@ -59,8 +65,7 @@ def test_smoke_run_folds_and_oof(smoke_run):
 def test_fold_model_never_trains_on_its_own_fold(tmp_path, subset, monkeypatch):
     """Spy on what each fold's training set holds: no image of the validation fold's lesions."""
     d = subset(6)
-    ds = load_dataset(d, log=lambda m: None)
-    table = ds.table.merge(make_folds(ds.table, 3, 0)[["image_id", "fold"]], on="image_id")
+    table = folded(d)
     cfg = make_config("smoke", str(d), folds=3, epochs=1, image_size=32)
     images = np.stack([np.full((24, 32, 3), i % 256, np.uint8) for i in range(len(table))])
     images[:, 0, 0, 0], images[:, 0, 0, 1] = np.arange(len(table)) % 256, np.arange(len(table)) // 256  # unique ids
@@ -86,8 +91,7 @@ def test_held_out_labels_never_choose_the_fold_model(tmp_path, subset, monkeypat
     """The fold's validation score is a learning curve only: whichever epoch scores best on the
     held-out fold, the fold keeps its last epoch, so its OOF predictions and weights are the same."""
     d = subset(4)
-    ds = load_dataset(d, log=lambda m: None)
-    table = ds.table.merge(make_folds(ds.table, 3, 0)[["image_id", "fold"]], on="image_id")
+    table = folded(d)
     cfg = make_config("smoke", str(d), folds=3, epochs=3, image_size=32, precision="fp32")
     images = np.random.default_rng(0).integers(0, 256, (len(table), 24, 32, 3), dtype=np.uint8)
     monkeypatch.setattr(cnn_module, "device_and_dtype", lambda p: (torch.device("cpu"), None))  # CPU: reproducible
@@ -290,8 +294,7 @@ def test_a_class_too_rare_for_the_boosters_splits_is_a_clear_error():
 def test_a_fold_trained_under_the_best_epoch_rule_is_named_when_resumed(tmp_path, subset):
     """Runs from before the last-epoch rule resume, but their old folds are called out."""
     d = subset(4)
-    ds = load_dataset(d, log=lambda m: None)
-    table = ds.table.merge(make_folds(ds.table, 3, 0)[["image_id", "fold"]], on="image_id")
+    table = folded(d)
     cfg = make_config("smoke", str(d), folds=3, epochs=1, image_size=32, precision="fp32")
     images = np.random.default_rng(0).integers(0, 256, (len(table), 24, 32, 3), dtype=np.uint8)
     cnn_module.run_cnn(cfg, tmp_path, table, images, log=lambda m: None)
