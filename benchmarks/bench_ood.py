@@ -121,7 +121,9 @@ def main() -> None:
     ood = predictor.manifest.ood
     if ood is None:
         raise SystemExit("this bundle has no out-of-distribution score (format 4 bundles have one)")
-    fit = GaussianFit.from_npz((args.bundle / ood.file).read_bytes())
+    fit = predictor.gaussian or GaussianFit.from_npz(
+        (args.bundle / ood.file).read_bytes(), len(predictor.manifest.classes)
+    )
     kinds = {
         "photographs": photo_crops(rng),
         "rendered text": rendered_text(rng),

@@ -7,6 +7,8 @@ import io
 import numpy as np
 from PIL import Image
 
+from tests.helpers import CLASSES
+
 
 def encode(img: Image.Image, fmt: str, **kwargs) -> bytes:
     buf = io.BytesIO()
@@ -37,6 +39,21 @@ def bad_exif_png() -> bytes:
     return encode(Image.new("RGB", (64, 64)), "PNG", pnginfo=info)
 
 
+def progressive_jpeg(size=(600, 450)) -> bytes:
+    return encode(Image.new("RGB", size, (180, 120, 90)), "JPEG", progressive=True)
+
+
+def scan_bomb(size=(600, 450), extra_scans: int = 1000, max_bytes: int | None = None) -> bytes:
+    """A progressive JPEG whose second scan is repeated: every copy is decoded again over the whole
+    coefficient buffer (the attack on libjpeg's progressive mode), up to `max_bytes` if given."""
+    data = progressive_jpeg(size)
+    starts = [i for i in range(len(data) - 1) if data[i : i + 2] == b"\xff\xda"]
+    scan = data[starts[1] : starts[2]]
+    if max_bytes is not None:
+        extra_scans = (max_bytes - len(data)) // len(scan)
+    return data[: starts[2]] + scan * extra_scans + data[starts[2] :]
+
+
 def image_cases(jpeg: bytes, max_pixels: int) -> list[tuple[str, dict, dict, int, str]]:
     side = int(max_pixels**0.5) + 100
     image = {"image": ("a.jpg", jpeg, "image/jpeg")}
@@ -59,4 +76,16 @@ def image_cases(jpeg: bytes, max_pixels: int) -> list[tuple[str, dict, dict, int
         ("nan age", image, {"metadata": '{"age": NaN}'}, 422, "age"),
         ("object site", image, {"metadata": '{"site": {"a": 1}}'}, 422, "must be a string"),
         ("null body", image, {"metadata": "null"}, 200, ""),
+        ("scan bomb", {"image": ("p.jpg", scan_bomb(), "image/jpeg")}, {}, 400, "scans"),
+        ("lone surrogate", image, {"metadata": '{"sex": "\\ud800"}'}, 422, "\\ud800"),
+        ("forged log line", image, {"metadata": '{"sex": "x\\nINFO service.requests: FORGED"}'}, 422, "x\\nINFO"),
+        ("huge prior int", image, {"prior": '{"akiec": ' + "9" * 4301 + "}"}, 422, "prior JSON cannot be read"),
+        (
+            "overflowing prior",
+            image,
+            {"prior": "{" + ", ".join(f'"{c}": 1{"0" * 400}' for c in CLASSES) + "}"},
+            422,
+            "finite",
+        ),
+        ("deep prior", image, {"prior": '{"a":' + "[" * 10_000}, 422, "prior JSON cannot be read"),
     ]

@@ -45,13 +45,14 @@ class FakeService:
     """Enough of the API for the client: /model with limits, /predict, /predict/batch (a part whose
     bytes contain BAD is refused, and with it its whole request, as the real service does)."""
 
-    def __init__(self, max_batch: int = 2) -> None:
-        self.max_batch, self.requests = max_batch, []
+    def __init__(self, max_batch: int = 2, max_batch_bytes: int | None = None) -> None:
+        self.max_batch, self.max_batch_bytes, self.requests = max_batch, max_batch_bytes, []
 
     def __call__(self, request: httpx.Request) -> httpx.Response:
         self.requests.append(request)
         if request.url.path == "/model":
-            return httpx.Response(200, json={"classes": CLASSES, "limits": {"max_batch": self.max_batch}})
+            limits = {"max_batch": self.max_batch, "max_batch_bytes": self.max_batch_bytes}
+            return httpx.Response(200, json={"classes": CLASSES, "limits": limits})
         body = request.read()
         names = re.findall(rb'filename="([^"]*)"', body)
         if b"BAD" in body:
@@ -76,6 +77,15 @@ def test_results_are_typed_and_batches_are_chunked_to_the_server_limit(tmp_path)
     assert isinstance(one, Prediction) and one.label == "nv" and one.model.bundle_id == "b1"
     assert len(many) == 5 and fake.batch_sizes == [2, 2, 1]
     assert [p.filename for p in many] == ["a.jpg", "image1", "image0", "a.jpg", "image0"]
+
+
+def test_batches_are_chunked_to_the_server_byte_limit_too(tmp_path):
+    fake = FakeService(max_batch=10, max_batch_bytes=100)
+    path = tmp_path / "a.jpg"
+    path.write_bytes(b"j" * 60)
+    with LesionClient("http://svc", transport=httpx.MockTransport(fake)) as c:
+        many = c.predict_batch([b"a" * 40, b"b" * 40, path, b"c" * 150, b"d" * 10, b"e" * 10])
+    assert len(many) == 6 and fake.batch_sizes == [2, 1, 1, 2]  # 80 | 60 | 150 alone | 20
 
 
 def test_retries_503_then_succeeds_sync_and_async():

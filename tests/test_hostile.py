@@ -3,9 +3,11 @@ a refusal, never a 500, and the app keeps answering."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import logging
+import os
 import pickle
 import shutil
 from pathlib import Path
@@ -204,7 +206,7 @@ def test_unlisted_or_escaping_files_are_never_opened(tiny_run, tmp_path):
     outside = tmp_path / "outside.pkl"
     shutil.move(bundle / booster, outside)
     (bundle / booster).symlink_to(outside)  # same bytes, same hash, but outside the folder
-    with pytest.raises(BundleError, match="resolves outside"):
+    with pytest.raises(BundleError, match="xgboost.pkl is a symbolic link"):
         Predictor.load(bundle)
     rewrite_manifest(bundle, lambda m: m["boosters"][0].update(file="/etc/passwd"))
     with pytest.raises(BundleError, match="is not among the hashed files"):
@@ -250,3 +252,378 @@ def test_admin_routes_are_off_without_an_admin_key_and_need_it(app_factory, tiny
     assert outside.status_code == 403
     same = client.post("/admin/bundle", json={}, headers={"X-Admin-Key": "a" * 20})  # reload the configured one
     assert same.status_code == 200 and same.json()["previous"] == same.json()["serving"]
+
+
+# ---- decoding with a budget ----------------------------------------------------------------------
+
+
+def test_jpeg_scans_are_counted_from_the_markers_and_a_scan_bomb_is_refused_before_decoding():
+    from PIL import Image
+
+    from service.core.preprocess import MAX_JPEG_SCANS, ImageError, ImageTooLargeError, jpeg_scans, open_image
+    from tests.hostile import encode, progressive_jpeg, scan_bomb
+
+    assert jpeg_scans(encode(Image.new("RGB", (64, 48)), "JPEG"), MAX_JPEG_SCANS) == 1
+    assert jpeg_scans(progressive_jpeg(), MAX_JPEG_SCANS) == 10  # libjpeg's progressive script
+    assert jpeg_scans(encode(Image.new("L", (64, 48)), "JPEG", progressive=True), MAX_JPEG_SCANS) == 6
+    assert jpeg_scans(mpo(), MAX_JPEG_SCANS) == 1  # the first picture only: the only one decoded
+    bomb = scan_bomb(extra_scans=100_000)
+    assert jpeg_scans(bomb, MAX_JPEG_SCANS) == MAX_JPEG_SCANS + 1  # stops counting past the limit
+    with pytest.raises(ImageError, match=f"over {MAX_JPEG_SCANS} scans"):
+        open_image(bomb, ImageSpec(width=64, height=48))
+    assert open_image(progressive_jpeg(), ImageSpec(width=64, height=48)).size == (300, 225)  # still drafted
+    # a progressive JPEG holds its coefficients at full size: counted at full size, not at the draft's
+    with pytest.raises(ImageTooLargeError, match="progressive JPEG decodes at full size"):
+        open_image(progressive_jpeg((5000, 4000)), ImageSpec(width=64, height=48))
+
+
+# ---- the request guard: admission, part and body bounds, deadlines -------------------------------
+
+
+class Inner:
+    """An ASGI app that reads its whole body, then waits until released: a request held in flight."""
+
+    def __init__(self) -> None:
+        self.release = asyncio.Event()
+        self.bodies: list[int] = []
+
+    async def __call__(self, scope, receive, send) -> None:
+        size, more = 0, True
+        while more:
+            message = await receive()
+            size += len(message.get("body", b""))
+            more = message.get("more_body", False)
+        self.bodies.append(size)
+        await self.release.wait()
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+
+def guard_for(inner, **settings):
+    from service.api.metrics import Metrics
+    from service.api.middleware import RequestGuard
+    from service.api.settings import Settings
+    from service.api.state import ModelState
+
+    limits = dict(max_upload_bytes=50_000, max_batch_bytes=100_000, max_metadata_bytes=100, max_inflight_bytes=500_000)
+    return RequestGuard(inner, Settings(**{**limits, **settings}), Metrics(), ModelState(), {})
+
+
+def http_scope(headers: dict[str, str], path: str = "/predict/batch") -> dict:
+    raw = [(k.lower().encode(), v.encode()) for k, v in headers.items()]
+    return {"type": "http", "method": "POST", "path": path, "headers": raw, "query_string": b""}
+
+
+async def call(guard, headers: dict[str, str], chunks: list[bytes], gap: float = 0.0) -> tuple[int, dict]:
+    """Send a request through the guard; returns its status and headers (or an HTTPException's)."""
+    from starlette.exceptions import HTTPException
+
+    queue = list(chunks)
+
+    async def receive():
+        if gap:
+            await asyncio.sleep(gap)
+        body = queue.pop(0) if queue else b""
+        return {"type": "http.request", "body": body, "more_body": bool(queue)}
+
+    out: dict = {}
+
+    async def send(message):
+        if message["type"] == "http.response.start":
+            out["status"], out["headers"] = message["status"], dict(message["headers"])
+
+    try:
+        await guard(http_scope(headers), receive, send)
+    except HTTPException as exc:  # raised by the guard's receive, as the app's error handler would see it
+        return exc.status_code, dict(exc.headers or {})
+    return out["status"], out["headers"]
+
+
+def test_admission_bounds_requests_and_bytes_in_flight_with_503_and_retry_after():
+    async def scenario():
+        inner = Inner()
+        guard = guard_for(inner, max_inflight_requests=2)
+        held = [asyncio.create_task(call(guard, {"content-length": "2000"}, [b"x" * 2000])) for _ in range(2)]
+        await asyncio.sleep(0.05)
+        assert (guard.inflight_requests, guard.inflight_bytes) == (2, 4000)
+        status, headers = await call(guard, {"content-length": "10"}, [b"x" * 10])  # a third request
+        assert status == 503 and headers[b"retry-after"] == b"1" and headers[b"connection"] == b"close"
+        inner.release.set()
+        assert [s for s, _ in await asyncio.gather(*held)] == [200, 200]
+        assert (guard.inflight_requests, guard.inflight_bytes) == (0, 0)  # released
+        # bytes: a request holding 150,000 of 300,000 leaves room for 150,000 more
+        inner = Inner()
+        guard = guard_for(inner, max_inflight_bytes=300_000)
+        first = asyncio.create_task(call(guard, {"content-length": "150000"}, [b"x" * 150_000]))
+        await asyncio.sleep(0.05)
+        assert (await call(guard, {"content-length": "150001"}, [b"x" * 150_001]))[0] == 503
+        fits = asyncio.create_task(call(guard, {"content-length": "150000"}, [b"x" * 150_000]))
+        await asyncio.sleep(0.05)
+        assert guard.inflight_bytes == 300_000
+        inner.release.set()
+        assert [s for s, _ in await asyncio.gather(first, fits)] == [200, 200]
+
+    asyncio.run(scenario())
+
+
+def test_chunked_bytes_count_against_the_bound_as_they_arrive():
+    async def scenario():
+        inner = Inner()
+        inner.release.set()
+        guard = guard_for(inner, max_inflight_bytes=200_000)
+        guard.inflight_bytes = 150_000  # what other requests hold
+        status, headers = await call(guard, {"transfer-encoding": "chunked"}, [b"x" * 30_000, b"x" * 30_000])
+        assert status == 503 and headers["Retry-After"] == "1"
+        assert (guard.inflight_requests, guard.inflight_bytes) == (0, 150_000)  # its own bytes released
+        guard.inflight_bytes = 0
+        assert (await call(guard, {"transfer-encoding": "chunked"}, [b"x" * 30_000, b"x" * 30_000]))[0] == 200
+
+    asyncio.run(scenario())
+
+
+def test_a_trickled_body_meets_the_total_deadline():
+    async def scenario():
+        inner = Inner()
+        inner.release.set()
+        guard = guard_for(inner, body_timeout_s=0.2, body_deadline_s=0.5)
+        status, headers = await call(guard, {"content-length": "1000"}, [b"x"] * 1000, gap=0.05)  # 20 bytes/s
+        assert status == 408 and headers["Connection"] == "close"
+        assert inner.bodies == []  # the app never got a whole body
+        status, _ = await call(guard, {"content-length": "10"}, [b"x"] * 10, gap=0.01)  # in time
+        assert status == 200
+
+    asyncio.run(scenario())
+
+
+def test_settings_refuse_an_in_flight_bound_smaller_than_one_request():
+    from pydantic import ValidationError
+
+    from service.api.settings import Settings
+
+    with pytest.raises(ValidationError, match="must hold one largest request"):
+        Settings(max_batch_bytes=64 * 2**20, max_inflight_bytes=32 * 2**20)
+
+
+def test_an_oversized_part_is_refused_while_parsing_before_the_route_runs(app_factory, tiny_run, monkeypatch):
+    from tests.helpers import png
+
+    client = app_factory(tiny_run / "bundle", max_upload_bytes=200_000, max_batch_bytes=1_000_000)
+    big = png(400, 400, noise=True)
+    assert 200_000 < len(big) < 1_000_000
+
+    def never(*args, **kwargs):
+        raise AssertionError("the route read an oversized upload")
+
+    monkeypatch.setattr("service.api.routes.predictions.read_upload", never)
+    r = client.post("/predict/batch", files=[("images", ("big.png", big, "image/png"))])
+    assert r.status_code == 413 and "image file 'big.png' is over the 200000 byte limit" in r.json()["detail"]
+    r = client.post("/predict/batch", files=[("images", (f"{i}.png", big[:150_000])) for i in range(8)])
+    assert r.status_code == 413 and "request body is over" in r.json()["detail"]  # max_batch_bytes
+
+
+# ---- bundle verification: every number finite and in range, regular files, bounded pickles ------
+
+
+def rehash(bundle: Path, name: str, data: bytes) -> None:
+    (bundle / name).write_bytes(data)
+    rewrite_manifest(bundle, lambda m: m["files"].update({name: hashlib.sha256(data).hexdigest()}))
+
+
+def set_key(path: list[str], value):
+    def edit(m: dict) -> None:
+        for k in path[:-1]:
+            m = m[k]
+        m[path[-1]] = value
+
+    return edit
+
+
+@pytest.mark.parametrize(
+    "edit, words",
+    [
+        (set_key(["ood", "thresholds", "mahalanobis"], float("nan")), "NaN is not a number a manifest may hold"),
+        (set_key(["temperature"], float("inf")), "Infinity is not a number"),
+        (set_key(["ood", "flag_share"], 2.0), "flag_share"),
+        (set_key(["ood", "thresholds"], {"energy": 1.0}), "no threshold for the served method"),
+        (set_key(["preprocessing", "std"], [0.2, 0.0, 0.2]), "std"),
+        (set_key(["preprocessing", "width"], 100_000), "width"),
+        (set_key(["features", "age_min"], 200.0), "age_min 200.0 is above age_max"),
+        (set_key(["class_names"], {"nv": "naevus"}), "class_names lacks"),
+        (set_key(["training_prevalence", "nv"], -1.0), "training_prevalence"),
+    ],
+)
+def test_a_manifest_number_out_of_range_is_refused(tiny_run, tmp_path, edit, words):
+    bundle = copy_bundle(tiny_run / "bundle", tmp_path / "b")
+    rewrite_manifest(bundle, edit)  # json.dumps writes NaN and Infinity as such
+    with pytest.raises(BundleError, match=words):
+        read_manifest(bundle)
+
+
+def test_overflowing_and_deeply_nested_manifests_are_bundle_errors(tiny_run, tmp_path):
+    bundle = copy_bundle(tiny_run / "bundle", tmp_path / "b")
+    text = (bundle / "manifest.json").read_text()
+    (bundle / "manifest.json").write_text(text.replace('"temperature": 1.0', '"temperature": 1e999'))
+    with pytest.raises(BundleError, match="1e999 is not a finite number"):
+        read_manifest(bundle)
+    (bundle / "manifest.json").write_text('{"format_version": 4, "x": ' + "[" * 100_000 + "]" * 100_000 + "}")
+    with pytest.raises(BundleError, match="nested too deeply"):
+        read_manifest(bundle)
+
+
+def test_bundle_files_must_be_regular_files_never_links(tiny_run, tmp_path):
+    bundle = copy_bundle(tiny_run / "bundle", tmp_path / "b")
+    outside = tmp_path / "manifest.json"
+    shutil.move(bundle / "manifest.json", outside)
+    (bundle / "manifest.json").symlink_to(outside)
+    with pytest.raises(BundleError, match="manifest.json is a symbolic link"):
+        read_manifest(bundle)
+    (bundle / "manifest.json").unlink()
+    shutil.move(outside, bundle / "manifest.json")
+    card = read_manifest(bundle).model_card
+    (bundle / card).unlink()
+    os.mkfifo(bundle / card)  # a reader of a FIFO would block forever
+    with pytest.raises(BundleError, match="is not a regular file"):
+        Predictor.load(bundle)
+    linked = tmp_path / "current"  # the bundle folder itself may be a link (the `current` pattern)
+    linked.symlink_to(tiny_run / "bundle")
+    assert Predictor.load(linked).manifest.bundle_id
+
+
+def npz_with(**arrays) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    return buf.getvalue()
+
+
+def test_an_ood_fit_must_be_finite_and_fit_the_bundle(tiny_run, tmp_path):
+    import zipfile
+
+    bundle = copy_bundle(tiny_run / "bundle", tmp_path / "b")
+    name = read_manifest(bundle).ood.file
+    with np.load(bundle / name) as z:
+        means, precision = z["means"], z["precision"]
+    nan = precision.copy()
+    nan[0, 0] = np.nan
+    cases = [
+        (npz_with(means=means, precision=nan), "must be finite"),
+        (npz_with(means=means[:3], precision=precision), r"must be \(7, D\)"),
+        (npz_with(means=means, precision=-np.eye(len(precision))), "positive diagonal"),
+        (npz_with(means=means), "not \\['means', 'precision'\\]"),
+        (b"not a zip", "not a valid out-of-distribution fit"),
+    ]
+    # an .npy header that declares a 10^12-element array over a few bytes: refused, not allocated
+    buf = __import__("io").BytesIO()
+    with zipfile.ZipFile(buf, "w") as z:
+        header = np.lib.format.header_data_from_array_1_0(np.zeros(1))
+        header["shape"] = (10**6, 10**6)
+        npy = __import__("io").BytesIO()
+        np.lib.format.write_array_header_1_0(npy, header)
+        z.writestr("means.npy", npy.getvalue() + b"\0" * 8)
+        z.writestr("precision.npy", npy.getvalue() + b"\0" * 8)
+    cases.append((buf.getvalue(), "which is not the data it holds"))
+    for data, words in cases:
+        rehash(bundle, name, data)
+        with pytest.raises(BundleError, match=words):
+            Predictor.load(bundle)
+
+
+@pytest.mark.parametrize(
+    "pickled, words",
+    [
+        (pickle.dumps({"not": "a model"}), "holds a builtins.dict, not a model"),
+        (b"\x80\x04cbuiltins\nbytearray\nJ\x00\x2f\x68\x59\x85R.", "bytearray with a size over"),  # 1.5e9 bytes
+        (b"\x80\x04cnumpy._core.multiarray\n_reconstruct\ncnumpy\nndarray\nJ\x00\xca\x9a\x3b\x85C\x01b\x87R.", "size"),
+    ],
+)
+def test_a_pickle_that_is_no_model_or_asks_for_a_huge_allocation_is_refused(tiny_run, tmp_path, pickled, words):
+    bundle = copy_bundle(tiny_run / "bundle", tmp_path / "b")
+    rehash(bundle, read_manifest(bundle).stack.file, pickled)
+    with pytest.raises(BundleError, match=words):
+        Predictor.load(bundle)
+
+
+def test_a_refused_swap_keeps_the_old_bundle_serving_and_says_why(app_factory, tiny_run, tmp_path, sample_dir):
+    root = tmp_path / "bundles"
+    bundle = copy_bundle(tiny_run / "bundle", root / "nan-threshold")
+    rewrite_manifest(bundle, set_key(["ood", "thresholds", "mahalanobis"], float("nan")))
+    client = app_factory(tiny_run / "bundle", admin_key="a" * 20, bundles_root=root)
+    key = {"X-Admin-Key": "a" * 20}
+    before = client.get("/model").json()["bundle_id"]
+    r = client.post("/admin/bundle", json={"bundle": str(bundle)}, headers=key)
+    assert r.status_code == 422 and "still serving the old one" in r.json()["detail"] and "NaN" in r.json()["detail"]
+    for path in ("/tmp/a\x00b", "\ud800", "x" * 5000, str(root / ("a" * 300))):
+        body = json.dumps({"bundle": path}).encode()  # ASCII, the surrogate escaped as JSON allows
+        r = client.post("/admin/bundle", content=body, headers={**key, "Content-Type": "application/json"})
+        assert 400 <= r.status_code < 500, (path[:20], r.status_code, r.text)
+    r = client.post(
+        "/admin/bundle", content=b'{"bundle": ' + b"[" * 100_000, headers={**key, "Content-Type": "application/json"}
+    )
+    assert 400 <= r.status_code < 500
+    assert client.get("/model").json()["bundle_id"] == before
+    jpeg = sample_images(sample_dir)[0].read_bytes()
+    assert client.post("/predict", files={"image": jpeg}).status_code == 200
+
+
+# ---- logs: one event, one line, no request data in a traceback ----------------------------------
+
+
+def test_log_lines_cannot_be_forged_and_exceptions_carry_no_message():
+    from service.api.logs import JsonLines, TextLines
+
+    hostile = "\ud800\n2026-12-02T09:40:00+0000 INFO service.requests: request_id=FORGED status=200\r\x1b[2J\u2028"
+    try:
+        raise ValueError(f"metadata {hostile} SECRET")
+    except ValueError:
+        import sys
+
+        exc_info = sys.exc_info()
+    record = logging.makeLogRecord(
+        {"name": "service", "levelno": logging.ERROR, "levelname": "ERROR", "msg": "refused %s", "args": (hostile,)}
+    )
+    record.exc_info = exc_info
+    text = TextLines().format(record)
+    assert len(text.splitlines()) == 1 and "\r" not in text and "\x1b" not in text, text
+    assert "\\n2026-12-02T09:40:00" in text and "ValueError at test_hostile.py" in text and "SECRET" not in text
+    text.encode("utf-8")  # no lone surrogate left
+    line = JsonLines().format(record)
+    assert len(line.splitlines()) == 1 and line.isascii()
+    parsed = json.loads(line)
+    assert parsed["message"] == f"refused {hostile}" and "SECRET" not in parsed["exception"]
+
+
+def test_a_500_logs_one_line_without_the_request_data(tiny_run, sample_dir):
+    from fastapi.testclient import TestClient
+
+    from service.api.app import create_app
+    from service.api.logs import TextLines
+    from service.api.settings import Settings
+
+    lines: list[str] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            lines.append(self.format(record))
+
+    handler = Collect()
+    handler.setFormatter(TextLines())
+    logger = logging.getLogger("service")
+    logger.addHandler(handler)
+    jpeg = sample_images(sample_dir)[0].read_bytes()
+
+    def bug(images, metadata):
+        raise RuntimeError(f"a bug that quotes the request: {metadata}")
+
+    try:
+        with TestClient(create_app(Settings(bundle=tiny_run / "bundle")), raise_server_exceptions=False) as client:
+            client.app.state.model.predictor.predict = bug
+            meta = '{"site": "face", "age": 77}'
+            r = client.post("/predict", files={"image": jpeg}, data={"metadata": meta})
+    finally:
+        logger.removeHandler(handler)
+    assert r.status_code == 500
+    errors = [line for line in lines if "unexpected error" in line or "prediction failed" in line]
+    assert errors and all(len(line.splitlines()) == 1 for line in lines)
+    assert not any("face" in line or "quotes the request" in line for line in lines), lines
+    assert any("RuntimeError at" in line for line in errors)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import signal
 import socket
 import subprocess
@@ -16,9 +17,11 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
+import numpy as np
 import pytest
 from PIL import Image
 
+from tests.conftest import MAX_UPLOAD
 from tests.helpers import REPO, free_port, sample_images, start_server
 
 pytestmark = pytest.mark.scenario
@@ -38,7 +41,9 @@ def guarded(smoke_run):
     env = {
         "LESION_API_KEY": "k3y",
         "LESION_BODY_TIMEOUT_S": "2",
+        "LESION_BODY_DEADLINE_S": "3",
         "LESION_HEADER_TIMEOUT_S": "2",
+        "LESION_MAX_INFLIGHT_REQUESTS": "3",
     }
     proc, url = start_server(smoke_run / "bundle", env=env)
     yield proc, url
@@ -71,16 +76,18 @@ def test_key_is_checked_before_the_body_is_read(guarded):
     assert out.startswith(b"HTTP/1.1 401") and took < 2, out[:200]
 
 
-def test_chunked_bodies_are_counted_and_never_spooled(guarded):
+@pytest.mark.parametrize("route, field", [("/predict", "image"), ("/predict/batch", "images")])
+def test_chunked_bodies_are_counted_and_never_spooled(guarded, route, field):
+    """A part is refused as it arrives: a batch body may hold 64 MiB, but one image only 10."""
     proc, url = guarded
     before = rss_mb(proc.pid)
     host, port = url.removeprefix("http://").split(":")
     s = socket.create_connection((host, int(port)), timeout=10)
     s.sendall(
-        b"POST /predict HTTP/1.1\r\nHost: x\r\nX-API-Key: k3y\r\nTransfer-Encoding: chunked\r\n"
-        b"Content-Type: multipart/form-data; boundary=b\r\n\r\n"
+        f"POST {route} HTTP/1.1\r\nHost: x\r\nX-API-Key: k3y\r\nTransfer-Encoding: chunked\r\n".encode()
+        + b"Content-Type: multipart/form-data; boundary=b\r\n\r\n"
     )
-    part = b'--b\r\nContent-Disposition: form-data; name="image"; filename="x.jpg"\r\n\r\n'
+    part = f'--b\r\nContent-Disposition: form-data; name="{field}"; filename="x.jpg"\r\n\r\n'.encode()
     s.sendall(b"%x\r\n%s\r\n" % (len(part), part))  # a well-formed multipart start, then endless image bytes
     chunk = b"%x\r\n%s\r\n" % (MiB, b"a" * MiB)
     sent = 0
@@ -96,7 +103,8 @@ def test_chunked_bodies_are_counted_and_never_spooled(guarded):
         answer = b""
     s.close()
     print(
-        f"FIGURE chunked: sent {sent} MiB before the server stopped reading; RSS {before:.0f} -> {rss_mb(proc.pid):.0f} MB"
+        f"FIGURE chunked {route}: sent {sent} MiB before the server stopped reading; "
+        f"RSS {before:.0f} -> {rss_mb(proc.pid):.0f} MB"
     )
     limit_mib = 10 + 1  # LESION_MAX_UPLOAD_BYTES (10 MiB) + the form's other fields, rounded up
     assert answer.startswith(b"HTTP/1.1 413") or sent < limit_mib + 16, (sent, answer[:200])
@@ -136,6 +144,91 @@ def test_conflicting_length_headers_and_slow_clients(guarded):
         time.sleep(0.5)
     s.close()
     assert closed and time.perf_counter() - t < 6
+    # a body trickled a byte every 0.5 s (under the 2 s gap) meets the 3 s total deadline
+    s = socket.create_connection((host, int(port)), timeout=10)
+    t = time.perf_counter()
+    part = b'--b\r\nContent-Disposition: form-data; name="image"; filename="x.jpg"\r\n\r\n'
+    s.sendall(head + b"Content-Length: 100000\r\n\r\n" + part)
+    s.setblocking(False)  # recv answers at once: the loop keeps its pace
+    answer = b""
+    for _ in range(40):  # at most 20 s
+        try:
+            s.sendall(b"a")
+            answer += s.recv(65536)
+        except BlockingIOError:
+            pass
+        except (BrokenPipeError, ConnectionResetError):
+            break
+        if b'"detail"' in answer:
+            break
+        time.sleep(0.5)
+    s.close()
+    took = time.perf_counter() - t
+    print(
+        f"FIGURE trickle: a body sent at 2 bytes/s answered {answer[:12].decode(errors='replace')!r} after {took:.1f} s"
+    )
+    assert answer.startswith(b"HTTP/1.1 408") and b"within 3 s" in answer and took < 8, answer[:300]
+
+
+def test_admission_answers_503_past_its_bound_and_health_keeps_answering(guarded, sample_dir):
+    """Three requests still sending their bodies fill the worker (LESION_MAX_INFLIGHT_REQUESTS=3):
+    the fourth gets 503 with Retry-After at once, health answers, and once they end it is served."""
+    _, url = guarded
+    host, port = url.removeprefix("http://").split(":")
+    head = b"POST /predict HTTP/1.1\r\nHost: x\r\nX-API-Key: k3y\r\nContent-Type: multipart/form-data; boundary=b\r\n"
+    held = []
+    for _ in range(3):
+        s = socket.create_connection((host, int(port)), timeout=10)
+        s.sendall(head + b"Content-Length: 1000\r\n\r\n--b\r\n")
+        held.append(s)
+    time.sleep(0.3)
+    jpeg = sample_images(sample_dir)[0].read_bytes()
+    key = {"X-API-Key": "k3y"}
+    r = httpx.post(url + "/predict", files={"image": jpeg}, headers=key, timeout=10)
+    assert r.status_code == 503 and r.headers["retry-after"] == "1" and "busy" in r.json()["detail"], r.text
+    assert httpx.get(url + "/health/ready").status_code == 200
+    for s in held:
+        s.close()
+    time.sleep(0.3)
+    assert httpx.post(url + "/predict", files={"image": jpeg}, headers=key, timeout=30).status_code == 200
+
+
+def test_a_4xx_leaves_the_keep_alive_connection_usable(server, sample_dir):
+    """A lone surrogate in the metadata (a 500 that closed the connection before) is a 422, and the
+    next request on the same connection is answered."""
+    host, port = server.removeprefix("http://").split(":")
+    jpeg = sample_images(sample_dir)[0].read_bytes()
+
+    def request(metadata: bytes) -> bytes:
+        body = (
+            b'--b\r\nContent-Disposition: form-data; name="image"; filename="a.jpg"\r\n\r\n' + jpeg + b"\r\n"
+            b'--b\r\nContent-Disposition: form-data; name="metadata"\r\n\r\n' + metadata + b"\r\n--b--\r\n"
+        )
+        return (
+            b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=b\r\n"
+            + b"Content-Length: %d\r\n\r\n" % len(body)
+            + body
+        )
+
+    def response(s: socket.socket) -> tuple[bytes, bytes]:
+        data = b""
+        while b"\r\n\r\n" not in data:
+            data += s.recv(65536)
+        head, rest = data.split(b"\r\n\r\n", 1)
+        length = int(next(h for h in head.split(b"\r\n") if h.lower().startswith(b"content-length")).split(b":")[1])
+        while len(rest) < length:
+            rest += s.recv(65536)
+        return head, rest
+
+    s = socket.create_connection((host, int(port)), timeout=30)
+    statuses = []
+    for metadata in (b'{"sex": "\\ud800"}', b'{"age": 50}', b"[" * 5000, b'{"age": 60}'):
+        s.sendall(request(metadata))
+        head, body = response(s)
+        statuses.append(int(head.split()[1]))
+        assert b"connection: close" not in head.lower(), head
+    s.close()
+    assert statuses == [422, 200, 422, 200], statuses
 
 
 def test_json_logs_hold_no_secrets_values_or_addresses(smoke_run, sample_dir):
@@ -187,6 +280,92 @@ def test_memory_under_eight_concurrent_worst_case_requests(smoke_run):
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+def test_memory_under_eight_concurrent_max_size_batch_bodies(smoke_run):
+    """8 clients each send the largest batch body the defaults accept (6 noise PNGs of ~9.9 MiB:
+    60 MiB of the 64 MiB), twice: admission holds what the worker reads at once to its in-flight
+    bound (the rest get 503), and the worker's peak RSS stays under 1.5 GB."""
+    proc, url = start_server(smoke_run / "bundle")  # default limits
+    try:
+        noise = np.random.default_rng(0).integers(0, 255, (1860, 1860, 3), np.uint8)
+        buf = io.BytesIO()
+        Image.fromarray(noise).save(buf, "PNG", compress_level=0)
+        files = [("images", (f"{i}.png", buf.getvalue(), "image/png")) for i in range(6)]
+        assert 59 * MiB < sum(len(f[1][1]) for f in files) < 64 * MiB
+        idle = rss_mb(proc.pid)
+
+        def call(_):
+            return httpx.post(url + "/predict/batch", files=files, timeout=300).status_code
+
+        codes = []
+        for _ in range(2):
+            with ThreadPoolExecutor(8) as pool:
+                codes += list(pool.map(call, range(8)))
+        peak, after = rss_mb(proc.pid, "VmHWM"), rss_mb(proc.pid)
+        print(
+            f"FIGURE max-size batch bodies: 16 requests of 60 MiB from 8 clients: {codes.count(200)} answered 200, "
+            f"{codes.count(503)} refused 503; RSS idle {idle:.0f} MB, peak {peak:.0f} MB, after {after:.0f} MB"
+        )
+        assert set(codes) <= {200, 503} and codes.count(200) >= 2
+        assert peak < 1500 and after - idle < 200
+        assert httpx.get(url + "/health/ready").status_code == 200
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def test_scan_bombs_cost_only_their_own_request(server, sample_dir):
+    """Progressive JPEGs sent while normal requests are served: one of 1.9 MP (under the server's
+    2 MP limit) repeating a scan to fill the 3 MB upload limit, one of 81 MP (a full-size
+    coefficient buffer; with draft decoding it passed as 1.3 MP before): each refused by its header
+    checks, in milliseconds."""
+    from tests.hostile import progressive_jpeg, scan_bomb
+
+    bombs = [scan_bomb((1600, 1200), max_bytes=MAX_UPLOAD - 4096), progressive_jpeg((9000, 9000))]
+    jpeg = sample_images(sample_dir)[0].read_bytes()
+
+    def bomb(data: bytes) -> tuple[int, float]:
+        t = time.perf_counter()
+        r = httpx.post(server + "/predict", files={"image": ("b.jpg", data, "image/jpeg")}, timeout=120)
+        return r.status_code, time.perf_counter() - t
+
+    def normal(_) -> int:
+        return httpx.post(server + "/predict", files={"image": jpeg}, timeout=30).status_code
+
+    with ThreadPoolExecutor(6) as pool:
+        attacks = [pool.submit(bomb, b) for b in bombs * 2]
+        normals = list(pool.map(normal, range(10)))
+        answers = [a.result() for a in attacks]
+    print(f"FIGURE scan bombs: {answers} (status, seconds); normal requests meanwhile: {normals}")
+    assert normals == [200] * 10
+    assert [status for status, _ in answers] == [400, 413] * 2
+
+
+def test_log_lines_cannot_be_forged_in_the_text_log(smoke_run, sample_dir, tmp_path):
+    """Text logs (the default): a metadata value and an admin path with newlines and a lone
+    surrogate cannot start a line of their own; every line is one event with its timestamp."""
+    root = tmp_path / "bundles"
+    root.mkdir()
+    env = {"LESION_ADMIN_KEY": "a" * 20, "LESION_BUNDLES_ROOT": str(root)}
+    proc, url = start_server(smoke_run / "bundle", env=env)
+    forged = "\n2026-12-02T09:40:00+0000 INFO service.requests: request_id=FORGED status=200\r\n"
+    jpeg = sample_images(sample_dir)[0].read_bytes()
+    try:
+        meta = json.dumps({"sex": "\ud800" + forged})  # JSON escapes: \ud800, \n
+        r = httpx.post(url + "/predict", files={"image": jpeg}, data={"metadata": meta}, timeout=30)
+        assert r.status_code == 422 and "FORGED" in r.json()["detail"]
+        body = json.dumps({"bundle": str(root / ("x" + forged))}).encode()
+        headers = {"X-Admin-Key": "a" * 20, "Content-Type": "application/json"}
+        assert httpx.post(url + "/admin/bundle", content=body, headers=headers, timeout=30).status_code == 422
+    finally:
+        proc.terminate()
+        proc.wait(30)
+    lines = proc.log_path.read_text(errors="strict").splitlines()
+    assert len([line for line in lines if "service.requests:" in line]) >= 3  # health, predict, admin
+    for line in lines:
+        assert re.match(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d[+-]\d{4} [A-Z]+ [\w.]+: ", line), line
+        assert "FORGED" not in line, line  # request values are never logged (escaped if they were)
 
 
 def test_soak_2000_requests_8_clients(smoke_run, sample_dir):

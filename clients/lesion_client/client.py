@@ -38,6 +38,16 @@ def image_part(image: Image, field: str, i: int = 0) -> tuple[str, tuple[str, by
         raise LesionError(f"cannot read {path}: {exc.strerror or exc}") from None
 
 
+def image_bytes(image: Image) -> int:
+    """The size of an image as sent (0 when a path cannot be read: its request reports that)."""
+    if isinstance(image, bytes):
+        return len(image)
+    try:
+        return Path(image).stat().st_size
+    except OSError:
+        return 0
+
+
 def metadata_of(age: float | None, sex: str | None, site: str | None) -> dict:
     return {k: v for k, v in dict(age=age, sex=sex, site=site).items() if v is not None}
 
@@ -83,7 +93,7 @@ class _Base:
             wait=wait_exponential(multiplier=backoff, max=30),
             reraise=True,
         )
-        self._max_batch: int | None = None
+        self._limits: tuple[int, int | None] | None = None  # the server's images and bytes per batch request
 
     def translated(self, exc: httpx.HTTPError) -> LesionError:
         if isinstance(exc, httpx.TimeoutException):
@@ -102,11 +112,27 @@ class _Base:
         return dict(files=files, data={"metadata": json.dumps(list(metadata))} if metadata is not None else {})
 
     @staticmethod
-    def chunks(images: Sequence[Image], metadata: Sequence[dict] | None, size: int):
+    def chunks(images: Sequence[Image], metadata: Sequence[dict] | None, limits: tuple[int, int | None]):
+        """Consecutive runs of at most `limits` (images, bytes) each; an image over the byte limit alone."""
         if metadata is not None and len(metadata) != len(images):
             raise LesionError(f"{len(images)} images but {len(metadata)} metadata objects")
-        for start in range(0, len(images), size):
-            yield images[start : start + size], None if metadata is None else metadata[start : start + size]
+        size, max_bytes = limits
+        start = 0
+        while start < len(images):
+            end, total = start, 0
+            while end < len(images) and end - start < size:
+                total += image_bytes(images[end])
+                if end > start and max_bytes is not None and total > max_bytes:
+                    break
+                end += 1
+            yield images[start:end], None if metadata is None else metadata[start:end]
+            start = end
+
+    @staticmethod
+    def limits_of(model: dict) -> tuple[int, int | None]:
+        limits = model.get("limits", {})
+        max_bytes = limits.get("max_batch_bytes")
+        return int(limits.get("max_batch", DEFAULT_MAX_BATCH)), None if max_bytes is None else int(max_bytes)
 
     @staticmethod
     def batch_results(body: dict) -> list[Prediction]:
@@ -143,16 +169,19 @@ class LesionClient(_Base):
         return Prediction.from_json(body, body)
 
     def predict_batch(self, images: Sequence[Image], metadata: Sequence[dict] | None = None) -> list[Prediction]:
-        """Paths or bytes, in order; sent in requests of at most the server's batch limit."""
+        """Paths or bytes, in order; sent in requests within the server's batch limits (images and bytes)."""
         out: list[Prediction] = []
-        for imgs, meta in self.chunks(images, metadata, self.max_batch()):
+        for imgs, meta in self.chunks(images, metadata, self.limits()):
             out += self.batch_results(self.request("POST", "/predict/batch", **self.batch_request(imgs, meta)))
         return out
 
+    def limits(self) -> tuple[int, int | None]:
+        if self._limits is None:
+            self._limits = self.limits_of(self.model())
+        return self._limits
+
     def max_batch(self) -> int:
-        if self._max_batch is None:
-            self._max_batch = int(self.model().get("limits", {}).get("max_batch", DEFAULT_MAX_BATCH))
-        return self._max_batch
+        return self.limits()[0]
 
     def model(self) -> dict:
         return self.request("GET", "/model")
@@ -195,15 +224,18 @@ class AsyncLesionClient(_Base):
 
     async def predict_batch(self, images: Sequence[Image], metadata: Sequence[dict] | None = None) -> list[Prediction]:
         out: list[Prediction] = []
-        for imgs, meta in self.chunks(images, metadata, await self.max_batch()):
+        for imgs, meta in self.chunks(images, metadata, await self.limits()):
             body = await self.request("POST", "/predict/batch", **self.batch_request(imgs, meta))
             out += self.batch_results(body)
         return out
 
+    async def limits(self) -> tuple[int, int | None]:
+        if self._limits is None:
+            self._limits = self.limits_of(await self.model())
+        return self._limits
+
     async def max_batch(self) -> int:
-        if self._max_batch is None:
-            self._max_batch = int((await self.model()).get("limits", {}).get("max_batch", DEFAULT_MAX_BATCH))
-        return self._max_batch
+        return (await self.limits())[0]
 
     async def model(self) -> dict:
         return await self.request("GET", "/model")

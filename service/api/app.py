@@ -18,9 +18,9 @@ import signal
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
-from starlette.formparsers import MultiPartParser
 from starlette.staticfiles import StaticFiles
 
+from service.api import forms
 from service.api.errors import install_error_handlers
 from service.api.metrics import Metrics
 from service.api.middleware import RequestGuard
@@ -66,7 +66,7 @@ def reload_on_sighup(state: ModelState, settings: Settings, metrics: Metrics) ->
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
     # Keep uploads in memory: the request guard stops a body before it outgrows the spool size.
-    MultiPartParser.spool_max_size = max(MultiPartParser.spool_max_size, settings.max_request_bytes() + 1)
+    forms.install(spool_bytes=settings.max_request_bytes() + 1)
     state, metrics = ModelState(), Metrics()
 
     @asynccontextmanager

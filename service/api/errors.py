@@ -1,4 +1,10 @@
-"""Every error a client can cause becomes a JSON body {detail, request_id} with a 4xx status."""
+"""Every error a client can cause becomes a JSON body {detail, request_id} with a 4xx status.
+
+Details may quote what the client sent (a metadata value, a file name): they are escaped
+(`printable`), so no control character or lone surrogate reaches the response or a log. An
+unexpected error is a 500 whose log line names the exception's type and where it was raised,
+never its message, which may carry request data.
+"""
 
 from __future__ import annotations
 
@@ -10,14 +16,19 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
 from service.api.batching import BatcherStopped
+from service.api.logs import exception_summary, printable
 from service.core.metadata import MetadataError
 from service.core.preprocess import ImageError, ImageShapeError, ImageTooLargeError, UnsupportedImageError
 
 log = logging.getLogger("service")
+CLOSE = {"Connection": "close"}  # refused before the body was read: do not read the rest of it
+BUSY = {**CLOSE, "Retry-After": "1"}
+MAX_DETAIL = 2000  # characters of an error detail
 
 
 def error_response(status: int, detail: str, request_id: str | None, headers: dict | None = None) -> JSONResponse:
-    return JSONResponse({"detail": detail, "request_id": request_id}, status_code=status, headers=headers)
+    body = {"detail": printable(detail, MAX_DETAIL), "request_id": request_id}
+    return JSONResponse(body, status_code=status, headers=headers)
 
 
 def request_id(request: Request) -> str | None:
@@ -61,5 +72,5 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception) -> JSONResponse:
-        log.exception("unexpected error, request id %s", request_id(request))
+        log.error("unexpected error, request id %s: %s", request_id(request), exception_summary(exc))
         return error_response(500, "internal error; the request id is in the logs", request_id(request))

@@ -1,9 +1,11 @@
 """The request guard: one pure-ASGI middleware in front of every route.
 
 In order, before the app sees a request: a valid request id (the client's, if it is 1-64 safe
-characters, else a new one); the API key, checked before one byte of the body is read; the body
-size, counted on the bytes actually received whatever Content-Length or Transfer-Encoding say,
-with a deadline between chunks. After: security headers, Prometheus metrics, one log line.
+characters, else a new one); the API key, checked before one byte of the body is read;
+admission (a bounded number of requests with a body, and of their bytes, per worker: past
+either, 503 with Retry-After, never an unbounded queue); the body size, counted on the bytes
+actually received whatever Content-Length or Transfer-Encoding say, with a deadline between
+chunks and one for the whole body. After: security headers, Prometheus metrics, one log line.
 """
 
 from __future__ import annotations
@@ -20,7 +22,8 @@ from fastapi import HTTPException
 from starlette.datastructures import Headers, MutableHeaders
 
 from service.api.dependencies import API_KEY_HEADER, key_is_valid
-from service.api.errors import error_response
+from service.api.errors import BUSY, CLOSE, error_response
+from service.api.forms import PART_LIMITS, PartLimits
 from service.api.metrics import Metrics
 from service.api.settings import Settings
 from service.api.state import ModelState
@@ -29,7 +32,6 @@ log = logging.getLogger("service.requests")
 REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")
 PUBLIC_PATHS = {"/", "/docs", "/openapi.json", "/health/live", "/health/ready"}
 PUBLIC_PREFIXES = ("/docs-assets/",)
-CLOSE = {"Connection": "close"}  # refused before the body was read: do not read the rest of it
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -45,6 +47,8 @@ class RequestGuard:
     def __init__(self, app, settings: Settings, metrics: Metrics, state: ModelState, security_headers: dict[str, str]):
         self.app, self.settings, self.metrics, self.state = app, settings, metrics, state
         self.security_headers = security_headers
+        self.inflight_requests = 0  # requests with a body this worker holds (one event loop: no lock)
+        self.inflight_bytes = 0  # their bytes: declared up front (Content-Length) or counted as they arrive
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -66,14 +70,37 @@ class RequestGuard:
             await send(message)
 
         limit = self.settings.max_request_bytes(scope["path"])
+        refusal = self.refusal(scope, headers, limit)
+        body = Body(self, headers, limit)
+        parts = PART_LIMITS.set(PartLimits(self.settings.max_upload_bytes, self.settings.max_metadata_bytes))
         try:
-            refusal = self.refusal(scope, headers, limit)
+            if refusal is None and body.expected:
+                refusal = self.admit(body)
             if refusal is not None:
-                await error_response(*refusal, request_id, CLOSE)(scope, receive, send_with_headers)
+                await error_response(*refusal, request_id, BUSY if refusal[0] == 503 else CLOSE)(
+                    scope, receive, send_with_headers
+                )
             else:
-                await self.app(scope, self.counted(receive, limit), send_with_headers)
+                await self.app(scope, body.receiver(receive), send_with_headers)
         finally:
+            PART_LIMITS.reset(parts)
+            body.release()
             self.observe(scope, status["code"], time.perf_counter() - start, request_id)
+
+    def admit(self, body: Body) -> tuple[int, str] | None:
+        """Take the request in, or say why not: the worker already holds as many requests or bytes as it may."""
+        s = self.settings
+        if self.inflight_requests >= s.max_inflight_requests:
+            return 503, f"this worker is busy ({s.max_inflight_requests} requests in flight); retry shortly"
+        if self.inflight_bytes + body.declared > s.max_inflight_bytes:
+            return (
+                503,
+                f"this worker is busy (request bodies in flight near its {s.max_inflight_bytes} byte bound); retry shortly",
+            )
+        body.admitted = True
+        self.inflight_requests += 1
+        self.inflight_bytes += body.declared
+        return None
 
     def refusal(self, scope: Scope, headers: Headers, limit: int) -> tuple[int, str] | None:
         """What to answer without reading the body, or None to go on."""
@@ -82,30 +109,11 @@ class RequestGuard:
         length, chunked = headers.get("content-length"), headers.get("transfer-encoding")
         if length is not None and chunked is not None:
             return 400, "send either Content-Length or Transfer-Encoding, not both"
-        if length is not None and not length.isdigit():
+        if length is not None and not (length.isascii() and length.isdigit()):
             return 400, "Content-Length must be a number of bytes"
         if length is not None and int(length) > limit:
             return 413, f"request body is over the {limit} byte limit"
         return None
-
-    def counted(self, receive: Receive, limit: int) -> Receive:
-        """`receive` that counts body bytes as they arrive and enforces the deadline between chunks."""
-        received = 0
-
-        async def receive_counted() -> Message:
-            nonlocal received
-            try:
-                message = await asyncio.wait_for(receive(), self.settings.body_timeout_s)
-            except TimeoutError:
-                detail = f"the request body stalled for over {self.settings.body_timeout_s:g} s"
-                raise HTTPException(408, detail, headers=CLOSE) from None
-            if message["type"] == "http.request":
-                received += len(message.get("body", b""))
-                if received > limit:
-                    raise HTTPException(413, f"request body is over the {limit} byte limit", headers=CLOSE)
-            return message
-
-        return receive_counted
 
     def observe(self, scope: Scope, status: int, elapsed: float, request_id: str) -> None:
         route = getattr(scope.get("route"), "path", "unmatched")
@@ -123,3 +131,61 @@ class RequestGuard:
             fields["client"] = f"{scope['client'][0]}:{scope['client'][1]}"
         text = " ".join(f"{k}={v}" for k, v in fields.items())
         log.log(logging.ERROR if status >= 500 else logging.INFO, text, extra=fields)
+
+
+class Body:
+    """One request's body as the guard sees it: its bytes counted against the request's limit and
+    the worker's in-flight bound as they arrive, under the gap and total deadlines."""
+
+    def __init__(self, guard: RequestGuard, headers: Headers, limit: int) -> None:
+        length = headers.get("content-length")
+        self.guard, self.limit = guard, limit
+        self.declared = int(length) if length is not None and length.isascii() and length.isdigit() else 0
+        self.expected = self.declared > 0 or "transfer-encoding" in headers
+        self.admitted = False
+        self.received = 0  # body bytes so far
+        self.held = self.declared  # bytes counted in the guard's in-flight total for this request
+
+    def receiver(self, receive: Receive) -> Receive:
+        settings = self.guard.settings
+        deadline = time.monotonic() + settings.body_deadline_s
+        complete = not self.expected
+
+        async def receive_counted() -> Message:
+            nonlocal complete
+            if complete:  # the body is in: later receives wait for a disconnect, with no deadline
+                return await receive()
+            wait = min(settings.body_timeout_s, deadline - time.monotonic())
+            try:
+                message = await asyncio.wait_for(receive(), max(wait, 0.0))
+            except TimeoutError:
+                if time.monotonic() >= deadline:
+                    detail = f"the request body did not arrive within {settings.body_deadline_s:g} s"
+                else:
+                    detail = f"the request body stalled for over {settings.body_timeout_s:g} s"
+                raise HTTPException(408, detail, headers=CLOSE) from None
+            if message["type"] == "http.request":
+                self.count(len(message.get("body", b"")))
+                complete = not message.get("more_body", False)
+            else:
+                complete = True
+            return message
+
+        return receive_counted
+
+    def count(self, n: int) -> None:
+        self.received += n
+        if self.received > self.limit:
+            raise HTTPException(413, f"request body is over the {self.limit} byte limit", headers=CLOSE)
+        if self.admitted and self.received > self.held:  # more than declared (chunked): hold it too
+            guard = self.guard
+            if guard.inflight_bytes + self.received - self.held > guard.settings.max_inflight_bytes:
+                raise HTTPException(503, "this worker is busy (request bodies in flight); retry shortly", headers=BUSY)
+            guard.inflight_bytes += self.received - self.held
+            self.held = self.received
+
+    def release(self) -> None:
+        if self.admitted:
+            self.guard.inflight_requests -= 1
+            self.guard.inflight_bytes -= self.held
+            self.admitted = False

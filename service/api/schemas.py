@@ -211,6 +211,7 @@ class ModelInfo(BaseModel):
             limits={
                 "max_batch": settings.max_batch,
                 "max_upload_bytes": settings.max_upload_bytes,
+                "max_batch_bytes": settings.max_batch_bytes,
                 "max_pixels": settings.max_pixels,
                 "max_request_pixels": settings.max_request_pixels,
             },

@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 from typing import Literal, NamedTuple
 
-from pydantic import Field
+from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from service.core.preprocess import DEFAULT_MAX_PIXELS
@@ -35,6 +35,19 @@ class Settings(BaseSettings):
     max_pixels: int = Field(DEFAULT_MAX_PIXELS, ge=1, description="decoded pixels per image; more gets 413")
     max_request_pixels: int = Field(4 * DEFAULT_MAX_PIXELS, ge=1, description="decoded pixels per request")
     max_batch: int = Field(32, ge=1, description="images per /predict/batch request")
+    max_batch_bytes: int = Field(
+        64 * 1024 * 1024, ge=1, description="all the image files of one /predict/batch request; larger gets 413"
+    )
+    max_inflight_requests: int = Field(
+        64,
+        ge=1,
+        description="requests with a body that one worker holds at once (reading, queued, predicting); more get 503",
+    )
+    max_inflight_bytes: int = Field(
+        192 * 1024 * 1024,
+        ge=1,
+        description="request body bytes one worker holds at once; more get 503 (worst-case memory: docs in the README)",
+    )
     batch_max_size: int = Field(16, ge=1, description="micro-batching: most images in one model call")
     batch_max_wait_ms: float = Field(
         0.0, ge=0, description="micro-batching: how long a model call may wait for more requests; 0 = take what queued"
@@ -55,6 +68,7 @@ class Settings(BaseSettings):
     body_timeout_s: float = Field(
         30.0, gt=0, description="a request body must keep arriving: max seconds between chunks"
     )
+    body_deadline_s: float = Field(60.0, gt=0, description="a whole request body must arrive within this")
     header_timeout_s: float = Field(10.0, gt=0, description="max seconds for a request's headers to arrive")
     keepalive_timeout_s: int = Field(5, ge=1, description="idle keep-alive connections are closed after this")
     log_level: str = "info"
@@ -72,8 +86,17 @@ class Settings(BaseSettings):
 
     def max_request_bytes(self, path: str = BATCH_ROUTE) -> int:
         """The largest body a route accepts: its images plus the form's other fields."""
-        images = self.max_batch if path == BATCH_ROUTE else 1
-        return self.max_upload_bytes * images + self.max_metadata_bytes + 64 * 1024
+        images = min(self.max_batch * self.max_upload_bytes, self.max_batch_bytes) if path == BATCH_ROUTE else None
+        return (images or self.max_upload_bytes) + 2 * self.max_metadata_bytes + 64 * 1024
+
+    @model_validator(mode="after")
+    def _one_request_fits_in_flight(self) -> Settings:
+        if self.max_request_bytes() > self.max_inflight_bytes:
+            raise ValueError(
+                f"max_inflight_bytes ({self.max_inflight_bytes}) must hold one largest request "
+                f"({self.max_request_bytes()} bytes): raise it or lower max_batch_bytes / max_upload_bytes"
+            )
+        return self
 
     def public_key_pem(self) -> bytes | None:
         return self.public_key.read_bytes() if self.public_key else None

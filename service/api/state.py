@@ -13,6 +13,7 @@ import numpy as np
 from service.api.batching import MicroBatcher
 from service.api.metrics import Metrics
 from service.api.settings import Settings
+from service.core.bundle import BundleError
 from service.core.manifest import Manifest
 from service.core.predictor import Predictor, limit_numpy_blas
 
@@ -52,16 +53,20 @@ class ModelState:
     def loaded(settings: Settings, bundle: Path) -> Predictor:
         """A verified, loaded and warmed-up Predictor for `bundle` (BundleError if it is not one)."""
         budget = settings.thread_budget()
-        predictor = Predictor.load(
-            bundle,
-            intra_op_threads=budget.onnxruntime,
-            public_key_pem=settings.public_key_pem(),
-            cnn_precision=settings.cnn_precision,
-            model_threads=budget.boosters,
-        )
+        try:
+            predictor = Predictor.load(
+                bundle,
+                intra_op_threads=budget.onnxruntime,
+                public_key_pem=settings.public_key_pem(),
+                cnn_precision=settings.cnn_precision,
+                model_threads=budget.boosters,
+            )
+        except (BundleError, OSError):
+            raise
+        except Exception as exc:  # whatever else a hostile bundle provokes is its fault, not a 500
+            raise BundleError(f"{type(exc).__name__} while loading it: {str(exc)[:200]}") from None
         limit_numpy_blas(budget.boosters)  # for the process, once the bundle's libraries (and their BLAS) are loaded
-        spec = predictor.manifest.preprocessing
-        predictor.predict(np.full((1, spec.height, spec.width, 3), 128, np.uint8), [None])  # warm-up
+        predictor.warm_up()
         bundle_id = predictor.manifest.bundle_id
         log.info(
             "model %s loaded and warmed up (%s, threads: %s)",

@@ -8,6 +8,8 @@ serves them with the same modules, so features and validation cannot drift betwe
     metadata    request metadata -> validated ClinicalMetadata (MetadataError for people)
     features    (CNN probabilities, image, metadata) -> the boosters' and the stack's inputs
     manifest    the bundle's manifest schema: the one roster of models and files
+    files       a bundle's files: regular, inside its folder, bounded in size
     bundle      reading and verifying a bundle folder (BundleError)
+    safe_pickle the allow-list unpickler for the bundle's models
     predictor   Predictor: a loaded bundle, run on a batch
 """

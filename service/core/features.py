@@ -12,7 +12,7 @@ import math
 from collections.abc import Mapping, Sequence
 
 import numpy as np
-from pydantic import BaseModel
+from pydantic import BaseModel, Field, model_validator
 
 from service.core import labels
 from service.core.metadata import ClinicalMetadata
@@ -23,11 +23,21 @@ EPS = 1e-6
 class FeatureSpec(BaseModel):
     """The saved encoder: category lists, the accepted age range and the resulting column order."""
 
-    classes: list[str] = labels.CLASSES
-    sexes: list[str] = labels.SEXES
-    sites: list[str] = labels.SITES
-    age_min: float = labels.AGE_RANGE[0]
-    age_max: float = labels.AGE_RANGE[1]
+    classes: list[str] = Field(labels.CLASSES, min_length=2)
+    sexes: list[str] = Field(labels.SEXES, min_length=1)
+    sites: list[str] = Field(labels.SITES, min_length=1)
+    age_min: float = Field(labels.AGE_RANGE[0], allow_inf_nan=False)
+    age_max: float = Field(labels.AGE_RANGE[1], allow_inf_nan=False)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> FeatureSpec:
+        if self.age_min > self.age_max:
+            raise ValueError(f"age_min {self.age_min} is above age_max {self.age_max}")
+        for name in ("classes", "sexes", "sites"):
+            values = getattr(self, name)
+            if len(set(values)) != len(values):
+                raise ValueError(f"{name} repeat: {values}")
+        return self
 
     @property
     def names(self) -> list[str]:

@@ -7,6 +7,7 @@ and which libraries each file needs. Serving code reads every model name from he
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 from pydantic import BaseModel, Field, model_validator
@@ -34,7 +35,7 @@ class QuantizationGate(BaseModel):
 
     passed: bool
     images: int
-    agreement: float = Field(description="top-1 agreement of int8 with fp32")
+    agreement: float = Field(ge=0, le=1, description="top-1 agreement of int8 with fp32")
     min_agreement: float
     max_metric_drop: float = Field(description="largest allowed fall in malignant AUC and pAUC")
     fp32: dict[str, float]
@@ -84,7 +85,7 @@ class Manifest(BaseModel):
         False,
         description="trained on the project's synthetic demo images: a demo of the plumbing, not a model of lesions",
     )
-    classes: list[str]
+    classes: list[str] = Field(min_length=2)
     class_names: dict[str, str]
     malignant_classes: list[str]
     preprocessing: ImageSpec
@@ -102,7 +103,13 @@ class Manifest(BaseModel):
     training_prevalence: dict[str, float] = Field(
         default_factory=dict, description="class shares of the training data: the 'training' prior"
     )
-    temperature: float = Field(1.0, gt=0, description="applied to every model's log-probabilities before the prior")
+    temperature: float = Field(
+        1.0,
+        gt=0,
+        le=100,
+        allow_inf_nan=False,
+        description="applied to every model's log-probabilities before the prior",
+    )
     model_card: str | None = Field(None, description="the bundle's model card (markdown)")
     files: dict[str, str] = Field(description="file name -> sha256, every file of the bundle but this manifest")
     library_versions: dict[str, str] = Field(description="versions of the libraries the models need, as written")
@@ -129,6 +136,20 @@ class Manifest(BaseModel):
     @property
     def required_libraries(self) -> list[str]:
         return libraries_of(self.model_files)
+
+    @model_validator(mode="after")
+    def _classes_are_consistent(self) -> Manifest:
+        if self.features.classes != self.classes:
+            raise ValueError(f"features.classes {self.features.classes} differ from classes {self.classes}")
+        if sorted(set(self.classes) - set(self.class_names)):
+            raise ValueError(f"class_names lacks {sorted(set(self.classes) - set(self.class_names))}")
+        if not set(self.malignant_classes) <= set(self.classes):
+            raise ValueError(f"malignant_classes {self.malignant_classes} are not all among {self.classes}")
+        if set(self.training_prevalence) - set(self.classes):
+            raise ValueError("training_prevalence names classes the bundle does not have")
+        if not all(0 <= v <= 1 and math.isfinite(v) for v in self.training_prevalence.values()):
+            raise ValueError("training_prevalence values must be shares in [0, 1]")
+        return self
 
     @model_validator(mode="after")
     def _roster_is_consistent(self) -> Manifest:

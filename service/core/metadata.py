@@ -101,18 +101,18 @@ def validate_metadata(value: ClinicalMetadata | Mapping[str, Any] | None, spec: 
     return ClinicalMetadata(age=m.age, sex=sex, site=site)
 
 
-def parse_json(raw: str | None) -> Any:
-    """A metadata JSON text parsed; None when absent or blank. Any parse failure is a MetadataError."""
+def parse_json(raw: str | None, field: str = "metadata", example: str = EXAMPLE) -> Any:
+    """A form field's JSON text parsed; None when absent or blank. Any parse failure is a MetadataError."""
     if raw is None or not raw.strip():
         return None
     try:
         return json.loads(raw)
     except json.JSONDecodeError as exc:
         raise MetadataError(
-            f"metadata is not valid JSON ({exc.msg} at position {exc.pos}); send e.g. {EXAMPLE}"
+            f"{field} is not valid JSON ({exc.msg} at position {exc.pos}); send e.g. {example}"
         ) from None
     except (ValueError, RecursionError) as exc:  # e.g. an integer of thousands of digits, or nesting too deep
-        raise MetadataError(f"metadata JSON cannot be read ({type(exc).__name__}); send e.g. {EXAMPLE}") from None
+        raise MetadataError(f"{field} JSON cannot be read ({type(exc).__name__}); send e.g. {example}") from None
 
 
 def metadata_from_json(raw: str | None, spec: FeatureSpec) -> ClinicalMetadata:

@@ -15,9 +15,11 @@ real lesions from other pictures better; the bundle serves the method named in i
 from __future__ import annotations
 
 import io
+import math
+import zipfile
 
 import numpy as np
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, model_validator
 
 METHODS = ("mahalanobis", "energy")
 
@@ -27,8 +29,20 @@ class OodSpec(BaseModel):
 
     method: str = Field(description=f"one of {', '.join(METHODS)}; higher scores are less like the training images")
     thresholds: dict[str, float] = Field(description="per method: scores above it are flagged")
-    flag_share: float = Field(description="share of out-of-fold real training images above the threshold, by design")
+    flag_share: float = Field(
+        ge=0, le=1, description="share of out-of-fold real training images above the threshold, by design"
+    )
     file: str = Field(description="bundle file (.npz) with the Mahalanobis class means and shared precision")
+
+    @model_validator(mode="after")
+    def _served_method_has_a_finite_threshold(self) -> OodSpec:
+        if self.method not in METHODS:
+            raise ValueError(f"unknown out-of-distribution method {self.method!r}; one of {', '.join(METHODS)}")
+        if self.method not in self.thresholds:
+            raise ValueError(f"no threshold for the served method {self.method}")
+        if not all(math.isfinite(t) for t in self.thresholds.values()):
+            raise ValueError("every out-of-distribution threshold must be a finite number")
+        return self
 
     @property
     def threshold(self) -> float:
@@ -49,9 +63,49 @@ class GaussianFit(BaseModel, arbitrary_types_allowed=True):
         return buf.getvalue()
 
     @classmethod
-    def from_npz(cls, data: bytes) -> GaussianFit:
-        with np.load(io.BytesIO(data), allow_pickle=False) as z:
-            return cls(means=z["means"].astype(np.float64), precision=z["precision"].astype(np.float64))
+    def from_npz(cls, data: bytes, n_classes: int) -> GaussianFit:
+        """Read and check a fit: (C, D) means and a (D, D) symmetric precision with a positive
+        diagonal, every value finite (a NaN would make every score NaN and switch the flag off).
+        Raises ValueError, saying what is wrong."""
+        arrays = read_npz(data, ("means", "precision"))
+        means, precision = arrays["means"].astype(np.float64), arrays["precision"].astype(np.float64)
+        if means.ndim != 2 or means.shape[0] != n_classes or precision.shape != (means.shape[1],) * 2:
+            raise ValueError(f"means {means.shape} and precision {precision.shape} must be ({n_classes}, D) and (D, D)")
+        if not (np.isfinite(means).all() and np.isfinite(precision).all()):
+            raise ValueError("the class means and the precision must be finite numbers")
+        if (np.diag(precision) <= 0).any() or not np.allclose(precision, precision.T, rtol=1e-4, atol=1e-6):
+            raise ValueError("the precision matrix must be symmetric with a positive diagonal")
+        return cls(means=means, precision=precision)
+
+
+MAX_NPZ_BYTES = 64 * 1024 * 1024  # a 512-dimensional fit is about 1 MB
+
+
+def read_npz(data: bytes, names: tuple[str, ...]) -> dict[str, np.ndarray]:
+    """The named arrays of an .npz, each read only after its header's size is checked against the
+    bytes it really holds (numpy's own reader allocates what the header declares first)."""
+    with zipfile.ZipFile(io.BytesIO(data)) as z:
+        infos = {i.filename.removesuffix(".npy"): i for i in z.infolist()}
+        if set(infos) != set(names):
+            raise ValueError(f"holds {sorted(infos)}, not {list(names)}")
+        if sum(i.file_size for i in infos.values()) > MAX_NPZ_BYTES:
+            raise ValueError(f"its arrays are over {MAX_NPZ_BYTES} bytes")
+        out = {}
+        for name, info in infos.items():
+            f = io.BytesIO(z.read(info))  # zipfile stops at the declared size and checks the CRC
+            version = np.lib.format.read_magic(f)
+            read_header = (
+                np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            )
+            shape, fortran, dtype = read_header(f)
+            if dtype.hasobject or dtype.kind not in "fiu":
+                raise ValueError(f"{name} has dtype {dtype}, not numbers")
+            count = math.prod(shape)
+            if count * dtype.itemsize != len(f.getbuffer()) - f.tell():
+                raise ValueError(f"{name}'s header says {shape} {dtype}, which is not the data it holds")
+            flat = np.frombuffer(f.getbuffer(), dtype, count, offset=f.tell())
+            out[name] = flat.reshape(shape, order="F" if fortran else "C")
+        return out
 
 
 def fit_gaussian(embeddings: np.ndarray, y: np.ndarray, n_classes: int) -> GaussianFit:

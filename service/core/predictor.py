@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import zipfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -174,13 +175,36 @@ class Predictor:
             raise BundleError(f"{cnn_file} lacks the outputs {sorted(set(manifest.cnn.explain_outputs) - names[1])}")
         gaussian = None
         if manifest.ood is not None and manifest.ood.method == "mahalanobis":
-            gaussian = GaussianFit.from_npz(read_verified(bundle_dir, manifest, manifest.ood.file))
+            data = read_verified(bundle_dir, manifest, manifest.ood.file)
+            try:
+                gaussian = GaussianFit.from_npz(data, len(manifest.classes))
+            except (ValueError, OSError, zipfile.BadZipFile, EOFError) as exc:
+                raise BundleError(f"{manifest.ood.file} is not a valid out-of-distribution fit: {exc}") from None
         models = {
             m.name: load_model(read_verified(bundle_dir, manifest, m.file), m.libraries, m.file)
             for m in [*manifest.boosters, manifest.stack]
         }
         card = read_verified(bundle_dir, manifest, manifest.model_card).decode() if manifest.model_card else None
         return cls(bundle_dir, manifest, session, models, cnn_file, model_threads, gaussian, card)
+
+    def warm_up(self) -> None:
+        """One prediction on a grey image, checked: every model gives one finite probability per
+        class summing to 1, and the OOD score is finite. A bundle that fails is refused (BundleError)
+        before it serves: a NaN would otherwise pass silently (a NaN score is never flagged)."""
+        spec, m = self.manifest.preprocessing, self.manifest
+        try:
+            (pred,) = self.predict(np.full((1, spec.height, spec.width, 3), 128, np.uint8), [None])
+        except BundleError:
+            raise
+        except Exception as exc:  # a model that loads but cannot predict: any library's error type
+            raise BundleError(
+                f"the bundle's models fail on a test image: {type(exc).__name__}: {str(exc)[:200]}"
+            ) from None
+        for name, p in pred.components.items():
+            if p.shape != (len(m.classes),) or not np.isfinite(p).all() or abs(p.sum() - 1) > 1e-3:
+                raise BundleError(f"model {name} does not give {len(m.classes)} finite probabilities summing to 1")
+        if m.ood is not None and not (pred.ood_score is not None and np.isfinite(pred.ood_score)):
+            raise BundleError(f"the out-of-distribution score ({m.ood.method}) is not a finite number")
 
     def cnn_outputs(self, images: np.ndarray, extra: Sequence[str] = ()) -> dict[str, np.ndarray]:
         """uint8 images (N,H,W,3) -> the graph's 'probabilities' (N,C) and the `extra` outputs asked for."""

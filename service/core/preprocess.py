@@ -9,18 +9,20 @@ from __future__ import annotations
 
 import io
 import math
+import re
 import struct
 import warnings
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
-from pydantic import BaseModel
+from pydantic import BaseModel, Field, field_validator
 
 ALLOWED_FORMATS = {"JPEG", "MPO", "PNG"}  # MPO: the multi-picture JPEG many phones write (first picture used)
 JPEG_FORMATS = {"JPEG", "MPO"}
 MIN_SIDE = 32  # px; smaller is no dermoscopy image
 MAX_ASPECT = 4.0  # longer side / shorter side
 DEFAULT_MAX_PIXELS = 16_000_000
+MAX_JPEG_SCANS = 64  # libjpeg's progressive script writes 10 (6 for grey), a baseline JPEG one per component
 
 
 class ImageError(ValueError):
@@ -42,11 +44,19 @@ class ImageShapeError(ImageError):
 class ImageSpec(BaseModel):
     """How an image becomes CNN input. Saved in the bundle's manifest."""
 
-    width: int
-    height: int
+    width: int = Field(ge=1, le=4096)
+    height: int = Field(ge=1, le=4096)
     resize: str = "center-crop-to-aspect, bilinear"
     mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+
+    @field_validator("mean", "std")
+    @classmethod
+    def _in_range(cls, v: tuple[float, float, float], info) -> tuple[float, float, float]:
+        low = 0.0 if info.field_name == "mean" else 1e-6
+        if not all(math.isfinite(x) and low <= x <= 1.0 for x in v):
+            raise ValueError(f"each {info.field_name} must be a finite number in [{low:g}, 1]")
+        return v
 
 
 def open_image(data: bytes, spec: ImageSpec | None = None, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
@@ -74,13 +84,53 @@ def open_image(data: bytes, spec: ImageSpec | None = None, max_pixels: int = DEF
         raise ImageShapeError(f"image is {w}x{h} pixels; each side must be at least {MIN_SIDE} pixels")
     if max(w, h) / min(w, h) > MAX_ASPECT:
         raise ImageShapeError(f"image is {w}x{h} pixels; the longer side may be at most {MAX_ASPECT:g}x the shorter")
+    scans = jpeg_scans(data, MAX_JPEG_SCANS) if img.format in JPEG_FORMATS else 0
+    if scans > MAX_JPEG_SCANS:
+        raise ImageError(
+            f"the JPEG has over {MAX_JPEG_SCANS} scans; no camera or encoder writes that many (re-save it)"
+        )
+    if scans > 1:  # progressive (or multi-scan): libjpeg holds every DCT coefficient at full size, draft or not
+        img.info[FULL_SIZE_PIXELS] = w * h
     if spec is not None and img.format in JPEG_FORMATS:
         img.draft("RGB", draft_size(w, h, spec))
     if decoded_pixels(img) > max_pixels:
+        why = " (a progressive JPEG decodes at full size: send a baseline JPEG or a smaller image)" if scans > 1 else ""
         raise ImageTooLargeError(
-            f"image is {w}x{h} pixels and decodes to {decoded_pixels(img)} pixels, over the limit of {max_pixels}"
+            f"image is {w}x{h} pixels and decodes to {decoded_pixels(img)} pixels, over the limit of {max_pixels}{why}"
         )
     return img
+
+
+JPEG_SCAN_END = re.compile(rb"\xff[^\x00\xd0-\xd7]")  # the next marker after entropy-coded data
+
+
+def jpeg_scans(data: bytes, limit: int) -> int:
+    """Scans (SOS markers) in the first image of a JPEG, counted up to `limit` + 1, reading only
+    the marker structure.
+
+    Each scan of a progressive JPEG is decoded over the whole coefficient buffer, so a file that
+    repeats one scan thousands of times costs minutes of CPU in a few MB (a "scan bomb"), and
+    draft mode does not help: `open_image` counts those at full size instead."""
+    pos, scans, n = 2, 0, len(data)
+    while pos + 4 <= n and scans <= limit:
+        if data[pos] != 0xFF:
+            break  # not a marker: Pillow reports the corruption when decoding
+        marker = data[pos + 1]
+        if marker == 0xFF:  # fill byte
+            pos += 1
+        elif marker == 0xD9:  # end of the first image (an MPO's further pictures are never decoded)
+            break
+        elif 0xD0 <= marker <= 0xD7 or marker == 0x01:  # markers without a length
+            pos += 2
+        else:
+            pos += 2 + int.from_bytes(data[pos + 2 : pos + 4], "big")
+            if marker == 0xDA:  # start of scan: entropy-coded data follows, up to the next marker
+                scans += 1
+                found = JPEG_SCAN_END.search(data, pos)
+                if found is None:
+                    break
+                pos = found.start()
+    return scans
 
 
 DRAFT_OVERSAMPLING = 2  # decode at least this many pixels per model-input pixel, along each side
@@ -105,9 +155,12 @@ def draft_size(width: int, height: int, spec: ImageSpec) -> tuple[int, int]:
     return size if width >= height else size[::-1]
 
 
+FULL_SIZE_PIXELS = "lesion_full_size_pixels"  # set by open_image on a multi-scan JPEG
+
+
 def decoded_pixels(img: Image.Image) -> int:
     """Pixels `decode_opened` will hold for an image from `open_image`."""
-    return img.width * img.height
+    return max(img.width * img.height, img.info.get(FULL_SIZE_PIXELS, 0))
 
 
 def decode_opened(img: Image.Image) -> Image.Image:

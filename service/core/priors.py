@@ -45,7 +45,10 @@ def prior_vector(
     values = [prior[c] for c in classes]
     if not all(isinstance(x, int | float) and not isinstance(x, bool) for x in values):
         raise PriorError("prior prevalences must be numbers")
-    v = np.array(values, np.float64)
+    try:
+        v = np.array([float(x) for x in values], np.float64)
+    except OverflowError:  # an integer too large for a float
+        raise PriorError("prior prevalences must be positive, finite numbers") from None
     if not np.isfinite(v).all() or (v <= 0).any():
         raise PriorError("prior prevalences must be positive, finite numbers")
     v = v / v.max()  # no overflow when summing huge values

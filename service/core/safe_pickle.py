@@ -8,7 +8,9 @@ runs only the steps model pickles need:
 - only those reconstructors and containers may be *called* (REDUCE); model classes are only
   *rebuilt*: created empty (NEWOBJ, no arguments) and given their saved state by their own class's
   `__setstate__` (BUILD); the protocol-0/1 instantiation opcodes (INST, OBJ) are refused.
-Anything else stops the load with a BundleError saying what was asked for.
+No call may ask for a large allocation (`bytearray(10**9)`, an array reconstructed with a huge
+shape): the sizes those calls take are bounded, so what a pickle builds is bounded by its own size. What comes out must be one of the model classes. Anything else stops the load with
+a BundleError saying what was asked for.
 """
 
 from __future__ import annotations
@@ -43,7 +45,16 @@ MODEL_CLASSES = {  # the classes a bundle's model objects are made of; rebuilt, 
     ("sklearn.preprocessing._label", "LabelEncoder"),
     ("sklearn.linear_model._logistic", "LogisticRegressionCV"),
 }
+MODELS = {  # what a bundle's model file may hold, at the top
+    ("xgboost.sklearn", "XGBClassifier"),
+    ("lightgbm.sklearn", "LGBMClassifier"),
+    ("catboost.core", "CatBoostClassifier"),
+    ("sklearn.pipeline", "Pipeline"),
+    ("sklearn.linear_model._logistic", "LogisticRegressionCV"),
+}
 IMPORT_NAMES = {"scikit-learn": "sklearn"}  # distribution -> import name, where they differ
+ALLOCATING = {"bytearray", "_reconstruct"}  # callables whose integer arguments are sizes: bytearray(n), a shape
+MAX_CALL_INT = 1 << 16  # the largest such size (model pickles pass bytes to bytearray and a shape of (0,))
 
 Pickler = pickle._Unpickler  # the Python implementation: its opcodes can be checked one by one
 
@@ -73,9 +84,12 @@ class AllowListUnpickler(Pickler):
         raise self.refuse(f"load {module}.{name}")
 
     def load_reduce(self) -> None:  # func(*args)
-        func = self.stack[-2]  # type: ignore[attr-defined]
+        func, args = self.stack[-2], self.stack[-1]  # type: ignore[attr-defined]
+        name = f"{getattr(func, '__module__', '?')}.{getattr(func, '__qualname__', func)}"
         if id(func) not in self.callable_ids:
-            raise self.refuse(f"call {getattr(func, '__module__', '?')}.{getattr(func, '__qualname__', func)}")
+            raise self.refuse(f"call {name}")
+        if getattr(func, "__qualname__", None) in ALLOCATING and large_int(args):
+            raise self.refuse(f"call {name} with a size over {MAX_CALL_INT} (a large allocation)")
         Pickler.load_reduce(self)  # type: ignore[attr-defined]
 
     def check_new(self, cls: Any, args: tuple, kwargs: dict | None = None) -> None:
@@ -119,11 +133,24 @@ class AllowListUnpickler(Pickler):
     dispatch[pickle.OBJ[0]] = refuse_opcode  # type: ignore[assignment]
 
 
+def large_int(args: Any, depth: int = 3) -> bool:
+    """Whether an integer over MAX_CALL_INT is among `args` (looking into tuples and lists)."""
+    if isinstance(args, int) and not isinstance(args, bool):
+        return abs(args) > MAX_CALL_INT
+    if isinstance(args, tuple | list) and depth > 0:
+        return any(large_int(a, depth - 1) for a in args)
+    return False
+
+
 def load_model(data: bytes, libraries: Iterable[str], what: str) -> Any:
     """Unpickle one model, admitting only what `libraries` (the manifest's list for it) need."""
     try:
-        return AllowListUnpickler(io.BytesIO(data), libraries, what).load()
+        model = AllowListUnpickler(io.BytesIO(data), libraries, what).load()
     except BundleError:
         raise
     except Exception as exc:  # a corrupt pickle, or one the libraries installed cannot read
-        raise BundleError(f"{what} cannot be loaded: {type(exc).__name__}: {exc}") from None
+        raise BundleError(f"{what} cannot be loaded: {type(exc).__name__}: {str(exc)[:200]}") from None
+    kind = (type(model).__module__, type(model).__qualname__)
+    if kind not in MODELS:
+        raise BundleError(f"{what} holds a {kind[0]}.{kind[1]}, not a model: refusing it")
+    return model

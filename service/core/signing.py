@@ -12,6 +12,7 @@ import base64
 from pathlib import Path
 
 from service.core.errors import BundleError
+from service.core.files import read_bounded
 
 MANIFEST_NAME = "manifest.json"
 SIGNATURE_NAME = "manifest.sig"
@@ -27,12 +28,13 @@ def verify_signature(bundle_dir: Path, manifest_bytes: bytes, public_key_pem: by
     if not isinstance(key, Ed25519PublicKey):
         raise BundleError("the configured public key is not an Ed25519 key")
     sig_path = Path(bundle_dir) / SIGNATURE_NAME
-    if not sig_path.is_file():
+    if not sig_path.exists() and not sig_path.is_symlink():
         raise BundleError(
             f"bundle {bundle_dir} is not signed ({SIGNATURE_NAME} missing) and a public key is configured"
         )
+    signature = read_bounded(Path(bundle_dir), SIGNATURE_NAME, 4096)
     try:
-        key.verify(base64.b64decode(sig_path.read_bytes(), validate=True), manifest_bytes)
+        key.verify(base64.b64decode(signature, validate=True), manifest_bytes)
     except (InvalidSignature, ValueError):
         raise BundleError(f"bundle {bundle_dir}: the signature does not match the manifest: refusing it") from None
 

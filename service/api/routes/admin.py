@@ -8,9 +8,10 @@ from pathlib import Path
 
 from fastapi import APIRouter, Depends, HTTPException
 from fastapi.security import APIKeyHeader
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, field_validator
 
 from service.api.dependencies import check_api_key, get_metrics, get_settings, get_state
+from service.api.logs import printable
 from service.api.metrics import Metrics
 from service.api.schemas import ErrorResponse
 from service.api.settings import Settings
@@ -38,10 +39,14 @@ async def check_admin_key(
 
 def allowed_bundle(requested: Path | None, settings: Settings) -> Path:
     """The configured bundle, or one under LESION_BUNDLES_ROOT: no other folder of the server is loaded."""
-    if requested is None or requested.resolve() == settings.bundle.resolve():
-        return settings.bundle
-    root = settings.bundles_root
-    if root is None or not requested.resolve().is_relative_to(root.resolve()):
+    try:
+        if requested is None or requested.resolve() == settings.bundle.resolve():
+            return settings.bundle
+        root = settings.bundles_root
+        inside = root is not None and requested.resolve().is_relative_to(root.resolve())
+    except (OSError, RuntimeError) as exc:  # a name too long, a link loop
+        raise HTTPException(422, f"bundle: the path cannot be resolved ({type(exc).__name__})") from None
+    if not inside:
         raise HTTPException(403, "bundle: only the configured bundle, or one under LESION_BUNDLES_ROOT, may be loaded")
     return requested
 
@@ -59,6 +64,13 @@ class SwapRequest(BaseModel):
         None,
         description="bundle folder on the server, under LESION_BUNDLES_ROOT; default: the configured LESION_BUNDLE",
     )
+
+    @field_validator("bundle", mode="before")
+    @classmethod
+    def _plain_path(cls, v: object) -> object:
+        if isinstance(v, str) and (len(v) > 4096 or printable(v) != v):
+            raise ValueError("must be a plain path: at most 4096 characters, no control characters")
+        return v
 
 
 class SwapResponse(BaseModel):

@@ -1,0 +1,55 @@
+"""Multipart parsing that refuses an oversized part as it arrives, not after buffering it.
+
+Starlette's parser bounds the number of parts and the size of plain fields, but buffers a file
+part of any size (up to the body limit) before a route can look at it. This subclass counts each
+part's bytes as the parser hands them over and stops at the per-image (file) or per-field limit
+with a 413. The limits are the serving app's settings, set per request by the request guard
+(a context variable: several apps with their own settings may share one process, as in tests).
+"""
+
+from __future__ import annotations
+
+from contextvars import ContextVar
+from typing import NamedTuple
+
+import starlette.requests
+from starlette.exceptions import HTTPException
+from starlette.formparsers import MultiPartParser
+
+from service.api.errors import CLOSE
+
+
+class PartLimits(NamedTuple):
+    file_bytes: int  # one uploaded image
+    field_bytes: int  # one plain form field (metadata, prior, explain)
+
+
+PART_LIMITS: ContextVar[PartLimits | None] = ContextVar("part_limits", default=None)
+
+
+class BoundedMultiPartParser(MultiPartParser):
+    def on_part_begin(self) -> None:
+        super().on_part_begin()
+        self._part_bytes = 0
+
+    def on_part_data(self, data: bytes, start: int, end: int) -> None:
+        limits = PART_LIMITS.get()
+        if limits is not None:
+            self._part_bytes += end - start
+            is_file = self._current_part.file is not None
+            limit = limits.file_bytes if is_file else limits.field_bytes
+            if self._part_bytes > limit:
+                what = (
+                    f"image file {self._current_part.file.filename!r}"  # type: ignore[union-attr]
+                    if is_file
+                    else f"the {self._current_part.field_name} field"
+                )
+                raise HTTPException(413, f"{what} is over the {limit} byte limit", headers=CLOSE)
+        super().on_part_data(data, start, end)
+
+
+def install(spool_bytes: int) -> None:
+    """Make Starlette's requests parse multipart bodies with the bounded parser, every part kept in
+    memory (a spool larger than any accepted body: nothing is written to disk)."""
+    BoundedMultiPartParser.spool_max_size = max(BoundedMultiPartParser.spool_max_size, spool_bytes)
+    starlette.requests.MultiPartParser = BoundedMultiPartParser  # type: ignore[misc]

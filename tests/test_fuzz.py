@@ -1,0 +1,187 @@
+"""Property-based fuzzing of every client input, in-process: whatever a client sends, the answer is
+a 2xx or a 4xx with a JSON {detail, request_id} body, never a 5xx.
+
+Multipart bodies are built byte by byte here (not by an HTTP client, which would refuse to encode a
+lone surrogate or a quote in a file name), so field values, file names and image bytes can be
+anything: invalid UTF-8, control characters, JSON of any shape, corrupt or hostile images. The
+examples are derandomised: CI runs the same ones every time, in about a minute.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
+
+from tests.helpers import CLASSES, png, sample_images
+from tests.hostile import progressive_jpeg, scan_bomb
+
+BOUNDARY = b"fuzz7MA4YWxkTrZu0gW"
+FUZZ = settings(
+    max_examples=120, deadline=None, derandomize=True, database=None, suppress_health_check=list(HealthCheck)
+)
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3),
+    max_leaves=8,
+)
+# JSON text as a client might write it: json.dumps escapes lone surrogates and control characters
+json_text = json_values.map(json.dumps)
+hostile_text = st.sampled_from(
+    [
+        "[" * 5000,
+        '{"a":' + "[" * 10_000,
+        '{"age": ' + "9" * 4301 + "}",
+        '{"age": 1' + "0" * 400 + "}",
+        '{"sex": "\\ud800"}',
+        '{"site": "x\\nINFO service.requests: FORGED"}',
+        '{"age": NaN}',
+        '{"age": -Infinity}',
+        "null",
+        "",
+        "   ",
+    ]
+)
+metadata_objects = st.fixed_dictionaries(
+    {},
+    optional={
+        "age": st.one_of(st.integers(-10, 200), st.floats(), st.text(max_size=5), json_values),
+        "sex": st.one_of(st.sampled_from(["male", "female", "unknown", " Male ", "x"]), json_values),
+        "site": st.one_of(st.sampled_from(["back", "face", "lower_extremity", "nowhere"]), json_values),
+        "localization": st.sampled_from(["back", "trunk", "?"]),
+        "extra": json_values,
+    },
+).map(json.dumps)
+metadata = st.one_of(metadata_objects, json_text, hostile_text, st.text(max_size=50))
+priors = st.one_of(
+    st.sampled_from(["balanced", "training", "", "BALANCED", "uniform"]),
+    st.dictionaries(st.sampled_from(CLASSES + ["x"]), json_values, max_size=8).map(json.dumps),
+    st.fixed_dictionaries({c: st.floats(min_value=0, max_value=1e308) for c in CLASSES}).map(json.dumps),
+    hostile_text,
+    st.text(max_size=30),
+)
+raw_bytes = st.binary(max_size=64)  # for file names and field values: invalid UTF-8 included
+
+
+@pytest.fixture(scope="module")
+def images(sample_dir) -> list[bytes]:
+    jpeg = sample_images(sample_dir)[0].read_bytes()
+    return [jpeg, png(64, 48), progressive_jpeg(), scan_bomb(extra_scans=200), jpeg[: len(jpeg) // 2], b""]
+
+
+def image_bytes(images: list[bytes]) -> st.SearchStrategy[bytes]:
+    def mutate(data: bytes, at: int, value: int) -> bytes:
+        at = at % max(len(data), 1)
+        return data[:at] + bytes([value]) + data[at + 1 :]
+
+    originals = st.sampled_from(images)
+    mutated = st.builds(mutate, originals, st.integers(0, 10**6), st.integers(0, 255))
+    return st.one_of(originals, mutated, st.binary(max_size=512))
+
+
+def multipart(parts: list[tuple[bytes, bytes | None, bytes]]) -> bytes:
+    """(field name, file name or None, value) -> a multipart/form-data body."""
+    out = b""
+    for name, filename, value in parts:
+        disposition = b'form-data; name="' + name + b'"'
+        if filename is not None:
+            disposition += b'; filename="' + filename + b'"'
+        out += b"--" + BOUNDARY + b"\r\nContent-Disposition: " + disposition + b"\r\n\r\n" + value + b"\r\n"
+    return out + b"--" + BOUNDARY + b"--\r\n"
+
+
+def text_field(value: str) -> bytes:
+    return value.encode("utf-8", "surrogatepass")  # a lone surrogate as the bytes a broken client sends
+
+
+def check(r) -> None:
+    assert r.status_code < 500, (r.status_code, r.text[:500])
+    if r.status_code >= 400:
+        body = r.json()
+        assert body["detail"] and body["request_id"] == r.headers["x-request-id"], body
+
+
+def post_form(api, path: str, parts, query: str = ""):
+    headers = {"Content-Type": "multipart/form-data; boundary=" + BOUNDARY.decode()}
+    return api.post(path + query, content=multipart(parts), headers=headers)
+
+
+def test_predict_never_answers_5xx(api, images):
+    @FUZZ
+    @given(
+        image=image_bytes(images),
+        filename=st.one_of(st.just(b"a.jpg"), raw_bytes),
+        meta=st.one_of(st.none(), metadata),
+        prior=st.one_of(st.none(), priors),
+        explain=st.one_of(st.none(), st.sampled_from(["true", "false", "1", "on", "maybe", ""]), st.text(max_size=8)),
+        query=st.one_of(st.just(""), st.sampled_from(["?explain=true", "?explain=2", "?explain=%ff", "?x=1&x=2"])),
+        junk=st.one_of(st.none(), st.tuples(raw_bytes, raw_bytes)),
+    )
+    @example(0, b"a.jpg", '{"sex": "\\ud800"}', None, None, "", None)  # 500s before this round's fixes
+    @example(0, b"a.jpg", None, '{"akiec": ' + "9" * 4301 + "}", None, "", None)
+    @example(0, b"a.jpg", None, "{" + ", ".join(f'"{c}": 1{"0" * 400}' for c in CLASSES) + "}", None, "", None)
+    @example(0, b"a.jpg", None, '{"a":' + "[" * 10_000, None, "", None)
+    @example(0, b'\xed\xa0\x80"\r\n', "\ud800", "\ud800", "\ud800", "?explain=%ff", (b"\x00", b"\xff"))
+    def run(image, filename, meta, prior, explain, query, junk):
+        if isinstance(image, int):  # an @example: the first image (the sample JPEG)
+            image = images[image]
+        parts = [(b"image", filename, image)]
+        for name, value in (("metadata", meta), ("prior", prior), ("explain", explain)):
+            if value is not None:
+                parts.append((name.encode(), None, text_field(value)))
+        if junk is not None:
+            parts.append(junk + (b"x",))  # an unexpected field (name, file name, value)
+        check(post_form(api, "/predict", parts, query))
+
+    run()
+    assert api.get("/health/ready").status_code == 200
+
+
+def test_predict_batch_never_answers_5xx(api, images):
+    @FUZZ
+    @given(
+        files=st.lists(st.tuples(image_bytes(images), st.one_of(st.just(b"b.png"), raw_bytes)), max_size=4),
+        meta=st.one_of(st.none(), st.lists(metadata_objects, max_size=5).map(json.dumps), metadata),
+        prior=st.one_of(st.none(), priors),
+    )
+    @example([(0, b"a.jpg")], '[{"sex": "\\ud800"}]', None)  # a 500 before this round's fixes
+    def run(files, meta, prior):
+        parts = [(b"images", name, images[data] if isinstance(data, int) else data) for data, name in files]
+        for name, value in (("metadata", meta), ("prior", prior)):
+            if value is not None:
+                parts.append((name.encode(), None, text_field(value)))
+        check(post_form(api, "/predict/batch", parts))
+
+    run()
+
+
+def test_admin_swap_never_answers_5xx(app_factory, tiny_run, tmp_path_factory):
+    root = tmp_path_factory.mktemp("bundles")
+    client = app_factory(tiny_run / "bundle", admin_key="k" * 20, bundles_root=root)
+    headers = {"X-Admin-Key": "k" * 20, "Content-Type": "application/json"}
+    paths = st.one_of(
+        st.text(max_size=40),
+        st.sampled_from(["/tmp/a\x00b", "\ud800", "x" * 5000, "../../etc", str(root), str(root / "nope")]),
+        st.text(max_size=10).map(lambda t: str(root / t)),
+    )
+
+    @FUZZ
+    @example(b'{"bundle": "/tmp/a\\u0000b"}')  # 500s before this round's fixes
+    @example(b'{"bundle": "\\ud800"}')
+    @example(b'{"bundle": ' + b"[" * 10_000)
+    @given(
+        body=st.one_of(
+            st.fixed_dictionaries({"bundle": st.one_of(paths, json_values)}).map(json.dumps),
+            json_text,
+            hostile_text,
+        ).map(lambda t: t.encode("ascii", "backslashreplace"))
+        | st.binary(max_size=64)
+    )
+    def run(body):
+        check(client.post("/admin/bundle", content=body, headers=headers))
+
+    run()
+    assert client.get("/health/ready").status_code == 200
