@@ -148,6 +148,45 @@ def test_client_command_table_json_and_score(server, sample_dir, subset, tmp_pat
     assert "is an image" in capsys.readouterr().err
 
 
+def test_client_and_cli_carry_every_caveat_the_server_answers(server, sample_dir, tmp_path, capsys, monkeypatch):
+    """A black image: the server flags it and warns; the client's result, the CLI's table and JSON,
+    and the scoring CSV all carry that, with the prior, the request id and the explanation."""
+    from lesion_client import LesionClient
+    from lesion_client.cli import main as client_main
+
+    from tests.helpers import png
+
+    black = tmp_path / "black.png"
+    black.write_bytes(png(200, 150))
+    with LesionClient(server) as c:
+        p = c.predict(black, prior="training", explain=True)
+        assert p.warnings and p.flagged and p.ood is not None and p.prior == "training" and p.request_id
+        assert p.explanation is not None and p.explanation.heatmap_png.startswith(b"\x89PNG")
+        (batch,) = c.predict_batch([black], prior={c_: 1 / 7 for c_ in c.model()["classes"]})
+        assert batch.prior == "custom" and batch.warnings == p.warnings
+    monkeypatch.chdir(tmp_path)
+    assert client_main(["predict", str(black), "--url", server, "--explain", "--prior", "training"]) == 0
+    out = capsys.readouterr().out
+    assert "WARNING:" in out and "prior training" in out and "request id" in out
+    assert ("FLAGGED" in out) == (p.ood is not None and p.ood.flagged)
+    assert (tmp_path / "black.heatmap.png").read_bytes().startswith(b"\x89PNG") and "heatmap of" in out
+    assert client_main(["predict", str(black), "--url", server, "--json"]) == 0
+    as_json = json.loads(capsys.readouterr().out)
+    assert as_json["warnings"] == p.warnings and as_json["ood"]["flagged"] == p.ood.flagged and as_json["request_id"]
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    (folder / "black.png").write_bytes(black.read_bytes())
+    (folder / "real.jpg").write_bytes(sample_images(sample_dir)[0].read_bytes())
+    assert client_main(["score", str(folder), "--out", str(tmp_path / "s.csv"), "--url", server]) == 0
+    capsys.readouterr()
+    rows = {r["image"]: r for r in csv.DictReader(open(tmp_path / "s.csv"))}
+    assert rows["black.png"]["warnings"] and rows["black.png"]["request_id"] and rows["black.png"]["ood_score"]
+    assert rows["black.png"]["ood_flagged"] in ("true", "false") and rows["real.jpg"]["prior"] == "balanced"
+    with pytest.raises(SystemExit):
+        client_main(["--version"])
+    assert capsys.readouterr().out.startswith("lesion-client ")
+
+
 def test_client_errors_carry_the_server_message(server, sample_dir, capsys):
     from lesion_client import LesionAPIError, LesionClient
     from lesion_client.cli import main as client_main

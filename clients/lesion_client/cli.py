@@ -1,8 +1,9 @@
 """`lesion-client` (or `python -m lesion_client`): predict a few images, score many, show the model.
 
-  lesion-client predict IMAGE [IMAGE ...] [--age N] [--sex S] [--site S] [--json]
-  lesion-client score FOLDER_OR_METADATA_CSV --out OUT.csv [--in-flight 4]
+  lesion-client predict IMAGE [IMAGE ...] [--age N] [--sex S] [--site S] [--prior P] [--explain] [--json]
+  lesion-client score FOLDER_OR_METADATA_CSV --out OUT.csv [--in-flight 4] [--prior P]
   lesion-client model
+  lesion-client --version
 
 `--url` and `--api-key` default to $LESION_URL and $LESION_API_KEY. Errors print `error: ...`, exit 1.
 """
@@ -14,6 +15,7 @@ import asyncio
 import json
 import sys
 from dataclasses import asdict
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 from tqdm import tqdm
@@ -24,31 +26,78 @@ from lesion_client.results import Prediction
 from lesion_client.scoring import score
 
 
+def caveats(p: Prediction) -> list[str]:
+    """What to read before the answer: the out-of-distribution flag and the warnings."""
+    lines = []
+    if p.ood is not None and p.ood.flagged:
+        lines.append(
+            f"  FLAGGED: out of distribution ({p.ood.method} {p.ood.score:.3g} > {p.ood.threshold:.3g}); "
+            "the answer may be meaningless"
+        )
+    lines += [f"  WARNING: {w}" for w in p.warnings if not w.startswith("out of distribution")]
+    return lines
+
+
 def table(name: str, p: Prediction) -> str:
-    lines = [f"{name}: {p.label} ({p.label_name}), malignant probability {p.malignant_probability:.1%}"]
+    lines = [f"{name}:", *caveats(p)]
+    lines.append(f"  {p.label} ({p.label_name}), malignant probability {p.malignant_probability:.1%}, prior {p.prior}")
     models = list(p.components)
     lines.append("  class  " + "".join(f"{m:>10}" for m in models))
     for c in p.probabilities:
         lines.append(f"  {c:<6} " + "".join(f"{p.components[m][c]:>10.3f}" for m in models))
+    lines.append(f"  request id {p.request_id}")
     return "\n".join(lines)
+
+
+def as_json(p: Prediction, heatmap: Path | None) -> dict:
+    out = asdict(p)
+    if p.explanation is not None:  # the PNG's bytes are in the file, not in the JSON
+        out["explanation"] = {**out["explanation"], "heatmap_png": str(heatmap)}
+    return out
 
 
 def predict(args: argparse.Namespace) -> None:
     with LesionClient(args.url, args.api_key, timeout=args.timeout) as client:
-        results = {str(img): client.predict(img, args.age, args.sex, args.site) for img in args.images}
+        results = {
+            str(img): client.predict(img, args.age, args.sex, args.site, parse_prior(args.prior), args.explain)
+            for img in args.images
+        }
+    heatmaps = {}
+    for name, p in results.items():
+        if p.explanation is not None:
+            heatmaps[name] = args.explain_dir / f"{Path(name).stem}.heatmap.png"
+            args.explain_dir.mkdir(parents=True, exist_ok=True)
+            heatmaps[name].write_bytes(p.explanation.heatmap_png)
     if args.json:
-        out = {k: asdict(v) for k, v in results.items()}
+        out = {k: as_json(v, heatmaps.get(k)) for k, v in results.items()}
         print(json.dumps(out if len(out) > 1 else next(iter(out.values())), indent=2))
     else:
         print("\n\n".join(table(k, v) for k, v in results.items()))
+        for name, path in heatmaps.items():
+            print(f"{name}: heatmap of {results[name].explanation.label} written to {path}")  # type: ignore[union-attr]
         print("\n" + next(iter(results.values())).notice)
+
+
+def parse_prior(raw: str | None) -> str | dict | None:
+    """--prior: balanced, training, or a JSON object of class prevalences."""
+    if raw is None or not raw.strip().startswith("{"):
+        return raw
+    try:
+        value = json.loads(raw)
+    except ValueError:
+        raise LesionError(f"--prior is not valid JSON: {raw[:80]}") from None
+    if not isinstance(value, dict):
+        raise LesionError("--prior: give balanced, training, or a JSON object of class prevalences")
+    return value
 
 
 def score_command(args: argparse.Namespace) -> None:
     async def run() -> None:
         async with AsyncLesionClient(args.url, args.api_key, timeout=args.timeout) as client:
             with tqdm(desc="scoring", unit="img", disable=None) as bar:
-                summary = await score(client, args.source, args.out, args.in_flight, bar.update)
+                summary = await score(
+                    client, args.source, args.out, args.in_flight, bar.update, prior=parse_prior(args.prior)
+                )
         print(f"{args.out}: {summary.scored} images scored, {summary.errors} with an error (see its error column)")
         if summary.already_done:
             print(f"{summary.already_done} rows were already in {args.out} (a resumed run) and were skipped")
@@ -63,6 +112,18 @@ def model(args: argparse.Namespace) -> None:
         print(json.dumps(client.model(), indent=2))
 
 
+PRIOR_HELP = (
+    "class prior of the answers: balanced, training, or JSON such as '{\"akiec\": 0.03, ...}' (default: the bundle's)"
+)
+
+
+def client_version() -> str:
+    try:
+        return version("lesion-client")
+    except PackageNotFoundError:
+        return "unknown (not installed)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--url", help="the service (default: $LESION_URL or http://127.0.0.1:8000)")
@@ -71,17 +132,24 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="lesion-client", description=__doc__, formatter_class=argparse.RawTextHelpFormatter
     )
+    p.add_argument("--version", action="version", version=f"%(prog)s {client_version()}")
     sub = p.add_subparsers(dest="command", required=True)
     pr = sub.add_parser("predict", parents=[common], help="predict a few images, shown as a table or JSON")
     pr.add_argument("images", nargs="+", type=Path)
     pr.add_argument("--age", type=float)
     pr.add_argument("--sex")
     pr.add_argument("--site")
+    pr.add_argument("--prior", help=PRIOR_HELP)
+    pr.add_argument(
+        "--explain", action="store_true", help="add the heatmap (saved as IMAGE-STEM.heatmap.png) and attributions"
+    )
+    pr.add_argument("--explain-dir", type=Path, default=Path("."), help="where --explain writes heatmaps (default: .)")
     pr.add_argument("--json", action="store_true", help="print JSON instead of a table")
     sc = sub.add_parser("score", parents=[common], help="score a folder or metadata CSV into a CSV (resumable)")
     sc.add_argument("source", type=Path, help="a folder of images, or a HAM10000-style metadata CSV beside its images")
     sc.add_argument("--out", required=True, type=Path, help="output CSV; a rerun skips the rows already in it")
     sc.add_argument("--in-flight", type=int, default=4, help="batch requests sent at once")
+    sc.add_argument("--prior", help=PRIOR_HELP)
     sub.add_parser("model", parents=[common], help="what the service serves (GET /model), as JSON")
     return p
 

@@ -48,6 +48,15 @@ def image_bytes(image: Image) -> int:
         return 0
 
 
+Prior = str | dict[str, float] | None  # balanced, training, {class: prevalence}, or None: the bundle's default
+
+
+def prior_field(prior: Prior) -> dict[str, str]:
+    if prior is None:
+        return {}
+    return {"prior": prior if isinstance(prior, str) else json.dumps(prior)}
+
+
 def metadata_of(age: float | None, sex: str | None, site: str | None) -> dict:
     return {k: v for k, v in dict(age=age, sex=sex, site=site).items() if v is not None}
 
@@ -103,13 +112,19 @@ class _Base:
         return LesionError(f"request to {self.url} failed: {exc}")
 
     @staticmethod
-    def predict_request(image: Image, age: float | None, sex: str | None, site: str | None) -> dict:
-        return dict(files=[image_part(image, "image")], data={"metadata": json.dumps(metadata_of(age, sex, site))})
+    def predict_request(
+        image: Image, age: float | None, sex: str | None, site: str | None, prior: Prior, explain: bool
+    ) -> dict:
+        data = {"metadata": json.dumps(metadata_of(age, sex, site)), **prior_field(prior)}
+        if explain:
+            data["explain"] = "true"
+        return dict(files=[image_part(image, "image")], data=data)
 
     @staticmethod
-    def batch_request(images: Sequence[Image], metadata: Sequence[dict] | None) -> dict:
+    def batch_request(images: Sequence[Image], metadata: Sequence[dict] | None, prior: Prior) -> dict:
         files = [image_part(img, "images", i) for i, img in enumerate(images)]
-        return dict(files=files, data={"metadata": json.dumps(list(metadata))} if metadata is not None else {})
+        data = {"metadata": json.dumps(list(metadata))} if metadata is not None else {}
+        return dict(files=files, data={**data, **prior_field(prior)})
 
     @staticmethod
     def chunks(images: Sequence[Image], metadata: Sequence[dict] | None, limits: tuple[int, int | None]):
@@ -163,16 +178,27 @@ class LesionClient(_Base):
         raise AssertionError("unreachable")  # tenacity re-raises the last error
 
     def predict(
-        self, image: Image, age: float | None = None, sex: str | None = None, site: str | None = None
+        self,
+        image: Image,
+        age: float | None = None,
+        sex: str | None = None,
+        site: str | None = None,
+        prior: Prior = None,
+        explain: bool = False,
     ) -> Prediction:
-        body = self.request("POST", "/predict", **self.predict_request(image, age, sex, site))
+        """One image; `prior` moves the probabilities to a population's class shares, `explain`
+        adds the heatmap and attributions (a second model pass)."""
+        body = self.request("POST", "/predict", **self.predict_request(image, age, sex, site, prior, explain))
         return Prediction.from_json(body, body)
 
-    def predict_batch(self, images: Sequence[Image], metadata: Sequence[dict] | None = None) -> list[Prediction]:
+    def predict_batch(
+        self, images: Sequence[Image], metadata: Sequence[dict] | None = None, prior: Prior = None
+    ) -> list[Prediction]:
         """Paths or bytes, in order; sent in requests within the server's batch limits (images and bytes)."""
         out: list[Prediction] = []
         for imgs, meta in self.chunks(images, metadata, self.limits()):
-            out += self.batch_results(self.request("POST", "/predict/batch", **self.batch_request(imgs, meta)))
+            body = self.request("POST", "/predict/batch", **self.batch_request(imgs, meta, prior))
+            out += self.batch_results(body)
         return out
 
     def limits(self) -> tuple[int, int | None]:
@@ -217,15 +243,23 @@ class AsyncLesionClient(_Base):
         raise AssertionError("unreachable")
 
     async def predict(
-        self, image: Image, age: float | None = None, sex: str | None = None, site: str | None = None
+        self,
+        image: Image,
+        age: float | None = None,
+        sex: str | None = None,
+        site: str | None = None,
+        prior: Prior = None,
+        explain: bool = False,
     ) -> Prediction:
-        body = await self.request("POST", "/predict", **self.predict_request(image, age, sex, site))
+        body = await self.request("POST", "/predict", **self.predict_request(image, age, sex, site, prior, explain))
         return Prediction.from_json(body, body)
 
-    async def predict_batch(self, images: Sequence[Image], metadata: Sequence[dict] | None = None) -> list[Prediction]:
+    async def predict_batch(
+        self, images: Sequence[Image], metadata: Sequence[dict] | None = None, prior: Prior = None
+    ) -> list[Prediction]:
         out: list[Prediction] = []
         for imgs, meta in self.chunks(images, metadata, await self.limits()):
-            body = await self.request("POST", "/predict/batch", **self.batch_request(imgs, meta))
+            body = await self.request("POST", "/predict/batch", **self.batch_request(imgs, meta, prior))
             out += self.batch_results(body)
         return out
 

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import base64
+from dataclasses import dataclass, field
 
 
 @dataclass(frozen=True)
@@ -19,9 +20,43 @@ class ModelRef:
 
 
 @dataclass(frozen=True)
+class Ood:
+    """How unlike the training images this one is: flagged above the threshold (the answer may be meaningless)."""
+
+    method: str
+    score: float
+    threshold: float
+    flag_share: float
+    flagged: bool
+
+    @classmethod
+    def from_json(cls, d: dict | None) -> Ood | None:
+        if d is None:
+            return None
+        return cls(d["method"], float(d["score"]), float(d["threshold"]), float(d["flag_share"]), bool(d["flagged"]))
+
+
+@dataclass(frozen=True)
+class Explanation:
+    """Why the answer: the heatmap (a PNG's bytes) and each booster's attributions per input group."""
+
+    label: str
+    heatmap_png: bytes
+    cam: list[list[float]]
+    attributions: dict[str, dict[str, float]]
+
+    @classmethod
+    def from_json(cls, d: dict | None) -> Explanation | None:
+        if d is None:
+            return None
+        return cls(d["label"], base64.b64decode(d["heatmap_png"]), d["cam"], d["attributions"])
+
+
+@dataclass(frozen=True)
 class Prediction:
     """One image's answer: the served model's probabilities and every model's, with the bundle that
-    answered and the research-use notice (which starts with DEMO MODEL for a synthetic-data bundle)."""
+    answered and the research-use notice (which starts with DEMO MODEL for a synthetic-data bundle),
+    and what says to distrust it: the out-of-distribution score and flag, and the warnings."""
 
     label: str
     label_name: str
@@ -33,6 +68,15 @@ class Prediction:
     request_id: str
     notice: str
     filename: str | None = None
+    prior: str = "balanced"
+    ood: Ood | None = None
+    warnings: list[str] = field(default_factory=list)
+    explanation: Explanation | None = None
+
+    @property
+    def flagged(self) -> bool:
+        """Out of distribution, or warned about: read the answer with care, or not at all."""
+        return bool(self.warnings) or (self.ood is not None and self.ood.flagged)
 
     @classmethod
     def from_json(cls, item: dict, envelope: dict) -> Prediction:
@@ -48,4 +92,8 @@ class Prediction:
             request_id=envelope["request_id"],
             notice=envelope["notice"],
             filename=item.get("filename"),
+            prior=item.get("prior", "balanced"),
+            ood=Ood.from_json(item.get("ood")),
+            warnings=list(item.get("warnings", [])),
+            explanation=Explanation.from_json(item.get("explanation")),
         )

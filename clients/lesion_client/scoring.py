@@ -18,7 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lesion_client.client import AsyncLesionClient
+from lesion_client.client import AsyncLesionClient, Prior
 from lesion_client.errors import LesionAPIError, LesionConnectionError, LesionError, LesionTimeout
 from lesion_client.results import Prediction
 
@@ -92,7 +92,8 @@ class ResultsFile:
     def __init__(self, path: Path, source: Source, classes: list[str]) -> None:
         self.path, self.key = path, source.key_column
         self.columns = [*source.input_columns, "label", "malignant_probability"]
-        self.columns += [f"p_{c}" for c in classes] + ["served_by", "bundle_id", "error"]
+        self.columns += [f"p_{c}" for c in classes] + ["served_by", "prior", "ood_flagged", "ood_score", "warnings"]
+        self.columns += ["bundle_id", "request_id", "error"]
         self.done: set[str] = set()
         try:
             new = not (path.exists() and path.stat().st_size)
@@ -144,7 +145,12 @@ def answer_row(job: Job, p: Prediction) -> dict:
         "malignant_probability": p.malignant_probability,
         **probs,
         "served_by": p.served_by,
+        "prior": p.prior,
+        "ood_flagged": "" if p.ood is None else str(p.ood.flagged).lower(),
+        "ood_score": "" if p.ood is None else p.ood.score,
+        "warnings": " | ".join(p.warnings),
         "bundle_id": p.model.bundle_id,
+        "request_id": p.request_id,
         "error": "",
     }
 
@@ -167,11 +173,11 @@ def error_message(exc: LesionError) -> str:
     return str(exc)  # e.g. the file could not be read
 
 
-async def score_one_by_one(client: AsyncLesionClient, chunk: list[Job]) -> list[dict]:
+async def score_one_by_one(client: AsyncLesionClient, chunk: list[Job], prior: Prior) -> list[dict]:
     rows = []
     for job in chunk:
         try:
-            rows.append(answer_row(job, await client.predict(job.path, **job.metadata)))
+            rows.append(answer_row(job, await client.predict(job.path, **job.metadata, prior=prior)))
         except LesionError as exc:
             if ends_the_run(exc):
                 raise
@@ -185,8 +191,10 @@ async def score(
     out: Path,
     in_flight: int = 4,
     progress: Callable[[int], None] | None = None,
+    prior: Prior = None,
 ) -> Summary:
-    """Score `source` into `out` (see the module docstring); `progress(n)` after each request."""
+    """Score `source` into `out` (see the module docstring); `progress(n)` after each request;
+    `prior` as in `LesionClient.predict` (None: the bundle's default)."""
     if in_flight < 1:
         raise LesionError(f"in_flight must be at least 1, not {in_flight}")
     src = read_source(source)
@@ -201,12 +209,12 @@ async def score(
     async def run(chunk: list[Job]) -> None:
         async with slots:
             try:
-                preds = await client.predict_batch([j.path for j in chunk], [j.metadata for j in chunk])
+                preds = await client.predict_batch([j.path for j in chunk], [j.metadata for j in chunk], prior)
                 rows = [answer_row(j, p) for j, p in zip(chunk, preds)]
             except LesionError as exc:
                 if ends_the_run(exc):
                     raise
-                rows = await score_one_by_one(client, chunk)  # one bad image fails its whole request
+                rows = await score_one_by_one(client, chunk, prior)  # one bad image fails its whole request
         results.write(rows)
         summary.scored += sum(1 for r in rows if not r["error"])
         summary.errors += sum(1 for r in rows if r["error"])
