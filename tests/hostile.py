@@ -54,6 +54,20 @@ def scan_bomb(size=(600, 450), extra_scans: int = 1000, max_bytes: int | None = 
     return data[: starts[2]] + scan * extra_scans + data[starts[2] :]
 
 
+def junk_before_first_scan(data: bytes, junk: bytes = b"\x00") -> bytes:
+    """Bytes libjpeg skips between segments (it warns and goes on): they once stopped the scan count."""
+    at = data.index(b"\xff\xda")
+    return data[:at] + junk + data[at:]
+
+
+def png_with_text(key: str, value: str) -> bytes:
+    from PIL import PngImagePlugin
+
+    info = PngImagePlugin.PngInfo()
+    info.add_text(key, value)
+    return encode(Image.new("RGB", (64, 64)), "PNG", pnginfo=info)
+
+
 def image_cases(jpeg: bytes, max_pixels: int) -> list[tuple[str, dict, dict, int, str]]:
     side = int(max_pixels**0.5) + 100
     image = {"image": ("a.jpg", jpeg, "image/jpeg")}
@@ -77,6 +91,15 @@ def image_cases(jpeg: bytes, max_pixels: int) -> list[tuple[str, dict, dict, int
         ("object site", image, {"metadata": '{"site": {"a": 1}}'}, 422, "must be a string"),
         ("null body", image, {"metadata": "null"}, 200, ""),
         ("scan bomb", {"image": ("p.jpg", scan_bomb(), "image/jpeg")}, {}, 400, "scans"),
+        ("scan bomb, junk", {"image": ("p.jpg", junk_before_first_scan(scan_bomb()))}, {}, 400, "scans"),
+        (
+            "scan bomb, FF00",
+            {"image": ("p.jpg", junk_before_first_scan(scan_bomb(), b"\xff\x00\xff\xff"))},
+            {},
+            400,
+            "scans",
+        ),
+        ("png text key", {"image": ("t.png", png_with_text("lesion_full_size_pixels", "many"))}, {}, 200, ""),
         ("lone surrogate", image, {"metadata": '{"sex": "\\ud800"}'}, 422, "\\ud800"),
         ("forged log line", image, {"metadata": '{"sex": "x\\nINFO service.requests: FORGED"}'}, 422, "x\\nINFO"),
         ("huge prior int", image, {"prior": '{"akiec": ' + "9" * 4301 + "}"}, 422, "prior JSON cannot be read"),

@@ -104,8 +104,13 @@ def check(r) -> None:
         assert body["detail"] and body["request_id"] == r.headers["x-request-id"], body
 
 
-def post_form(api, path: str, parts, query: str = ""):
-    headers = {"Content-Type": "multipart/form-data; boundary=" + BOUNDARY.decode()}
+CHARSETS = st.sampled_from(
+    ["", "; charset=utf-8", "; charset=utf-7", "; charset=latin-1", "; charset=nope", '; charset="']
+)
+
+
+def post_form(api, path: str, parts, query: str = "", charset: str = ""):
+    headers = {"Content-Type": "multipart/form-data; boundary=" + BOUNDARY.decode() + charset}
     return api.post(path + query, content=multipart(parts), headers=headers)
 
 
@@ -146,14 +151,16 @@ def test_predict_batch_never_answers_5xx(api, images):
         files=st.lists(st.tuples(image_bytes(images), st.one_of(st.just(b"b.png"), raw_bytes)), max_size=4),
         meta=st.one_of(st.none(), st.lists(metadata_objects, max_size=5).map(json.dumps), metadata),
         prior=st.one_of(st.none(), priors),
+        charset=CHARSETS,
     )
-    @example([(0, b"a.jpg")], '[{"sex": "\\ud800"}]', None)  # a 500 before this round's fixes
-    def run(files, meta, prior):
+    @example([(0, b"a.jpg")], '[{"sex": "\\ud800"}]', None, "")  # 500s before this round's fixes
+    @example([(0, b"+2AA-.jpg")], None, None, "; charset=utf-7")  # a file name decoded to a lone surrogate
+    def run(files, meta, prior, charset):
         parts = [(b"images", name, images[data] if isinstance(data, int) else data) for data, name in files]
         for name, value in (("metadata", meta), ("prior", prior)):
             if value is not None:
                 parts.append((name.encode(), None, text_field(value)))
-        check(post_form(api, "/predict/batch", parts))
+        check(post_form(api, "/predict/batch", parts, charset=charset))
 
     run()
 

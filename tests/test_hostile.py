@@ -269,6 +269,13 @@ def test_jpeg_scans_are_counted_from_the_markers_and_a_scan_bomb_is_refused_befo
     assert jpeg_scans(mpo(), MAX_JPEG_SCANS) == 1  # the first picture only: the only one decoded
     bomb = scan_bomb(extra_scans=100_000)
     assert jpeg_scans(bomb, MAX_JPEG_SCANS) == MAX_JPEG_SCANS + 1  # stops counting past the limit
+    first_scan = bomb.index(b"\xff\xda")
+    for junk in (b"\x00", b"\xff\x00\xff\xff", b"junk"):  # skipped by libjpeg: must not stop the count
+        assert jpeg_scans(bomb[:first_scan] + junk + bomb[first_scan:], MAX_JPEG_SCANS) == MAX_JPEG_SCANS + 1
+    plain = progressive_jpeg()
+    assert jpeg_scans(plain[:-2] + b"\xff" * 1_000_000 + plain[-2:], MAX_JPEG_SCANS) == 10  # fill bytes
+    comments = plain[:20] + b"\xff\xfe\x00\x02" * 100_000 + plain[20:]  # more segments than any JPEG has
+    assert jpeg_scans(comments, MAX_JPEG_SCANS) == MAX_JPEG_SCANS + 1
     with pytest.raises(ImageError, match=f"over {MAX_JPEG_SCANS} scans"):
         open_image(bomb, ImageSpec(width=64, height=48))
     assert open_image(progressive_jpeg(), ImageSpec(width=64, height=48)).size == (300, 225)  # still drafted
@@ -351,7 +358,7 @@ def test_admission_bounds_requests_and_bytes_in_flight_with_503_and_retry_after(
         inner.release.set()
         assert [s for s, _ in await asyncio.gather(*held)] == [200, 200]
         assert (guard.inflight_requests, guard.inflight_bytes) == (0, 0)  # released
-        # bytes: a request holding 150,000 of 300,000 leaves room for 150,000 more
+        # bytes: a request that has sent 150,000 of a 300,000 bound leaves room for 150,000 more
         inner = Inner()
         guard = guard_for(inner, max_inflight_bytes=300_000)
         first = asyncio.create_task(call(guard, {"content-length": "150000"}, [b"x" * 150_000]))
@@ -362,6 +369,17 @@ def test_admission_bounds_requests_and_bytes_in_flight_with_503_and_retry_after(
         assert guard.inflight_bytes == 300_000
         inner.release.set()
         assert [s for s, _ in await asyncio.gather(first, fits)] == [200, 200]
+        # what a slow sender only declares is not held for it: it cannot starve the others
+        inner = Inner()
+        guard = guard_for(inner, max_inflight_bytes=300_000)
+        slow = [asyncio.create_task(call(guard, {"content-length": "150000"}, [b"x"] * 10, gap=1.0)) for _ in range(3)]
+        await asyncio.sleep(0.05)
+        assert guard.inflight_requests == 3 and guard.inflight_bytes < 10
+        inner.release.set()
+        assert (await call(guard, {"content-length": "150000"}, [b"x" * 150_000]))[0] == 200
+        for task in slow:
+            task.cancel()
+        await asyncio.gather(*slow, return_exceptions=True)
 
     asyncio.run(scenario())
 
@@ -402,6 +420,8 @@ def test_settings_refuse_an_in_flight_bound_smaller_than_one_request():
 
     with pytest.raises(ValidationError, match="must hold one largest request"):
         Settings(max_batch_bytes=64 * 2**20, max_inflight_bytes=32 * 2**20)
+    with pytest.raises(ValidationError, match="must hold one largest request"):  # a /predict body larger still
+        Settings(max_upload_bytes=100 * 2**20, max_batch_bytes=2**20, max_inflight_bytes=64 * 2**20)
 
 
 def test_an_oversized_part_is_refused_while_parsing_before_the_route_runs(app_factory, tiny_run, monkeypatch):
@@ -535,6 +555,13 @@ def test_an_ood_fit_must_be_finite_and_fit_the_bundle(tiny_run, tmp_path):
         (pickle.dumps({"not": "a model"}), "holds a builtins.dict, not a model"),
         (b"\x80\x04cbuiltins\nbytearray\nJ\x00\x2f\x68\x59\x85R.", "bytearray with a size over"),  # 1.5e9 bytes
         (b"\x80\x04cnumpy._core.multiarray\n_reconstruct\ncnumpy\nndarray\nJ\x00\xca\x9a\x3b\x85C\x01b\x87R.", "size"),
+        (  # a shape of 65,536^3, each side under the bound
+            b"\x80\x04cnumpy._core.multiarray\n_reconstruct\ncnumpy\nndarray\n"
+            b"(J\x00\x00\x01\x00J\x00\x00\x01\x00J\x00\x00\x01\x00tC\x01b\x87R.",
+            "_reconstruct with a size over",
+        ),
+        (b"\x80\x04cnumpy\nndarray\n(J\xff\xff\xff\x7f\x85X\x02\x00\x00\x00u8tR.", "call numpy.ndarray"),
+        (b"\x80\x04cnumpy\ndtype\nX\x0b\x00\x00\x00V1000000000\x89\x88\x87R.", "dtype with a size over"),
     ],
 )
 def test_a_pickle_that_is_no_model_or_asks_for_a_huge_allocation_is_refused(tiny_run, tmp_path, pickled, words):

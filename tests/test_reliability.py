@@ -343,8 +343,9 @@ def test_scan_bombs_cost_only_their_own_request(server, sample_dir):
 
 
 def test_log_lines_cannot_be_forged_in_the_text_log(smoke_run, sample_dir, tmp_path):
-    """Text logs (the default): a metadata value and an admin path with newlines and a lone
-    surrogate cannot start a line of their own; every line is one event with its timestamp."""
+    """Text logs (the default): a metadata value, an admin path and a malformed multipart body, each
+    with newlines and a lone surrogate, cannot start a line of their own; every line is one event
+    with its timestamp, libraries' warnings included."""
     root = tmp_path / "bundles"
     root.mkdir()
     env = {"LESION_ADMIN_KEY": "a" * 20, "LESION_BUNDLES_ROOT": str(root)}
@@ -358,11 +359,15 @@ def test_log_lines_cannot_be_forged_in_the_text_log(smoke_run, sample_dir, tmp_p
         body = json.dumps({"bundle": str(root / ("x" + forged))}).encode()
         headers = {"X-Admin-Key": "a" * 20, "Content-Type": "application/json"}
         assert httpx.post(url + "/admin/bundle", content=body, headers=headers, timeout=30).status_code == 422
+        # a malformed multipart body: python-multipart warns about it, through the same formatter
+        bad = b"--bXX" + forged.encode() + b"\r\n--b--\r\n"
+        r = httpx.post(url + "/predict", content=bad, headers={"Content-Type": "multipart/form-data; boundary=b"})
+        assert 400 <= r.status_code < 500
     finally:
         proc.terminate()
         proc.wait(30)
     lines = proc.log_path.read_text(errors="strict").splitlines()
-    assert len([line for line in lines if "service.requests:" in line]) >= 3  # health, predict, admin
+    assert len([line for line in lines if "service.requests:" in line]) >= 4  # health, predict, admin, predict
     for line in lines:
         assert re.match(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d[+-]\d{4} [A-Z]+ [\w.]+: ", line), line
         assert "FORGED" not in line, line  # request values are never logged (escaped if they were)

@@ -2,15 +2,18 @@
 
 from lesion_client.client import AsyncLesionClient, LesionClient
 from lesion_client.errors import LesionAPIError, LesionConnectionError, LesionError, LesionTimeout
-from lesion_client.results import ModelRef, Prediction
+from lesion_client.results import Explanation, Failed, ModelRef, Ood, Prediction
 
 __all__ = [
     "AsyncLesionClient",
+    "Explanation",
+    "Failed",
     "LesionClient",
     "LesionAPIError",
     "LesionConnectionError",
     "LesionError",
     "LesionTimeout",
     "ModelRef",
+    "Ood",
     "Prediction",
 ]

@@ -23,7 +23,7 @@ from tqdm import tqdm
 from lesion_client.client import AsyncLesionClient, LesionClient
 from lesion_client.errors import LesionAPIError, LesionError
 from lesion_client.results import Prediction
-from lesion_client.scoring import score
+from lesion_client.scoring import Summary, score
 
 
 def caveats(p: Prediction) -> list[str]:
@@ -56,7 +56,7 @@ def as_json(p: Prediction, heatmap: Path | None) -> dict:
     return out
 
 
-def predict(args: argparse.Namespace) -> None:
+def predict(args: argparse.Namespace) -> int:
     with LesionClient(args.url, args.api_key, timeout=args.timeout) as client:
         results = {
             str(img): client.predict(img, args.age, args.sex, args.site, parse_prior(args.prior), args.explain)
@@ -76,6 +76,7 @@ def predict(args: argparse.Namespace) -> None:
         for name, path in heatmaps.items():
             print(f"{name}: heatmap of {results[name].explanation.label} written to {path}")  # type: ignore[union-attr]
         print("\n" + next(iter(results.values())).notice)
+    return 0
 
 
 def parse_prior(raw: str | None) -> str | dict | None:
@@ -91,25 +92,40 @@ def parse_prior(raw: str | None) -> str | dict | None:
     return value
 
 
-def score_command(args: argparse.Namespace) -> None:
-    async def run() -> None:
+def score_command(args: argparse.Namespace) -> int:
+    """Exit 0 when every row was answered, 1 when some rows hold an error (rerun to retry them)."""
+
+    async def run() -> Summary:
         async with AsyncLesionClient(args.url, args.api_key, timeout=args.timeout) as client:
             with tqdm(desc="scoring", unit="img", disable=None) as bar:
-                summary = await score(
-                    client, args.source, args.out, args.in_flight, bar.update, prior=parse_prior(args.prior)
+
+                def started(total: int) -> None:
+                    bar.reset(total=total)
+
+                return await score(
+                    client, args.source, args.out, args.in_flight, bar.update, parse_prior(args.prior), started
                 )
-        print(f"{args.out}: {summary.scored} images scored, {summary.errors} with an error (see its error column)")
-        if summary.already_done:
-            print(f"{summary.already_done} rows were already in {args.out} (a resumed run) and were skipped")
-        if summary.without_image:
-            print(f"{summary.without_image} metadata rows have no image file next to {args.source} and were skipped")
 
-    asyncio.run(run())
+    try:
+        summary = asyncio.run(run())
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: the rows written so far are in {args.out}; run the same command again to resume")
+        return 130
+    print(f"{args.out}: {summary.scored} images scored, {summary.errors} rows with an error (see their error column)")
+    if summary.already_done:
+        print(f"{summary.already_done} rows were already answered in {args.out} (a resumed run) and were kept")
+    if summary.without_image:
+        print(f"{summary.without_image} metadata rows have no image file beside {args.source} (error rows)")
+    if summary.errors:
+        print("rerun the same command to retry the error rows", file=sys.stderr)
+        return 1
+    return 0
 
 
-def model(args: argparse.Namespace) -> None:
+def model(args: argparse.Namespace) -> int:
     with LesionClient(args.url, args.api_key, timeout=args.timeout) as client:
         print(json.dumps(client.model(), indent=2))
+    return 0
 
 
 PRIOR_HELP = (
@@ -157,14 +173,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        {"predict": predict, "score": score_command, "model": model}[args.command](args)
+        return {"predict": predict, "score": score_command, "model": model}[args.command](args)
     except LesionAPIError as exc:
         print(f"error: the service refused the request: {exc.detail}", file=sys.stderr)
         return 1
     except LesionError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    return 0
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ import httpx
 from tenacity import AsyncRetrying, Retrying, retry_if_exception, stop_after_attempt, wait_exponential
 
 from lesion_client.errors import LesionAPIError, LesionConnectionError, LesionError, LesionTimeout
-from lesion_client.results import Prediction
+from lesion_client.results import Failed, Prediction, batch_item
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 DEFAULT_MAX_BATCH = 32  # the service's default LESION_MAX_BATCH, for servers that do not say theirs
@@ -150,8 +150,8 @@ class _Base:
         return int(limits.get("max_batch", DEFAULT_MAX_BATCH)), None if max_bytes is None else int(max_bytes)
 
     @staticmethod
-    def batch_results(body: dict) -> list[Prediction]:
-        return [Prediction.from_json(item, body) for item in body["predictions"]]
+    def batch_results(body: dict) -> list[Prediction | Failed]:
+        return [batch_item(item, body) for item in body["predictions"]]
 
 
 class LesionClient(_Base):
@@ -193,9 +193,11 @@ class LesionClient(_Base):
 
     def predict_batch(
         self, images: Sequence[Image], metadata: Sequence[dict] | None = None, prior: Prior = None
-    ) -> list[Prediction]:
-        """Paths or bytes, in order; sent in requests within the server's batch limits (images and bytes)."""
-        out: list[Prediction] = []
+    ) -> list[Prediction | Failed]:
+        """Paths or bytes, in order; sent in requests within the server's batch limits (images and
+        bytes). An image the server could not use comes back as `Failed` (status, code, detail) in
+        its place; the others are answered."""
+        out: list[Prediction | Failed] = []
         for imgs, meta in self.chunks(images, metadata, self.limits()):
             body = self.request("POST", "/predict/batch", **self.batch_request(imgs, meta, prior))
             out += self.batch_results(body)
@@ -256,8 +258,8 @@ class AsyncLesionClient(_Base):
 
     async def predict_batch(
         self, images: Sequence[Image], metadata: Sequence[dict] | None = None, prior: Prior = None
-    ) -> list[Prediction]:
-        out: list[Prediction] = []
+    ) -> list[Prediction | Failed]:
+        out: list[Prediction | Failed] = []
         for imgs, meta in self.chunks(images, metadata, await self.limits()):
             body = await self.request("POST", "/predict/batch", **self.batch_request(imgs, meta, prior))
             out += self.batch_results(body)

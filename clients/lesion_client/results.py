@@ -97,3 +97,24 @@ class Prediction:
             warnings=list(item.get("warnings", [])),
             explanation=Explanation.from_json(item.get("explanation")),
         )
+
+
+@dataclass(frozen=True)
+class Failed:
+    """An image of a batch that got no answer (the others did): why, as the server said."""
+
+    filename: str | None
+    status: int
+    code: str  # image-invalid, image-unsupported, image-too-large, image-shape, metadata-invalid
+    detail: str
+    request_id: str
+
+    @classmethod
+    def from_json(cls, item: dict, envelope: dict) -> Failed:
+        e = item["error"]
+        return cls(item.get("filename"), int(e["status"]), str(e["code"]), str(e["detail"]), envelope["request_id"])
+
+
+def batch_item(item: dict, envelope: dict) -> Prediction | Failed:
+    """One entry of a /predict/batch answer: an answer, or why that image got none."""
+    return Failed.from_json(item, envelope) if "error" in item else Prediction.from_json(item, envelope)

@@ -1,12 +1,12 @@
 """Batch scoring: every image of a folder or of a HAM10000-style metadata CSV, into one CSV.
 
-Images go through `/predict/batch` in requests of the server's batch limit, a few in flight. A bad
-image fails only its own row (its `error` column says why): a rejected request is retried image by
-image. The input columns (`image_id`, `lesion_id`, `dx`, ...) are carried to the output, so labelled
-data can be evaluated from it; metadata rows without an image are counted, not silently dropped.
-A rerun with the same output skips the rows already there, errors included (resumable: delete an
-error row to retry it); rows are written as their request completes, so their order can differ
-from the input's.
+Images go through `/predict/batch` in requests of the server's batch limits, a few in flight. A
+run never aborts over one row: a bad image, bad metadata (an age that is not a number) or a
+metadata row whose image is missing becomes that row's `error`, and the others are scored (a
+request the server refuses whole is retried image by image). The input columns (`image_id`,
+`lesion_id`, `dx`, ...) are carried to the output, so labelled data can be evaluated from it.
+Rows are written as their requests complete (a killed run keeps them) and put back in input order
+when the run ends. A rerun with the same output keeps the answered rows and retries the error rows.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from pathlib import Path
 
 from lesion_client.client import AsyncLesionClient, Prior
 from lesion_client.errors import LesionAPIError, LesionConnectionError, LesionError, LesionTimeout
-from lesion_client.results import Prediction
+from lesion_client.results import Failed, Prediction
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png"}
 
@@ -28,9 +28,10 @@ IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png"}
 @dataclass(frozen=True)
 class Job:
     key: str  # the row's identity in the output: image_id for a CSV, the file name for a folder
-    path: Path
+    path: Path | None
     metadata: dict
     columns: dict[str, str]  # carried to the output as they came
+    problem: str | None = None  # why this row cannot be sent (its error, without a request)
 
 
 @dataclass
@@ -61,20 +62,21 @@ def read_source(source: Path) -> Source:
     out = Source([], "image_id", columns)
     for row in rows:
         path = images.get(row["image_id"].upper())
+        problem = None
         if path is None:
             out.without_image.append(row["image_id"])
-            continue
+            problem = f"no image file {row['image_id']}.jpg or .png under {source.parent}"
         age = (row.get("age") or "").strip()
         try:
             age_value = float(age) if age else None
         except ValueError:
-            raise LesionError(f"{source}: image {row['image_id']} has age {age!r}, not a number") from None
+            age_value, problem = None, problem or f"age {age!r} is not a number of years"
         meta = {
             "age": age_value,
             "sex": row.get("sex") or None,
             "site": row.get("localization") or row.get("site") or None,
         }
-        out.jobs.append(Job(row["image_id"], path, {k: v for k, v in meta.items() if v is not None}, row))
+        out.jobs.append(Job(row["image_id"], path, {k: v for k, v in meta.items() if v is not None}, row, problem))
     return out
 
 
@@ -83,7 +85,7 @@ class Summary:
     scored: int = 0
     errors: int = 0
     already_done: int = 0
-    without_image: int = 0
+    without_image: int = 0  # metadata rows whose image is missing: error rows too
 
 
 class ResultsFile:
@@ -106,17 +108,31 @@ class ResultsFile:
             self.write_text(self.csv_text([], header=True))
 
     def resume(self) -> set[str]:
-        """The keys of the complete rows already written. A run killed mid-write may have left a
-        partial last line: it is cut off, so its image is scored again."""
-        data = self.path.read_bytes()
-        complete = data[: data.rfind(b"\n") + 1]
-        if len(complete) < len(data):
-            self.path.write_bytes(complete)
+        """The keys of the answered rows already written; error rows, and a partial last line left
+        by a run killed mid-write, are dropped (the file rewritten without them) to be tried again."""
         with open(self.path, newline="", encoding="utf-8") as f:
             reader = csv.DictReader(f)
             if reader.fieldnames != self.columns:
                 raise LesionError(f"{self.path} holds other columns than this run writes; give a new output file")
-            return {row[self.key] for row in reader if None not in row.values()}
+            rows = list(reader)
+        kept = [r for r in rows if None not in r.values() and None not in r and not r["error"]]
+        if len(kept) < len(rows) or not self.path.read_bytes().endswith(b"\n"):
+            self.replace(kept)
+        return {row[self.key] for row in kept}
+
+    def replace(self, rows: list[dict]) -> None:
+        """Rewrite the file with these rows, atomically (a kill leaves the old file or the new one)."""
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text(self.csv_text(rows, header=True), encoding="utf-8")
+        tmp.replace(self.path)
+
+    def in_order(self, keys: list[str]) -> None:
+        """Put the rows in `keys` order (the input's), once the run has written them all."""
+        self.file.close()
+        with open(self.path, newline="", encoding="utf-8") as f:
+            rows = list(csv.DictReader(f))
+        rank = {k: i for i, k in enumerate(keys)}
+        self.replace(sorted(rows, key=lambda r: rank.get(r[self.key], len(rank))))
 
     def csv_text(self, rows: list[dict], header: bool = False) -> str:
         buf = io.StringIO()
@@ -137,7 +153,9 @@ class ResultsFile:
         self.file.close()
 
 
-def answer_row(job: Job, p: Prediction) -> dict:
+def answer_row(job: Job, p: Prediction | Failed) -> dict:
+    if isinstance(p, Failed):
+        return error_row(job, p.detail)
     probs = {f"p_{c}": v for c, v in p.probabilities.items()}
     return {
         **job.columns,
@@ -153,6 +171,12 @@ def answer_row(job: Job, p: Prediction) -> dict:
         "request_id": p.request_id,
         "error": "",
     }
+
+
+def image_of(job: Job) -> Path:
+    if job.path is None:  # a job without an image has a problem, and is never sent
+        raise LesionError(f"{job.key}: {job.problem}")
+    return job.path
 
 
 def error_row(job: Job, message: str) -> dict:
@@ -177,7 +201,7 @@ async def score_one_by_one(client: AsyncLesionClient, chunk: list[Job], prior: P
     rows = []
     for job in chunk:
         try:
-            rows.append(answer_row(job, await client.predict(job.path, **job.metadata, prior=prior)))
+            rows.append(answer_row(job, await client.predict(image_of(job), **job.metadata, prior=prior)))
         except LesionError as exc:
             if ends_the_run(exc):
                 raise
@@ -192,9 +216,11 @@ async def score(
     in_flight: int = 4,
     progress: Callable[[int], None] | None = None,
     prior: Prior = None,
+    started: Callable[[int], None] | None = None,
 ) -> Summary:
     """Score `source` into `out` (see the module docstring); `progress(n)` after each request;
-    `prior` as in `LesionClient.predict` (None: the bundle's default)."""
+    `prior` as in `LesionClient.predict` (None: the bundle's default); `started(n)` once the rows
+    to score are known."""
     if in_flight < 1:
         raise LesionError(f"in_flight must be at least 1, not {in_flight}")
     src = read_source(source)
@@ -202,14 +228,23 @@ async def score(
     results = ResultsFile(out, src, info["classes"])
     todo = [j for j in src.jobs if j.key not in results.done]
     summary = Summary(already_done=len(src.jobs) - len(todo), without_image=len(src.without_image))
+    if started:
+        started(len(todo))
+    unsendable = [j for j in todo if j.problem is not None]
+    if unsendable:
+        results.write([error_row(j, j.problem or "") for j in unsendable])
+        summary.errors += len(unsendable)
+        if progress:
+            progress(len(unsendable))
+    sendable = [j for j in todo if j.problem is None]
     size = await client.max_batch()
-    chunks = [todo[i : i + size] for i in range(0, len(todo), size)]
+    chunks = [sendable[i : i + size] for i in range(0, len(sendable), size)]
     slots = asyncio.Semaphore(in_flight)
 
     async def run(chunk: list[Job]) -> None:
         async with slots:
             try:
-                preds = await client.predict_batch([j.path for j in chunk], [j.metadata for j in chunk], prior)
+                preds = await client.predict_batch([image_of(j) for j in chunk], [j.metadata for j in chunk], prior)
                 rows = [answer_row(j, p) for j, p in zip(chunk, preds)]
             except LesionError as exc:
                 if ends_the_run(exc):
@@ -226,7 +261,10 @@ async def score(
             for c in chunks:
                 tasks.create_task(run(c))
     except ExceptionGroup as group:
-        raise group.exceptions[0] from None  # the first failure, as the caller's own exception type
-    finally:
         results.close()
+        raise group.exceptions[0] from None  # the first failure, as the caller's own exception type
+    except BaseException:  # Ctrl-C: what was written stays, in completion order, for a rerun to resume
+        results.close()
+        raise
+    results.in_order([j.key for j in src.jobs])
     return summary

@@ -36,13 +36,20 @@ def request_id(request: Request) -> str | None:
 
 
 def image_status(exc: ImageError) -> int:
+    return input_problem(exc)[0]
+
+
+def input_problem(exc: ImageError | MetadataError) -> tuple[int, str]:
+    """(HTTP status, stable code) of an image or metadata a client sent that cannot be used."""
+    if isinstance(exc, MetadataError):
+        return 422, "metadata-invalid"
     if isinstance(exc, UnsupportedImageError):
-        return 415
+        return 415, "image-unsupported"
     if isinstance(exc, ImageTooLargeError):
-        return 413
+        return 413, "image-too-large"
     if isinstance(exc, ImageShapeError):
-        return 422
-    return 400
+        return 422, "image-shape"
+    return 400, "image-invalid"
 
 
 def install_error_handlers(app: FastAPI) -> None:

@@ -95,4 +95,6 @@ def log_config(settings: Settings) -> dict:
             "uvicorn.error": {"level": level},
             "uvicorn.access": {"handlers": [], "level": "WARNING", "propagate": False},
         },
+        # libraries' own warnings (python-multipart's about a malformed body, ...) in the same format
+        "root": {"handlers": ["stderr"], "level": "WARNING"},
     }

@@ -48,7 +48,7 @@ class RequestGuard:
         self.app, self.settings, self.metrics, self.state = app, settings, metrics, state
         self.security_headers = security_headers
         self.inflight_requests = 0  # requests with a body this worker holds (one event loop: no lock)
-        self.inflight_bytes = 0  # their bytes: declared up front (Content-Length) or counted as they arrive
+        self.inflight_bytes = 0  # the body bytes they have sent so far
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -70,10 +70,10 @@ class RequestGuard:
             await send(message)
 
         limit = self.settings.max_request_bytes(scope["path"])
-        refusal = self.refusal(scope, headers, limit)
         body = Body(self, headers, limit)
         parts = PART_LIMITS.set(PartLimits(self.settings.max_upload_bytes, self.settings.max_metadata_bytes))
         try:
+            refusal = self.refusal(scope, headers, limit)
             if refusal is None and body.expected:
                 refusal = self.admit(body)
             if refusal is not None:
@@ -83,12 +83,14 @@ class RequestGuard:
             else:
                 await self.app(scope, body.receiver(receive), send_with_headers)
         finally:
-            PART_LIMITS.reset(parts)
             body.release()
+            PART_LIMITS.reset(parts)
             self.observe(scope, status["code"], time.perf_counter() - start, request_id)
 
     def admit(self, body: Body) -> tuple[int, str] | None:
-        """Take the request in, or say why not: the worker already holds as many requests or bytes as it may."""
+        """Take the request in, or say why not: the worker already holds as many requests as it may,
+        or its body would not fit beside the bytes the others have actually sent (what they only
+        declare is not held for them: a slow sender cannot reserve the bound and starve the rest)."""
         s = self.settings
         if self.inflight_requests >= s.max_inflight_requests:
             return 503, f"this worker is busy ({s.max_inflight_requests} requests in flight); retry shortly"
@@ -99,7 +101,6 @@ class RequestGuard:
             )
         body.admitted = True
         self.inflight_requests += 1
-        self.inflight_bytes += body.declared
         return None
 
     def refusal(self, scope: Scope, headers: Headers, limit: int) -> tuple[int, str] | None:
@@ -130,7 +131,10 @@ class RequestGuard:
         if self.settings.log_client_address and scope.get("client"):
             fields["client"] = f"{scope['client'][0]}:{scope['client'][1]}"
         text = " ".join(f"{k}={v}" for k, v in fields.items())
-        log.log(logging.ERROR if status >= 500 else logging.INFO, text, extra=fields)
+        level = (
+            logging.WARNING if status == 503 else logging.ERROR if status >= 500 else logging.INFO
+        )  # 503: backpressure
+        log.log(level, text, extra=fields)
 
 
 class Body:
@@ -143,8 +147,7 @@ class Body:
         self.declared = int(length) if length is not None and length.isascii() and length.isdigit() else 0
         self.expected = self.declared > 0 or "transfer-encoding" in headers
         self.admitted = False
-        self.received = 0  # body bytes so far
-        self.held = self.declared  # bytes counted in the guard's in-flight total for this request
+        self.received = 0  # body bytes so far, all counted in the guard's in-flight total once admitted
 
     def receiver(self, receive: Receive) -> Receive:
         settings = self.guard.settings
@@ -174,18 +177,17 @@ class Body:
         return receive_counted
 
     def count(self, n: int) -> None:
-        self.received += n
-        if self.received > self.limit:
+        if self.received + n > self.limit:
             raise HTTPException(413, f"request body is over the {self.limit} byte limit", headers=CLOSE)
-        if self.admitted and self.received > self.held:  # more than declared (chunked): hold it too
-            guard = self.guard
-            if guard.inflight_bytes + self.received - self.held > guard.settings.max_inflight_bytes:
-                raise HTTPException(503, "this worker is busy (request bodies in flight); retry shortly", headers=BUSY)
-            guard.inflight_bytes += self.received - self.held
-            self.held = self.received
+        guard = self.guard
+        if self.admitted and guard.inflight_bytes + n > guard.settings.max_inflight_bytes:
+            raise HTTPException(503, "this worker is busy (request bodies in flight); retry shortly", headers=BUSY)
+        self.received += n
+        if self.admitted:
+            guard.inflight_bytes += n
 
     def release(self) -> None:
         if self.admitted:
             self.guard.inflight_requests -= 1
-            self.guard.inflight_bytes -= self.held
+            self.guard.inflight_bytes -= self.received
             self.admitted = False

@@ -5,9 +5,13 @@ from __future__ import annotations
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
+from service.api.errors import MAX_DETAIL, input_problem
+from service.api.logs import printable
 from service.api.settings import Settings
 from service.core.manifest import Manifest
+from service.core.metadata import MetadataError
 from service.core.predictor import Explanation, Prediction, Predictor
+from service.core.preprocess import ImageError
 
 NOTICE = (
     "Research use only. Not a medical device and not a diagnosis: a dermatologist must assess any lesion of concern."
@@ -149,8 +153,30 @@ class BatchItem(PredictionFields):
     filename: str | None
 
 
+class ItemError(BaseModel):
+    status: int = Field(description="the HTTP status this image alone would have had")
+    code: str = Field(
+        description="stable: image-invalid, image-unsupported, image-too-large, image-shape, metadata-invalid"
+    )
+    detail: str = Field(description="what is wrong, for a person")
+
+
+class BatchItemError(BaseModel):
+    """An image of a batch that was not answered; the others were."""
+
+    filename: str | None
+    error: ItemError
+
+    @classmethod
+    def of(cls, filename: str | None, exc: ImageError | MetadataError) -> BatchItemError:
+        status, code = input_problem(exc)
+        return cls(filename=filename, error=ItemError(status=status, code=code, detail=printable(str(exc), MAX_DETAIL)))
+
+
 class BatchResponse(BaseModel):
-    predictions: list[BatchItem] = Field(description="one per image, in request order")
+    predictions: list[BatchItem | BatchItemError] = Field(
+        description="one per image, in request order: an answer, or (with `error`) why that image got none"
+    )
     model: ModelRef
     request_id: str
     notice: str = Field(description="research-use notice; it says so first when the model is a synthetic-data demo")

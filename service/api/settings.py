@@ -89,12 +89,16 @@ class Settings(BaseSettings):
         images = min(self.max_batch * self.max_upload_bytes, self.max_batch_bytes) if path == BATCH_ROUTE else None
         return (images or self.max_upload_bytes) + 2 * self.max_metadata_bytes + 64 * 1024
 
+    def largest_request_bytes(self) -> int:
+        """The largest body any route accepts."""
+        return max(self.max_request_bytes(BATCH_ROUTE), self.max_request_bytes("/predict"))
+
     @model_validator(mode="after")
     def _one_request_fits_in_flight(self) -> Settings:
-        if self.max_request_bytes() > self.max_inflight_bytes:
+        if self.largest_request_bytes() > self.max_inflight_bytes:
             raise ValueError(
                 f"max_inflight_bytes ({self.max_inflight_bytes}) must hold one largest request "
-                f"({self.max_request_bytes()} bytes): raise it or lower max_batch_bytes / max_upload_bytes"
+                f"({self.largest_request_bytes()} bytes): raise it or lower max_batch_bytes / max_upload_bytes"
             )
         return self
 

@@ -120,11 +120,11 @@ def metadata_from_json(raw: str | None, spec: FeatureSpec) -> ClinicalMetadata:
     return validate_metadata(parse_json(raw), spec)
 
 
-def metadata_list_from_json(raw: str | None, n: int, spec: FeatureSpec) -> list[ClinicalMetadata]:
-    """The metadata of n images, from a JSON list (or nothing: all unknown)."""
+def metadata_objects_from_json(raw: str | None, n: int) -> list[Any]:
+    """The metadata of n images, from a JSON list (or nothing: all unknown), each still to be validated."""
     value = parse_json(raw)
     if value is None:
-        return [ClinicalMetadata() for _ in range(n)]
+        return [None] * n
     if not isinstance(value, list) or len(value) != n:
         raise MetadataError(f"metadata must be a JSON list with one object per image ({n} images)")
-    return [validate_metadata(v, spec) for v in value]
+    return value

@@ -153,7 +153,7 @@ class Predictor:
         a single row is slower on several threads, and workers would oversubscribe the cores)."""
         import onnxruntime as ort
 
-        bundle_dir = Path(bundle_dir)
+        bundle_dir = Path(bundle_dir).resolve()  # once: a `current` link switched mid-load cannot mix two bundles
         manifest = read_manifest(bundle_dir, public_key_pem)
         check_libraries(manifest)
         cnn_file = cnn_graph(manifest, cnn_precision)

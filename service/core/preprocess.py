@@ -90,7 +90,7 @@ def open_image(data: bytes, spec: ImageSpec | None = None, max_pixels: int = DEF
             f"the JPEG has over {MAX_JPEG_SCANS} scans; no camera or encoder writes that many (re-save it)"
         )
     if scans > 1:  # progressive (or multi-scan): libjpeg holds every DCT coefficient at full size, draft or not
-        img.info[FULL_SIZE_PIXELS] = w * h
+        setattr(img, FULL_SIZE_PIXELS, w * h)  # an attribute: nothing in the file can set it (img.info it can)
     if spec is not None and img.format in JPEG_FORMATS:
         img.draft("RGB", draft_size(w, h, spec))
     if decoded_pixels(img) > max_pixels:
@@ -101,35 +101,39 @@ def open_image(data: bytes, spec: ImageSpec | None = None, max_pixels: int = DEF
     return img
 
 
-JPEG_SCAN_END = re.compile(rb"\xff[^\x00\xd0-\xd7]")  # the next marker after entropy-coded data
+JPEG_MARKER = re.compile(rb"\xff+([^\x00\xff])")  # fill bytes, then a marker; FF 00 and junk are skipped
+JPEG_SCAN_END = re.compile(rb"\xff+[^\x00\xd0-\xd7\xff]")  # after entropy-coded data: not a stuffed 00 or RSTn
+MAX_JPEG_SEGMENTS = 4096  # a real JPEG has tens (a progressive one a DHT and an SOS per scan)
 
 
 def jpeg_scans(data: bytes, limit: int) -> int:
     """Scans (SOS markers) in the first image of a JPEG, counted up to `limit` + 1, reading only
-    the marker structure.
+    the marker structure as libjpeg does (junk between segments and fill bytes skipped).
 
     Each scan of a progressive JPEG is decoded over the whole coefficient buffer, so a file that
     repeats one scan thousands of times costs minutes of CPU in a few MB (a "scan bomb"), and
-    draft mode does not help: `open_image` counts those at full size instead."""
-    pos, scans, n = 2, 0, len(data)
-    while pos + 4 <= n and scans <= limit:
-        if data[pos] != 0xFF:
-            break  # not a marker: Pillow reports the corruption when decoding
-        marker = data[pos + 1]
-        if marker == 0xFF:  # fill byte
-            pos += 1
-        elif marker == 0xD9:  # end of the first image (an MPO's further pictures are never decoded)
+    draft mode does not help: `open_image` counts those at full size instead. A file of more
+    segments than any JPEG has counts as over the limit."""
+    pos, scans, segments = 2, 0, 0
+    while scans <= limit:
+        found = JPEG_MARKER.search(data, pos)
+        if found is None:
             break
-        elif 0xD0 <= marker <= 0xD7 or marker == 0x01:  # markers without a length
-            pos += 2
-        else:
-            pos += 2 + int.from_bytes(data[pos + 2 : pos + 4], "big")
-            if marker == 0xDA:  # start of scan: entropy-coded data follows, up to the next marker
-                scans += 1
-                found = JPEG_SCAN_END.search(data, pos)
-                if found is None:
-                    break
-                pos = found.start()
+        segments += 1
+        if segments > MAX_JPEG_SEGMENTS:
+            return limit + 1
+        marker, pos = found.group(1)[0], found.end()
+        if marker == 0xD9:  # end of the first image (an MPO's further pictures are never decoded)
+            break
+        if 0xD0 <= marker <= 0xD7 or marker == 0x01:  # markers without a length
+            continue
+        pos += int.from_bytes(data[pos : pos + 2], "big")
+        if marker == 0xDA:  # start of scan: entropy-coded data follows, up to the next marker
+            scans += 1
+            end = JPEG_SCAN_END.search(data, pos)
+            if end is None:
+                break
+            pos = end.start()
     return scans
 
 
@@ -155,12 +159,12 @@ def draft_size(width: int, height: int, spec: ImageSpec) -> tuple[int, int]:
     return size if width >= height else size[::-1]
 
 
-FULL_SIZE_PIXELS = "lesion_full_size_pixels"  # set by open_image on a multi-scan JPEG
+FULL_SIZE_PIXELS = "_lesion_full_size_pixels"  # set by open_image on a multi-scan JPEG
 
 
 def decoded_pixels(img: Image.Image) -> int:
     """Pixels `decode_opened` will hold for an image from `open_image`."""
-    return max(img.width * img.height, img.info.get(FULL_SIZE_PIXELS, 0))
+    return max(img.width * img.height, getattr(img, FULL_SIZE_PIXELS, 0))
 
 
 def decode_opened(img: Image.Image) -> Image.Image:

@@ -9,13 +9,15 @@ runs only the steps model pickles need:
   *rebuilt*: created empty (NEWOBJ, no arguments) and given their saved state by their own class's
   `__setstate__` (BUILD); the protocol-0/1 instantiation opcodes (INST, OBJ) are refused.
 No call may ask for a large allocation (`bytearray(10**9)`, an array reconstructed with a huge
-shape): the sizes those calls take are bounded, so what a pickle builds is bounded by its own size. What comes out must be one of the model classes. Anything else stops the load with
+shape, a dtype of a huge item size): the sizes those calls take are bounded, and numpy's `ndarray`
+may be named but never called, so what a pickle builds is bounded by its own size. What comes out must be one of the model classes. Anything else stops the load with
 a BundleError saying what was asked for.
 """
 
 from __future__ import annotations
 
 import io
+import math
 import pickle
 from collections.abc import Iterable
 from typing import Any
@@ -31,9 +33,10 @@ CALLABLE = {  # may be called while loading: they build data, nothing else
     ("collections", "OrderedDict"),
     ("collections", "defaultdict"),
 }
-NUMPY = {("numpy", "dtype"), ("numpy", "ndarray")} | {
+NUMPY = {("numpy", "dtype")} | {  # may be called: reconstructors (their sizes bounded below)
     (m, n) for m in ("numpy._core.multiarray", "numpy.core.multiarray") for n in ("_reconstruct", "scalar")
 }
+NUMPY_NAMES = {("numpy", "ndarray")}  # may be named (the class `_reconstruct` builds), never called
 MODEL_CLASSES = {  # the classes a bundle's model objects are made of; rebuilt, never called
     ("xgboost.sklearn", "XGBClassifier"),
     ("xgboost.core", "Booster"),
@@ -53,8 +56,7 @@ MODELS = {  # what a bundle's model file may hold, at the top
     ("sklearn.linear_model._logistic", "LogisticRegressionCV"),
 }
 IMPORT_NAMES = {"scikit-learn": "sklearn"}  # distribution -> import name, where they differ
-ALLOCATING = {"bytearray", "_reconstruct"}  # callables whose integer arguments are sizes: bytearray(n), a shape
-MAX_CALL_INT = 1 << 16  # the largest such size (model pickles pass bytes to bytearray and a shape of (0,))
+MAX_CALL_SIZE = 1 << 16  # elements a call may ask for: model pickles pass bytes to bytearray and a shape of (0,)
 
 Pickler = pickle._Unpickler  # the Python implementation: its opcodes can be checked one by one
 
@@ -77,6 +79,8 @@ class AllowListUnpickler(Pickler):
             obj = super().find_class(module, name)
             self.callable_ids.add(id(obj))
             return obj
+        if (module, name) in NUMPY_NAMES and "numpy" in self.roots:
+            return super().find_class(module, name)
         if (module, name) in MODEL_CLASSES and module.split(".")[0] in self.roots:
             obj = super().find_class(module, name)
             self.class_ids.add(id(obj))
@@ -88,8 +92,8 @@ class AllowListUnpickler(Pickler):
         name = f"{getattr(func, '__module__', '?')}.{getattr(func, '__qualname__', func)}"
         if id(func) not in self.callable_ids:
             raise self.refuse(f"call {name}")
-        if getattr(func, "__qualname__", None) in ALLOCATING and large_int(args):
-            raise self.refuse(f"call {name} with a size over {MAX_CALL_INT} (a large allocation)")
+        if requested_size(func, args) > MAX_CALL_SIZE:
+            raise self.refuse(f"call {name} with a size over {MAX_CALL_SIZE} (a large allocation)")
         Pickler.load_reduce(self)  # type: ignore[attr-defined]
 
     def check_new(self, cls: Any, args: tuple, kwargs: dict | None = None) -> None:
@@ -133,13 +137,21 @@ class AllowListUnpickler(Pickler):
     dispatch[pickle.OBJ[0]] = refuse_opcode  # type: ignore[assignment]
 
 
-def large_int(args: Any, depth: int = 3) -> bool:
-    """Whether an integer over MAX_CALL_INT is among `args` (looking into tuples and lists)."""
-    if isinstance(args, int) and not isinstance(args, bool):
-        return abs(args) > MAX_CALL_INT
-    if isinstance(args, tuple | list) and depth > 0:
-        return any(large_int(a, depth - 1) for a in args)
-    return False
+def requested_size(func: Any, args: Any) -> int:
+    """What a call allocates before the pickle's own bytes fill it: bytearray(n) n bytes, numpy's
+    `_reconstruct(cls, shape, dtype)` the product of the shape (times a flexible dtype's size)."""
+    qualname = getattr(func, "__qualname__", None)
+    if not isinstance(args, tuple):
+        return 0
+    if qualname == "bytearray":
+        return args[0] if args and isinstance(args[0], int) else 0
+    if qualname == "_reconstruct" and len(args) >= 2 and isinstance(args[1], tuple):
+        shape = [d if isinstance(d, int) else MAX_CALL_SIZE + 1 for d in args[1]]
+        return math.prod(abs(d) for d in shape)
+    if qualname == "dtype" and args and isinstance(args[0], str):
+        digits = "".join(c for c in args[0] if c.isdigit())
+        return int(digits[:12]) if digits else 0  # e.g. 'V1000000000': an item size, allocated per element
+    return 0
 
 
 def load_model(data: bytes, libraries: Iterable[str], what: str) -> Any:

@@ -13,8 +13,10 @@ from fastapi.concurrency import run_in_threadpool
 from PIL import Image
 
 from service.api.dependencies import check_api_key, get_predictor, get_settings, get_state
+from service.api.logs import printable
 from service.api.schemas import (
     BatchItem,
+    BatchItemError,
     BatchResponse,
     ErrorResponse,
     ExplanationOut,
@@ -28,9 +30,11 @@ from service.api.state import ModelState
 from service.core.metadata import (
     EXAMPLE,
     ClinicalMetadata,
+    MetadataError,
     metadata_from_json,
-    metadata_list_from_json,
+    metadata_objects_from_json,
     parse_json,
+    validate_metadata,
 )
 from service.core.predictor import Prediction, Predictor
 from service.core.preprocess import (
@@ -72,41 +76,57 @@ def named(name: str | None, exc: ImageError) -> ImageError:
 
 @dataclass
 class Decoded:
-    """A request's uploads, ready for the model."""
+    """A request's uploads, ready for the model: the images that decoded, and why the others did not."""
 
-    images: np.ndarray  # (N,H,W,3) uint8 at the model's input size
-    quality: list[list[str]]  # each image's quality warnings (these read the sizes as sent)
+    images: np.ndarray  # (K,H,W,3) uint8 at the model's input size, the decoded uploads in order
+    quality: list[list[str]]  # each decoded image's quality warnings (these read the sizes as sent)
+    positions: list[int]  # each decoded image's position among the uploads
+    refused: dict[int, ImageError]  # position -> why that upload is not an image the model can read
 
 
 def decode_all(
-    uploads: list[tuple[bytes, str | None]], spec: ImageSpec, slots: Semaphore, settings: Settings
+    uploads: list[tuple[bytes, str | None]], spec: ImageSpec, slots: Semaphore, settings: Settings, each: bool = False
 ) -> Decoded:
     """Headers first: every image's decoded pixels are counted against the per-image and per-request
     budgets before any is decoded. Then one image at a time, at most `decode_slots` at once per worker,
-    and the quality checks on the whole request (here, in the thread pool, not on the event loop)."""
-    opened: list[Image.Image | None] = []
-    for data, name in uploads:
+    and the quality checks on the whole request (here, in the thread pool, not on the event loop).
+
+    A bad upload raises its ImageError, or with `each` (a batch) is set aside in `refused` while
+    the others go on; the per-request pixel budget always holds for the whole request."""
+    opened: dict[int, Image.Image] = {}
+    refused: dict[int, ImageError] = {}
+
+    def refuse(i: int, exc: ImageError) -> None:
+        if not each:
+            raise named(uploads[i][1], exc) from None
+        refused[i] = exc
+
+    for i, (data, _) in enumerate(uploads):
         try:
-            opened.append(open_image(data, spec, settings.max_pixels))
+            opened[i] = open_image(data, spec, settings.max_pixels)
         except ImageError as exc:
-            raise named(name, exc) from None
-    sizes = [img.size for img in opened if img is not None]
-    total = sum(decoded_pixels(img) for img in opened if img is not None)
+            refuse(i, exc)
+    sizes = {i: img.size for i, img in opened.items()}
+    total = sum(decoded_pixels(img) for img in opened.values())
     if total > settings.max_request_pixels:
         raise ImageTooLargeError(
             f"the images decode to {total} pixels, over the per-request limit of {settings.max_request_pixels}"
         )
-    out = np.empty((len(opened), spec.height, spec.width, 3), np.uint8)
-    for i, (img, (_, name)) in enumerate(zip(opened, uploads)):
+    decoded: dict[int, np.ndarray] = {}
+    for i in list(opened):
         with slots:
             try:
-                out[i] = resize_for_model(decode_opened(img), spec)  # type: ignore[arg-type]
+                decoded[i] = resize_for_model(decode_opened(opened.pop(i)), spec)  # the full image freed at once
             except ImageError as exc:
-                raise named(name, exc) from None
-        opened[i] = None  # free the decoded image now
+                refuse(i, exc)
     if total > LARGE_DECODE:
         release_freed_memory()
-    return Decoded(out, quality_warnings(out, sizes, (spec.width, spec.height)))
+    positions = sorted(decoded)
+    out = (
+        np.stack([decoded[i] for i in positions]) if positions else np.empty((0, spec.height, spec.width, 3), np.uint8)
+    )
+    quality = quality_warnings(out, [sizes[i] for i in positions], (spec.width, spec.height)) if positions else []
+    return Decoded(out, quality, positions, refused)
 
 
 def release_freed_memory() -> None:
@@ -142,13 +162,17 @@ async def predict_uploads(
     predictor: Predictor,
     state: ModelState,
     settings: Settings,
+    each: bool = False,
 ) -> tuple[list[Prediction], Decoded]:
-    """Decode the uploads in the thread pool, then queue them for the micro-batcher's next model call
-    on `predictor` (the bundle this request started with answers it, even across a swap)."""
+    """Decode the uploads in the thread pool, then queue the decoded ones for the micro-batcher's
+    next model call on `predictor` (the bundle this request started with answers it, even across a
+    swap). Their predictions come back in `decoded.positions` order."""
     assert state.batcher is not None
     spec = predictor.manifest.preprocessing
-    decoded = await run_in_threadpool(decode_all, uploads, spec, state.decode_slots, settings)
-    return await state.batcher.submit(predictor, decoded.images, metas), decoded
+    decoded = await run_in_threadpool(decode_all, uploads, spec, state.decode_slots, settings, each)
+    if not decoded.positions:
+        return [], decoded
+    return await state.batcher.submit(predictor, decoded.images, [metas[i] for i in decoded.positions]), decoded
 
 
 def answered(
@@ -207,7 +231,10 @@ async def predict(
 @router.post(BATCH_ROUTE, response_model=BatchResponse)
 async def predict_batch(
     request: Request,
-    images: list[UploadFile] = File(..., description="several JPEG or PNG images"),
+    images: list[UploadFile] = File(
+        ...,
+        description="several JPEG or PNG images; one that cannot be read gets its own error entry, the others an answer",
+    ),
     metadata: str | None = Form(None, description="JSON list, one metadata object per image, in order"),
     prior: str | None = Form(None, description=PRIOR_HELP),
     predictor: Predictor = Depends(get_predictor),
@@ -216,15 +243,32 @@ async def predict_batch(
 ) -> BatchResponse:
     check_metadata_size(metadata, settings)
     check_metadata_size(prior, settings)
-    uploads = [(await read_upload(f, settings), f.filename) for f in images]
-    metas = metadata_list_from_json(metadata, len(images), predictor.manifest.features)
+    uploads = [(await read_upload(f, settings), printable(f.filename or "", 300) or None) for f in images]
+    features = predictor.manifest.features
+    metas = metadata_objects_from_json(metadata, len(images))
     chosen = parse_prior(prior, predictor)
-    preds, decoded = await predict_uploads(uploads, metas, predictor, state, settings)
+    refused: dict[int, Exception] = {}
+    valid: list[ClinicalMetadata] = []
+    for i, value in enumerate(metas):
+        try:
+            valid.append(validate_metadata(value, features))
+        except MetadataError as exc:
+            refused[i] = exc
+            valid.append(ClinicalMetadata())
+    usable = [i for i in range(len(uploads)) if i not in refused]
+    preds, decoded = await predict_uploads(
+        [uploads[i] for i in usable], [valid[i] for i in usable], predictor, state, settings, each=True
+    )
+    refused.update({usable[j]: exc for j, exc in decoded.refused.items()})
+    answers = {usable[j]: (p, q) for j, p, q in zip(decoded.positions, preds, decoded.quality)}
     m = predictor.manifest
-    items = [
-        BatchItem.from_prediction(**answered(p, chosen, predictor, quality), filename=name)
-        for (_, name), p, quality in zip(uploads, preds, decoded.quality)
-    ]
+    items: list[BatchItem | BatchItemError] = []
+    for i, (_, name) in enumerate(uploads):
+        if i in refused:
+            items.append(BatchItemError.of(name, refused[i]))
+        else:
+            pred, quality = answers[i]
+            items.append(BatchItem.from_prediction(**answered(pred, chosen, predictor, quality), filename=name))
     return BatchResponse(
         predictions=items, model=ModelRef.of(m), request_id=request.state.request_id, notice=notice_for(m)
     )
