@@ -68,6 +68,31 @@ def png_with_text(key: str, value: str) -> bytes:
     return encode(Image.new("RGB", (64, 64)), "PNG", pnginfo=info)
 
 
+def ztxt_bomb(chunks: int = 3) -> bytes:
+    """A 64x48 PNG whose zTXt chunks inflate to 1 MB each from ~1 KB: Pillow inflates them on open."""
+    import struct
+    import zlib
+
+    png = encode(Image.new("RGB", (64, 48)), "PNG")
+    body = b"comment\x00\x00" + zlib.compress(b"\x00" * (1024 * 1024 - 16), 9)
+    chunk = struct.pack(">I", len(body)) + b"zTXt" + body + struct.pack(">I", zlib.crc32(b"zTXt" + body))
+    return png[:33] + chunk * chunks + png[33:]  # after the 8-byte signature and the 25-byte IHDR chunk
+
+
+def many_chunks_png(n: int = 50_000) -> bytes:
+    import struct
+    import zlib
+
+    png = encode(Image.new("RGB", (64, 48)), "PNG")
+    chunk = struct.pack(">I", 0) + b"teSt" + struct.pack(">I", zlib.crc32(b"teSt"))
+    return png[:33] + chunk * n + png[33:]
+
+
+def many_segments_jpeg(n: int = 50_000) -> bytes:
+    jpeg = encode(Image.new("RGB", (64, 48)), "JPEG")
+    return jpeg[:2] + b"\xff\xe3\x00\x02" * n + jpeg[2:]
+
+
 def image_cases(jpeg: bytes, max_pixels: int) -> list[tuple[str, dict, dict, int, str]]:
     side = int(max_pixels**0.5) + 100
     image = {"image": ("a.jpg", jpeg, "image/jpeg")}
@@ -100,6 +125,9 @@ def image_cases(jpeg: bytes, max_pixels: int) -> list[tuple[str, dict, dict, int
             "scans",
         ),
         ("png text key", {"image": ("t.png", png_with_text("lesion_full_size_pixels", "many"))}, {}, 200, ""),
+        ("ztxt bomb", {"image": ("z.png", ztxt_bomb())}, {}, 400, "text chunks"),
+        ("many png chunks", {"image": ("c.png", many_chunks_png())}, {}, 400, "segments or chunks"),
+        ("many jpeg segments", {"image": ("s.jpg", many_segments_jpeg())}, {}, 400, "segments or chunks"),
         ("lone surrogate", image, {"metadata": '{"sex": "\\ud800"}'}, 422, "\\ud800"),
         ("forged log line", image, {"metadata": '{"sex": "x\\nINFO service.requests: FORGED"}'}, 422, "x\\nINFO"),
         ("huge prior int", image, {"prior": '{"akiec": ' + "9" * 4301 + "}"}, 422, "prior JSON cannot be read"),

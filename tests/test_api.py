@@ -11,6 +11,7 @@ from PIL import Image
 from service.core.preprocess import load_for_model
 from tests.conftest import MAX_PIXELS, MAX_UPLOAD
 from tests.helpers import png, sample_images
+from tests.hostile import encode
 
 
 def offline(predictor, data: bytes, meta: dict) -> dict[str, np.ndarray]:
@@ -170,3 +171,25 @@ def test_not_ready_until_loaded_and_api_key(tiny_run, sample_dir, app_factory):
     jpeg = sample_images(sample_dir)[0].read_bytes()
     assert client.post("/predict", files={"image": jpeg}).status_code == 401
     assert client.post("/predict", files={"image": jpeg}, headers={"X-API-Key": "s3cret"}).status_code == 200
+
+
+def test_a_batch_answers_each_image_on_its_own(api, sample_dir):
+    """A bad image or bad metadata gets its own error entry (status, stable code, detail); the others an answer."""
+    jpeg = sample_images(sample_dir)[0].read_bytes()
+    files = [("images", ("a.jpg", jpeg)), ("images", ("junk.png", b"junk")), ("images", ("c.jpg", jpeg))]
+    files.append(("images", ("tiff.tif", encode(Image.new("RGB", (64, 64)), "TIFF"))))
+    metas = [{"age": 50}, {}, {"sex": "robot"}, {}]
+    r = api.post("/predict/batch", files=files, data={"metadata": json.dumps(metas)})
+    assert r.status_code == 200, r.text
+    items = r.json()["predictions"]
+    assert [i["filename"] for i in items] == ["a.jpg", "junk.png", "c.jpg", "tiff.tif"]
+    assert items[0]["label"] and "error" not in items[0]
+    assert items[1]["error"] == {"status": 400, "code": "image-invalid", "detail": items[1]["error"]["detail"]}
+    assert items[2]["error"]["code"] == "metadata-invalid" and "robot" in items[2]["error"]["detail"]
+    assert items[3]["error"]["status"] == 415 and items[3]["error"]["code"] == "image-unsupported"
+    alone = api.post(
+        "/predict/batch", files=[("images", ("a.jpg", jpeg))], data={"metadata": json.dumps([{"age": 50}])}
+    )
+    assert alone.json()["predictions"][0]["probabilities"] == items[0]["probabilities"]  # the same answer
+    r = api.post("/predict/batch", files=files, data={"metadata": "[{}]"})  # the list itself is wrong: whole request
+    assert r.status_code == 422 and "one object per image" in r.json()["detail"]

@@ -43,7 +43,8 @@ def answer(filename: str | None = None) -> dict:
 
 class FakeService:
     """Enough of the API for the client: /model with limits, /predict, /predict/batch (a part whose
-    bytes contain BAD is refused, and with it its whole request, as the real service does)."""
+    bytes contain BAD gets its own error entry, as the real service answers; WHOLE refuses the
+    whole request, as a request over the server's pixel budget is)."""
 
     def __init__(self, max_batch: int = 2, max_batch_bytes: int | None = None) -> None:
         self.max_batch, self.max_batch_bytes, self.requests = max_batch, max_batch_bytes, []
@@ -54,13 +55,17 @@ class FakeService:
             limits = {"max_batch": self.max_batch, "max_batch_bytes": self.max_batch_bytes}
             return httpx.Response(200, json={"classes": CLASSES, "limits": limits})
         body = request.read()
-        names = re.findall(rb'filename="([^"]*)"', body)
-        if b"BAD" in body:
-            return httpx.Response(400, json={"detail": "image BAD: not a readable image", "request_id": "r2"})
+        if b"WHOLE" in body:
+            return httpx.Response(413, json={"detail": "the images decode to too many pixels", "request_id": "r3"})
         if request.url.path == "/predict":
+            if b"BAD" in body:
+                return httpx.Response(400, json={"detail": "image BAD: not a readable image", "request_id": "r2"})
             return httpx.Response(200, json={**answer(), **ENVELOPE})
-        assert len(names) <= self.max_batch, "the client must chunk to the server's limit"
-        return httpx.Response(200, json={"predictions": [answer(n.decode()) for n in names], **ENVELOPE})
+        parts = re.findall(rb'filename="([^"]*)"[^\n]*\r\n(?:[^\r\n]+\r\n)*\r\n(.*?)\r\n--', body, re.S)
+        assert len(parts) <= self.max_batch, "the client must chunk to the server's limit"
+        error = {"status": 400, "code": "image-invalid", "detail": "image BAD: not a readable image"}
+        items = [{"filename": n.decode(), "error": error} if b"BAD" in d else answer(n.decode()) for n, d in parts]
+        return httpx.Response(200, json={"predictions": items, **ENVELOPE})
 
     @property
     def batch_sizes(self) -> list[int]:
@@ -154,30 +159,86 @@ def run_score(fake: FakeService, source, out):
     return asyncio.run(go())
 
 
-def test_scoring_keeps_going_past_a_bad_image_and_resumes(tmp_path):
+def write_metadata(data, rows: list[dict]) -> None:
+    with open(data / "HAM10000_metadata.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+
+
+def test_scoring_never_aborts_over_a_row_and_a_rerun_retries_the_error_rows(tmp_path):
     data = tmp_path / "data"
     (data / "images").mkdir(parents=True)
     rows = []
     for i in range(7):
         (data / "images" / f"ISIC_{i}.jpg").write_bytes(b"BAD" if i == 3 else b"jpeg")
         rows.append({"image_id": f"ISIC_{i}", "lesion_id": f"L{i}", "dx": "nv", "age": "40", "sex": "male"})
+    rows[5]["age"] = "forty"  # bad metadata: that row's error, not the end of the run
     rows.append({"image_id": "ISIC_404", "lesion_id": "L9", "dx": "mel", "age": "", "sex": "female"})  # no image
-    with open(data / "HAM10000_metadata.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
+    write_metadata(data, rows)
     out = tmp_path / "out.csv"
-    summary = run_score(FakeService(max_batch=2), data / "HAM10000_metadata.csv", out)
-    assert (summary.scored, summary.errors, summary.without_image, summary.already_done) == (6, 1, 1, 0)
-    got = {r["image_id"]: r for r in csv.DictReader(open(out))}
-    assert set(got) == {f"ISIC_{i}" for i in range(7)}
+    fake = FakeService(max_batch=2)
+    summary = run_score(fake, data / "HAM10000_metadata.csv", out)
+    assert (summary.scored, summary.errors, summary.without_image, summary.already_done) == (5, 3, 1, 0)
+    written = list(csv.DictReader(open(out)))
+    assert [r["image_id"] for r in written] == [r["image_id"] for r in rows]  # input order, every row
+    got = {r["image_id"]: r for r in written}
     assert got["ISIC_3"]["error"] == "image BAD: not a readable image" and got["ISIC_3"]["label"] == ""
-    assert got["ISIC_0"]["lesion_id"] == "L0" and got["ISIC_0"]["dx"] == "nv" and got["ISIC_0"]["p_nv"] == "0.4"
+    assert "age 'forty' is not a number" in got["ISIC_5"]["error"]
+    assert "no image file ISIC_404" in got["ISIC_404"]["error"]
+    assert got["ISIC_0"]["lesion_id"] == "L0" and got["ISIC_0"]["p_nv"] == "0.4" and got["ISIC_0"]["request_id"] == "r1"
+    assert fake.batch_sizes == [2, 2, 2]  # the bad image's request answered the others: nothing sent twice
 
+    (data / "images" / "ISIC_3.jpg").write_bytes(b"jpeg")  # fixed: the rerun retries the error rows only
     again = FakeService()
     summary = run_score(again, data / "HAM10000_metadata.csv", out)
-    assert summary.already_done == 7 and summary.scored == 0 and again.batch_sizes == []  # nothing re-sent
-    assert len(list(csv.DictReader(open(out)))) == 7
+    assert (summary.already_done, summary.scored, summary.errors) == (5, 1, 2) and again.batch_sizes == [1]
+    written = list(csv.DictReader(open(out)))
+    assert [r["image_id"] for r in written] == [r["image_id"] for r in rows]
+    assert not {r["image_id"]: r for r in written}["ISIC_3"]["error"]
+
+
+def test_a_request_refused_whole_is_retried_image_by_image(tmp_path):
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i, content in enumerate([b"jpeg", b"WHOLE", b"jpeg"]):
+        (folder / f"img{i}.jpg").write_bytes(content)
+    fake = FakeService(max_batch=3)
+    summary = run_score(fake, folder, tmp_path / "out.csv")
+    assert (summary.scored, summary.errors) == (2, 1)
+    rows = {r["image"]: r for r in csv.DictReader(open(tmp_path / "out.csv"))}
+    assert "too many pixels" in rows["img1.jpg"]["error"] and rows["img0.jpg"]["label"] == "nv"
+
+
+def test_the_score_command_exits_1_when_rows_failed_and_hints_on_ctrl_c(tmp_path, capsys, monkeypatch):
+    from lesion_client import cli
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    (folder / "a.jpg").write_bytes(b"BAD")
+    transport = httpx.MockTransport(FakeService())
+    real = cli.AsyncLesionClient
+    monkeypatch.setattr(cli, "AsyncLesionClient", lambda *a, **k: real(*a, **k, transport=transport))
+    assert cli.main(["score", str(folder), "--out", str(tmp_path / "o.csv")]) == 1
+    out = capsys.readouterr()
+    assert "0 images scored, 1 rows with an error" in out.out and "rerun the same command" in out.err
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "score", interrupted)
+    assert cli.main(["score", str(folder), "--out", str(tmp_path / "o.csv")]) == 130
+    assert "run the same command again to resume" in capsys.readouterr().out
+
+
+def test_batch_results_map_answers_and_per_image_errors(tmp_path):
+    from lesion_client import Failed
+
+    with LesionClient("http://svc", transport=httpx.MockTransport(FakeService(max_batch=4))) as c:
+        out = c.predict_batch([b"jpeg", b"BAD", b"jpeg"])
+    assert isinstance(out[0], Prediction) and isinstance(out[2], Prediction)
+    assert isinstance(out[1], Failed) and out[1].code == "image-invalid" and out[1].status == 400
+    assert out[1].request_id == "r1" and out[1].filename == "image1"
 
 
 def test_scoring_refuses_an_image_as_its_source(tmp_path):
@@ -218,8 +279,5 @@ def test_scoring_settings_and_inputs_a_user_can_get_wrong(tmp_path):
                 in_flight=0,
             )
         )
-    (tmp_path / "HAM10000_metadata.csv").write_text("image_id,age\na,forty\n")
-    with pytest.raises(LesionError, match="not a number"):
-        run_score(FakeService(), tmp_path / "HAM10000_metadata.csv", tmp_path / "o.csv")
     with pytest.raises(LesionError, match="cannot write"):
         run_score(FakeService(), tmp_path, tmp_path / "missing-folder" / "o.csv")

@@ -19,7 +19,7 @@ from service.core.bundle import BundleError, read_manifest
 from service.core.predictor import Predictor
 from service.core.preprocess import ImageSpec, load_for_model
 from tests.conftest import MAX_PIXELS
-from tests.helpers import sample_images
+from tests.helpers import CLASSES, sample_images
 from tests.hostile import grey16_png, image_cases, mpo
 
 
@@ -275,9 +275,10 @@ def test_jpeg_scans_are_counted_from_the_markers_and_a_scan_bomb_is_refused_befo
     plain = progressive_jpeg()
     assert jpeg_scans(plain[:-2] + b"\xff" * 1_000_000 + plain[-2:], MAX_JPEG_SCANS) == 10  # fill bytes
     comments = plain[:20] + b"\xff\xfe\x00\x02" * 100_000 + plain[20:]  # more segments than any JPEG has
-    assert jpeg_scans(comments, MAX_JPEG_SCANS) == MAX_JPEG_SCANS + 1
+    with pytest.raises(ImageError, match="segments or chunks"):  # before Pillow walks them one by one
+        open_image(comments)
     with pytest.raises(ImageError, match=f"over {MAX_JPEG_SCANS} scans"):
-        open_image(bomb, ImageSpec(width=64, height=48))
+        open_image(scan_bomb(extra_scans=1000), ImageSpec(width=64, height=48))
     assert open_image(progressive_jpeg(), ImageSpec(width=64, height=48)).size == (300, 225)  # still drafted
     # a progressive JPEG holds its coefficients at full size: counted at full size, not at the draft's
     with pytest.raises(ImageTooLargeError, match="progressive JPEG decodes at full size"):
@@ -384,6 +385,26 @@ def test_admission_bounds_requests_and_bytes_in_flight_with_503_and_retry_after(
     asyncio.run(scenario())
 
 
+def test_the_admin_key_is_checked_before_the_body_is_read():
+    async def scenario():
+        inner = Inner()
+        inner.release.set()
+        guard = guard_for(inner, admin_key="a" * 20)
+        scope = http_scope({"content-length": "100"}, path="/admin/bundle")
+        sent: list = []
+
+        async def never():
+            raise AssertionError("the body was read")
+
+        async def send(message):
+            sent.append(message)
+
+        await guard(scope, never, send)
+        assert sent[0]["status"] == 401 and inner.bodies == []
+
+    asyncio.run(scenario())
+
+
 def test_chunked_bytes_count_against_the_bound_as_they_arrive():
     async def scenario():
         inner = Inner()
@@ -470,6 +491,8 @@ def set_key(path: list[str], value):
         (set_key(["features", "age_min"], 200.0), "age_min 200.0 is above age_max"),
         (set_key(["class_names"], {"nv": "naevus"}), "class_names lacks"),
         (set_key(["training_prevalence", "nv"], -1.0), "training_prevalence"),
+        (set_key(["training_prevalence"], dict.fromkeys(CLASSES, 0.0)), "positive shares summing to 1"),
+        (set_key(["temperature"], 1e-300), "temperature"),
     ],
 )
 def test_a_manifest_number_out_of_range_is_refused(tiny_run, tmp_path, edit, words):
@@ -618,6 +641,21 @@ def test_log_lines_cannot_be_forged_and_exceptions_carry_no_message():
     assert len(line.splitlines()) == 1 and line.isascii()
     parsed = json.loads(line)
     assert parsed["message"] == f"refused {hostile}" and "SECRET" not in parsed["exception"]
+
+
+def test_library_warnings_become_log_records(tiny_run, caplog):
+    import warnings
+
+    from service.api.app import create_app
+    from service.api.settings import Settings
+
+    logging.captureWarnings(False)  # undo an earlier app's capture, made under another test's warning recorder
+    with warnings.catch_warnings(), caplog.at_level(logging.WARNING, logger="py.warnings"):
+        warnings.simplefilter("always")
+        create_app(Settings(bundle=tiny_run / "bundle"))
+        warnings.warn("divide by zero\nforged", RuntimeWarning, stacklevel=1)
+    logging.captureWarnings(False)
+    assert any(r.name == "py.warnings" and "divide by zero" in r.getMessage() for r in caplog.records)
 
 
 def test_a_500_logs_one_line_without_the_request_data(tiny_run, sample_dir):

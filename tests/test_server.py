@@ -133,16 +133,20 @@ def test_client_command_table_json_and_score(server, sample_dir, subset, tmp_pat
     images[1].write_bytes(b"not an image")  # one bad file: its own error row, not the end of the run
     for source in (d / "images", d / "HAM10000_metadata.csv"):
         out_csv = tmp_path / f"{source.name}.csv"
-        assert client_main(["score", str(source), "--out", str(out_csv), "--url", server]) == 0
+        assert client_main(["score", str(source), "--out", str(out_csv), "--url", server]) == 1  # a row failed
         rows = list(csv.DictReader(open(out_csv)))
         assert len(rows) == len(images)
         assert {"label", "malignant_probability", "p_mel", "error"} <= set(rows[0])
         bad = [r for r in rows if r["error"]]
         assert len(bad) == 1 and "not a readable image" in bad[0]["error"]
     assert {"image_id", "lesion_id", "dx"} <= set(rows[0])  # the CSV's own columns are carried
-    # resumable: a rerun sends nothing and writes nothing new
+    assert [r["image_id"] for r in rows] == [r["image_id"] for r in csv.DictReader(open(source))]  # input order
+    # resumable: a rerun keeps the answered rows and retries only the error row
+    images[1].write_bytes(images[0].read_bytes())
     assert client_main(["score", str(d / "HAM10000_metadata.csv"), "--out", str(out_csv), "--url", server]) == 0
-    assert "already in" in capsys.readouterr().out and len(list(csv.DictReader(open(out_csv)))) == len(images)
+    out = capsys.readouterr().out
+    assert f"{len(images) - 1} rows were already answered" in out and "1 images scored" in out
+    assert len(list(csv.DictReader(open(out_csv)))) == len(images)
     # two JPEGs are not a CSV: a clear error, not a UnicodeDecodeError
     assert client_main(["score", str(images[0]), "--out", str(tmp_path / "x.csv"), "--url", server]) == 1
     assert "is an image" in capsys.readouterr().err

@@ -17,6 +17,8 @@ from service.api.state import ModelState
 from service.core.predictor import Predictor
 
 API_KEY_HEADER = "X-API-Key"
+ADMIN_KEY_HEADER = "X-Admin-Key"
+ADMIN_PREFIX = "/admin/"
 api_key_header = APIKeyHeader(name=API_KEY_HEADER, auto_error=False, description="needed when the service has a key")
 
 
@@ -44,7 +46,11 @@ def key_is_valid(settings: Settings, sent: str | None) -> bool:
     """No key configured, or the sent one matches (constant-time comparison)."""
     if not settings.api_key:
         return True
-    return sent is not None and hmac.compare_digest(sent.encode(), settings.api_key.encode())
+    return matches(sent, settings.api_key)
+
+
+def matches(sent: str | None, key: str) -> bool:
+    return sent is not None and hmac.compare_digest(sent.encode(), key.encode())
 
 
 async def check_api_key(settings: Settings = Depends(get_settings), sent: str | None = Depends(api_key_header)) -> None:

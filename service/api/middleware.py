@@ -21,7 +21,7 @@ from typing import Any
 from fastapi import HTTPException
 from starlette.datastructures import Headers, MutableHeaders
 
-from service.api.dependencies import API_KEY_HEADER, key_is_valid
+from service.api.dependencies import ADMIN_KEY_HEADER, ADMIN_PREFIX, API_KEY_HEADER, key_is_valid, matches
 from service.api.errors import BUSY, CLOSE, error_response
 from service.api.forms import PART_LIMITS, PartLimits
 from service.api.metrics import Metrics
@@ -107,6 +107,13 @@ class RequestGuard:
         """What to answer without reading the body, or None to go on."""
         if needs_key(scope["path"]) and not key_is_valid(self.settings, headers.get(API_KEY_HEADER)):
             return 401, f"missing or wrong {API_KEY_HEADER} header"
+        admin_key = self.settings.admin_key
+        if (
+            scope["path"].startswith(ADMIN_PREFIX)
+            and admin_key
+            and not matches(headers.get(ADMIN_KEY_HEADER), admin_key)
+        ):
+            return 401, f"missing or wrong {ADMIN_KEY_HEADER} header"  # before the body, as for the API key
         length, chunked = headers.get("content-length"), headers.get("transfer-encoding")
         if length is not None and chunked is not None:
             return 400, "send either Content-Length or Transfer-Encoding, not both"

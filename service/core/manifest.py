@@ -7,7 +7,6 @@ and which libraries each file needs. Serving code reads every model name from he
 
 from __future__ import annotations
 
-import math
 from typing import Literal
 
 from pydantic import BaseModel, Field, model_validator
@@ -105,7 +104,7 @@ class Manifest(BaseModel):
     )
     temperature: float = Field(
         1.0,
-        gt=0,
+        ge=0.01,
         le=100,
         allow_inf_nan=False,
         description="applied to every model's log-probabilities before the prior",
@@ -145,10 +144,11 @@ class Manifest(BaseModel):
             raise ValueError(f"class_names lacks {sorted(set(self.classes) - set(self.class_names))}")
         if not set(self.malignant_classes) <= set(self.classes):
             raise ValueError(f"malignant_classes {self.malignant_classes} are not all among {self.classes}")
-        if set(self.training_prevalence) - set(self.classes):
-            raise ValueError("training_prevalence names classes the bundle does not have")
-        if not all(0 <= v <= 1 and math.isfinite(v) for v in self.training_prevalence.values()):
-            raise ValueError("training_prevalence values must be shares in [0, 1]")
+        shares = self.training_prevalence
+        if shares and set(shares) != set(self.classes):
+            raise ValueError("training_prevalence must give a share for every class, and only for those")
+        if shares and not (all(0 < v <= 1 for v in shares.values()) and abs(sum(shares.values()) - 1) < 1e-3):
+            raise ValueError("training_prevalence values must be positive shares summing to 1")
         return self
 
     @model_validator(mode="after")

@@ -14,7 +14,7 @@ import struct
 import warnings
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageOps, PngImagePlugin, UnidentifiedImageError
 from pydantic import BaseModel, Field, field_validator
 
 ALLOWED_FORMATS = {"JPEG", "MPO", "PNG"}  # MPO: the multi-picture JPEG many phones write (first picture used)
@@ -23,6 +23,10 @@ MIN_SIDE = 32  # px; smaller is no dermoscopy image
 MAX_ASPECT = 4.0  # longer side / shorter side
 DEFAULT_MAX_PIXELS = 16_000_000
 MAX_JPEG_SCANS = 64  # libjpeg's progressive script writes 10 (6 for grey), a baseline JPEG one per component
+MAX_SEGMENTS = 20_000  # JPEG segments or PNG chunks: real files have tens (a large PNG ~ a thousand IDATs)
+# Pillow inflates a PNG's text chunks while reading its header, up to 64 MB an image by default: a
+# batch of such 60 KB files held gigabytes before any pixel was counted. Text is never used here.
+PngImagePlugin.MAX_TEXT_MEMORY = 2 * PngImagePlugin.MAX_TEXT_CHUNK
 
 
 class ImageError(ValueError):
@@ -67,6 +71,9 @@ def open_image(data: bytes, spec: ImageSpec | None = None, max_pixels: int = DEF
     Nothing is decoded here; `decode_opened` does that."""
     if not data:
         raise ImageError("the image file is empty")
+    segments = count_segments(data, MAX_SEGMENTS)  # before Pillow walks them, in Python, one by one
+    if segments > MAX_SEGMENTS:
+        raise ImageError(f"the file has over {MAX_SEGMENTS} segments or chunks; no encoder writes that many")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -103,7 +110,29 @@ def open_image(data: bytes, spec: ImageSpec | None = None, max_pixels: int = DEF
 
 JPEG_MARKER = re.compile(rb"\xff+([^\x00\xff])")  # fill bytes, then a marker; FF 00 and junk are skipped
 JPEG_SCAN_END = re.compile(rb"\xff+[^\x00\xd0-\xd7\xff]")  # after entropy-coded data: not a stuffed 00 or RSTn
-MAX_JPEG_SEGMENTS = 4096  # a real JPEG has tens (a progressive one a DHT and an SOS per scan)
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def count_segments(data: bytes, limit: int) -> int:
+    """A JPEG's marker segments or a PNG's chunks, counted up to `limit` + 1 (0 for other files)."""
+    if data.startswith(b"\xff\xd8"):
+        pos, n = 2, 0
+        while n <= limit and (found := JPEG_MARKER.search(data, pos)) is not None:
+            n += 1
+            marker, pos = found.group(1)[0], found.end()
+            if marker == 0xDA:  # entropy-coded data: skip to the next marker
+                end = JPEG_SCAN_END.search(data, pos)
+                pos = end.start() if end else len(data)
+            elif not (0xD0 <= marker <= 0xD9 or marker == 0x01):
+                pos += int.from_bytes(data[pos : pos + 2], "big")
+        return n
+    if data.startswith(PNG_SIGNATURE):
+        pos, n = len(PNG_SIGNATURE), 0
+        while n <= limit and pos + 8 <= len(data):
+            n += 1
+            pos += 12 + int.from_bytes(data[pos : pos + 4], "big")  # length, type, data, CRC
+        return n
+    return 0
 
 
 def jpeg_scans(data: bytes, limit: int) -> int:
@@ -112,16 +141,12 @@ def jpeg_scans(data: bytes, limit: int) -> int:
 
     Each scan of a progressive JPEG is decoded over the whole coefficient buffer, so a file that
     repeats one scan thousands of times costs minutes of CPU in a few MB (a "scan bomb"), and
-    draft mode does not help: `open_image` counts those at full size instead. A file of more
-    segments than any JPEG has counts as over the limit."""
-    pos, scans, segments = 2, 0, 0
+    draft mode does not help: `open_image` counts those at full size instead."""
+    pos, scans = 2, 0
     while scans <= limit:
         found = JPEG_MARKER.search(data, pos)
         if found is None:
             break
-        segments += 1
-        if segments > MAX_JPEG_SEGMENTS:
-            return limit + 1
         marker, pos = found.group(1)[0], found.end()
         if marker == 0xD9:  # end of the first image (an MPO's further pictures are never decoded)
             break

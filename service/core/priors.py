@@ -57,7 +57,7 @@ def prior_vector(
 
 def adjust(probs: np.ndarray, prior: np.ndarray, temperature: float = 1.0) -> np.ndarray:
     """Balanced-model probabilities (N,C) -> probabilities under `prior`, after the temperature."""
-    logp = np.log(np.clip(probs, EPS, 1.0)) / temperature + np.log(prior)
+    logp = np.log(np.clip(probs, EPS, 1.0)) / temperature + np.log(np.clip(prior, EPS, 1.0))
     logp -= logp.max(axis=1, keepdims=True)
     p = np.exp(logp)
     return p / p.sum(axis=1, keepdims=True)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hmac
 import logging
 from pathlib import Path
 
@@ -10,7 +9,15 @@ from fastapi import APIRouter, Depends, HTTPException
 from fastapi.security import APIKeyHeader
 from pydantic import BaseModel, Field, field_validator
 
-from service.api.dependencies import check_api_key, get_metrics, get_settings, get_state
+from service.api.dependencies import (
+    ADMIN_KEY_HEADER,
+    ADMIN_PREFIX,
+    check_api_key,
+    get_metrics,
+    get_settings,
+    get_state,
+    matches,
+)
 from service.api.logs import printable
 from service.api.metrics import Metrics
 from service.api.schemas import ErrorResponse
@@ -21,7 +28,6 @@ from service.core.bundle import BundleError
 log = logging.getLogger("service")
 
 
-ADMIN_KEY_HEADER = "X-Admin-Key"
 admin_key_header = APIKeyHeader(
     name=ADMIN_KEY_HEADER, scheme_name="AdminKey", auto_error=False, description="the admin key (LESION_ADMIN_KEY)"
 )
@@ -33,7 +39,7 @@ async def check_admin_key(
     """Admin routes are off unless an admin key is set, and need it: a prediction client's API key is not enough."""
     if not settings.admin_key:
         raise HTTPException(403, "admin routes are off: set LESION_ADMIN_KEY to enable them")
-    if sent is None or not hmac.compare_digest(sent.encode(), settings.admin_key.encode()):
+    if not matches(sent, settings.admin_key):
         raise HTTPException(401, f"missing or wrong {ADMIN_KEY_HEADER} header")
 
 
@@ -52,7 +58,7 @@ def allowed_bundle(requested: Path | None, settings: Settings) -> Path:
 
 
 router = APIRouter(
-    prefix="/admin",
+    prefix=ADMIN_PREFIX.rstrip("/"),
     tags=["admin"],
     dependencies=[Depends(check_api_key), Depends(check_admin_key)],
     responses={c: {"model": ErrorResponse} for c in (401, 403, 422)},

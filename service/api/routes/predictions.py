@@ -113,14 +113,17 @@ def decode_all(
             f"the images decode to {total} pixels, over the per-request limit of {settings.max_request_pixels}"
         )
     decoded: dict[int, np.ndarray] = {}
-    for i in list(opened):
-        with slots:
-            try:
-                decoded[i] = resize_for_model(decode_opened(opened.pop(i)), spec)  # the full image freed at once
-            except ImageError as exc:
-                refuse(i, exc)
-    if total > LARGE_DECODE:
-        release_freed_memory()
+    try:
+        for i in list(opened):
+            with slots:
+                try:
+                    decoded[i] = resize_for_model(decode_opened(opened.pop(i)), spec)  # the full image freed at once
+                except ImageError as exc:
+                    refuse(i, exc)
+    finally:
+        if total > LARGE_DECODE:
+            opened.clear()
+            release_freed_memory()  # refused or not
     positions = sorted(decoded)
     out = (
         np.stack([decoded[i] for i in positions]) if positions else np.empty((0, spec.height, spec.width, 3), np.uint8)
