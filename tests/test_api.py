@@ -193,3 +193,30 @@ def test_a_batch_answers_each_image_on_its_own(api, sample_dir):
     assert alone.json()["predictions"][0]["probabilities"] == items[0]["probabilities"]  # the same answer
     r = api.post("/predict/batch", files=files, data={"metadata": "[{}]"})  # the list itself is wrong: whole request
     assert r.status_code == 422 and "one object per image" in r.json()["detail"]
+
+
+def test_errors_are_problem_details_with_stable_codes(api, sample_dir):
+    """RFC 9457: application/problem+json with type, title, status, a stable code, detail and request id."""
+    jpeg = sample_images(sample_dir)[0].read_bytes()
+    cases = [
+        (api.post("/predict", files={"image": ("x.png", b"junk")}), 400, "image-invalid"),
+        (
+            api.post("/predict", files={"image": ("x.tif", encode(Image.new("RGB", (64, 64)), "TIFF"))}),
+            415,
+            "image-unsupported",
+        ),
+        (api.post("/predict", files={"image": jpeg}, data={"metadata": '{"sex": "robot"}'}), 422, "metadata-invalid"),
+        (api.post("/predict", files={"image": jpeg}, data={"prior": "{"}), 422, "prior-invalid"),
+        (api.post("/predict", files={"image": jpeg}, data={"prior": "uniform"}), 422, "prior-invalid"),
+        (api.post("/predict"), 422, "request-invalid"),
+        (api.get("/nowhere"), 404, "not-found"),
+        (api.delete("/predict"), 405, "method-not-allowed"),
+        (api.post("/admin/bundle", json={}), 403, "admin-off"),
+    ]
+    for r, status, code in cases:
+        body = r.json()
+        assert r.status_code == status and r.headers["content-type"] == "application/problem+json", (code, r.text)
+        assert body["code"] == code and body["status"] == status and body["type"].endswith(":" + code), body
+        assert body["title"] and body["detail"] and body["request_id"] == r.headers["x-request-id"]
+    documented = api.get("/openapi.json").json()["paths"]["/predict"]["post"]["responses"]
+    assert "metadata-invalid" in documented["422"]["description"] and "busy" in documented["503"]["description"]

@@ -130,11 +130,18 @@ def test_every_failure_is_the_clients_own_exception():
     with LesionClient("http://svc", retries=0, transport=httpx.MockTransport(slow)) as c:
         with pytest.raises(LesionTimeout):
             c.model()
-    refused = httpx.MockTransport(lambda r: httpx.Response(422, json={"detail": "sex: use one of", "request_id": "q"}))
+    problem = {"detail": "sex: use one of", "request_id": "q", "code": "metadata-invalid", "status": 422}
+    refused = httpx.MockTransport(lambda r: httpx.Response(422, json=problem))
     with LesionClient("http://svc", transport=refused) as c:
         with pytest.raises(LesionAPIError) as err:
             c.predict(b"x", sex="robot")
     assert err.value.status == 422 and err.value.detail == "sex: use one of" and err.value.request_id == "q"
+    assert err.value.code == "metadata-invalid"
+    plain = httpx.MockTransport(lambda r: httpx.Response(502, text="bad gateway"))  # a proxy's page, no problem body
+    with LesionClient("http://svc", retries=0, transport=plain) as c:
+        with pytest.raises(LesionAPIError) as err:
+            c.model()
+    assert err.value.code == "http-502" and err.value.detail == "bad gateway"
 
 
 def test_url_and_key_come_from_the_environment(monkeypatch):

@@ -66,10 +66,10 @@ def checked(r: httpx.Response) -> Any:
     if r.is_error:
         try:
             body = r.json()
-            detail, request_id = body.get("detail", r.text), body.get("request_id")
+            detail, request_id, code = body.get("detail", r.text), body.get("request_id"), body.get("code")
         except (ValueError, AttributeError):
-            detail, request_id = r.text, None
-        raise LesionAPIError(r.status_code, str(detail), request_id)
+            detail, request_id, code = r.text, None, None
+        raise LesionAPIError(r.status_code, str(detail), request_id, code)
     try:
         return r.json()
     except ValueError:

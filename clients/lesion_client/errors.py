@@ -8,11 +8,14 @@ class LesionError(Exception):
 
 
 class LesionAPIError(LesionError):
-    """The service answered with an error; `status` and its `detail` message are kept."""
+    """The service answered with an error (an RFC 9457 problem): `status`, the stable `code` a
+    program branches on (image-too-large, metadata-invalid, busy, ...), the `detail` message for a
+    person and the `request_id` to quote."""
 
-    def __init__(self, status: int, detail: str, request_id: str | None = None) -> None:
+    def __init__(self, status: int, detail: str, request_id: str | None = None, code: str | None = None) -> None:
         super().__init__(f"HTTP {status}: {detail}")
         self.status, self.detail, self.request_id = status, detail, request_id
+        self.code = code or f"http-{status}"  # a server (or proxy) that sent no problem body
 
 
 class LesionConnectionError(LesionError, ConnectionError):

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import hmac
 
-from fastapi import Depends, HTTPException, Request
+from fastapi import Depends, Request
 from fastapi.security import APIKeyHeader
 
+from service.api.errors import ApiError
 from service.api.metrics import Metrics
 from service.api.settings import Settings
 from service.api.state import ModelState
@@ -36,9 +37,9 @@ async def get_metrics(request: Request) -> Metrics:
 
 async def get_predictor(state: ModelState = Depends(get_state)) -> Predictor:
     if state.predictor is None:
-        raise HTTPException(503, "model is still loading")
+        raise ApiError(503, "not-ready", "model is still loading")
     if state.batcher is not None and not state.batcher.running:
-        raise HTTPException(503, "the model's batcher has stopped; this worker is not serving")
+        raise ApiError(503, "not-ready", "the model's batcher has stopped; this worker is not serving")
     return state.predictor
 
 
@@ -57,4 +58,4 @@ async def check_api_key(settings: Settings = Depends(get_settings), sent: str | 
     """Declares the key in the OpenAPI (the Authorize button of /docs); the request guard has already
     refused a wrong key before reading the body, so this is the same check a second time."""
     if not key_is_valid(settings, sent):
-        raise HTTPException(401, f"missing or wrong {API_KEY_HEADER} header")
+        raise ApiError(401, "unauthorized", f"missing or wrong {API_KEY_HEADER} header")

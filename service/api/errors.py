@@ -1,4 +1,6 @@
-"""Every error a client can cause becomes a JSON body {detail, request_id} with a 4xx status.
+"""Every error a client can cause becomes an RFC 9457 problem (`application/problem+json`) with a
+4xx status: {type, title, status, code, detail, request_id}, where `code` is stable (a program
+branches on it: image-too-large, metadata-invalid, busy, ...) and `detail` is for a person.
 
 Details may quote what the client sent (a metadata value, a file name): they are escaped
 (`printable`), so no control character or lone surrogate reaches the response or a log. An
@@ -24,19 +26,51 @@ log = logging.getLogger("service")
 CLOSE = {"Connection": "close"}  # refused before the body was read: do not read the rest of it
 BUSY = {**CLOSE, "Retry-After": "1"}
 MAX_DETAIL = 2000  # characters of an error detail
+PROBLEM_JSON = "application/problem+json"
+PROBLEM_TYPE = "urn:lesion-classifier:problem:"  # + code: the RFC 9457 `type` URI
+STATUS_CODES = {  # the code of an error raised without one (Starlette's own 404, 405, a form it cannot parse)
+    400: "request-invalid",
+    401: "unauthorized",
+    403: "forbidden",
+    404: "not-found",
+    405: "method-not-allowed",
+    408: "body-timeout",
+    413: "body-too-large",
+    415: "image-unsupported",
+    422: "request-invalid",
+    503: "unavailable",
+}
 
 
-def error_response(status: int, detail: str, request_id: str | None, headers: dict | None = None) -> JSONResponse:
-    body = {"detail": printable(detail, MAX_DETAIL), "request_id": request_id}
-    return JSONResponse(body, status_code=status, headers=headers)
+class ApiError(HTTPException):
+    """An HTTP error with its stable problem code."""
+
+    def __init__(self, status: int, code: str, detail: str, headers: dict | None = None) -> None:
+        super().__init__(status, detail, headers)
+        self.code = code
+
+
+class ProblemResponse(JSONResponse):
+    media_type = PROBLEM_JSON
+
+
+def error_response(
+    status: int, detail: str, request_id: str | None, headers: dict | None = None, code: str | None = None
+) -> JSONResponse:
+    code = code or STATUS_CODES.get(status, "internal-error" if status >= 500 else "request-invalid")
+    body = {
+        "type": PROBLEM_TYPE + code,
+        "title": code.replace("-", " ").capitalize(),
+        "status": status,
+        "code": code,
+        "detail": printable(detail, MAX_DETAIL),
+        "request_id": request_id,
+    }
+    return ProblemResponse(body, status_code=status, headers=headers)
 
 
 def request_id(request: Request) -> str | None:
     return getattr(request.state, "request_id", None)
-
-
-def image_status(exc: ImageError) -> int:
-    return input_problem(exc)[0]
 
 
 def input_problem(exc: ImageError | MetadataError) -> tuple[int, str]:
@@ -55,19 +89,18 @@ def input_problem(exc: ImageError | MetadataError) -> tuple[int, str]:
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, exc: HTTPException) -> JSONResponse:  # also 404 and 405
-        return error_response(exc.status_code, str(exc.detail), request_id(request), exc.headers)
+        code = getattr(exc, "code", None)
+        return error_response(exc.status_code, str(exc.detail), request_id(request), exc.headers, code)
 
     @app.exception_handler(MetadataError)
-    async def metadata_error(request: Request, exc: MetadataError) -> JSONResponse:
-        return error_response(422, str(exc), request_id(request))
-
     @app.exception_handler(ImageError)
-    async def image_error(request: Request, exc: ImageError) -> JSONResponse:
-        return error_response(image_status(exc), str(exc), request_id(request))
+    async def input_error(request: Request, exc: Exception) -> JSONResponse:
+        status, code = input_problem(exc)  # type: ignore[arg-type]
+        return error_response(status, str(exc), request_id(request), code=code)
 
     @app.exception_handler(BatcherStopped)
     async def batcher_stopped(request: Request, exc: BatcherStopped) -> JSONResponse:
-        return error_response(503, str(exc), request_id(request), {"Retry-After": "5"})
+        return error_response(503, str(exc), request_id(request), {"Retry-After": "5"}, "not-ready")
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -75,9 +108,11 @@ def install_error_handlers(app: FastAPI) -> None:
         for e in exc.errors():
             where = ".".join(str(p) for p in e["loc"][1:]) or "request"
             parts.append(f"missing form field '{where}'" if e["type"] == "missing" else f"{where}: {e['msg']}")
-        return error_response(422, "; ".join(parts), request_id(request))
+        return error_response(422, "; ".join(parts), request_id(request), code="request-invalid")
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception) -> JSONResponse:
         log.error("unexpected error, request id %s: %s", request_id(request), exception_summary(exc))
-        return error_response(500, "internal error; the request id is in the logs", request_id(request))
+        return error_response(
+            500, "internal error; the request id is in the logs", request_id(request), code="internal-error"
+        )

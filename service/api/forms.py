@@ -13,10 +13,9 @@ from contextvars import ContextVar
 from typing import NamedTuple
 
 import starlette.requests
-from starlette.exceptions import HTTPException
 from starlette.formparsers import MultiPartParser
 
-from service.api.errors import CLOSE
+from service.api.errors import CLOSE, ApiError
 
 
 class PartLimits(NamedTuple):
@@ -44,7 +43,12 @@ class BoundedMultiPartParser(MultiPartParser):
                     if is_file
                     else f"the {self._current_part.field_name} field"
                 )
-                raise HTTPException(413, f"{what} is over the {limit} byte limit", headers=CLOSE)
+                raise ApiError(
+                    413,
+                    "image-too-large" if is_file else "field-too-large",
+                    f"{what} is over the {limit} byte limit",
+                    CLOSE,
+                )
         super().on_part_data(data, start, end)
 
 

@@ -18,11 +18,10 @@ import uuid
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
-from fastapi import HTTPException
 from starlette.datastructures import Headers, MutableHeaders
 
 from service.api.dependencies import ADMIN_KEY_HEADER, ADMIN_PREFIX, API_KEY_HEADER, key_is_valid, matches
-from service.api.errors import BUSY, CLOSE, error_response
+from service.api.errors import BUSY, CLOSE, ApiError, error_response
 from service.api.forms import PART_LIMITS, PartLimits
 from service.api.metrics import Metrics
 from service.api.settings import Settings
@@ -77,9 +76,9 @@ class RequestGuard:
             if refusal is None and body.expected:
                 refusal = self.admit(body)
             if refusal is not None:
-                await error_response(*refusal, request_id, BUSY if refusal[0] == 503 else CLOSE)(
-                    scope, receive, send_with_headers
-                )
+                code, problem, detail = refusal
+                response = error_response(code, detail, request_id, BUSY if code == 503 else CLOSE, problem)
+                await response(scope, receive, send_with_headers)
             else:
                 await self.app(scope, body.receiver(receive), send_with_headers)
         finally:
@@ -87,40 +86,37 @@ class RequestGuard:
             PART_LIMITS.reset(parts)
             self.observe(scope, status["code"], time.perf_counter() - start, request_id)
 
-    def admit(self, body: Body) -> tuple[int, str] | None:
+    def admit(self, body: Body) -> tuple[int, str, str] | None:
         """Take the request in, or say why not: the worker already holds as many requests as it may,
         or its body would not fit beside the bytes the others have actually sent (what they only
         declare is not held for them: a slow sender cannot reserve the bound and starve the rest)."""
         s = self.settings
         if self.inflight_requests >= s.max_inflight_requests:
-            return 503, f"this worker is busy ({s.max_inflight_requests} requests in flight); retry shortly"
+            return 503, "busy", f"this worker is busy ({s.max_inflight_requests} requests in flight); retry shortly"
         if self.inflight_bytes + body.declared > s.max_inflight_bytes:
             return (
                 503,
+                "busy",
                 f"this worker is busy (request bodies in flight near its {s.max_inflight_bytes} byte bound); retry shortly",
             )
         body.admitted = True
         self.inflight_requests += 1
         return None
 
-    def refusal(self, scope: Scope, headers: Headers, limit: int) -> tuple[int, str] | None:
+    def refusal(self, scope: Scope, headers: Headers, limit: int) -> tuple[int, str, str] | None:
         """What to answer without reading the body, or None to go on."""
         if needs_key(scope["path"]) and not key_is_valid(self.settings, headers.get(API_KEY_HEADER)):
-            return 401, f"missing or wrong {API_KEY_HEADER} header"
-        admin_key = self.settings.admin_key
-        if (
-            scope["path"].startswith(ADMIN_PREFIX)
-            and admin_key
-            and not matches(headers.get(ADMIN_KEY_HEADER), admin_key)
-        ):
-            return 401, f"missing or wrong {ADMIN_KEY_HEADER} header"  # before the body, as for the API key
+            return 401, "unauthorized", f"missing or wrong {API_KEY_HEADER} header"
+        admin, sent = self.settings.admin_key, headers.get(ADMIN_KEY_HEADER)
+        if scope["path"].startswith(ADMIN_PREFIX) and admin and not matches(sent, admin):  # also before the body
+            return 401, "unauthorized", f"missing or wrong {ADMIN_KEY_HEADER} header"
         length, chunked = headers.get("content-length"), headers.get("transfer-encoding")
         if length is not None and chunked is not None:
-            return 400, "send either Content-Length or Transfer-Encoding, not both"
+            return 400, "request-invalid", "send either Content-Length or Transfer-Encoding, not both"
         if length is not None and not (length.isascii() and length.isdigit()):
-            return 400, "Content-Length must be a number of bytes"
+            return 400, "request-invalid", "Content-Length must be a number of bytes"
         if length is not None and int(length) > limit:
-            return 413, f"request body is over the {limit} byte limit"
+            return 413, "body-too-large", f"request body is over the {limit} byte limit"
         return None
 
     def observe(self, scope: Scope, status: int, elapsed: float, request_id: str) -> None:
@@ -173,7 +169,7 @@ class Body:
                     detail = f"the request body did not arrive within {settings.body_deadline_s:g} s"
                 else:
                     detail = f"the request body stalled for over {settings.body_timeout_s:g} s"
-                raise HTTPException(408, detail, headers=CLOSE) from None
+                raise ApiError(408, "body-timeout", detail, CLOSE) from None
             if message["type"] == "http.request":
                 self.count(len(message.get("body", b"")))
                 complete = not message.get("more_body", False)
@@ -185,10 +181,10 @@ class Body:
 
     def count(self, n: int) -> None:
         if self.received + n > self.limit:
-            raise HTTPException(413, f"request body is over the {self.limit} byte limit", headers=CLOSE)
+            raise ApiError(413, "body-too-large", f"request body is over the {self.limit} byte limit", CLOSE)
         guard = self.guard
         if self.admitted and guard.inflight_bytes + n > guard.settings.max_inflight_bytes:
-            raise HTTPException(503, "this worker is busy (request bodies in flight); retry shortly", headers=BUSY)
+            raise ApiError(503, "busy", "this worker is busy (request bodies in flight); retry shortly", BUSY)
         self.received += n
         if self.admitted:
             guard.inflight_bytes += n

@@ -183,8 +183,21 @@ class BatchResponse(BaseModel):
 
 
 class ErrorResponse(BaseModel):
+    """An RFC 9457 problem (served as application/problem+json)."""
+
+    type: str = Field(description="urn:lesion-classifier:problem:<code>")
+    title: str
+    status: int
+    code: str = Field(description="stable: what a program branches on (listed per status on each route)")
     detail: str = Field(description="what is wrong, for a person")
     request_id: str | None = None
+
+
+def problem_responses(codes: dict[int, str]) -> dict[int | str, dict]:
+    """OpenAPI `responses` for a route: each status with its problem codes."""
+    return {
+        status: {"model": ErrorResponse, "description": f"problem codes: {names}"} for status, names in codes.items()
+    }
 
 
 class ModelInfo(BaseModel):

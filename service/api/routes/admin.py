@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from fastapi import APIRouter, Depends, HTTPException
+from fastapi import APIRouter, Depends
 from fastapi.security import APIKeyHeader
 from pydantic import BaseModel, Field, field_validator
 
@@ -18,9 +18,10 @@ from service.api.dependencies import (
     get_state,
     matches,
 )
+from service.api.errors import ApiError
 from service.api.logs import printable
 from service.api.metrics import Metrics
-from service.api.schemas import ErrorResponse
+from service.api.schemas import problem_responses
 from service.api.settings import Settings
 from service.api.state import ModelState
 from service.core.bundle import BundleError
@@ -38,9 +39,9 @@ async def check_admin_key(
 ) -> None:
     """Admin routes are off unless an admin key is set, and need it: a prediction client's API key is not enough."""
     if not settings.admin_key:
-        raise HTTPException(403, "admin routes are off: set LESION_ADMIN_KEY to enable them")
+        raise ApiError(403, "admin-off", "admin routes are off: set LESION_ADMIN_KEY to enable them")
     if not matches(sent, settings.admin_key):
-        raise HTTPException(401, f"missing or wrong {ADMIN_KEY_HEADER} header")
+        raise ApiError(401, "unauthorized", f"missing or wrong {ADMIN_KEY_HEADER} header")
 
 
 def allowed_bundle(requested: Path | None, settings: Settings) -> Path:
@@ -51,9 +52,15 @@ def allowed_bundle(requested: Path | None, settings: Settings) -> Path:
         root = settings.bundles_root
         inside = root is not None and requested.resolve().is_relative_to(root.resolve())
     except (OSError, RuntimeError) as exc:  # a name too long, a link loop
-        raise HTTPException(422, f"bundle: the path cannot be resolved ({type(exc).__name__})") from None
+        raise ApiError(
+            422, "bundle-path-invalid", f"bundle: the path cannot be resolved ({type(exc).__name__})"
+        ) from None
     if not inside:
-        raise HTTPException(403, "bundle: only the configured bundle, or one under LESION_BUNDLES_ROOT, may be loaded")
+        raise ApiError(
+            403,
+            "bundle-forbidden",
+            "bundle: only the configured bundle, or one under LESION_BUNDLES_ROOT, may be loaded",
+        )
     return requested
 
 
@@ -61,7 +68,13 @@ router = APIRouter(
     prefix=ADMIN_PREFIX.rstrip("/"),
     tags=["admin"],
     dependencies=[Depends(check_api_key), Depends(check_admin_key)],
-    responses={c: {"model": ErrorResponse} for c in (401, 403, 422)},
+    responses=problem_responses(
+        {
+            401: "unauthorized",
+            403: "admin-off, bundle-forbidden",
+            422: "bundle-refused (the old bundle still serves), bundle-path-invalid, request-invalid",
+        }
+    ),
 )
 
 
@@ -101,7 +114,7 @@ async def swap_bundle(
         old, new = await state.swap(settings, path)
     except (BundleError, OSError) as exc:
         log.warning("bundle swap to %s refused: %s", path, exc)
-        raise HTTPException(422, f"bundle {path} refused, still serving the old one: {exc}") from None
+        raise ApiError(422, "bundle-refused", f"bundle {path} refused, still serving the old one: {exc}") from None
     metrics.serving(new, old)
     log.info("now serving %s (was %s)", new, old, extra={"bundle_id": new})
     return SwapResponse(previous=old, serving=new)

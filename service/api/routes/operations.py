@@ -6,21 +6,22 @@ from functools import cache
 from pathlib import Path
 
 import swagger_ui
-from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request
+from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import HTMLResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from service.api.dependencies import check_api_key, get_metrics, get_predictor, get_settings
+from service.api.errors import ApiError
 from service.api.metrics import Metrics
-from service.api.schemas import ErrorResponse, ModelInfo
+from service.api.schemas import ModelInfo, problem_responses
 from service.api.settings import Settings
 from service.core.predictor import Predictor
 
 STATIC = Path(__file__).parents[1] / "static"
 SWAGGER_UI = Path(swagger_ui.__file__).parent / "static"  # swagger-ui-py ships Swagger UI 5
 DOCS_ASSETS = "/docs-assets"
-KEYED = {401: {"model": ErrorResponse}}
+KEYED = problem_responses({401: "unauthorized"})
 
 router = APIRouter()
 
@@ -57,7 +58,7 @@ async def live() -> dict:
     return {"status": "alive"}
 
 
-@router.get("/health/ready", tags=["health"], responses={503: {"model": ErrorResponse}})
+@router.get("/health/ready", tags=["health"], responses=problem_responses({503: "not-ready"}))
 async def ready(predictor: Predictor = Depends(get_predictor)) -> dict:
     return {"status": "ready", "bundle_id": predictor.manifest.bundle_id}
 
@@ -74,12 +75,12 @@ async def model_info(
     response_class=Response,
     tags=["model"],
     dependencies=[Depends(check_api_key)],
-    responses={**KEYED, 404: {"model": ErrorResponse}, 200: {"content": {"text/markdown": {}}}},
+    responses={**KEYED, **problem_responses({404: "model-card-missing"}), 200: {"content": {"text/markdown": {}}}},
 )
 async def model_card(predictor: Predictor = Depends(get_predictor)) -> Response:
     """The bundle's model card (markdown): intended use, data, metrics with intervals, subgroups, limits."""
     if predictor.model_card is None:
-        raise HTTPException(404, "this bundle has no model card (bundles before format 4 have none)")
+        raise ApiError(404, "model-card-missing", "this bundle has no model card (bundles before format 4 have none)")
     return Response(predictor.model_card, media_type="text/markdown; charset=utf-8")
 
 

@@ -8,22 +8,23 @@ from dataclasses import dataclass
 from threading import Semaphore
 
 import numpy as np
-from fastapi import APIRouter, Depends, File, Form, HTTPException, Query, Request, UploadFile
+from fastapi import APIRouter, Depends, File, Form, Query, Request, UploadFile
 from fastapi.concurrency import run_in_threadpool
 from PIL import Image
 
 from service.api.dependencies import check_api_key, get_predictor, get_settings, get_state
+from service.api.errors import ApiError
 from service.api.logs import printable
 from service.api.schemas import (
     BatchItem,
     BatchItemError,
     BatchResponse,
-    ErrorResponse,
     ExplanationOut,
     ModelRef,
     PredictResponse,
     image_warnings,
     notice_for,
+    problem_responses,
 )
 from service.api.settings import BATCH_ROUTE, Settings
 from service.api.state import ModelState
@@ -49,7 +50,17 @@ from service.core.preprocess import (
 from service.core.priors import PriorError
 from service.core.quality import quality_warnings
 
-ERRORS: dict[int | str, dict] = {code: {"model": ErrorResponse} for code in (400, 401, 408, 413, 415, 422, 503)}
+ERRORS = problem_responses(
+    {
+        400: "image-invalid, request-invalid (a form that cannot be parsed, too many files)",
+        401: "unauthorized",
+        408: "body-timeout",
+        413: "image-too-large, field-too-large, body-too-large",
+        415: "image-unsupported",
+        422: "metadata-invalid, prior-invalid, image-shape, explain-unavailable, request-invalid",
+        503: "busy (past the worker's in-flight bounds; Retry-After), not-ready",
+    }
+)
 
 LARGE_DECODE = 4_000_000  # decoded pixels in a request above which freed memory is handed back
 try:  # glibc's malloc_trim; absent elsewhere (musl, macOS), where nothing is trimmed
@@ -66,7 +77,9 @@ async def read_upload(upload: UploadFile, settings: Settings) -> bytes:
     data = await upload.read(settings.max_upload_bytes + 1)
     await upload.close()
     if len(data) > settings.max_upload_bytes:
-        raise HTTPException(413, f"image file {upload.filename!r} is over the {settings.max_upload_bytes} byte limit")
+        raise ApiError(
+            413, "image-too-large", f"image file {upload.filename!r} is over the {settings.max_upload_bytes} byte limit"
+        )
     return data
 
 
@@ -140,7 +153,9 @@ def release_freed_memory() -> None:
 
 def check_metadata_size(raw: str | None, settings: Settings) -> None:
     if raw is not None and len(raw.encode()) > settings.max_metadata_bytes:
-        raise HTTPException(413, f"the metadata field is over the {settings.max_metadata_bytes} byte limit")
+        raise ApiError(
+            413, "field-too-large", f"the metadata field is over the {settings.max_metadata_bytes} byte limit"
+        )
 
 
 def parse_prior(raw: str | None, predictor: Predictor) -> tuple[str, tuple[np.ndarray, float] | None]:
@@ -149,14 +164,17 @@ def parse_prior(raw: str | None, predictor: Predictor) -> tuple[str, tuple[np.nd
     name = predictor.manifest.default_prior if raw is None or not raw.strip() else raw.strip()
     prior: str | dict = name
     if name.startswith("{"):
-        prior = parse_json(name, "prior", '{"akiec": 0.03, "bcc": 0.05, ...}')
+        try:
+            prior = parse_json(name, "prior", '{"akiec": 0.03, "bcc": 0.05, ...}')
+        except MetadataError as exc:
+            raise ApiError(422, "prior-invalid", str(exc)) from None
         if not isinstance(prior, dict):
-            raise HTTPException(422, "prior: give a JSON object of class prevalences")
+            raise ApiError(422, "prior-invalid", "prior: give a JSON object of class prevalences")
         name = "custom"
     try:
         return name, predictor.prior(prior)
     except PriorError as exc:
-        raise HTTPException(422, f"prior: {exc}") from None
+        raise ApiError(422, "prior-invalid", f"prior: {exc}") from None
 
 
 async def predict_uploads(
@@ -213,7 +231,11 @@ async def predict(
     chosen = parse_prior(prior, predictor)
     explain = explain or explain_query
     if explain and "cam" not in predictor.manifest.cnn.explain_outputs:
-        raise HTTPException(422, "explain: this bundle's CNN graph has no heatmap output (retrain or re-export it)")
+        raise ApiError(
+            422,
+            "explain-unavailable",
+            "explain: this bundle's CNN graph has no heatmap output (retrain or re-export it)",
+        )
     (pred,), decoded = await predict_uploads([(data, image.filename)], [meta], predictor, state, settings)
     m = predictor.manifest
     fields = answered(pred, chosen, predictor, decoded.quality[0])
