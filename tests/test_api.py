@@ -220,3 +220,18 @@ def test_errors_are_problem_details_with_stable_codes(api, sample_dir):
         assert body["title"] and body["detail"] and body["request_id"] == r.headers["x-request-id"]
     documented = api.get("/openapi.json").json()["paths"]["/predict"]["post"]["responses"]
     assert "metadata-invalid" in documented["422"]["description"] and "busy" in documented["503"]["description"]
+
+
+def test_the_openapi_documents_metadata_as_a_typed_object_with_a_valid_example(api):
+    spec = api.get("/openapi.json").json()
+    ref = spec["paths"]["/predict"]["post"]["requestBody"]["content"]["multipart/form-data"]["schema"]["$ref"]
+    fields = spec["components"]["schemas"][ref.split("/")[-1]]["properties"]
+    meta = fields["metadata"]
+    schema = meta["contentSchema"]
+    assert schema["additionalProperties"] is False and "female" in schema["properties"]["sex"]["enum"]
+    assert "lower extremity" in schema["properties"]["site"]["enum"] and schema["properties"]["age"]["maximum"] == 120
+    model = api.get("/model").json()["metadata_schema"]
+    assert [s for s in schema["properties"]["site"]["enum"] if s] == model["sites"]
+    assert fields["prior"].get("default") == ""  # nothing pre-filled: the bundle's default prior
+    r = api.post("/predict", files={"image": png(64, 48, noise=True)}, data={"metadata": meta["example"]})
+    assert r.status_code == 200, r.text

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import sys
 
 import pytest
 
-from tests.helpers import ARTIFACTS, REPO, start_server
+from tests.helpers import ARTIFACTS, REPO, sample_images, start_server
 
 pytestmark = pytest.mark.scenario
 
@@ -145,3 +146,26 @@ def test_a_demo_bundle_shows_a_banner(browser, demo_run):
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+def test_docs_try_it_out_works_with_only_an_image(browser, server, sample_dir):
+    """/docs: "Try it out" on POST /predict, choose an image, Execute: 200 (metadata comes pre-filled
+    with a valid example, the prior empty: the bundle's default)."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    browser.set_window_size(1200, 1600)
+    browser.get(server + "/docs")
+    wait = WebDriverWait(browser, 30)
+    op = wait.until(lambda d: d.find_element(By.CSS_SELECTOR, "[id^='operations-predict-predict_predict_post']"))
+    op.find_element(By.CSS_SELECTOR, ".opblock-summary").click()
+    wait.until(lambda d: op.find_element(By.CSS_SELECTOR, ".try-out__btn")).click()
+    texts = {
+        i.get_attribute("placeholder"): i.get_attribute("value")
+        for i in op.find_elements(By.CSS_SELECTOR, "input[type=text]")
+    }
+    assert json.loads(texts["metadata"]) == {"age": 55, "sex": "male", "site": "back"} and texts["prior"] == ""
+    op.find_element(By.CSS_SELECTOR, "input[type=file]").send_keys(str(sample_images(sample_dir)[0].resolve()))
+    op.find_element(By.CSS_SELECTOR, ".execute").click()
+    status = wait.until(lambda d: op.find_element(By.CSS_SELECTOR, ".live-responses-table tbody .response-col_status"))
+    assert status.text.strip().startswith("200"), status.text

@@ -66,6 +66,26 @@ class MetadataIn(BaseModel):
         return v
 
 
+def metadata_json_schema(spec: FeatureSpec) -> dict:
+    """The JSON schema of the metadata object a bundle with encoder `spec` accepts (its allowed values)."""
+    return {
+        "type": "object",
+        "additionalProperties": False,
+        "properties": {
+            "age": {
+                "type": ["number", "null"],
+                "minimum": spec.age_min,
+                "maximum": spec.age_max,
+                "description": "years",
+            },
+            "sex": {"type": ["string", "null"], "enum": [*spec.sexes, None]},
+            "site": {"type": ["string", "null"], "enum": [*spec.sites, None], "description": "anatomical site"},
+            "localization": {"type": ["string", "null"], "description": "HAM10000's name for site"},
+        },
+        "examples": [json.loads(EXAMPLE)],
+    }
+
+
 def _normalise(value: str | None) -> str:
     value = (value or "").strip().lower().replace("_", " ")
     return " ".join(value.split()) or "unknown"

@@ -28,11 +28,13 @@ from service.api.schemas import (
 )
 from service.api.settings import BATCH_ROUTE, Settings
 from service.api.state import ModelState
+from service.core.features import FeatureSpec
 from service.core.metadata import (
     EXAMPLE,
     ClinicalMetadata,
     MetadataError,
     metadata_from_json,
+    metadata_json_schema,
     metadata_objects_from_json,
     parse_json,
     validate_metadata,
@@ -212,12 +214,22 @@ PRIOR_HELP = (
 )
 
 
+METADATA_DOC = {  # the metadata field is JSON text: its schema (no contentMediaType: Swagger UI shows that as a file)
+    "contentSchema": metadata_json_schema(FeatureSpec()),
+    "example": EXAMPLE,
+}
+
+
 @router.post("/predict", response_model=PredictResponse)
 async def predict(
     request: Request,
     image: UploadFile = File(..., description="JPEG or PNG dermoscopy image"),
-    metadata: str | None = Form(None, description=f"JSON: {EXAMPLE}; each key optional"),
-    prior: str | None = Form(None, description=PRIOR_HELP),
+    metadata: str | None = Form(
+        None,
+        description=f"JSON object: {EXAMPLE}; each key optional (the served bundle's values: GET /model)",
+        json_schema_extra=METADATA_DOC,
+    ),
+    prior: str = Form("", description=PRIOR_HELP),
     explain: bool = Form(False, description="add a heatmap and metadata attributions (costs a second model pass)"),
     explain_query: bool = Query(False, alias="explain", description="the same as the form field"),
     predictor: Predictor = Depends(get_predictor),
@@ -260,8 +272,15 @@ async def predict_batch(
         ...,
         description="several JPEG or PNG images; one that cannot be read gets its own error entry, the others an answer",
     ),
-    metadata: str | None = Form(None, description="JSON list, one metadata object per image, in order"),
-    prior: str | None = Form(None, description=PRIOR_HELP),
+    metadata: str | None = Form(
+        None,
+        description="JSON list, one metadata object (as for /predict) per image, in order",
+        json_schema_extra={
+            "contentSchema": {"type": "array", "items": METADATA_DOC["contentSchema"]},
+            "example": f"[{EXAMPLE}]",
+        },
+    ),
+    prior: str = Form("", description=PRIOR_HELP),
     predictor: Predictor = Depends(get_predictor),
     state: ModelState = Depends(get_state),
     settings: Settings = Depends(get_settings),
