@@ -113,6 +113,15 @@ def test_chunked_bodies_are_counted_and_never_spooled(guarded, route, field):
     assert httpx.get(url + "/health/ready").status_code == 200
 
 
+def test_a_request_that_is_not_http_gets_a_problem_with_a_request_id(guarded):
+    _, url = guarded
+    out, _ = raw(url, b"GARBAGE / HTTP/1.1\r\nHost x\r\n\r\n")
+    head, _, body = out.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 400") and b"content-type: application/problem+json" in head, out[:300]
+    problem = json.loads(body)
+    assert problem["code"] == "request-invalid" and problem["request_id"] and problem["status"] == 400
+
+
 def test_conflicting_length_headers_and_slow_clients(guarded):
     _, url = guarded
     out, _ = raw(

@@ -58,7 +58,11 @@ def error_response(
     status: int, detail: str, request_id: str | None, headers: dict | None = None, code: str | None = None
 ) -> JSONResponse:
     code = code or STATUS_CODES.get(status, "internal-error" if status >= 500 else "request-invalid")
-    body = {
+    return ProblemResponse(problem_body(status, code, detail, request_id), status_code=status, headers=headers)
+
+
+def problem_body(status: int, code: str, detail: str, request_id: str | None) -> dict:
+    return {
         "type": PROBLEM_TYPE + code,
         "title": code.replace("-", " ").capitalize(),
         "status": status,
@@ -66,7 +70,6 @@ def error_response(
         "detail": printable(detail, MAX_DETAIL),
         "request_id": request_id,
     }
-    return ProblemResponse(body, status_code=status, headers=headers)
 
 
 def request_id(request: Request) -> str | None:

@@ -1,17 +1,25 @@
-"""uvicorn's h11 protocol with a deadline for request headers.
+"""uvicorn's h11 protocol with a deadline for request headers, and its own errors as problems.
 
 uvicorn closes idle keep-alive connections, but a client that opens a connection and sends its
 headers a byte at a time (slowloris) is held for as long as it likes. This protocol closes a
 connection whose request headers are not complete `header_timeout_s` after the connection opened
 or the first byte of the next request arrived (idle keep-alive time is uvicorn's own timeout). Body deadlines are the request guard's (middleware.py).
+
+A request h11 cannot parse never reaches the app: uvicorn answers it 400 in plain text. Here it is
+an RFC 9457 problem like every other error, with a request id.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import os
+import uuid
 
+import h11
 from uvicorn.protocols.http.h11_impl import H11Protocol
+
+from service.api.errors import PROBLEM_JSON, problem_body
 
 HEADER_TIMEOUT_ENV = "LESION_HEADER_TIMEOUT_S"
 
@@ -49,3 +57,18 @@ class HeaderDeadlineProtocol(H11Protocol):
         self._deadline = None
         if not self.transport.is_closing():
             self.transport.close()
+
+    def send_400_response(self, msg: str) -> None:
+        request_id = uuid.uuid4().hex[:16]
+        detail = f"the request is not valid HTTP/1.1 ({msg.rstrip('.')})"
+        body = json.dumps(problem_body(400, "request-invalid", detail, request_id)).encode()
+        headers = [
+            (b"content-type", PROBLEM_JSON.encode()),
+            (b"content-length", str(len(body)).encode()),
+            (b"x-request-id", request_id.encode()),
+            (b"connection", b"close"),
+        ]
+        start = h11.Response(status_code=400, headers=headers, reason=b"Bad Request")
+        for event in (start, h11.Data(data=body), h11.EndOfMessage()):
+            self.transport.write(self.conn.send(event))
+        self.transport.close()
