@@ -291,7 +291,7 @@ async def predict_batch(
     features = predictor.manifest.features
     metas = metadata_objects_from_json(metadata, len(images))
     chosen = parse_prior(prior, predictor)
-    refused: dict[int, Exception] = {}
+    refused: dict[int, ImageError | MetadataError] = {}
     valid: list[ClinicalMetadata] = []
     for i, value in enumerate(metas):
         try:
