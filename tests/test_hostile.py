@@ -260,7 +260,18 @@ def test_admin_routes_are_off_without_an_admin_key_and_need_it(app_factory, tiny
 def test_jpeg_scans_are_counted_from_the_markers_and_a_scan_bomb_is_refused_before_decoding():
     from PIL import Image
 
-    from service.core.preprocess import MAX_JPEG_SCANS, ImageError, ImageTooLargeError, jpeg_scans, open_image
+    from service.core.preprocess import (
+        MAX_JPEG_SCANS,
+        MAX_SEGMENTS,
+        ImageError,
+        ImageTooLargeError,
+        file_structure,
+        open_image,
+    )
+
+    def jpeg_scans(data: bytes, limit: int) -> int:
+        return file_structure(data, MAX_SEGMENTS, limit)[1]
+
     from tests.hostile import encode, progressive_jpeg, scan_bomb
 
     assert jpeg_scans(encode(Image.new("RGB", (64, 48)), "JPEG"), MAX_JPEG_SCANS) == 1

@@ -111,12 +111,13 @@ class ResultsFile:
         """The keys of the answered rows already written; error rows, and a partial last line left
         by a run killed mid-write, are dropped (the file rewritten without them) to be tried again."""
         with open(self.path, newline="", encoding="utf-8") as f:
-            reader = csv.DictReader(f)
-            if reader.fieldnames != self.columns:
-                raise LesionError(f"{self.path} holds other columns than this run writes; give a new output file")
-            rows = list(reader)
+            text = f.read()
+        reader = csv.DictReader(io.StringIO(text, newline=""))
+        if reader.fieldnames != self.columns:
+            raise LesionError(f"{self.path} holds other columns than this run writes; give a new output file")
+        rows = list(reader)
         kept = [r for r in rows if None not in r.values() and None not in r and not r["error"]]
-        if len(kept) < len(rows) or not self.path.read_bytes().endswith(b"\n"):
+        if len(kept) < len(rows) or not text.endswith("\n"):
             self.replace(kept)
         return {row[self.key] for row in kept}
 

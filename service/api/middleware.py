@@ -38,6 +38,11 @@ Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 
 
+def byte_count(header: str | None) -> int | None:
+    """A Content-Length value as a number, or None when absent or not one."""
+    return int(header) if header is not None and header.isascii() and header.isdigit() else None
+
+
 def needs_key(path: str) -> bool:
     return path not in PUBLIC_PATHS and not path.startswith(PUBLIC_PREFIXES)
 
@@ -113,9 +118,10 @@ class RequestGuard:
         length, chunked = headers.get("content-length"), headers.get("transfer-encoding")
         if length is not None and chunked is not None:
             return 400, "request-invalid", "send either Content-Length or Transfer-Encoding, not both"
-        if length is not None and not (length.isascii() and length.isdigit()):
+        declared = byte_count(length)
+        if length is not None and declared is None:
             return 400, "request-invalid", "Content-Length must be a number of bytes"
-        if length is not None and int(length) > limit:
+        if declared is not None and declared > limit:
             return 413, "body-too-large", f"request body is over the {limit} byte limit"
         return None
 
@@ -145,9 +151,8 @@ class Body:
     the worker's in-flight bound as they arrive, under the gap and total deadlines."""
 
     def __init__(self, guard: RequestGuard, headers: Headers, limit: int) -> None:
-        length = headers.get("content-length")
         self.guard, self.limit = guard, limit
-        self.declared = int(length) if length is not None and length.isascii() and length.isdigit() else 0
+        self.declared = byte_count(headers.get("content-length")) or 0
         self.expected = self.declared > 0 or "transfer-encoding" in headers
         self.admitted = False
         self.received = 0  # body bytes so far, all counted in the guard's in-flight total once admitted

@@ -17,8 +17,9 @@ MAX_FILE_BYTES = 4 * 1024**3  # a five-fold fp32 ensemble graph is ~230 MB
 def open_regular(bundle_dir: Path, name: str) -> BufferedReader:
     """`name` directly inside the bundle folder, opened only if it is a regular file: a symbolic
     link is never followed (O_NOFOLLOW), and a FIFO or device is refused before it is read."""
-    path = bundle_dir.resolve() / name
-    if path.parent != bundle_dir.resolve():
+    root = bundle_dir.resolve()
+    path = root / name
+    if path.parent != root:
         raise BundleError(f"bundle file {name} resolves outside {bundle_dir}: refusing to open it")
     flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
     try:

@@ -12,10 +12,11 @@ import math
 import re
 import struct
 import warnings
+from collections.abc import Iterator
 
 import numpy as np
 from PIL import Image, ImageOps, PngImagePlugin, UnidentifiedImageError
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, Field, ValidationInfo, field_validator
 
 ALLOWED_FORMATS = {"JPEG", "MPO", "PNG"}  # MPO: the multi-picture JPEG many phones write (first picture used)
 JPEG_FORMATS = {"JPEG", "MPO"}
@@ -25,7 +26,7 @@ DEFAULT_MAX_PIXELS = 16_000_000
 MAX_JPEG_SCANS = 64  # libjpeg's progressive script writes 10 (6 for grey), a baseline JPEG one per component
 MAX_SEGMENTS = 20_000  # JPEG segments or PNG chunks: real files have tens (a large PNG ~ a thousand IDATs)
 # Pillow inflates a PNG's text chunks while reading its header, up to 64 MB an image by default: a
-# batch of such 60 KB files held gigabytes before any pixel was counted. Text is never used here.
+# batch of small such files could hold gigabytes before any pixel was counted. Text is never used here.
 PngImagePlugin.MAX_TEXT_MEMORY = 2 * PngImagePlugin.MAX_TEXT_CHUNK
 
 
@@ -56,7 +57,7 @@ class ImageSpec(BaseModel):
 
     @field_validator("mean", "std")
     @classmethod
-    def _in_range(cls, v: tuple[float, float, float], info) -> tuple[float, float, float]:
+    def _in_range(cls, v: tuple[float, float, float], info: ValidationInfo) -> tuple[float, float, float]:
         low = 0.0 if info.field_name == "mean" else 1e-6
         if not all(math.isfinite(x) and low <= x <= 1.0 for x in v):
             raise ValueError(f"each {info.field_name} must be a finite number in [{low:g}, 1]")
@@ -71,7 +72,7 @@ def open_image(data: bytes, spec: ImageSpec | None = None, max_pixels: int = DEF
     Nothing is decoded here; `decode_opened` does that."""
     if not data:
         raise ImageError("the image file is empty")
-    segments = count_segments(data, MAX_SEGMENTS)  # before Pillow walks them, in Python, one by one
+    segments, scans = file_structure(data, MAX_SEGMENTS, MAX_JPEG_SCANS)  # before Pillow walks them one by one
     if segments > MAX_SEGMENTS:
         raise ImageError(f"the file has over {MAX_SEGMENTS} segments or chunks; no encoder writes that many")
     try:
@@ -91,7 +92,7 @@ def open_image(data: bytes, spec: ImageSpec | None = None, max_pixels: int = DEF
         raise ImageShapeError(f"image is {w}x{h} pixels; each side must be at least {MIN_SIDE} pixels")
     if max(w, h) / min(w, h) > MAX_ASPECT:
         raise ImageShapeError(f"image is {w}x{h} pixels; the longer side may be at most {MAX_ASPECT:g}x the shorter")
-    scans = jpeg_scans(data, MAX_JPEG_SCANS) if img.format in JPEG_FORMATS else 0
+    scans = scans if img.format in JPEG_FORMATS else 0
     if scans > MAX_JPEG_SCANS:
         raise ImageError(
             f"the JPEG has over {MAX_JPEG_SCANS} scans; no camera or encoder writes that many (re-save it)"
@@ -108,58 +109,55 @@ def open_image(data: bytes, spec: ImageSpec | None = None, max_pixels: int = DEF
     return img
 
 
-JPEG_MARKER = re.compile(rb"\xff+([^\x00\xff])")  # fill bytes, then a marker; FF 00 and junk are skipped
-JPEG_SCAN_END = re.compile(rb"\xff+[^\x00\xd0-\xd7\xff]")  # after entropy-coded data: not a stuffed 00 or RSTn
+# `\xff\xff*`, not `\xff+`: a literal first byte lets `re` skip ahead fast over entropy-coded data
+JPEG_MARKER = re.compile(rb"\xff\xff*([^\x00\xff])")  # fill bytes, then a marker; FF 00 and junk are skipped
+JPEG_SCAN_END = re.compile(rb"\xff\xff*[^\x00\xd0-\xd7\xff]")  # after entropy-coded data: not a stuffed 00 or RSTn
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
-def count_segments(data: bytes, limit: int) -> int:
-    """A JPEG's marker segments or a PNG's chunks, counted up to `limit` + 1 (0 for other files)."""
-    if data.startswith(b"\xff\xd8"):
-        pos, n = 2, 0
-        while n <= limit and (found := JPEG_MARKER.search(data, pos)) is not None:
-            n += 1
-            marker, pos = found.group(1)[0], found.end()
-            if marker == 0xDA:  # entropy-coded data: skip to the next marker
-                end = JPEG_SCAN_END.search(data, pos)
-                pos = end.start() if end else len(data)
-            elif not (0xD0 <= marker <= 0xD9 or marker == 0x01):
-                pos += int.from_bytes(data[pos : pos + 2], "big")
-        return n
-    if data.startswith(PNG_SIGNATURE):
-        pos, n = len(PNG_SIGNATURE), 0
-        while n <= limit and pos + 8 <= len(data):
-            n += 1
-            pos += 12 + int.from_bytes(data[pos : pos + 4], "big")  # length, type, data, CRC
-        return n
-    return 0
-
-
-def jpeg_scans(data: bytes, limit: int) -> int:
-    """Scans (SOS markers) in the first image of a JPEG, counted up to `limit` + 1, reading only
-    the marker structure as libjpeg does (junk between segments and fill bytes skipped).
-
-    Each scan of a progressive JPEG is decoded over the whole coefficient buffer, so a file that
-    repeats one scan thousands of times costs minutes of CPU in a few MB (a "scan bomb"), and
-    draft mode does not help: `open_image` counts those at full size instead."""
-    pos, scans = 2, 0
-    while scans <= limit:
-        found = JPEG_MARKER.search(data, pos)
-        if found is None:
-            break
+def jpeg_markers(data: bytes) -> Iterator[int]:
+    """A JPEG's markers in order, walked as libjpeg does: junk between segments and fill bytes are
+    skipped, each segment's length is jumped, and a scan's entropy-coded data is skipped to the
+    next marker."""
+    pos = 2
+    while (found := JPEG_MARKER.search(data, pos)) is not None:
         marker, pos = found.group(1)[0], found.end()
-        if marker == 0xD9:  # end of the first image (an MPO's further pictures are never decoded)
-            break
-        if 0xD0 <= marker <= 0xD7 or marker == 0x01:  # markers without a length
+        yield marker
+        if 0xD0 <= marker <= 0xD9 or marker == 0x01:  # markers without a length
             continue
         pos += int.from_bytes(data[pos : pos + 2], "big")
         if marker == 0xDA:  # start of scan: entropy-coded data follows, up to the next marker
-            scans += 1
             end = JPEG_SCAN_END.search(data, pos)
             if end is None:
-                break
+                return
             pos = end.start()
-    return scans
+
+
+def file_structure(data: bytes, max_segments: int, max_scans: int) -> tuple[int, int]:
+    """(segments of a JPEG or chunks of a PNG, scans in a JPEG's first image), counted in one walk
+    up to `max_segments` + 1 and `max_scans` + 1; (0, 0) for other files.
+
+    Each scan of a progressive JPEG is decoded over the whole coefficient buffer, so a file that
+    repeats one scan thousands of times costs minutes of CPU in a few MB (a "scan bomb"), and
+    draft mode does not help: `open_image` counts those at full size instead. (An MPO's further
+    pictures are never decoded: their scans do not count.)"""
+    segments = scans = 0
+    if data.startswith(b"\xff\xd8"):
+        first_image = True
+        for marker in jpeg_markers(data):
+            segments += 1
+            if marker == 0xD9:
+                first_image = False
+            elif marker == 0xDA and first_image:
+                scans = min(scans + 1, max_scans + 1)
+            if segments > max_segments:
+                break
+    elif data.startswith(PNG_SIGNATURE):
+        pos = len(PNG_SIGNATURE)
+        while segments <= max_segments and pos + 8 <= len(data):
+            segments += 1
+            pos += 12 + int.from_bytes(data[pos : pos + 4], "big")  # length, type, data, CRC
+    return segments, scans
 
 
 DRAFT_OVERSAMPLING = 2  # decode at least this many pixels per model-input pixel, along each side

@@ -10,8 +10,9 @@ runs only the steps model pickles need:
   `__setstate__` (BUILD); the protocol-0/1 instantiation opcodes (INST, OBJ) are refused.
 No call may ask for a large allocation (`bytearray(10**9)`, an array reconstructed with a huge
 shape, a dtype of a huge item size): the sizes those calls take are bounded, and numpy's `ndarray`
-may be named but never called, so what a pickle builds is bounded by its own size. What comes out must be one of the model classes. Anything else stops the load with
-a BundleError saying what was asked for.
+may be named but never called, so what a pickle builds is bounded by its own size. What comes out
+must be one of the model classes. Anything else stops the load with a BundleError saying what was
+asked for.
 """
 
 from __future__ import annotations
@@ -37,23 +38,18 @@ NUMPY = {("numpy", "dtype")} | {  # may be called: reconstructors (their sizes b
     (m, n) for m in ("numpy._core.multiarray", "numpy.core.multiarray") for n in ("_reconstruct", "scalar")
 }
 NUMPY_NAMES = {("numpy", "ndarray")}  # may be named (the class `_reconstruct` builds), never called
-MODEL_CLASSES = {  # the classes a bundle's model objects are made of; rebuilt, never called
-    ("xgboost.sklearn", "XGBClassifier"),
-    ("xgboost.core", "Booster"),
-    ("lightgbm.sklearn", "LGBMClassifier"),
-    ("lightgbm.basic", "Booster"),
-    ("catboost.core", "CatBoostClassifier"),
-    ("sklearn.pipeline", "Pipeline"),
-    ("sklearn.preprocessing._data", "StandardScaler"),
-    ("sklearn.preprocessing._label", "LabelEncoder"),
-    ("sklearn.linear_model._logistic", "LogisticRegressionCV"),
-}
 MODELS = {  # what a bundle's model file may hold, at the top
     ("xgboost.sklearn", "XGBClassifier"),
     ("lightgbm.sklearn", "LGBMClassifier"),
     ("catboost.core", "CatBoostClassifier"),
     ("sklearn.pipeline", "Pipeline"),
     ("sklearn.linear_model._logistic", "LogisticRegressionCV"),
+}
+MODEL_CLASSES = MODELS | {  # the classes a bundle's model objects are made of; rebuilt, never called
+    ("xgboost.core", "Booster"),
+    ("lightgbm.basic", "Booster"),
+    ("sklearn.preprocessing._data", "StandardScaler"),
+    ("sklearn.preprocessing._label", "LabelEncoder"),
 }
 IMPORT_NAMES = {"scikit-learn": "sklearn"}  # distribution -> import name, where they differ
 MAX_CALL_SIZE = 1 << 16  # elements a call may ask for: model pickles pass bytes to bytearray and a shape of (0,)
