@@ -1,14 +1,17 @@
-"""How well the bundle's out-of-distribution scores tell real lesions from other pictures.
+"""How well the bundle's out-of-distribution checks tell real lesions from other pictures.
 
 python -m benchmarks.bench_ood --bundle RUN/bundle --data-dir FULL_HAM10000 [--max-real 2000]
 
 Real: HAM10000 images of lesions the bundle never trained on (its training_images.csv names the
 lesions it did), e.g. the full set's images outside a sample-trained bundle's data. Not real:
 pictures that ship with installed packages (scikit-learn's and matplotlib's sample photographs,
-cropped at random), rendered text, flat colours, noise, and the project's own synthetic demo
-lesions. Every image goes through the service's own code (JPEG bytes -> decode -> the served ONNX
-graph); both scores are computed from the same graph outputs. Prints, per method, the AUROC of
-real vs not real (overall and per kind) and the share flagged at the bundle's threshold.
+cropped at random), screenshots of web pages (package documentation rendered as HTML, in headless
+Chromium when it is installed), rendered documents, clinical-style close-ups (heavy crops of
+held-out real images with colour, brightness and white-balance shifts), flat colours, noise, and
+the project's own synthetic demo lesions. None of them is used to fit anything. Every image goes
+through the service's own code (encoded bytes -> decode -> Predictor.predict). Prints, per kind,
+the share flagged by the bundle's flag (the CNN's score or the image statistics above their
+thresholds), by each check alone, and the AUROC of each CNN method.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ import matplotlib
 import numpy as np
 import pandas as pd
 import sklearn
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageEnhance
 from sklearn.metrics import roc_auc_score
 
 from service.core.ood import METHODS, GaussianFit, scores
@@ -78,6 +81,54 @@ def noise(rng: np.random.Generator, n: int = 24) -> list[bytes]:
     return [jpeg(Image.fromarray(rng.integers(0, 256, (225, 300, 3), dtype=np.uint8))) for _ in range(n)]
 
 
+def web_pages(n: int = 24) -> list[bytes]:
+    """Screenshots of package documentation (each installed distribution's description, rendered
+    from markdown) under a few page styles and window sizes; empty without Chromium."""
+    import importlib.metadata
+    import shutil
+
+    from markdown_it import MarkdownIt
+
+    if not (shutil.which("chromium") and shutil.which("chromedriver")):
+        return []
+    from docs.screenshots import browser
+
+    styles = ["font-family: serif", "background: #202124; color: #e8eaed", "max-width: 700px; margin: auto", ""]
+    sizes = [(1280, 900), (800, 600), (390, 800), (1440, 1000)]
+    texts = sorted((d.metadata.get_payload() or "" for d in importlib.metadata.distributions()), key=len)[-n:]
+    out = []
+    with tempfile.TemporaryDirectory() as tmp:
+        driver = browser()
+        try:
+            for i, text in enumerate(texts):
+                page = Path(tmp) / f"{i}.html"
+                nav = "<div style='background:#345;color:#fff;padding:12px'>Home · Docs · Blog · About</div>"
+                page.write_text(f"<body style='{styles[i % 4]}'>{nav}{MarkdownIt().render(str(text)[:6000])}</body>")
+                driver.set_window_size(*sizes[i % 4])
+                driver.get(page.as_uri())
+                out.append(driver.get_screenshot_as_png())
+        finally:
+            driver.quit()
+    return out
+
+
+def clinical_close_ups(real: list[bytes], rng: np.random.Generator, n: int = 48) -> list[bytes]:
+    """Heavy crops (a quarter to a half of each side) of real images, with colour, brightness and
+    white-balance shifts: what a phone photograph of a lesion looks like to the model."""
+    out = []
+    for i in rng.choice(len(real), size=min(n, len(real)), replace=False):
+        img = Image.open(io.BytesIO(real[i])).convert("RGB")
+        w, h = img.size
+        side = rng.uniform(0.25, 0.5)
+        cw, ch = int(w * side), int(h * side)
+        x, y = rng.integers(0, w - cw + 1), rng.integers(0, h - ch + 1)
+        img = ImageEnhance.Color(img.crop((x, y, x + cw, y + ch))).enhance(rng.uniform(0.4, 1.6))
+        img = ImageEnhance.Brightness(img).enhance(rng.uniform(0.7, 1.3))
+        balanced = np.asarray(img, np.float32) * rng.uniform(0.8, 1.2, 3)
+        out.append(jpeg(Image.fromarray(balanced.clip(0, 255).astype(np.uint8))))
+    return out
+
+
 def synthetic_lesions(n: int = 48) -> list[bytes]:
     from training.synthetic import write_demo_dataset
 
@@ -96,15 +147,20 @@ def held_out_real(bundle: Path, data_dir: Path, max_real: int, rng: np.random.Ge
     return [Path(p).read_bytes() for p in rows.path]
 
 
-def score_all(predictor: Predictor, fit: GaussianFit, images: list[bytes]) -> dict[str, np.ndarray]:
-    spec = predictor.manifest.preprocessing
-    out = {m: [] for m in METHODS}
+def score_all(predictor: Predictor, images: list[bytes]) -> dict[str, np.ndarray]:
+    """Each CNN method's score, the image check's score and the bundle's flag, through the service's
+    decoding and Predictor.predict (the energy score from the same graph outputs)."""
+    m = predictor.manifest
+    out: dict[str, list] = {k: [] for k in [*METHODS, "image", "flagged"]}
     for start in range(0, len(images), 64):
-        batch = np.stack([load_for_model(b, spec) for b in images[start : start + 64]])
+        batch = np.stack([load_for_model(b, m.preprocessing) for b in images[start : start + 64]])
+        preds = predictor.predict(batch, [None] * len(batch))
         o = predictor.cnn_outputs(batch, ["embedding", "logits"])
-        for m in METHODS:
-            out[m].append(scores(m, o["embedding"], o["logits"], fit))
-    return {m: np.concatenate(v) for m, v in out.items()}
+        for method in METHODS:
+            out[method].append(scores(method, o["embedding"], o["logits"], predictor.gaussian))
+        out["image"].append([np.nan if p.image_ood_score is None else p.image_ood_score for p in preds])
+        out["flagged"].append([bool(m.ood.flagged_by(p.ood_score, p.image_ood_score)) for p in preds])
+    return {k: np.concatenate(v) for k, v in out.items()}
 
 
 def main() -> None:
@@ -121,33 +177,60 @@ def main() -> None:
     ood = predictor.manifest.ood
     if ood is None:
         raise SystemExit("this bundle has no out-of-distribution score (format 4 bundles have one)")
-    fit = predictor.gaussian or GaussianFit.from_npz(
-        (args.bundle / ood.file).read_bytes(), len(predictor.manifest.classes)
-    )
+    if predictor.gaussian is None:
+        predictor.gaussian = GaussianFit.from_npz(
+            (args.bundle / ood.file).read_bytes(), len(predictor.manifest.classes)
+        )
+    real_images = held_out_real(args.bundle, args.data_dir, args.max_real, rng)
     kinds = {
         "photographs": photo_crops(rng),
+        "web pages": web_pages(),
         "rendered text": rendered_text(rng),
+        "clinical close-ups": clinical_close_ups(real_images, rng),
         "flat colours": flat_colours(rng),
         "noise": noise(rng),
         "synthetic lesions": synthetic_lesions(),
     }
-    real = score_all(predictor, fit, held_out_real(args.bundle, args.data_dir, args.max_real, rng))
-    other = {k: score_all(predictor, fit, v) for k, v in kinds.items()}
-    n_real = len(real[METHODS[0]])
+    kinds = {k: v for k, v in kinds.items() if v}
+    real = score_all(predictor, real_images)
+    other = {k: score_all(predictor, v) for k, v in kinds.items()}
+    n_real = len(real["flagged"])
     print(
         f"bundle {predictor.manifest.bundle_id}; {n_real} held-out real HAM10000 images vs "
         + ", ".join(f"{len(v)} {k}" for k, v in kinds.items())
     )
-    print(f"thresholds flag {ood.flag_share:.0%} of out-of-fold real training images by design; served: {ood.method}")
-    for m in METHODS:
-        t = ood.thresholds[m]
-        everything = np.concatenate([other[k][m] for k in kinds])
-        auc = roc_auc_score(np.r_[np.zeros(n_real), np.ones(len(everything))], np.r_[real[m], everything])
-        print(f"\n{m}: AUROC real vs not real {auc:.3f}; flagged: real held-out {np.mean(real[m] > t):.1%}")
-        for k in kinds:
-            s = other[k][m]
-            a = roc_auc_score(np.r_[np.zeros(n_real), np.ones(len(s))], np.r_[real[m], s])
-            print(f"  {k:18s} AUROC {a:.3f}, flagged {np.mean(s > t):.0%}")
+    if "web pages" not in kinds:
+        print("(no web pages: chromium and chromedriver are not installed)")
+    image_check = ood.image_threshold is not None
+    print(
+        f"served: {ood.method}{' or image statistics' if image_check else ''}, thresholds set to flag "
+        f"{ood.flag_share:.0%} of out-of-fold real training images"
+    )
+    t_cnn, t_img = ood.threshold, ood.image_threshold if image_check else np.inf
+    header = f"{'kind':22s} {'flagged':>8s} {'by CNN':>8s} {'by image':>9s}   " + "   ".join(
+        f"{m} AUROC" for m in METHODS
+    )
+    print("\n" + header)
+
+    def line(name: str, s: dict[str, np.ndarray], auroc: bool) -> str:
+        aucs = [
+            f"{roc_auc_score(np.r_[np.zeros(n_real), np.ones(len(s[m]))], np.r_[real[m], s[m]]):>{len(m) + 6}.3f}"
+            if auroc
+            else " " * (len(m) + 6)
+            for m in METHODS
+        ]
+        by_image = f"{np.mean(s['image'] > t_img):9.1%}" if image_check else f"{'-':>9s}"
+        return (
+            f"{name:22s} {np.mean(s['flagged']):8.1%} {np.mean(s[ood.method] > t_cnn):8.1%} {by_image}   "
+            + "   ".join(aucs)
+        )
+
+    print(line("real held-out", real, auroc=False))
+    for k in kinds:
+        print(line(k, other[k], auroc=True))
+    dermoscopy_like = {"synthetic lesions"}  # drawn to look like lesions: reported, not counted as a miss
+    pooled = {key: np.concatenate([other[k][key] for k in kinds if k not in dermoscopy_like]) for key in real}
+    print(line("all but synthetic", pooled, auroc=True))
 
 
 if __name__ == "__main__":

@@ -3,7 +3,8 @@
 Starts the service on the bundle, opens the page in headless Chromium (Debian's chromium +
 chromedriver, as the browser tests use) and saves, at 1280 px and 390 px wide, the page before an
 image is chosen and with a result: web-page-empty.png, web-page.png, web-page-phone-empty.png,
-web-page-phone.png.
+web-page-phone.png; and at 1280 px the answer for a picture of a document, which the page leads
+with its caveat: web-page-flagged.png.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -58,6 +60,19 @@ def full_page(driver: webdriver.Chrome, path: Path) -> None:
     driver.save_screenshot(str(path))
 
 
+def document(path: Path) -> Path:
+    """A picture of a page of text: not dermoscopy."""
+    from PIL import Image, ImageDraw
+
+    img = Image.new("RGB", (800, 600), (250, 250, 245))
+    draw = ImageDraw.Draw(img)
+    draw.rectangle((0, 0, 800, 60), fill=(40, 60, 90))
+    for line in range(14):
+        draw.text((40, 90 + 34 * line), "Patient report: findings, history and follow-up " * 2, fill=(30, 30, 30))
+    img.save(path)
+    return path
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--bundle", type=Path, required=True)
@@ -87,6 +102,11 @@ def main() -> None:
             show_result(driver, image)
             full_page(driver, args.out / f"web-page{suffix}.png")
             print(f"wrote {args.out}/web-page{suffix}-empty.png and web-page{suffix}.png ({width} px)")
+        with tempfile.TemporaryDirectory() as tmp:
+            page_ready(driver, url, 1280)
+            show_result(driver, document(Path(tmp) / "document.png"))
+            full_page(driver, args.out / "web-page-flagged.png")
+            print(f"wrote {args.out}/web-page-flagged.png (a picture of a document)")
     finally:
         if driver is not None:
             driver.quit()

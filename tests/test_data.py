@@ -7,6 +7,7 @@ import shutil
 import numpy as np
 import pandas as pd
 import pytest
+from PIL import Image
 
 from service.core.preprocess import ImageSpec
 from training.__main__ import main
@@ -41,6 +42,17 @@ def test_kaggle_layout_two_parts_case_insensitive(tmp_path, subset):
         shutil.move(f, part2 / f.name.lower())  # isic_0024306.jpg
     ds = load_dataset(d, log=lambda m: None)
     assert len(ds.table) == len(files) and ds.skipped == 0
+
+
+def test_an_image_id_in_two_folders_is_refused_not_guessed(subset):
+    """A mirror whose data folder also holds masks or annotated copies under the same ids."""
+    d = subset(2, layout="images")
+    boxes = d / "boxes"
+    boxes.mkdir()
+    for f in sorted((d / "images").iterdir()):
+        Image.new("L", (200, 150)).save(boxes / f"{f.stem}.png")  # sorts before images/
+    with pytest.raises(DataError, match=r"more than one file, in the folders boxes, images"):
+        load_dataset(d, log=lambda m: None)
 
 
 def write_csv(d, mutate):

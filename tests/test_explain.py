@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from service.core.explain import feature_groups, tree_shap
+from service.core.explain import feature_groups, heat_layer, tree_shap
 from service.core.features import build_features, image_stats
 from service.core.metadata import validate_metadata
 from service.core.ood import energy, fit_gaussian, mahalanobis
@@ -99,6 +99,9 @@ def test_explain_returns_a_heatmap_and_attributions_that_add_up(app_factory, tin
     heat = Image.open(io.BytesIO(base64.b64decode(e["heatmap_png"])))
     assert heat.format == "PNG" and heat.size == (spec.width, spec.height)
     assert np.asarray(e["cam"]).shape == (-(-spec.height // 32), -(-spec.width // 32))
+    layer = np.asarray(Image.open(io.BytesIO(base64.b64decode(e["map_png"]))).convert("RGB"))
+    assert np.array_equal(layer, heat_layer(np.asarray(e["cam"]), (spec.width, spec.height)))  # the map alone
+    assert len(e["colour_scale"]) >= 2 and all(len(c) == 7 and c.startswith("#") for c in e["colour_scale"])
 
     # TreeSHAP is additive: the groups plus the bias give each booster's raw score for the class
     from service.core.preprocess import load_for_model
@@ -215,6 +218,38 @@ def test_ood_scores():
     assert energy(np.array([[10.0, 0, 0], [0.0, 0, 0]]))[0] < energy(np.array([[0.0, 0, 0]]))[0]
 
 
+def test_the_image_check_tells_real_images_from_screens_and_text(sample_dir):
+    """The image statistics of real dermoscopy (fitted on half the sample's images, scored on the
+    other half) against rendered pages of text and user-interface-like screens: none of which is
+    used to fit anything. The two checks' joint thresholds flag the share asked for."""
+    from PIL import ImageDraw
+
+    from service.core.ood import fit_image_gaussian, image_statistics
+    from service.core.preprocess import ImageSpec, load_for_model
+    from training.ood import joint_quantile
+
+    spec = ImageSpec(width=128, height=96)
+    paths = sorted((sample_dir / "images").iterdir())[::5]
+    real = np.stack([load_for_model(p.read_bytes(), spec) for p in paths])
+    fit = fit_image_gaussian(image_statistics(real[::2]))
+    held = mahalanobis(image_statistics(real[1::2]), fit)
+    threshold = np.quantile(mahalanobis(image_statistics(real[::2]), fit), 0.975)
+    rng = np.random.default_rng(3)
+    screens = []
+    for i in range(12):
+        img = Image.new("RGB", (640, 480), tuple(int(v) for v in rng.integers(200, 256, 3)))
+        draw = ImageDraw.Draw(img)
+        draw.rectangle((0, 0, 640, 50), fill=tuple(int(v) for v in rng.integers(0, 120, 3)))
+        for line in range(12):
+            draw.text((20 + 10 * (i % 3), 70 + 32 * line), "lorem ipsum dolor sit amet " * 2, fill=(30, 30, 30))
+        screens.append(load_for_model(jpeg(np.asarray(img)), spec))
+    screen_scores = mahalanobis(image_statistics(np.stack(screens)), fit)
+    assert (held > threshold).mean() < 0.08 and (screen_scores > threshold).all()
+    a, b = rng.normal(size=2000), rng.normal(size=2000)
+    q = joint_quantile(a, b, 0.05)
+    assert np.mean((a > np.quantile(a, q)) | (b > np.quantile(b, q))) == pytest.approx(0.05, abs=0.002)
+
+
 def test_ood_threshold_and_served_score_match_training(smoke_run, sample_dir, app_factory):
     """The threshold flags the chosen share of held-out real images, the service's score is the one
     training fitted (its graph's embedding against the bundle's Gaussian), and pictures unlike
@@ -224,8 +259,10 @@ def test_ood_threshold_and_served_score_match_training(smoke_run, sample_dir, ap
     manifest = json.loads((smoke_run / "bundle" / "manifest.json").read_text())
     ood = manifest["ood"]
     held = pd.read_csv(smoke_run / "artifacts" / "oof_ood.csv")
-    for method, t in ood["thresholds"].items():
-        assert (held[method] > t).mean() == pytest.approx(ood["flag_share"], abs=0.01)
+    either = (held[ood["method"]] > ood["thresholds"][ood["method"]]) | (
+        held["image_statistics"] > ood["image_threshold"]
+    )
+    assert either.mean() == pytest.approx(ood["flag_share"], abs=0.01)  # the two checks together
     predictor = Predictor.load(smoke_run / "bundle")
     client = app_factory(smoke_run / "bundle")
     rng = np.random.default_rng(1)
@@ -239,10 +276,15 @@ def test_ood_threshold_and_served_score_match_training(smoke_run, sample_dir, ap
     (pred,) = predictor.predict(image, [None])
     body = client.post("/predict", files={"image": ("a.jpg", path.read_bytes())}).json()
     assert body["ood"]["score"] == pytest.approx(pred.ood_score, rel=1e-6)
-    assert body["ood"]["flagged"] == (pred.ood_score > ood["thresholds"][ood["method"]])
+    assert body["ood"]["image_score"] == pytest.approx(pred.image_ood_score, rel=1e-6)
+    by = [name for name, score, t in [(ood["method"], pred.ood_score, ood["thresholds"][ood["method"]]),
+          ("image_statistics", pred.image_ood_score, ood["image_threshold"])] if score > t]  # fmt: skip
+    assert body["ood"]["flagged_by"] == by and body["ood"]["flagged"] == bool(by)
+    flagged = [client.post("/predict", files={"image": ("x.jpg", jpeg(a))}).json()["ood"] for a in odd]
+    assert all(o["flagged"] and "image_statistics" in o["flagged_by"] for o in flagged)
 
 
-def test_report_has_per_class_subgroups_and_calibration_and_the_bundle_a_model_card(tiny_run, app_factory):
+def test_report_has_per_class_subgroups_and_calibration_and_the_bundle_a_model_card(tiny_run, app_factory, sample_dir):
     report = json.loads((tiny_run / "artifacts" / "report.json").read_text())
     assert set(report["per_class"]) == {f"{c}.{k}" for c in CLASSES for k in ("recall", "precision", "auc")}
     assert all(len(v["ci95"]) == 2 for v in report["per_class"].values())
@@ -257,6 +299,24 @@ def test_report_has_per_class_subgroups_and_calibration_and_the_bundle_a_model_c
     r = client.get("/model/card")
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/markdown") and r.text == card
     assert client.get("/model").json()["model_card"] == "/model/card"
+    html = client.get("/model/card", params={"format": "html"})
+    assert html.status_code == 200 and html.headers["content-type"].startswith("text/html")
+    assert "<h2>Intended use</h2>" in html.text and "<table>" in html.text
+    assert client.get("/model/card", params={"format": "pdf"}).status_code == 422
+    training = json.dumps(client.get("/model").json()["training"])
+    assert '"/' not in training and str(sample_dir) not in card  # which data, not where it lay
+
+
+def test_the_model_card_is_rendered_in_safe_mode():
+    """Raw HTML in a card is shown as text and script links are not links: the page inserts the
+    rendered card as it comes."""
+    from service.api.routes.operations import CARD_RENDERER
+
+    html = CARD_RENDERER.render(
+        "# Card\n\n<script>alert(1)</script> <img src=x onerror=alert(1)>\n\n[a](javascript:alert(1))"
+    )
+    assert "<h1>Card</h1>" in html and "<script" not in html and "<img" not in html
+    assert 'href="javascript' not in html
 
 
 def test_out_of_fold_stages_run_where_the_cnn_was_not_exported(tiny_run, tmp_path):

@@ -7,6 +7,7 @@ import shutil
 import subprocess
 import sys
 
+import httpx
 import pytest
 
 from tests.helpers import ARTIFACTS, REPO, sample_images, start_server
@@ -52,6 +53,26 @@ return {rows, scroll: document.documentElement.scrollWidth, inner: window.innerW
 """
 
 
+# Every shown element inside the window, nothing clipped or behind a sideways scroll, no text cut
+# with an ellipsis (form controls draw their own insides).
+HIDDEN = """
+const W = document.documentElement.clientWidth, out = [];
+for (const e of document.querySelectorAll("body *")) {
+  const r = e.getBoundingClientRect(), cs = getComputedStyle(e);
+  if (!r.width || !r.height || e.closest("input, select, button, option, svg")) continue;
+  const what = `${e.tagName}#${e.id}.${e.className} "${e.textContent.slice(0, 40)}"`;
+  if (r.right > W + 1 || r.left < -1) out.push(`outside the window: ${what}`);
+  if (e.scrollWidth > e.clientWidth + 1 && cs.overflowX !== "visible") out.push(`scrolls or clips sideways: ${what}`);
+  if (cs.textOverflow === "ellipsis") out.push(`may cut its text: ${what}`);
+}
+return out;
+"""
+
+
+def check_nothing_hidden(browser, state: str) -> None:
+    assert browser.execute_script(HIDDEN) == [], state
+
+
 def check_layout(browser, state: str) -> None:
     """Each label left of its control, level with it; nothing wider than the window."""
     got = browser.execute_script(LAYOUT)
@@ -72,9 +93,11 @@ def test_layout_and_result_at_desktop_and_phone_width(browser, server, sample_di
     page_ready(browser, server, width)
     assert browser.execute_script("return window.innerWidth") == width
     check_layout(browser, "before an image is chosen")
+    check_nothing_hidden(browser, "before an image is chosen")
     assert "[" in browser.find_element(By.ID, "model-metrics").text  # cross-validated metrics with intervals
     assert "images of" in browser.find_element(By.ID, "model-data").text  # what it was trained on
-    show_result(browser, sorted((sample_dir / "images").iterdir())[0])
+    image = sorted((sample_dir / "images").iterdir())[0]
+    show_result(browser, image)
     check_layout(browser, "with a result")
     panels = browser.find_elements(By.CSS_SELECTOR, ".model")
     served = browser.execute_script("return document.querySelector('.model.served').dataset.model")
@@ -100,12 +123,66 @@ def test_layout_and_result_at_desktop_and_phone_width(browser, server, sample_di
     heat = browser.find_element(By.ID, "heatmap")  # explain is on by default on the page
     assert heat.is_displayed() and heat.get_attribute("src").startswith("data:image/png;base64,")
     assert browser.execute_script("return document.getElementById('heatmap').naturalWidth") > 0
+    assert browser.execute_script("return getComputedStyle(document.getElementById('heatmap')).opacity") == "0.5"
+    original = browser.find_element(By.ID, "original")  # the original beside the overlay, and a colour scale
+    assert original.is_displayed() and original.location["x"] < browser.find_element(By.ID, "overlay").location["x"]
+    assert "linear-gradient" in browser.find_element(By.ID, "ramp").value_of_css_property("background-image")
     assert "xgboost" in browser.find_element(By.ID, "attributions").text
     assert "Out-of-distribution score" in browser.find_element(By.ID, "ood").text
+    check_answer(browser, server, image)
+    check_nothing_hidden(browser, "with a result")
     browser.find_element(By.CSS_SELECTOR, "#card-box summary").click()
-    WebDriverWait(browser, 10).until(lambda d: "Intended use" in d.find_element(By.ID, "card").text)
+    WebDriverWait(browser, 10).until(lambda d: d.find_elements(By.CSS_SELECTOR, "#card h2"))
+    card = browser.find_element(By.ID, "card")
+    assert "Intended use" in card.find_element(By.CSS_SELECTOR, "h2").text and "## " not in card.text
+    check_nothing_hidden(browser, "with the model card open")
+    page_text = browser.find_element(By.TAG_NAME, "body").text
+    assert str(sample_dir.resolve()) not in page_text and str(REPO.parent) not in page_text  # no server paths
     ARTIFACTS.mkdir(exist_ok=True)
     browser.save_screenshot(str(ARTIFACTS / f"web_page_{width}.png"))
+
+
+def check_answer(browser, server: str, image) -> None:
+    """The summary holds what /predict answers for the same image: the caveat shown exactly when the
+    answer is flagged or warned about, the top class beside the malignant sum with a sentence on
+    why both can hold, every class name whole, the request id."""
+    from selenium.webdriver.common.by import By
+
+    answer = httpx.post(server + "/predict", files={"image": image.read_bytes()}, data={"metadata": '{"age": 55}'})
+    data = answer.json()
+    caveat = browser.find_element(By.ID, "caveat")
+    assert caveat.is_displayed() == (data["ood"]["flagged"] or bool(data["warnings"]))
+    assert browser.find_element(By.ID, "label").text == data["label"]
+    assert browser.find_element(By.ID, "malignant").text == f"{100 * data['malignant_probability']:.1f}%"
+    sum_text = browser.find_element(By.ID, "malignant-sum").text
+    assert all(c in sum_text for c in ("mel", "bcc", "akiec"))
+    assert data["label"] in browser.find_element(By.ID, "why-both").text
+    names = [e.text for e in browser.find_elements(By.CSS_SELECTOR, ".model.served .bar .cls")]
+    assert "Actinic keratosis / intraepithelial carcinoma (malignant)" in " ".join(n.replace("\n", " ") for n in names)
+    assert browser.find_element(By.ID, "request-id").text.startswith("Request id ")
+
+
+@pytest.mark.parametrize("width", [1280, 390])
+def test_a_flagged_answer_leads_with_its_caveat(browser, server, tmp_path, width):
+    """A black image (out of distribution, too dark, uniform): the caveat comes first, above the
+    answer, and the headline says the answer may be meaningless."""
+    from PIL import Image
+    from selenium.webdriver.common.by import By
+
+    from docs.screenshots import page_ready, show_result
+
+    black = tmp_path / "black.png"
+    Image.new("RGB", (400, 300)).save(black)
+    page_ready(browser, server, width)
+    show_result(browser, black)
+    caveat = browser.find_element(By.ID, "caveat")
+    assert caveat.is_displayed() and "may be meaningless" in caveat.text
+    assert browser.execute_script("return document.getElementById('result').firstElementChild.id") == "caveat"
+    assert caveat.location["y"] < browser.find_element(By.ID, "label").location["y"]
+    assert "may be meaningless" in browser.find_element(By.ID, "result-title").text
+    warnings = browser.find_elements(By.CSS_SELECTOR, "#warnings li")
+    assert len(warnings) >= 2 and any("out of distribution" in w.text for w in warnings)
+    check_nothing_hidden(browser, "a flagged answer")
 
 
 def test_errors_are_shown_in_plain_words(browser, server, tmp_path):
@@ -128,7 +205,14 @@ def test_screenshot_script_writes_every_view(smoke_run, sample_dir, tmp_path):
     cmd += ["--image", str(sorted((sample_dir / "images").iterdir())[0])]
     out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
-    for name in ("web-page.png", "web-page-empty.png", "web-page-phone.png", "web-page-phone-empty.png"):
+    names = (
+        "web-page.png",
+        "web-page-empty.png",
+        "web-page-phone.png",
+        "web-page-phone-empty.png",
+        "web-page-flagged.png",
+    )
+    for name in names:
         assert (tmp_path / name).stat().st_size > 10_000, name
 
 

@@ -31,8 +31,9 @@ from service.core.manifest import (
     ModelFile,
     QuantizationGate,
     libraries_of,
+    without_paths,
 )
-from service.core.ood import OodSpec
+from service.core.ood import fit_image_gaussian, image_statistics
 from service.core.predictor import Predictor
 from service.core.preprocess import to_model_input
 from training.boosters import BOOSTERS, feature_matrix
@@ -42,7 +43,7 @@ from training.export import INPUT_NAME, OUTPUT_NAME
 from training.io import PROB_COLUMNS, atomic_write_text
 from training.model_card import model_card
 from training.models import FoldEnsemble
-from training.ood import OOD_FILE, served_gaussian
+from training.ood import OOD_FILE, read_spec, served_gaussian
 
 
 def roster(run) -> tuple[CnnModel, list[ModelFile], ModelFile]:
@@ -82,7 +83,7 @@ def graph_outputs(path: Path) -> list[str]:
 
 def build_manifest(run, folder: Path, cnn: CnnModel, boosters: list[ModelFile], stack: ModelFile) -> Manifest:
     report = json.loads((run.artifacts / "report.json").read_text())
-    ood = OodSpec.model_validate_json((run.dir / "cnn" / "ood.json").read_text())
+    ood = read_spec(run)
     calibration = report["calibration"]
     files = {p.name: sha256_file(p) for p in sorted(folder.iterdir())}
     created = dt.datetime.now(dt.timezone.utc).replace(microsecond=0)
@@ -111,7 +112,9 @@ def build_manifest(run, folder: Path, cnn: CnnModel, boosters: list[ModelFile], 
         library_versions=library_versions(libraries_of([cnn, *boosters, stack])),
         metrics={m: {k: v["value"] for k, v in r.items()} for m, r in report["models"].items()},
         metric_intervals={m: {k: v["ci95"] for k, v in r.items()} for m, r in report["models"].items()},
-        training={"config": run.cfg.model_dump(), "data": report["data"], "report": "artifacts/report.json"},
+        training=without_paths(
+            {"config": run.cfg.model_dump(), "data": report["data"], "report": "artifacts/report.json"}
+        ),
     )
 
 
@@ -159,6 +162,9 @@ def write_bundle(run) -> Path:
             y, spec = run.table.label.to_numpy(), run.cfg.image_spec()
             fit = served_gaussian(run.dir / "cnn" / cnn.file, run.images, y, spec)
             (tmp / OOD_FILE).write_bytes(fit.to_npz())
+            image_file = read_spec(run).image_file  # runs exported before the image check have none
+            if image_file:
+                (tmp / image_file).write_bytes(fit_image_gaussian(image_statistics(run.images)).to_npz())
         (tmp / MODEL_CARD).write_text(model_card(run, cnn, boosters))
         manifest = build_manifest(run, tmp, cnn, boosters, stack)
         (tmp / MANIFEST_NAME).write_text(manifest.model_dump_json(indent=2))

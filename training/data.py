@@ -43,12 +43,27 @@ def find_metadata_csv(data_dir: Path) -> Path:
 
 
 def find_images(data_dir: Path) -> dict[str, Path]:
-    """image_id (as in the CSV, e.g. ISIC_0024306) -> path, from every subfolder, names case-insensitive."""
+    """image_id (as in the CSV, e.g. ISIC_0024306) -> path, from every subfolder, names case-insensitive.
+
+    An id found twice is refused rather than guessed: a folder of masks or of annotated copies
+    beside the images (as some HAM10000 mirrors ship) would otherwise be trained on."""
     found: dict[str, Path] = {}
+    twice: dict[str, list[Path]] = {}
     for p in sorted(data_dir.rglob("*")):
         m = IMAGE_RE.match(p.name)
         if m and p.is_file():
-            found.setdefault(m.group(1).upper(), p)
+            key = m.group(1).upper()
+            if key in found:
+                twice.setdefault(key, [found[key]]).append(p)
+            found.setdefault(key, p)
+    if twice:
+        folders = sorted({str(q.parent.relative_to(data_dir)) for paths in twice.values() for q in paths})
+        first = next(iter(twice))
+        raise DataError(
+            f"{data_dir}: {len(twice)} image ids (e.g. {first}) are in more than one file, in the folders "
+            f"{', '.join(folders)}: keep only the dermoscopy images under the data folder (the metadata CSV "
+            "and one folder of images)"
+        )
     return found
 
 

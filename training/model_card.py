@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import PurePath
 
 from service.core import labels
 from service.core.manifest import CnnModel, ModelFile
@@ -33,7 +34,7 @@ def model_card(run, cnn: CnnModel, boosters: list[ModelFile]) -> str:
         "",
         "## Data",
         "",
-        f"`{data['data_dir']}`: {data['images']} images of {data['lesions']} lesions "
+        f"`{PurePath(data['data_dir']).name}`: {data['images']} images of {data['lesions']} lesions "
         f"({counts}). Folds: {data['folds']}, grouped by lesion, shared by every stage. "
         + (
             "Synthetic demo images."

@@ -3,8 +3,10 @@
 Out-of-fold, as every figure of a run: fold model k embeds every image; its Gaussian is fitted on
 the lesions it trained on and scores the lesions of fold k, which it never saw. The thresholds are
 quantiles of those held-out scores, so by design they flag `share` of real images like the
-training ones. Writes cnn/ood.json (the OodSpec) and artifacts/oof_ood.csv (image_id, fold, and
-each method's held-out score).
+training ones. The image-statistics check is fitted the same way (on each fold's training images,
+scoring its held-out ones), and the two thresholds are set together, at one quantile, so that
+either check together flags `share`. Writes cnn/ood.json (the OodSpec) and artifacts/oof_ood.csv
+(image_id, fold, and each score held out).
 
 The served CNN's own Gaussian is fitted when the bundle is written (`served_gaussian`), on its
 training images (all of them, as each fold model's was on its own) and through the very graph
@@ -20,14 +22,24 @@ import torch
 from torch import nn
 
 from service.core import labels
-from service.core.ood import METHODS, GaussianFit, OodSpec, energy, fit_gaussian, mahalanobis
+from service.core.ood import (
+    IMAGE_CHECK,
+    METHODS,
+    GaussianFit,
+    OodSpec,
+    energy,
+    fit_gaussian,
+    fit_image_gaussian,
+    image_statistics,
+    mahalanobis,
+)
 from service.core.preprocess import ImageSpec, to_model_input
 from training.dataset import eval_batch
 from training.export import INPUT_NAME
 from training.io import atomic_write_csv, atomic_write_text
 from training.models import FoldEnsemble
 
-OOD_FILE, OOD_SPEC = "ood.npz", "ood.json"
+OOD_FILE, IMAGE_OOD_FILE, OOD_SPEC = "ood.npz", "ood_image.npz", "ood.json"
 
 
 @torch.no_grad()
@@ -48,20 +60,48 @@ def fit_ood(run, fold_models: list[nn.Module], method: str, share: float) -> Ood
     spec, images = run.cfg.image_spec(), run.images
     y, fold = run.table.label.to_numpy(), run.table.fold.to_numpy()
     n_classes = len(labels.CLASSES)
-    held_out = {m: np.zeros(len(y)) for m in METHODS}
+    held_out = {m: np.zeros(len(y)) for m in [*METHODS, IMAGE_CHECK]}
+    stats = image_statistics(images)
     for k, model in enumerate(fold_models):
         train, val = fold != k, fold == k
         emb, logits = embed([model], images, spec)
         held_out["mahalanobis"][val] = mahalanobis(emb[val], fit_gaussian(emb[train], y[train], n_classes))
         held_out["energy"][val] = energy(logits[val])
-    thresholds = {m: float(np.quantile(s, 1 - share)) for m, s in held_out.items()}
+        held_out[IMAGE_CHECK][val] = mahalanobis(stats[val], fit_image_gaussian(stats[train]))
+    q = joint_quantile(held_out[method], held_out[IMAGE_CHECK], share)
+    thresholds = {m: float(np.quantile(held_out[m], q)) for m in METHODS}
     cnn_dir = run.dir / "cnn"
     table = run.table[["image_id", "fold"]].reset_index(drop=True).assign(**held_out)
     atomic_write_csv(run.artifacts / "oof_ood.csv", table)
-    ood = OodSpec(method=method, thresholds=thresholds, flag_share=share, file=OOD_FILE)  # OOD_FILE: in the bundle
+    ood = OodSpec(  # the files are written into the bundle
+        method=method,
+        thresholds=thresholds,
+        flag_share=share,
+        file=OOD_FILE,
+        image_threshold=float(np.quantile(held_out[IMAGE_CHECK], q)),
+        image_file=IMAGE_OOD_FILE,
+    )
     atomic_write_text(cnn_dir / OOD_SPEC, ood.model_dump_json(indent=2))
-    run.log(f"ood: {method} score fitted; thresholds flagging {share:.0%} of held-out real images: {thresholds}")
+    run.log(
+        f"ood: {method} score and image statistics fitted; thresholds flagging {share:.0%} of held-out real "
+        f"images together: {thresholds}, image {ood.image_threshold:.4g}"
+    )
     return ood
+
+
+def read_spec(run) -> OodSpec:
+    return OodSpec.model_validate_json((run.dir / "cnn" / OOD_SPEC).read_text())
+
+
+def joint_quantile(a: np.ndarray, b: np.ndarray, share: float) -> float:
+    """The quantile q at which flagging a > quantile(a, q) or b > quantile(b, q) flags `share` of
+    the rows (bisection: the share flagged falls as q rises)."""
+    lo, hi = 1 - share, 1.0
+    for _ in range(40):
+        q = (lo + hi) / 2
+        flagged = np.mean((a > np.quantile(a, q)) | (b > np.quantile(b, q)))
+        lo, hi = (q, hi) if flagged > share else (lo, q)
+    return hi
 
 
 def served_gaussian(

@@ -29,11 +29,13 @@ from lesion_client.scoring import Summary, score
 def caveats(p: Prediction) -> list[str]:
     """What to read before the answer: the out-of-distribution flag and the warnings."""
     lines = []
-    if p.ood is not None and p.ood.flagged:
-        lines.append(
-            f"  FLAGGED: out of distribution ({p.ood.method} {p.ood.score:.3g} > {p.ood.threshold:.3g}); "
-            "the answer may be meaningless"
-        )
+    ood = p.ood
+    if ood is not None and ood.flagged:
+        by = ood.flagged_by or (ood.method,)  # servers before the image check name none
+        why = [f"{ood.method} {ood.score:.3g} > {ood.threshold:.3g}"] if ood.method in by else []
+        if "image_statistics" in by:
+            why.append(f"image statistics {ood.image_score:.3g} > {ood.image_threshold:.3g}")
+        lines.append(f"  FLAGGED: out of distribution ({'; '.join(why)}); the answer may be meaningless")
     lines += [f"  WARNING: {w}" for w in p.warnings if not w.startswith("out of distribution")]
     return lines
 

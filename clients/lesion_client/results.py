@@ -21,19 +21,33 @@ class ModelRef:
 
 @dataclass(frozen=True)
 class Ood:
-    """How unlike the training images this one is: flagged above the threshold (the answer may be meaningless)."""
+    """How unlike the training images this one is: flagged when the CNN's score or the image
+    statistics' is above its threshold (the answer may be meaningless); `flagged_by` says which."""
 
     method: str
     score: float
     threshold: float
     flag_share: float
     flagged: bool
+    image_score: float | None = None  # None: a server or bundle without the image-statistics check
+    image_threshold: float | None = None
+    flagged_by: tuple[str, ...] = ()
 
     @classmethod
     def from_json(cls, d: dict | None) -> Ood | None:
         if d is None:
             return None
-        return cls(d["method"], float(d["score"]), float(d["threshold"]), float(d["flag_share"]), bool(d["flagged"]))
+        number = lambda v: None if v is None else float(v)  # noqa: E731
+        return cls(
+            d["method"],
+            float(d["score"]),
+            float(d["threshold"]),
+            float(d["flag_share"]),
+            bool(d["flagged"]),
+            number(d.get("image_score")),
+            number(d.get("image_threshold")),
+            tuple(d.get("flagged_by", ())),
+        )
 
 
 @dataclass(frozen=True)

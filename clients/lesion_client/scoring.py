@@ -94,7 +94,8 @@ class ResultsFile:
     def __init__(self, path: Path, source: Source, classes: list[str]) -> None:
         self.path, self.key = path, source.key_column
         self.columns = [*source.input_columns, "label", "malignant_probability"]
-        self.columns += [f"p_{c}" for c in classes] + ["served_by", "prior", "ood_flagged", "ood_score", "warnings"]
+        self.columns += [f"p_{c}" for c in classes] + ["served_by", "prior", "ood_flagged", "ood_score"]
+        self.columns += ["ood_image_score", "warnings"]
         self.columns += ["bundle_id", "request_id", "error"]
         self.done: set[str] = set()
         try:
@@ -167,6 +168,7 @@ def answer_row(job: Job, p: Prediction | Failed) -> dict:
         "prior": p.prior,
         "ood_flagged": "" if p.ood is None else str(p.ood.flagged).lower(),
         "ood_score": "" if p.ood is None else p.ood.score,
+        "ood_image_score": "" if p.ood is None or p.ood.image_score is None else p.ood.image_score,
         "warnings": " | ".join(p.warnings),
         "bundle_id": p.model.bundle_id,
         "request_id": p.request_id,

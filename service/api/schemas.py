@@ -8,8 +8,10 @@ from pydantic import BaseModel, ConfigDict, Field
 from service.api.errors import MAX_DETAIL, input_problem
 from service.api.logs import printable
 from service.api.settings import Settings
-from service.core.manifest import Manifest
+from service.core.explain import COLOUR_SCALE
+from service.core.manifest import Manifest, without_paths
 from service.core.metadata import MetadataError
+from service.core.ood import IMAGE_CHECK
 from service.core.predictor import Explanation, Prediction, Predictor
 from service.core.preprocess import ImageError
 
@@ -40,7 +42,15 @@ class OodResult(BaseModel):
     score: float
     threshold: float = Field(description="scores above it are flagged; it flags `flag_share` of real training images")
     flag_share: float
-    flagged: bool
+    image_score: float | None = Field(
+        None, description="the image-statistics check: how unlike the training images' colour and texture it is"
+    )
+    image_threshold: float | None = Field(None, description="image scores above it are flagged")
+    flagged: bool = Field(description="either score above its threshold")
+    flagged_by: list[str] = Field(
+        default_factory=list,
+        description=f"which checks flag it: the method (its score from the CNN), {IMAGE_CHECK} (colour and texture)",
+    )
 
 
 def image_warnings(pred: Prediction, manifest: Manifest, quality: list[str]) -> list[str]:
@@ -48,10 +58,18 @@ def image_warnings(pred: Prediction, manifest: Manifest, quality: list[str]) -> 
     sentences for a person."""
     out = list(quality)
     ood = manifest.ood
-    if ood is not None and pred.ood_score is not None and ood.flags(pred.ood_score):
+    if ood is None or pred.ood_score is None:
+        return out
+    by = ood.flagged_by(pred.ood_score, pred.image_ood_score)
+    why = []
+    if ood.method in by:
+        why.append(f"to the CNN: {ood.method} score {pred.ood_score:.3g} > {ood.threshold:.3g}")
+    if IMAGE_CHECK in by:
+        why.append(f"in colour and texture: image score {pred.image_ood_score:.3g} > {ood.image_threshold:.3g}")
+    if why:
         out.append(
             "out of distribution: this image is unlike the dermoscopy images the model was trained on "
-            f"({ood.method} score {pred.ood_score:.3g} > {ood.threshold:.3g}); the answer may be meaningless"
+            f"({'; '.join(why)}); the answer may be meaningless"
         )
     return out
 
@@ -82,12 +100,16 @@ class PredictionFields(BaseModel):
         label = classes[int(np.argmax(pred.probabilities))]
         ood = manifest.ood
         if ood is not None and pred.ood_score is not None:
+            by = ood.flagged_by(pred.ood_score, pred.image_ood_score)
             extra["ood"] = OodResult(
                 method=ood.method,
                 score=pred.ood_score,
                 threshold=ood.threshold,
                 flag_share=ood.flag_share,
-                flagged=ood.flags(pred.ood_score),
+                image_score=pred.image_ood_score,
+                image_threshold=ood.image_threshold,
+                flagged=bool(by),
+                flagged_by=by,
             )
         return cls(
             label=label,
@@ -103,6 +125,8 @@ class PredictionFields(BaseModel):
 class ExplanationOut(BaseModel):
     label: str = Field(description="the class explained: the served answer")
     heatmap_png: str = Field(description="base64 PNG: the class activation map over the model-size image")
+    map_png: str = Field(description="base64 PNG: the map alone in its colour scale, model size, to lay over the image")
+    colour_scale: list[str] = Field(description="the map's colours from low to high (hex), for a legend")
     cam: list[list[float]] = Field(description="the raw class activation map (rows of the CNN's last feature map)")
     attributions: dict[str, dict[str, float]] = Field(
         description="booster -> input group (image: the CNN's probabilities; age, sex, site, colour, bias) -> TreeSHAP contribution to its "
@@ -111,7 +135,14 @@ class ExplanationOut(BaseModel):
 
     @classmethod
     def of(cls, e: Explanation) -> ExplanationOut:
-        return cls(label=e.label, heatmap_png=e.heatmap_png, cam=e.cam.tolist(), attributions=e.attributions)
+        return cls(
+            label=e.label,
+            heatmap_png=e.heatmap_png,
+            map_png=e.map_png,
+            colour_scale=COLOUR_SCALE,
+            cam=e.cam.tolist(),
+            attributions=e.attributions,
+        )
 
 
 class PredictResponse(PredictionFields):
@@ -246,7 +277,7 @@ class ModelInfo(BaseModel):
             },
             metrics=m.metrics,
             metric_intervals=m.metric_intervals,
-            training=m.training,
+            training=without_paths(m.training),
             limits={
                 "max_batch": settings.max_batch,
                 "max_upload_bytes": settings.max_upload_bytes,

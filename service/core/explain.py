@@ -69,12 +69,28 @@ def normalised(cam: np.ndarray) -> np.ndarray:
     return (cam - cam.min()) / span if span > 0 else np.zeros_like(cam)
 
 
-def heatmap_png(image: np.ndarray, cam: np.ndarray, alpha: float = 0.45) -> str:
-    """The map upsampled (bilinear) over the model-size image (uint8 H,W,3), as base64 PNG."""
-    h, w = image.shape[:2]
-    up = Image.fromarray((normalised(cam) * 255).astype(np.uint8)).resize((w, h), Image.Resampling.BILINEAR)
-    heat = colour_map(np.asarray(up, np.float32) / 255.0)
-    blended = ((1 - alpha) * image.astype(np.float32) + alpha * heat).astype(np.uint8)
+def heat_layer(cam: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """The map normalised, upsampled (bilinear) to `size` (w, h) and coloured: uint8 (h, w, 3)."""
+    up = Image.fromarray((normalised(cam) * 255).astype(np.uint8)).resize(size, Image.Resampling.BILINEAR)
+    return colour_map(np.asarray(up, np.float32) / 255.0)
+
+
+def png_base64(pixels: np.ndarray) -> str:
     buf = io.BytesIO()
-    Image.fromarray(blended).save(buf, format="PNG")
+    Image.fromarray(pixels).save(buf, format="PNG")
     return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def heatmap_png(image: np.ndarray, cam: np.ndarray, alpha: float = 0.45) -> str:
+    """The map over the model-size image (uint8 H,W,3), blended, as base64 PNG."""
+    h, w = image.shape[:2]
+    blended = (1 - alpha) * image.astype(np.float32) + alpha * heat_layer(cam, (w, h))
+    return png_base64(blended.astype(np.uint8))
+
+
+def map_png(cam: np.ndarray, size: tuple[int, int]) -> str:
+    """The map alone, coloured at `size` (w, h), as base64 PNG: for a viewer to lay over the original."""
+    return png_base64(heat_layer(cam, size))
+
+
+COLOUR_SCALE = ["#{:02x}{:02x}{:02x}".format(*(int(v) for v in c)) for c in COLOURS]  # low -> high, for legends

@@ -7,6 +7,7 @@ and which libraries each file needs. Serving code reads every model name from he
 
 from __future__ import annotations
 
+from pathlib import PurePath
 from typing import Literal
 
 from pydantic import BaseModel, Field, model_validator
@@ -162,7 +163,7 @@ class Manifest(BaseModel):
             if not f or f in (".", "..") or any(c in f for c in "/\\\x00") or f in (MANIFEST_NAME, SIGNATURE_NAME):
                 raise ValueError(f"file name {f!r} is not a plain name inside the bundle")
         used = [m.file for m in self.model_files] + self.cnn.files[1:]
-        extras = [self.training_images, self.model_card, self.ood.file if self.ood else None]
+        extras = [self.training_images, self.model_card, *([self.ood.file, self.ood.image_file] if self.ood else [])]
         listed = used + [f for f in extras if f]
         for f in listed:
             if f not in self.files:
@@ -186,3 +187,12 @@ class Manifest(BaseModel):
         if missing:
             raise ValueError(f"library_versions lacks {missing}")
         return self
+
+
+def without_paths(training: dict) -> dict:
+    """The training summary with each `data_dir` reduced to its folder's name: a bundle says which
+    data it learned from, not the layout of the machine that trained it."""
+    return {
+        k: {**v, "data_dir": PurePath(v["data_dir"]).name} if isinstance(v, dict) and "data_dir" in v else v
+        for k, v in training.items()
+    }

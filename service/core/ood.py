@@ -6,9 +6,16 @@ Two scores, both "higher = less like the training data":
   (Lee et al. 2018), fitted on the served model's training images;
 - energy: minus the log-sum-exp of the logits (Liu et al. 2020); needs no fitted parameters.
 
+Beside the CNN's score, an image-statistics check that needs no CNN: the squared Mahalanobis
+distance of a few low-level statistics of the model-size image (colour, texture, colour variety;
+`image_statistics`) to those of the training images. Screenshots, documents and photographs of
+other things differ from dermoscopy there even where the CNN's embedding does not tell them apart
+(a web page's screenshot once scored below the CNN's threshold). An upload is flagged when either
+score is above its threshold.
+
 Training fits both on out-of-fold images (each fold model scoring the lesions it never saw, with
 its Gaussian fitted on the lesions it trained on) and stores, per method, the threshold that
-flags a chosen share of real images. `python -m benchmarks.bench_ood` measures which separates
+flags a chosen share of real images (with the image check, the two together flag that share). `python -m benchmarks.bench_ood` measures which separates
 real lesions from other pictures better; the bundle serves the method named in its manifest.
 """
 
@@ -21,7 +28,10 @@ import zipfile
 import numpy as np
 from pydantic import BaseModel, Field, model_validator
 
+from service.core.quality import luminance
+
 METHODS = ("mahalanobis", "energy")
+IMAGE_CHECK = "image_statistics"
 
 
 class OodSpec(BaseModel):
@@ -33,6 +43,10 @@ class OodSpec(BaseModel):
         ge=0, le=1, description="share of out-of-fold real training images above the threshold, by design"
     )
     file: str = Field(description="bundle file (.npz) with the Mahalanobis class means and shared precision")
+    image_threshold: float | None = Field(
+        None, description="image-statistics scores above it are flagged (None: bundles before it have no such check)"
+    )
+    image_file: str | None = Field(None, description="bundle file (.npz): the image statistics' mean and precision")
 
     @model_validator(mode="after")
     def _served_method_has_a_finite_threshold(self) -> OodSpec:
@@ -40,8 +54,10 @@ class OodSpec(BaseModel):
             raise ValueError(f"unknown out-of-distribution method {self.method!r}; one of {', '.join(METHODS)}")
         if self.method not in self.thresholds:
             raise ValueError(f"no threshold for the served method {self.method}")
-        if not all(math.isfinite(t) for t in self.thresholds.values()):
+        if not all(math.isfinite(t) for t in [*self.thresholds.values(), self.image_threshold or 0.0]):
             raise ValueError("every out-of-distribution threshold must be a finite number")
+        if (self.image_threshold is None) != (self.image_file is None):
+            raise ValueError("the image-statistics check needs both its threshold and its file")
         return self
 
     @property
@@ -49,8 +65,12 @@ class OodSpec(BaseModel):
         """The served method's threshold."""
         return self.thresholds[self.method]
 
-    def flags(self, score: float) -> bool:
-        return score > self.threshold
+    def flagged_by(self, score: float, image_score: float | None = None) -> list[str]:
+        """Which checks flag an upload: the served method (its score from the CNN) and "image_statistics"."""
+        out = [self.method] if score > self.threshold else []
+        if self.image_threshold is not None and image_score is not None and image_score > self.image_threshold:
+            out.append(IMAGE_CHECK)
+        return out
 
 
 class GaussianFit(BaseModel, arbitrary_types_allowed=True):
@@ -106,6 +126,87 @@ def read_npz(data: bytes, names: tuple[str, ...]) -> dict[str, np.ndarray]:
             flat = np.frombuffer(f.getbuffer(), dtype, count, offset=f.tell())
             out[name] = flat.reshape(shape, order="F" if fortran else "C")
         return out
+
+
+def image_statistics(images: np.ndarray) -> np.ndarray:
+    """Low-level statistics of uint8 images (N,H,W,3) at the model's input size: (N, 21) float64.
+
+    Colour: RGB means and stds, saturation mean and std, opponent chroma (red-green, yellow-blue)
+    means and stds. Texture: the log mean luminance gradient, the shares of flat (< 0.002) and
+    hard-edged (> 0.15) neighbours, and the log ratios of the gradient at 1x/2x and 2x/4x
+    (a crop blown up, or a page of text, has its detail at other scales than a dermoscopy image).
+    Variety: the entropy of a 512-colour histogram (screenshots use few colours). The shares of
+    near-white and near-black pixels, and the corners' luminance against the centre's."""
+    n = len(images)
+    f = images.astype(np.float32) / 255.0
+    rgb = f.reshape(n, -1, 3)
+    hi, lo = f.max(axis=-1).reshape(n, -1), f.min(axis=-1).reshape(n, -1)
+    sat = np.where(hi > 0, (hi - lo) / np.maximum(hi, 1e-6), 0.0)
+    lum = luminance(images)
+    grad = np.concatenate([np.abs(np.diff(lum, axis=2)).reshape(n, -1), np.abs(np.diff(lum, axis=1)).reshape(n, -1)], 1)
+    codes = (images // 32).reshape(n, -1, 3).astype(np.int32) @ np.array([64, 8, 1])
+    shares = np.stack([np.bincount(c, minlength=512) for c in codes]) / codes.shape[1]
+    entropy = -(shares * np.log(np.where(shares > 0, shares, 1.0))).sum(axis=1)
+    red_green, yellow_blue = rgb[..., 0] - rgb[..., 1], 0.5 * (rgb[..., 0] + rgb[..., 1]) - rgb[..., 2]
+    g1, g2, g4 = (np.log(mean_gradient(pooled(lum, k)) + 1e-4) for k in (1, 2, 4))
+    h, w = lum.shape[1:]
+    corners = (
+        np.stack(
+            [
+                lum[:, sy, sx]
+                for sy in (slice(0, h // 4), slice(-(h // 4), None))
+                for sx in (slice(0, w // 4), slice(-(w // 4), None))
+            ],
+            1,
+        )
+        .reshape(n, -1)
+        .mean(axis=1)
+    )
+    centre = lum[:, h // 4 : 3 * h // 4, w // 4 : 3 * w // 4].mean(axis=(1, 2))
+    return np.column_stack(
+        [
+            rgb.mean(axis=1),
+            rgb.std(axis=1),
+            sat.mean(axis=1),
+            sat.std(axis=1),
+            red_green.mean(axis=1),
+            yellow_blue.mean(axis=1),
+            red_green.std(axis=1),
+            yellow_blue.std(axis=1),
+            np.log(grad.mean(axis=1) + 1e-4),
+            (grad < 0.002).mean(axis=1),
+            (grad > 0.15).mean(axis=1),
+            entropy,
+            (lo > 0.92).mean(axis=1),
+            (hi < 0.08).mean(axis=1),
+            g1 - g2,
+            g2 - g4,
+            corners - centre,
+        ]
+    ).astype(np.float64)
+
+
+def pooled(lum: np.ndarray, k: int) -> np.ndarray:
+    """(N,H,W) averaged over k x k blocks."""
+    n, h, w = lum.shape
+    return lum[:, : h // k * k, : w // k * k].reshape(n, h // k, k, w // k, k).mean(axis=(2, 4))
+
+
+def mean_gradient(lum: np.ndarray) -> np.ndarray:
+    return 0.5 * (np.abs(np.diff(lum, axis=2)).mean(axis=(1, 2)) + np.abs(np.diff(lum, axis=1)).mean(axis=(1, 2)))
+
+
+def fit_image_gaussian(stats: np.ndarray) -> GaussianFit:
+    """One Gaussian over image statistics (N, D): the Ledoit-Wolf covariance of the standardised
+    statistics (their scales differ by orders of magnitude), folded back to the raw ones, as a
+    one-class fit: `mahalanobis(image_statistics(x), fit)` is the image check's score. A statistic
+    that hardly varies in training is given a spread of at least 0.01, so it cannot flag everything."""
+    from sklearn.covariance import LedoitWolf
+
+    centre, scale = stats.mean(axis=0), np.maximum(stats.std(axis=0), 1e-2)
+    lw = LedoitWolf().fit((stats - centre) / scale)
+    precision = lw.precision_ / scale[:, None] / scale[None, :]
+    return GaussianFit(means=(centre + lw.location_ * scale)[None], precision=(precision + precision.T) / 2)
 
 
 def fit_gaussian(embeddings: np.ndarray, y: np.ndarray, n_classes: int) -> GaussianFit:

@@ -16,11 +16,11 @@ from typing import Any, Literal
 import numpy as np
 
 from service.core.bundle import BundleError, check_libraries, read_manifest, read_verified
-from service.core.explain import feature_groups, group_attributions, heatmap_png, tree_shap
+from service.core.explain import feature_groups, group_attributions, heatmap_png, map_png, tree_shap
 from service.core.features import build_features, image_stats, soft_vote, stack_inputs
 from service.core.manifest import Manifest
 from service.core.metadata import ClinicalMetadata, validate_metadata
-from service.core.ood import GaussianFit, scores
+from service.core.ood import GaussianFit, image_statistics, mahalanobis, scores
 from service.core.preprocess import to_model_input
 from service.core.priors import adjust, prior_vector
 from service.core.safe_pickle import load_model
@@ -33,6 +33,7 @@ class Prediction:
     components: dict[str, np.ndarray]  # model name -> (C,) probabilities
     served: str  # the component that is the answer
     ood_score: float | None = None  # the bundle's out-of-distribution score (None: the bundle has none)
+    image_ood_score: float | None = None  # its image-statistics score (None: the bundle has no such check)
 
     @property
     def probabilities(self) -> np.ndarray:
@@ -49,7 +50,15 @@ class Explanation:
     label: str  # the class explained: the served answer
     cam: np.ndarray  # (h, w) its class activation map, at the CNN's last feature-map resolution
     heatmap_png: str  # base64 PNG: the map, normalised to [0,1], over the model-size image
+    map_png: str  # base64 PNG: the map alone in the colour scale, model size, to lay over the original
     attributions: dict[str, dict[str, float]]  # booster -> input group -> contribution to its raw score
+
+
+def read_fit(bundle_dir: Path, manifest: Manifest, file: str, n_classes: int) -> GaussianFit:
+    try:
+        return GaussianFit.from_npz(read_verified(bundle_dir, manifest, file), n_classes)
+    except (ValueError, OSError, zipfile.BadZipFile, EOFError) as exc:
+        raise BundleError(f"{file} is not a valid out-of-distribution fit: {exc}") from None
 
 
 def cnn_graph(manifest: Manifest, precision: str) -> str:
@@ -119,6 +128,7 @@ class Predictor:
         model_threads: int = 1,
         gaussian: GaussianFit | None = None,
         model_card: str | None = None,
+        image_fit: GaussianFit | None = None,
     ) -> None:
         self.bundle_dir = bundle_dir
         self.manifest = manifest
@@ -127,6 +137,7 @@ class Predictor:
         self.cnn_file = cnn_file  # the graph `session` runs
         self.probabilities = {name: probability_fn(model, model_threads) for name, model in models.items()}
         self.gaussian = gaussian  # the Mahalanobis score's class means and precision
+        self.image_fit = image_fit  # the image statistics' mean and precision
         self.model_card = model_card  # MODEL_CARD.md, when the bundle has one
 
     @property
@@ -173,19 +184,18 @@ class Predictor:
             )
         if set(manifest.cnn.explain_outputs) - names[1]:
             raise BundleError(f"{cnn_file} lacks the outputs {sorted(set(manifest.cnn.explain_outputs) - names[1])}")
-        gaussian = None
-        if manifest.ood is not None and manifest.ood.method == "mahalanobis":
-            data = read_verified(bundle_dir, manifest, manifest.ood.file)
-            try:
-                gaussian = GaussianFit.from_npz(data, len(manifest.classes))
-            except (ValueError, OSError, zipfile.BadZipFile, EOFError) as exc:
-                raise BundleError(f"{manifest.ood.file} is not a valid out-of-distribution fit: {exc}") from None
+        ood = manifest.ood
+        gaussian = image_fit = None
+        if ood is not None and ood.method == "mahalanobis":
+            gaussian = read_fit(bundle_dir, manifest, ood.file, len(manifest.classes))
+        if ood is not None and ood.image_file is not None:
+            image_fit = read_fit(bundle_dir, manifest, ood.image_file, 1)
         models = {
             m.name: load_model(read_verified(bundle_dir, manifest, m.file), m.libraries, m.file)
             for m in [*manifest.boosters, manifest.stack]
         }
         card = read_verified(bundle_dir, manifest, manifest.model_card).decode() if manifest.model_card else None
-        return cls(bundle_dir, manifest, session, models, cnn_file, model_threads, gaussian, card)
+        return cls(bundle_dir, manifest, session, models, cnn_file, model_threads, gaussian, card, image_fit)
 
     def warm_up(self) -> None:
         """One prediction on a grey image, checked: every model gives one finite probability per
@@ -205,6 +215,8 @@ class Predictor:
                 raise BundleError(f"model {name} does not give {len(m.classes)} finite probabilities summing to 1")
         if m.ood is not None and not (pred.ood_score is not None and np.isfinite(pred.ood_score)):
             raise BundleError(f"the out-of-distribution score ({m.ood.method}) is not a finite number")
+        if self.image_fit is not None and not np.isfinite(pred.image_ood_score or np.nan):
+            raise BundleError("the image-statistics out-of-distribution score is not a finite number")
 
     def cnn_outputs(self, images: np.ndarray, extra: Sequence[str] = ()) -> dict[str, np.ndarray]:
         """uint8 images (N,H,W,3) -> the graph's 'probabilities' (N,C) and the `extra` outputs asked for."""
@@ -250,10 +262,17 @@ class Predictor:
         ood = self.manifest.ood
         outs = self.cnn_outputs(images, ["embedding", "logits"] if ood else [])
         comps = self.predict_components(images, metadata, outs[self.manifest.cnn.output_name])
-        score = scores(ood.method, outs["embedding"], outs["logits"], self.gaussian) if ood else [None] * len(images)
+        none = [None] * len(images)
+        score = scores(ood.method, outs["embedding"], outs["logits"], self.gaussian) if ood else none
+        image_score = none if self.image_fit is None else mahalanobis(image_statistics(images), self.image_fit)
         return [
-            Prediction({k: v[i] for k, v in comps.items()}, self.manifest.served, None if s is None else float(s))
-            for i, s in enumerate(score)
+            Prediction(
+                {k: v[i] for k, v in comps.items()},
+                self.manifest.served,
+                None if s is None else float(s),
+                None if t is None else float(t),
+            )
+            for i, (s, t) in enumerate(zip(score, image_score))
         ]
 
     def explain(self, images: np.ndarray, metadata: Sequence[MetadataLike], labels: Sequence[str]) -> list[Explanation]:
@@ -272,5 +291,6 @@ class Predictor:
             c = m.classes.index(label)
             cam = outs["cam"][i, c]
             attributions = {name: group_attributions(v[i, c], groups) for name, v in shap.items()}
-            out.append(Explanation(label, cam, heatmap_png(images[i], cam), attributions))
+            size = (images.shape[2], images.shape[1])
+            out.append(Explanation(label, cam, heatmap_png(images[i], cam), map_png(cam, size), attributions))
         return out

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 from functools import cache
 from pathlib import Path
+from typing import Literal
 
 import swagger_ui
-from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi import APIRouter, Depends, FastAPI, Query, Request
 from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import HTMLResponse, Response
+from markdown_it import MarkdownIt
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from service.api.dependencies import check_api_key, get_metrics, get_predictor, get_settings
@@ -70,17 +72,31 @@ async def model_info(
     return ModelInfo.of(predictor, settings)
 
 
+# CommonMark and tables; raw HTML in the markdown is escaped and links are limited to safe schemes
+# (no javascript:), so the page can insert the result as it is.
+CARD_RENDERER = MarkdownIt("js-default")
+
+
 @router.get(
     "/model/card",
     response_class=Response,
     tags=["model"],
     dependencies=[Depends(check_api_key)],
-    responses={**KEYED, **problem_responses({404: "model-card-missing"}), 200: {"content": {"text/markdown": {}}}},
+    responses={
+        **KEYED,
+        **problem_responses({404: "model-card-missing"}),
+        200: {"content": {"text/markdown": {}, "text/html": {}}},
+    },
 )
-async def model_card(predictor: Predictor = Depends(get_predictor)) -> Response:
-    """The bundle's model card (markdown): intended use, data, metrics with intervals, subgroups, limits."""
+async def model_card(
+    predictor: Predictor = Depends(get_predictor),
+    format: Literal["markdown", "html"] = Query("markdown", description="html: rendered in safe mode"),
+) -> Response:
+    """The bundle's model card: intended use, data, metrics with intervals, subgroups, limits."""
     if predictor.model_card is None:
         raise ApiError(404, "model-card-missing", "this bundle has no model card (bundles before format 4 have none)")
+    if format == "html":
+        return Response(CARD_RENDERER.render(predictor.model_card), media_type="text/html; charset=utf-8")
     return Response(predictor.model_card, media_type="text/markdown; charset=utf-8")
 
 
