@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from service.core.graph import OOD_OUTPUTS
 from service.core.predictor import Predictor
 from service.core.preprocess import load_for_model
 from training.data import load_dataset
@@ -60,7 +61,7 @@ def main() -> None:
     predictor = Predictor.load(args.bundle)
     image = load_for_model(path.read_bytes(), predictor.manifest.preprocessing)[None]
     graph = lambda: predictor.cnn_outputs(image)  # noqa: E731
-    with_ood = lambda: predictor.cnn_outputs(image, ["embedding", "logits"])  # noqa: E731
+    with_ood = lambda: predictor.cnn_outputs(image, OOD_OUTPUTS)  # noqa: E731
     for f in (graph, with_ood):
         f()
     g = [(median_ms(graph, 10), median_ms(with_ood, 10)) for _ in range(5)]

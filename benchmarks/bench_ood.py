@@ -28,6 +28,7 @@ import sklearn
 from PIL import Image, ImageDraw, ImageEnhance
 from sklearn.metrics import roc_auc_score
 
+from service.core.graph import EMBEDDING, LOGITS, OOD_OUTPUTS
 from service.core.ood import METHODS, GaussianFit, scores
 from service.core.predictor import Predictor
 from service.core.preprocess import load_for_model
@@ -155,9 +156,9 @@ def score_all(predictor: Predictor, images: list[bytes]) -> dict[str, np.ndarray
     for start in range(0, len(images), 64):
         batch = np.stack([load_for_model(b, m.preprocessing) for b in images[start : start + 64]])
         preds = predictor.predict(batch, [None] * len(batch))
-        o = predictor.cnn_outputs(batch, ["embedding", "logits"])
+        o = predictor.cnn_outputs(batch, OOD_OUTPUTS)
         for method in METHODS:
-            out[method].append(scores(method, o["embedding"], o["logits"], predictor.gaussian))
+            out[method].append(scores(method, o[EMBEDDING], o[LOGITS], predictor.gaussian))
         out["image"].append([np.nan if p.image_ood_score is None else p.image_ood_score for p in preds])
         out["flagged"].append([bool(m.ood.flagged_by(p.ood_score, p.image_ood_score)) for p in preds])
     return {k: np.concatenate(v) for k, v in out.items()}

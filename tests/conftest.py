@@ -21,8 +21,13 @@ MAX_PIXELS = 2_000_000
 
 @pytest.fixture(scope="session")
 def sample_dir() -> Path:
+    """The real sample. Missing on a developer's machine: the tests that need it are skipped; under
+    CI (CI=true, which .ci/run sets) they fail, so a broken checkout never passes by skipping."""
     if not (SAMPLE / "HAM10000_metadata.csv").exists():
-        pytest.fail(f"the HAM10000 sample is missing at {SAMPLE}; set HAM_SAMPLE_DIR")
+        message = f"the HAM10000 sample is missing at {SAMPLE}; set HAM_SAMPLE_DIR"
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(message)
+        pytest.skip(message)
     return SAMPLE
 
 

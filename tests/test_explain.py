@@ -35,8 +35,9 @@ def test_onnx_class_activation_maps_match_torch(tmp_path):
     import onnxruntime as ort
     import torch
 
+    from service.core.graph import EXPLAIN_OUTPUTS, OUTPUT_NAME
     from service.core.preprocess import ImageSpec, to_model_input
-    from training.export import EXPLAIN_OUTPUTS, OUTPUT_NAME, export_onnx
+    from training.export import export_onnx
     from training.models import build_resnet18
 
     torch.manual_seed(0)

@@ -22,6 +22,7 @@ import torch
 from service.core import labels
 from service.core.bundle import library_versions, sha256_file
 from service.core.features import FeatureSpec, soft_vote, stack_inputs
+from service.core.graph import INPUT_NAME, OUTPUT_NAME
 from service.core.manifest import (
     MANIFEST_NAME,
     MODEL_CARD,
@@ -39,7 +40,6 @@ from service.core.preprocess import to_model_input
 from training.boosters import BOOSTERS, feature_matrix
 from training.cnn import served_members
 from training.config import CNN, FP32_GRAPH, INT8_GRAPH, SOFT_VOTE, STACK
-from training.export import INPUT_NAME, OUTPUT_NAME
 from training.io import PROB_COLUMNS, atomic_write_text
 from training.model_card import model_card
 from training.models import FoldEnsemble

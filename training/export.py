@@ -8,14 +8,13 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
+from service.core.graph import EXPLAIN_OUTPUTS, INPUT_NAME, OUTPUT_NAME
 from service.core.preprocess import ImageSpec, to_model_input
 from training.errors import ExportError
 from training.io import atomic_write
 from training.models import FoldEnsemble
 
 PARITY_TOLERANCE = 1e-4
-INPUT_NAME, OUTPUT_NAME = "image", "probabilities"
-EXPLAIN_OUTPUTS = ("cam", "embedding", "logits")  # with explain=True, after OUTPUT_NAME (FoldEnsemble's order)
 
 
 def export_onnx(

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from service.core import labels
+from service.core.graph import EMBEDDING, INPUT_NAME
 from service.core.ood import (
     IMAGE_CHECK,
     METHODS,
@@ -35,7 +36,6 @@ from service.core.ood import (
 )
 from service.core.preprocess import ImageSpec, to_model_input
 from training.dataset import eval_batch
-from training.export import INPUT_NAME
 from training.io import atomic_write_csv, atomic_write_text
 from training.models import FoldEnsemble
 
@@ -113,7 +113,7 @@ def served_gaussian(
 
     session = ort.InferenceSession(str(graph), providers=["CPUExecutionProvider"])
     emb = [
-        session.run(["embedding"], {INPUT_NAME: to_model_input(images[s : s + batch_size], spec)})[0]
+        session.run([EMBEDDING], {INPUT_NAME: to_model_input(images[s : s + batch_size], spec)})[0]
         for s in range(0, len(images), batch_size)
     ]
     return fit_gaussian(np.concatenate(emb), y, len(labels.CLASSES))

@@ -22,10 +22,11 @@ from onnx import compose, helper
 from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
+from service.core.graph import INPUT_NAME, OUTPUT_NAME
 from service.core.labels import CLASSES
 from service.core.manifest import QuantizationGate
 from service.core.preprocess import ImageSpec, to_model_input
-from training.export import INPUT_NAME, OUTPUT_NAME, export_onnx
+from training.export import export_onnx
 from training.io import atomic_write
 from training.metrics import all_metrics
 

@@ -285,7 +285,7 @@ class ModelInfo(BaseModel):
                 "max_pixels": settings.max_pixels,
                 "max_request_pixels": settings.max_request_pixels,
             },
-            explain="cam" in m.cnn.explain_outputs,
+            explain=m.cnn.can_explain,
             ood=m.ood.model_dump() if m.ood else None,
             priors={
                 "default": m.default_prior,

@@ -13,6 +13,7 @@ from typing import Literal
 from pydantic import BaseModel, Field, model_validator
 
 from service.core.features import FeatureSpec
+from service.core.graph import can_explain, can_score_ood
 from service.core.ood import OodSpec
 from service.core.preprocess import ImageSpec
 from service.core.signing import MANIFEST_NAME, SIGNATURE_NAME
@@ -69,7 +70,12 @@ class CnnModel(ModelFile):
     @property
     def has_ood_outputs(self) -> bool:
         """The served graph gives what the out-of-distribution score reads."""
-        return {"embedding", "logits"} <= set(self.explain_outputs)
+        return can_score_ood(self.explain_outputs)
+
+    @property
+    def can_explain(self) -> bool:
+        """The served graph draws class activation maps (explain=true)."""
+        return can_explain(self.explain_outputs)
 
 
 def libraries_of(models: list[ModelFile]) -> list[str]:

@@ -18,14 +18,12 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from service.core.errors import MetadataError
+
 if TYPE_CHECKING:
     from service.core.features import FeatureSpec
 
 EXAMPLE = '{"age": 55, "sex": "male", "site": "back"}'
-
-
-class MetadataError(ValueError):
-    """The metadata cannot be used; the message says why, for a person."""
 
 
 class ClinicalMetadata(BaseModel):

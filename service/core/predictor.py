@@ -18,6 +18,7 @@ import numpy as np
 from service.core.bundle import BundleError, check_libraries, read_manifest, read_verified
 from service.core.explain import feature_groups, group_attributions, heatmap_png, map_png, tree_shap
 from service.core.features import build_features, image_stats, soft_vote, stack_inputs
+from service.core.graph import CAM, EMBEDDING, LOGITS, OOD_OUTPUTS
 from service.core.manifest import Manifest
 from service.core.metadata import ClinicalMetadata, validate_metadata
 from service.core.ood import GaussianFit, image_statistics, mahalanobis, scores
@@ -260,10 +261,10 @@ class Predictor:
     def predict(self, images: np.ndarray, metadata: Sequence[MetadataLike]) -> list[Prediction]:
         """Every model's probabilities as trained (balanced prior) and the OOD score, per image."""
         ood = self.manifest.ood
-        outs = self.cnn_outputs(images, ["embedding", "logits"] if ood else [])
+        outs = self.cnn_outputs(images, OOD_OUTPUTS if ood else ())
         comps = self.predict_components(images, metadata, outs[self.manifest.cnn.output_name])
         none = [None] * len(images)
-        score = scores(ood.method, outs["embedding"], outs["logits"], self.gaussian) if ood else none
+        score = scores(ood.method, outs[EMBEDDING], outs[LOGITS], self.gaussian) if ood else none
         image_score = none if self.image_fit is None else mahalanobis(image_statistics(images), self.image_fit)
         return [
             Prediction(
@@ -279,9 +280,9 @@ class Predictor:
         """For each image, why `labels[i]` (the served answer): its class activation map and heatmap,
         and each booster's TreeSHAP contributions for that class summed per input group."""
         m = self.manifest
-        if "cam" not in m.cnn.explain_outputs:
+        if not m.cnn.can_explain:
             raise BundleError("this bundle's CNN graph has no class activation maps; export it again to explain")
-        outs = self.cnn_outputs(images, ["cam"])
+        outs = self.cnn_outputs(images, [CAM])
         meta = [validate_metadata(v, m.features) for v in metadata]
         feats = build_features(outs[m.cnn.output_name], meta, image_stats(images), m.features)
         groups = feature_groups(m.features)
@@ -289,7 +290,7 @@ class Predictor:
         out = []
         for i, label in enumerate(labels):
             c = m.classes.index(label)
-            cam = outs["cam"][i, c]
+            cam = outs[CAM][i, c]
             attributions = {name: group_attributions(v[i, c], groups) for name, v in shap.items()}
             size = (images.shape[2], images.shape[1])
             out.append(Explanation(label, cam, heatmap_png(images[i], cam), map_png(cam, size), attributions))

@@ -18,6 +18,8 @@ import numpy as np
 from PIL import Image, ImageOps, PngImagePlugin, UnidentifiedImageError
 from pydantic import BaseModel, Field, ValidationInfo, field_validator
 
+from service.core.errors import ImageError, ImageShapeError, ImageTooLargeError, UnsupportedImageError
+
 ALLOWED_FORMATS = {"JPEG", "MPO", "PNG"}  # MPO: the multi-picture JPEG many phones write (first picture used)
 JPEG_FORMATS = {"JPEG", "MPO"}
 MIN_SIDE = 32  # px; smaller is no dermoscopy image
@@ -28,22 +30,6 @@ MAX_SEGMENTS = 20_000  # JPEG segments or PNG chunks: real files have tens (a la
 # Pillow inflates a PNG's text chunks while reading its header, up to 64 MB an image by default: a
 # batch of small such files could hold gigabytes before any pixel was counted. Text is never used here.
 PngImagePlugin.MAX_TEXT_MEMORY = 2 * PngImagePlugin.MAX_TEXT_CHUNK
-
-
-class ImageError(ValueError):
-    """The bytes are not an image this system accepts; the message says why, for a person."""
-
-
-class UnsupportedImageError(ImageError):
-    """A readable image in a format other than JPEG or PNG."""
-
-
-class ImageTooLargeError(ImageError):
-    """More pixels than the configured limit."""
-
-
-class ImageShapeError(ImageError):
-    """Too small, or an aspect ratio no photograph of a lesion has."""
 
 
 class ImageSpec(BaseModel):

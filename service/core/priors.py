@@ -18,12 +18,10 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
+from service.core.errors import PriorError
+
 EPS = 1e-12
 NAMED = ("balanced", "training")
-
-
-class PriorError(ValueError):
-    """A prior a caller gave cannot be used; the message says why."""
 
 
 def prior_vector(

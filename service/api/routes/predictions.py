@@ -242,7 +242,7 @@ async def predict(
     meta = metadata_from_json(metadata, predictor.manifest.features)
     chosen = parse_prior(prior, predictor)
     explain = explain or explain_query
-    if explain and "cam" not in predictor.manifest.cnn.explain_outputs:
+    if explain and not predictor.manifest.cnn.can_explain:
         raise ApiError(
             422,
             "explain-unavailable",
