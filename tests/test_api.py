@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -10,7 +11,7 @@ from PIL import Image
 
 from service.core.preprocess import load_for_model
 from tests.conftest import MAX_PIXELS, MAX_UPLOAD
-from tests.helpers import png, sample_images
+from tests.helpers import REPO, png, sample_images
 from tests.hostile import encode
 
 
@@ -235,3 +236,33 @@ def test_the_openapi_documents_metadata_as_a_typed_object_with_a_valid_example(a
     assert fields["prior"].get("default") == ""  # nothing pre-filled: the bundle's default prior
     r = api.post("/predict", files={"image": png(64, 48, noise=True)}, data={"metadata": meta["example"]})
     assert r.status_code == 200, r.text
+
+
+def test_one_access_policy_for_every_route(app_factory, tiny_run):
+    """service/api/auth.py decides, once, before the body: public paths need nothing, the rest the
+    API key when one is set, admin routes the admin key as well (off without one). Every route of
+    the app is covered by it, and no route checks again."""
+    from service.api.auth import PUBLIC_PATHS, access_refusal
+    from service.api.settings import Settings
+
+    keyed = Settings(bundle=tiny_run / "bundle", api_key="k", admin_key="a")
+    open_ = Settings(bundle=tiny_run / "bundle")
+    assert access_refusal("/predict", {}, open_) is None and access_refusal("/health/ready", {}, keyed) is None
+    assert access_refusal("/predict", {"x-api-key": "no"}, keyed)[:2] == (401, "unauthorized")
+    assert access_refusal("/predict", {"x-api-key": "k"}, keyed) is None
+    assert access_refusal("/admin/bundle", {"x-api-key": "k"}, keyed)[:2] == (401, "unauthorized")
+    assert access_refusal("/admin/bundle", {"x-api-key": "k", "x-admin-key": "a"}, keyed) is None
+    assert access_refusal("/admin/bundle", {}, open_)[:2] == (403, "admin-off")
+    client = app_factory(tiny_run / "bundle", api_key="k")
+    for route in client.app.routes:
+        path = getattr(route, "path", "")
+        if not path or "{" in path or path.startswith("/docs-assets"):
+            continue
+        public = path in PUBLIC_PATHS
+        for method in sorted(getattr(route, "methods", None) or ["GET"]):
+            if method == "HEAD":
+                continue
+            r = client.request(method, path)
+            assert (r.status_code == 401) == (not public), (method, path, r.status_code)
+    readers = [p.name for p in (REPO / "service").rglob("*.py") if re.search(r"\.(api|admin)_key\b", p.read_text())]
+    assert readers == ["auth.py"], readers  # the keys are read in one place

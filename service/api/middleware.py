@@ -20,7 +20,7 @@ from typing import Any
 
 from starlette.datastructures import Headers, MutableHeaders
 
-from service.api.dependencies import ADMIN_KEY_HEADER, ADMIN_PREFIX, API_KEY_HEADER, key_is_valid, matches
+from service.api.auth import access_refusal
 from service.api.errors import BUSY, CLOSE, ApiError, error_response
 from service.api.forms import PART_LIMITS, PartLimits
 from service.api.metrics import Metrics
@@ -29,8 +29,6 @@ from service.api.state import ModelState
 
 log = logging.getLogger("service.requests")
 REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")
-PUBLIC_PATHS = {"/", "/docs", "/openapi.json", "/health/live", "/health/ready"}
-PUBLIC_PREFIXES = ("/docs-assets/",)
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -41,10 +39,6 @@ Send = Callable[[Message], Awaitable[None]]
 def byte_count(header: str | None) -> int | None:
     """A Content-Length value as a number, or None when absent or not one."""
     return int(header) if header is not None and header.isascii() and header.isdigit() else None
-
-
-def needs_key(path: str) -> bool:
-    return path not in PUBLIC_PATHS and not path.startswith(PUBLIC_PREFIXES)
 
 
 class RequestGuard:
@@ -110,11 +104,9 @@ class RequestGuard:
 
     def refusal(self, scope: Scope, headers: Headers, limit: int) -> tuple[int, str, str] | None:
         """What to answer without reading the body, or None to go on."""
-        if needs_key(scope["path"]) and not key_is_valid(self.settings, headers.get(API_KEY_HEADER)):
-            return 401, "unauthorized", f"missing or wrong {API_KEY_HEADER} header"
-        admin, sent = self.settings.admin_key, headers.get(ADMIN_KEY_HEADER)
-        if scope["path"].startswith(ADMIN_PREFIX) and admin and not matches(sent, admin):  # also before the body
-            return 401, "unauthorized", f"missing or wrong {ADMIN_KEY_HEADER} header"
+        denied = access_refusal(scope["path"], headers, self.settings)  # service/api/auth.py: the one policy
+        if denied is not None:
+            return denied
         length, chunked = headers.get("content-length"), headers.get("transfer-encoding")
         if length is not None and chunked is not None:
             return 400, "request-invalid", "send either Content-Length or Transfer-Encoding, not both"

@@ -5,19 +5,11 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from fastapi import APIRouter, Depends
-from fastapi.security import APIKeyHeader
+from fastapi import APIRouter, Depends, Security
 from pydantic import BaseModel, Field, field_validator
 
-from service.api.dependencies import (
-    ADMIN_KEY_HEADER,
-    ADMIN_PREFIX,
-    check_api_key,
-    get_metrics,
-    get_settings,
-    get_state,
-    matches,
-)
+from service.api.auth import ADMIN_PREFIX, admin_key_header, api_key_header
+from service.api.dependencies import get_metrics, get_settings, get_state
 from service.api.errors import ApiError
 from service.api.logs import printable
 from service.api.metrics import Metrics
@@ -27,21 +19,6 @@ from service.api.state import ModelState
 from service.core.bundle import BundleError
 
 log = logging.getLogger("service")
-
-
-admin_key_header = APIKeyHeader(
-    name=ADMIN_KEY_HEADER, scheme_name="AdminKey", auto_error=False, description="the admin key (LESION_ADMIN_KEY)"
-)
-
-
-async def check_admin_key(
-    settings: Settings = Depends(get_settings), sent: str | None = Depends(admin_key_header)
-) -> None:
-    """Admin routes are off unless an admin key is set, and need it: a prediction client's API key is not enough."""
-    if not settings.admin_key:
-        raise ApiError(403, "admin-off", "admin routes are off: set LESION_ADMIN_KEY to enable them")
-    if not matches(sent, settings.admin_key):
-        raise ApiError(401, "unauthorized", f"missing or wrong {ADMIN_KEY_HEADER} header")
 
 
 def allowed_bundle(requested: Path | None, settings: Settings) -> Path:
@@ -67,7 +44,7 @@ def allowed_bundle(requested: Path | None, settings: Settings) -> Path:
 router = APIRouter(
     prefix=ADMIN_PREFIX.rstrip("/"),
     tags=["admin"],
-    dependencies=[Depends(check_api_key), Depends(check_admin_key)],
+    dependencies=[Security(api_key_header), Security(admin_key_header)],  # declared; checked by the guard
     responses=problem_responses(
         {
             401: "unauthorized",

@@ -7,13 +7,14 @@ from pathlib import Path
 from typing import Literal
 
 import swagger_ui
-from fastapi import APIRouter, Depends, FastAPI, Query, Request
+from fastapi import APIRouter, Depends, FastAPI, Query, Request, Security
 from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import HTMLResponse, Response
 from markdown_it import MarkdownIt
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from service.api.dependencies import check_api_key, get_metrics, get_predictor, get_settings
+from service.api.auth import api_key_header
+from service.api.dependencies import get_metrics, get_predictor, get_settings
 from service.api.errors import ApiError
 from service.api.metrics import Metrics
 from service.api.schemas import ModelInfo, problem_responses
@@ -65,7 +66,9 @@ async def ready(predictor: Predictor = Depends(get_predictor)) -> dict:
     return {"status": "ready", "bundle_id": predictor.manifest.bundle_id}
 
 
-@router.get("/model", response_model=ModelInfo, tags=["model"], dependencies=[Depends(check_api_key)], responses=KEYED)
+@router.get(
+    "/model", response_model=ModelInfo, tags=["model"], dependencies=[Security(api_key_header)], responses=KEYED
+)
 async def model_info(
     predictor: Predictor = Depends(get_predictor), settings: Settings = Depends(get_settings)
 ) -> ModelInfo:
@@ -81,7 +84,7 @@ CARD_RENDERER = MarkdownIt("js-default")
     "/model/card",
     response_class=Response,
     tags=["model"],
-    dependencies=[Depends(check_api_key)],
+    dependencies=[Security(api_key_header)],
     responses={
         **KEYED,
         **problem_responses({404: "model-card-missing"}),
@@ -101,7 +104,7 @@ async def model_card(
 
 
 @router.get(
-    "/metrics", tags=["health"], response_class=Response, dependencies=[Depends(check_api_key)], responses=KEYED
+    "/metrics", tags=["health"], response_class=Response, dependencies=[Security(api_key_header)], responses=KEYED
 )
 async def prometheus(metrics: Metrics = Depends(get_metrics)) -> Response:
     return Response(metrics.exposition(), media_type=CONTENT_TYPE_LATEST)

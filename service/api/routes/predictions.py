@@ -8,11 +8,12 @@ from dataclasses import dataclass
 from threading import Semaphore
 
 import numpy as np
-from fastapi import APIRouter, Depends, File, Form, Query, Request, UploadFile
+from fastapi import APIRouter, Depends, File, Form, Query, Request, Security, UploadFile
 from fastapi.concurrency import run_in_threadpool
 from PIL import Image
 
-from service.api.dependencies import check_api_key, get_predictor, get_settings, get_state
+from service.api.auth import api_key_header
+from service.api.dependencies import get_predictor, get_settings, get_state
 from service.api.errors import ApiError
 from service.api.logs import printable
 from service.api.schemas import (
@@ -71,7 +72,7 @@ try:  # glibc's malloc_trim; absent elsewhere (musl, macOS), where nothing is tr
 except (OSError, AttributeError):
     LIBC = None
 
-router = APIRouter(tags=["predict"], responses=ERRORS, dependencies=[Depends(check_api_key)])
+router = APIRouter(tags=["predict"], responses=ERRORS, dependencies=[Security(api_key_header)])
 
 
 async def read_upload(upload: UploadFile, settings: Settings) -> bytes:

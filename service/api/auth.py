@@ -1,0 +1,45 @@
+"""The one access policy, applied once, by the request guard before any body is read.
+
+Public: the page, the docs and the health probes. Every other route needs the API key when one is
+set (LESION_API_KEY). Admin routes are off unless an admin key is set (LESION_ADMIN_KEY), and then
+need it as well: a prediction client's key is not enough. Routes only declare the headers (for
+the Authorize button of /docs); they do not check them again.
+"""
+
+from __future__ import annotations
+
+import hmac
+from collections.abc import Mapping
+
+from fastapi.security import APIKeyHeader
+
+from service.api.settings import Settings
+
+API_KEY_HEADER = "X-API-Key"
+ADMIN_KEY_HEADER = "X-Admin-Key"
+ADMIN_PREFIX = "/admin/"
+PUBLIC_PATHS = {"/", "/docs", "/openapi.json", "/health/live", "/health/ready"}
+PUBLIC_PREFIXES = ("/docs-assets/",)
+
+api_key_header = APIKeyHeader(name=API_KEY_HEADER, auto_error=False, description="needed when the service has a key")
+admin_key_header = APIKeyHeader(
+    name=ADMIN_KEY_HEADER, scheme_name="AdminKey", auto_error=False, description="the admin key (LESION_ADMIN_KEY)"
+)
+
+
+def matches(sent: str | None, key: str) -> bool:
+    """Constant-time comparison."""
+    return sent is not None and hmac.compare_digest(sent.encode(), key.encode())
+
+
+def access_refusal(path: str, headers: Mapping[str, str], settings: Settings) -> tuple[int, str, str] | None:
+    """(status, code, detail) when the request may not reach `path`, else None."""
+    public = path in PUBLIC_PATHS or path.startswith(PUBLIC_PREFIXES)
+    if not public and settings.api_key and not matches(headers.get(API_KEY_HEADER.lower()), settings.api_key):
+        return 401, "unauthorized", f"missing or wrong {API_KEY_HEADER} header"
+    if path.startswith(ADMIN_PREFIX):
+        if not settings.admin_key:
+            return 403, "admin-off", "admin routes are off: set LESION_ADMIN_KEY to enable them"
+        if not matches(headers.get(ADMIN_KEY_HEADER.lower()), settings.admin_key):
+            return 401, "unauthorized", f"missing or wrong {ADMIN_KEY_HEADER} header"
+    return None
