@@ -12,8 +12,8 @@ import uvicorn
 
 from service.api.logs import log_config
 from service.api.metrics import MULTIPROC_ENV
-from service.api.protocol import HEADER_TIMEOUT_ENV, HeaderDeadlineProtocol
-from service.api.settings import Settings
+from service.api.protocol import HeaderDeadlineProtocol
+from service.api.settings import WORKER_SETTINGS_ENV, Settings
 from service.core.bundle import BundleError, read_manifest, verify_bundle
 
 
@@ -31,10 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     except (BundleError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    # Workers build their own Settings from the environment: pass the flags on that way.
-    for key, value in overrides.items():
-        os.environ[f"LESION_{key.upper()}"] = str(value)
-    os.environ[HEADER_TIMEOUT_ENV] = str(settings.header_timeout_s)
+    os.environ[WORKER_SETTINGS_ENV] = settings.model_dump_json()  # each worker's Settings (Settings.for_worker)
     metrics_dir = None
     if settings.workers > 1 and not os.environ.get(MULTIPROC_ENV):
         # one /metrics for all workers: they share this folder (prometheus-client multiprocess mode)

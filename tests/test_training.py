@@ -304,3 +304,20 @@ def test_a_fold_trained_under_the_best_epoch_rule_is_named_when_resumed(tmp_path
     cnn_module.run_cnn(cfg, tmp_path, table, images, log=logged.append)
     warnings = [m for m in logged if m.startswith("warning:")]
     assert len(warnings) == 1 and "fold 1 was trained before fold models kept their last epoch" in warnings[0]
+
+
+def test_every_run_setting_is_a_flag_declared_once():
+    """The command line is generated from RunConfig: each field a flag whose help is the field's
+    description; booleans have --no- forms; the preset's settings say so instead of a number."""
+    from training.__main__ import build_parser
+    from training.config import PRESETS, RunConfig
+
+    run = next(a for a in build_parser()._actions if getattr(a, "choices", None) and "run" in a.choices).choices["run"]
+    flags = {a.dest: a for a in run._actions}
+    for name, field in RunConfig.model_fields.items():
+        assert name in flags and field.description and field.description in flags[name].help, name
+    assert "--no-int8" in flags["int8"].option_strings
+    assert flags["ood_method"].choices == ["mahalanobis", "energy"] and "auto" in flags["precision"].choices
+    assert all("the preset's" in flags[k].help for k in PRESETS["cpu"])
+    args = run.parse_args(["--data-dir", "d", "--out", "o", "--no-int8", "--epochs", "3"])
+    assert args.int8 is False and args.epochs == 3 and args.tta is None and args.lr is None

@@ -10,78 +10,41 @@ import argparse
 import os
 import sys
 from pathlib import Path
+from typing import Any, Literal, get_args, get_origin
 
-from training.config import ALL_BOOSTERS, PRESETS
+from training.config import PRESETS, RunConfig
 from training.errors import RunError
 from training.pipeline import STAGE_NAMES
 
-RUN_OVERRIDES = [
-    "folds",
-    "epochs",
-    "image_size",
-    "batch_size",
-    "lr",
-    "weight_decay",
-    "label_smoothing",
-    "weights",
-    "precision",
-    "boosters",
-    "seed",
-]
-RUN_OVERRIDES += ["compile", "bootstrap", "served_cnn", "int8", "keep_fp32", "tta", "ood_method", "ood_share", "prior"]
+PRESET = "the preset's"  # the default shown for the settings a preset sets
+RUN_OVERRIDES = [name for name in RunConfig.model_fields if name not in ("data_dir", "preset")]
 
 
 def add_run_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--data-dir", required=True, help="HAM10000 metadata CSV + image folder(s)")
+    """One flag per RunConfig field, with its help, type, choices and default from the field; unset
+    flags stay None, so the preset's values (or a resumed run's) apply."""
+    p.add_argument("--data-dir", required=True, help=RunConfig.model_fields["data_dir"].description)
     p.add_argument("--out", required=True, type=Path, help="run directory (resumes if it exists)")
-    p.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
-    p.add_argument("--folds", type=int)
-    p.add_argument("--epochs", type=int)
-    p.add_argument("--image-size", type=int, help="CNN input width; height is 3/4 of it")
-    p.add_argument("--batch-size", type=int)
-    p.add_argument("--lr", type=float)
-    p.add_argument("--weight-decay", type=float, help="AdamW weight decay (default 1e-4)")
-    p.add_argument("--label-smoothing", type=float, help="cross-entropy label smoothing (default 0.05)")
-    p.add_argument("--weights", help="imagenet | none | PATH to a resnet18 state dict (default none)")
     p.add_argument(
-        "--precision",
-        choices=["auto", "bf16", "fp32"],
-        help="training autocast; auto (default): bf16 where the hardware has it natively, else fp32. Eval is fp32",
+        "--preset", choices=sorted(PRESETS), default="cpu", help=RunConfig.model_fields["preset"].description
     )
-    p.add_argument("--boosters", help=f"comma-separated subset of {','.join(ALL_BOOSTERS)} (default: all)")
-    p.add_argument(
-        "--served-cnn",
-        choices=["ensemble", "refit"],
-        help="the CNN the bundle serves: one model refit on every row with the folds' recipe (default), or the "
-        "fold models averaged (folds x the cost; as accurate on held-out lesions: python -m benchmarks.compare_served_cnn)",
-    )
-    p.add_argument(
-        "--int8",
-        action=argparse.BooleanOptionalAction,
-        help="quantize the CNN to int8, served only if it passes its out-of-fold gate (default on)",
-    )
-    p.add_argument(
-        "--tta",
-        action=argparse.BooleanOptionalAction,
-        help="test-time augmentation: the CNN averaged over the 8 flips/transposes of each image in validation, "
-        "out-of-fold predictions and the served graph (8x the CNN's cost; default off)",
-    )
-    p.add_argument(
-        "--ood-method",
-        choices=["mahalanobis", "energy"],
-        help="the out-of-distribution score the bundle serves (default mahalanobis: python -m benchmarks.bench_ood)",
-    )
-    p.add_argument("--ood-share", type=float, help="share of held-out real images the OOD flag fires on (default 0.05)")
-    p.add_argument(
-        "--prior",
-        choices=["balanced", "training"],
-        help="the class prior of the served probabilities unless a request names one: balanced (as trained, the "
-        "default) or training (the training data's class shares)",
-    )
-    p.add_argument("--keep-fp32", action="store_true", default=None, help="bundle the fp32 CNN beside the int8 one")
-    p.add_argument("--seed", type=int)
-    p.add_argument("--compile", action="store_true", default=None, help="torch.compile the CNN for training (GPU)")
-    p.add_argument("--bootstrap", type=int, help="bootstrap resamples for metric intervals")
+    for name in RUN_OVERRIDES:
+        field = RunConfig.model_fields[name]
+        extra = field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
+        kind, options = field.annotation, get_args(field.annotation)
+        default = (
+            PRESET if any(name in preset for preset in PRESETS.values()) else extra.get("cli_default", field.default)
+        )
+        if isinstance(default, list):
+            default = ",".join(default)
+        kwargs: dict[str, Any] = {"help": f"{field.description} (default: {default})"}
+        if kind is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        elif get_origin(kind) is Literal or "cli_choices" in extra:
+            kwargs["choices"] = extra.get("cli_choices", list(options))
+        elif kind in (int, float):
+            kwargs["type"] = kind
+        p.add_argument("--" + name.replace("_", "-"), **kwargs)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -31,29 +31,57 @@ PRESETS: dict[str, dict] = {
 
 
 class RunConfig(BaseModel):
-    data_dir: str
-    preset: str = "cpu"
-    folds: int = Field(5, ge=3, description="at least 3: each booster picks its rounds on an inner fold")
-    epochs: int = 10
-    image_size: int = 128  # width; height is 3/4 of it (HAM10000's aspect ratio)
-    batch_size: int = 64
-    lr: float = 2e-3
-    weight_decay: float = Field(1e-4, ge=0)  # AdamW's
-    label_smoothing: float = Field(0.05, ge=0, lt=1)
-    weights: str = "none"  # imagenet | none | PATH
-    precision: Literal["bf16", "fp32"] = "bf16"  # training autocast; evaluation is always fp32
-    boosters: list[str] = ALL_BOOSTERS
-    served_cnn: Literal["ensemble", "refit"] = "refit"  # see `--served-cnn` and README "Which CNN is served"
-    int8: bool = True  # quantize the CNN; the bundle serves int8 only if it passes its out-of-fold gate
-    tta: bool = False  # average the CNN over the 8 dihedral flips: validation, OOF and the served graph (8x cost)
-    ood_method: Literal["mahalanobis", "energy"] = "mahalanobis"  # the out-of-distribution score served
-    ood_share: float = Field(0.05, gt=0, lt=1)  # share of held-out real images its threshold flags
-    prior: Literal["balanced", "training"] = "balanced"  # the served probabilities' default class prior
-    keep_fp32: bool = False  # also bundle the fp32 graph beside an int8 one (serving can then pick it)
-    booster_rounds: int = 600
-    bootstrap: int = 200
-    seed: int = 42
-    compile: bool = False  # torch.compile the CNN while training: same model, faster steps on a GPU
+    """Every setting of a run, each declared once: its type, default and help text here; the command
+    line's flags (`--image-size` for image_size) are generated from these fields (training/__main__.py)."""
+
+    data_dir: str = Field(description="HAM10000 metadata CSV + image folder(s)")
+    preset: str = Field("cpu", description="smoke | cpu | gpu: the defaults of folds, epochs, sizes and rounds")
+    folds: int = Field(
+        5, ge=3, description="lesion-grouped folds; at least 3: each booster picks its rounds on an inner fold"
+    )
+    epochs: int = Field(10, ge=1, description="CNN training epochs per fold")
+    image_size: int = Field(128, ge=32, description="CNN input width; height is 3/4 of it (HAM10000's aspect ratio)")
+    batch_size: int = Field(64, ge=1, description="CNN training batch size")
+    lr: float = Field(2e-3, gt=0, description="AdamW learning rate")
+    weight_decay: float = Field(1e-4, ge=0, description="AdamW weight decay")
+    label_smoothing: float = Field(0.05, ge=0, lt=1, description="cross-entropy label smoothing")
+    weights: str = Field("none", description="imagenet | none | PATH to a resnet18 state dict")
+    precision: Literal["bf16", "fp32"] = Field(
+        "bf16",
+        description="training autocast; auto: bf16 where the hardware has it natively, else fp32. Evaluation is fp32",
+        json_schema_extra={"cli_choices": ["auto", "bf16", "fp32"], "cli_default": "auto"},
+    )
+    boosters: list[str] = Field(ALL_BOOSTERS, description=f"comma-separated subset of {','.join(ALL_BOOSTERS)}")
+    served_cnn: Literal["ensemble", "refit"] = Field(
+        "refit",
+        description="the CNN the bundle serves: one model refit on every row with the folds' recipe, or the fold "
+        "models averaged (folds x the cost; as accurate on held-out lesions: python -m benchmarks.compare_served_cnn)",
+    )
+    int8: bool = Field(True, description="quantize the CNN to int8, served only if it passes its out-of-fold gate")
+    tta: bool = Field(
+        False,
+        description="test-time augmentation: the CNN averaged over the 8 flips/transposes of each image in "
+        "validation, out-of-fold predictions and the served graph (8x the CNN's cost)",
+    )
+    ood_method: Literal["mahalanobis", "energy"] = Field(
+        "mahalanobis",
+        description="the CNN's out-of-distribution score the bundle serves (python -m benchmarks.bench_ood)",
+    )
+    ood_share: float = Field(
+        0.05, gt=0, lt=1, description="share of held-out real images the OOD flag fires on (its checks together)"
+    )
+    prior: Literal["balanced", "training"] = Field(
+        "balanced",
+        description="the class prior of the served probabilities unless a request names one: balanced (as trained) "
+        "or training (the training data's class shares)",
+    )
+    keep_fp32: bool = Field(False, description="bundle the fp32 CNN beside the int8 one (serving can then pick it)")
+    booster_rounds: int = Field(
+        600, ge=1, description="most boosting rounds (each booster picks its own on an inner fold)"
+    )
+    bootstrap: int = Field(200, ge=1, description="lesion-bootstrap resamples for metric intervals")
+    seed: int = Field(42, description="random seed of folds, training and bootstrap")
+    compile: bool = Field(False, description="torch.compile the CNN while training: same model, faster steps on a GPU")
 
     @field_validator("boosters", mode="before")
     @classmethod

@@ -24,6 +24,7 @@ from service.api import forms
 from service.api.errors import install_error_handlers
 from service.api.metrics import Metrics
 from service.api.middleware import RequestGuard
+from service.api.protocol import HeaderDeadlineProtocol
 from service.api.routes import admin, operations, predictions
 from service.api.settings import Settings
 from service.api.state import ModelState
@@ -64,7 +65,8 @@ def reload_on_sighup(state: ModelState, settings: Settings, metrics: Metrics) ->
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
-    settings = settings or Settings()
+    settings = settings or Settings.for_worker()
+    HeaderDeadlineProtocol.header_timeout_s = settings.header_timeout_s  # this process's connections
     logging.captureWarnings(True)  # a library's warning is a log line in the service's format, not raw stderr
     # Keep uploads in memory: the request guard stops a body before it outgrows the spool size.
     forms.install(spool_bytes=settings.largest_request_bytes() + 1)

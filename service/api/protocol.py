@@ -13,19 +13,17 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import uuid
 
 import h11
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from service.api.errors import PROBLEM_JSON, problem_body
-
-HEADER_TIMEOUT_ENV = "LESION_HEADER_TIMEOUT_S"
+from service.api.settings import Settings
 
 
 class HeaderDeadlineProtocol(H11Protocol):
-    header_timeout_s = float(os.environ.get(HEADER_TIMEOUT_ENV, "10"))
+    header_timeout_s = Settings.model_fields["header_timeout_s"].default  # create_app sets the worker's own
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)

@@ -12,6 +12,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from service.core.preprocess import DEFAULT_MAX_PIXELS
 
 BATCH_ROUTE = "/predict/batch"
+WORKER_SETTINGS_ENV = "LESION_WORKER_SETTINGS"  # the resolved Settings, as JSON, for uvicorn's worker processes
 
 
 class ThreadBudget(NamedTuple):
@@ -101,6 +102,13 @@ class Settings(BaseSettings):
                 f"({self.largest_request_bytes()} bytes): raise it or lower max_batch_bytes / max_upload_bytes"
             )
         return self
+
+    @classmethod
+    def for_worker(cls) -> Settings:
+        """In a worker `python -m service` started: exactly the settings it resolved (flags and
+        variables), so no setting is read a second way; elsewhere, from the LESION_* variables."""
+        resolved = os.environ.get(WORKER_SETTINGS_ENV)
+        return cls.model_validate_json(resolved) if resolved else cls()
 
     def public_key_pem(self) -> bytes | None:
         return self.public_key.read_bytes() if self.public_key else None
