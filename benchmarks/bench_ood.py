@@ -57,7 +57,7 @@ def photo_crops(rng: np.random.Generator, per_photo: int = 12) -> list[bytes]:
             cw = int(rng.uniform(0.3, 1.0) * min(w, h * 4 / 3))
             ch = cw * 3 // 4
             x, y = rng.integers(0, w - cw + 1), rng.integers(0, h - ch + 1)
-            out.append(jpeg(img.crop((x, y, x + cw, y + ch))))
+            out.append(jpeg(img.crop((int(x), int(y), int(x) + cw, int(y) + ch))))
     return out
 
 
@@ -96,7 +96,8 @@ def web_pages(n: int = 24) -> list[bytes]:
 
     styles = ["font-family: serif", "background: #202124; color: #e8eaed", "max-width: 700px; margin: auto", ""]
     sizes = [(1280, 900), (800, 600), (390, 800), (1440, 1000)]
-    texts = sorted((d.metadata.get_payload() or "" for d in importlib.metadata.distributions()), key=len)[-n:]
+    descriptions = ((d.read_text("METADATA") or "").partition("\n\n")[2] for d in importlib.metadata.distributions())
+    texts = sorted(descriptions, key=len)[-n:]
     out = []
     with tempfile.TemporaryDirectory() as tmp:
         driver = browser()
@@ -123,7 +124,8 @@ def clinical_close_ups(real: list[bytes], rng: np.random.Generator, n: int = 48)
         side = rng.uniform(0.25, 0.5)
         cw, ch = int(w * side), int(h * side)
         x, y = rng.integers(0, w - cw + 1), rng.integers(0, h - ch + 1)
-        img = ImageEnhance.Color(img.crop((x, y, x + cw, y + ch))).enhance(rng.uniform(0.4, 1.6))
+        box = (int(x), int(y), int(x) + cw, int(y) + ch)
+        img = ImageEnhance.Color(img.crop(box)).enhance(rng.uniform(0.4, 1.6))
         img = ImageEnhance.Brightness(img).enhance(rng.uniform(0.7, 1.3))
         balanced = np.asarray(img, np.float32) * rng.uniform(0.8, 1.2, 3)
         out.append(jpeg(Image.fromarray(balanced.clip(0, 255).astype(np.uint8))))
@@ -151,7 +153,8 @@ def held_out_real(bundle: Path, data_dir: Path, max_real: int, rng: np.random.Ge
 def score_all(predictor: Predictor, images: list[bytes]) -> dict[str, np.ndarray]:
     """Each CNN method's score, the image check's score and the bundle's flag, through the service's
     decoding and Predictor.predict (the energy score from the same graph outputs)."""
-    m = predictor.manifest
+    m, ood = predictor.manifest, predictor.manifest.ood
+    assert ood is not None  # main() refuses a bundle without one
     out: dict[str, list] = {k: [] for k in [*METHODS, "image", "flagged"]}
     for start in range(0, len(images), 64):
         batch = np.stack([load_for_model(b, m.preprocessing) for b in images[start : start + 64]])
@@ -160,7 +163,7 @@ def score_all(predictor: Predictor, images: list[bytes]) -> dict[str, np.ndarray
         for method in METHODS:
             out[method].append(scores(method, o[EMBEDDING], o[LOGITS], predictor.gaussian))
         out["image"].append([np.nan if p.image_ood_score is None else p.image_ood_score for p in preds])
-        out["flagged"].append([bool(m.ood.flagged_by(p.ood_score, p.image_ood_score)) for p in preds])
+        out["flagged"].append([bool(ood.flagged_by(p.ood_score or 0.0, p.image_ood_score)) for p in preds])
     return {k: np.concatenate(v) for k, v in out.items()}
 
 

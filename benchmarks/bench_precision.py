@@ -35,7 +35,7 @@ def main() -> None:
         return time.perf_counter() - t
 
     step(True), step(False)  # warm-up
-    times = {True: [], False: []}
+    times: dict[bool, list[float]] = {True: [], False: []}
     for _ in range(args.rounds):  # interleaved: both see the same machine load
         for bf16 in (True, False):
             times[bf16].append(step(bf16))

@@ -175,14 +175,14 @@ def main() -> None:
     graphs = cnn_graphs(args.bundle, m)
     threads = os.cpu_count() or 1
     cnn = {
-        p: {b: graph_images_per_s(g, to_model_input(decoded[:b], spec), args.rounds, threads) for b in (1, 8)}
-        for p, g in graphs.items()
+        prec: {b: graph_images_per_s(g, to_model_input(decoded[:b], spec), args.rounds, threads) for b in (1, 8)}
+        for prec, g in graphs.items()
     }
-    for p, g in graphs.items():
+    for prec, g in graphs.items():
         note = "" if g.parent == args.bundle else " (from the run directory, not in the bundle)"
-        print(f"CNN {p} {g.name}: batch 1 {cnn[p][1]:.1f} images/s, batch 8 {cnn[p][8]:.1f} images/s{note}")
-    sizes = {p: g.stat().st_size / 1e6 for p, g in graphs.items()}
-    print(f"graph sizes: {', '.join(f'{p} {s:.1f} MB' for p, s in sizes.items())}")
+        print(f"CNN {prec} {g.name}: batch 1 {cnn[prec][1]:.1f} images/s, batch 8 {cnn[prec][8]:.1f} images/s{note}")
+    sizes = {prec: g.stat().st_size / 1e6 for prec, g in graphs.items()}
+    print(f"graph sizes: {', '.join(f'{prec} {mb:.1f} MB' for prec, mb in sizes.items())}")
     if m.cnn.quantization:
         q = m.cnn.quantization
         print(
@@ -190,11 +190,12 @@ def main() -> None:
         )
     full = np.stack([resize_for_model(decode_opened(open_image(d)), spec) for d in images])
     drafted = np.stack([load_for_model(d, spec) for d in images])
-    a = predictor.predict_components(full, [None] * len(full))[m.served]
-    b = predictor.predict_components(drafted, [None] * len(full))[m.served]
+    at_full = predictor.predict_components(full, [None] * len(full))[m.served]
+    at_draft = predictor.predict_components(drafted, [None] * len(full))[m.served]
+    agreement = np.mean(at_full.argmax(1) == at_draft.argmax(1))
     print(
-        f"draft vs full JPEG decoding, {len(full)} images: top-1 agreement {np.mean(a.argmax(1) == b.argmax(1)):.3f}, "
-        f"max |probability difference| {np.abs(a - b).max():.4f}"
+        f"draft vs full JPEG decoding, {len(full)} images: top-1 agreement {agreement:.3f}, "
+        f"max |probability difference| {np.abs(at_full - at_draft).max():.4f}"
     )
 
     url = f"http://127.0.0.1:{args.port}/predict"

@@ -22,7 +22,7 @@ from service.core import labels
 from service.core.features import FeatureSpec, build_features, image_stats
 from training.config import CNN
 from training.errors import DataError
-from training.io import PROB_COLUMNS, atomic_write, write_oof
+from training.io import PROB_COLUMNS, atomic_write_bytes, write_oof
 
 EARLY_STOP = 50
 SKLEARN_API = ("numpy", "scikit-learn")  # XGBoost's and LightGBM's classifiers are scikit-learn estimators
@@ -215,5 +215,5 @@ def boosters_stage(run) -> None:
         oof, chosen = cross_fit(b, x, y, fold, run.cfg.booster_rounds, run.cfg.seed)
         final = b.make(int(np.mean(chosen)), run.cfg.seed, False).fit(x, y, sample_weight=balanced(y))
         write_oof(oof_path, run.table, oof)
-        atomic_write(model_path, lambda p, model=for_serving(final): p.write_bytes(pickle.dumps(model)))
+        atomic_write_bytes(model_path, pickle.dumps(for_serving(final)))
         run.log(f"{name}: rounds per fold {chosen}, final model {int(np.mean(chosen))} rounds")

@@ -86,7 +86,7 @@ def build_fold(k: int, cfg: RunConfig, images: np.ndarray, y: np.ndarray, train_
     device, amp_dtype = device_and_dtype(cfg.precision)
     torch.manual_seed(cfg.seed + k)
     n_classes = len(labels.CLASSES)
-    model = build_resnet18(n_classes, cfg.weights).to(device, memory_format=torch.channels_last)
+    model = build_resnet18(n_classes, cfg.weights).to(device).to(memory_format=torch.channels_last)
     if cfg.compile:
         model.compile()  # in place: state_dict keys, checkpoints and export stay those of the plain model
     net, rank, world = model, distributed.rank(), distributed.world_size()

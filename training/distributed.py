@@ -59,7 +59,7 @@ def replicas_agree(model: torch.nn.Module) -> bool:
     """True when every process holds the same weights (DistributedDataParallel keeps them so)."""
     if not dist.is_initialized():
         return True
-    total = sum(p.detach().double().sum() for p in model.parameters())
+    total = torch.stack([p.detach().double().sum() for p in model.parameters()]).sum()
     spread = torch.stack([total, -total]).to(next(model.parameters()).device)
     dist.all_reduce(spread, op=dist.ReduceOp.MAX)  # (max over processes, -min over processes)
     return bool(spread[0] + spread[1] <= 1e-9 * max(1.0, abs(float(total))))

@@ -7,6 +7,7 @@ a replicate draws lesions with replacement and weights each row by its lesion's 
 from __future__ import annotations
 
 import warnings
+from typing import Any
 
 import numpy as np
 from sklearn.metrics import (
@@ -106,11 +107,11 @@ def with_intervals(
 ) -> dict:
     """Point estimates, 95% lesion-bootstrap intervals, and the paired difference a - b."""
     point = {m: all_metrics(y, p) for m, p in model_probs.items()}
-    reps = {m: [] for m in model_probs}
+    reps: dict[str, list[dict[str, float]]] = {m: [] for m in model_probs}
     for w in lesion_bootstrap_weights(lesion_ids, n_boot, seed):
         for m, p in model_probs.items():
             reps[m].append(all_metrics(y, p, w))
-    out = {"models": {}, "n_bootstrap": n_boot}
+    out: dict[str, Any] = {"models": {}, "n_bootstrap": n_boot}
     for m in model_probs:
         out["models"][m] = {k: {"value": v, "ci95": _ci([r[k] for r in reps[m]])} for k, v in point[m].items()}
     a, b = paired

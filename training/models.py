@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from torchvision.models import ResNet18_Weights, resnet18
+from torchvision.models import ResNet, ResNet18_Weights, resnet18
 
 from training.errors import WeightsError
 
@@ -53,7 +53,7 @@ def dihedral_batches(x: torch.Tensor) -> list[torch.Tensor]:
     return [torch.cat([v, v.flip(3), v.flip(2), v.flip((2, 3))]) for v in (x, x.transpose(2, 3))]
 
 
-def resnet_forward(m: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def resnet_forward(m: ResNet, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """torchvision's ResNet forward, keeping what explanations need: the last feature maps
     (N,512,h,w), their global average (the embedding, N,512) and the logits (N,C)."""
     f = m.layer4(m.layer3(m.layer2(m.layer1(m.maxpool(m.relu(m.bn1(m.conv1(x))))))))
@@ -61,7 +61,7 @@ def resnet_forward(m: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.T
     return f, embedding, m.fc(embedding)
 
 
-def class_activation_maps(m: nn.Module, f: torch.Tensor) -> torch.Tensor:
+def class_activation_maps(m: ResNet, f: torch.Tensor) -> torch.Tensor:
     """CAM (Zhou et al. 2016): the linear head applied at every position of the last feature maps,
     (N,C,h,w). With global average pooling it is exact: a map's mean plus the head's bias is the logit."""
     return nn.functional.conv2d(f, m.fc.weight[:, :, None, None])

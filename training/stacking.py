@@ -16,7 +16,7 @@ from sklearn.preprocessing import StandardScaler
 
 from service.core.features import soft_vote, stack_inputs
 from training.config import SOFT_VOTE, STACK
-from training.io import PROB_COLUMNS, atomic_write, write_oof
+from training.io import PROB_COLUMNS, atomic_write_bytes, write_oof
 
 
 def make_meta_learner(fold: np.ndarray):
@@ -47,5 +47,5 @@ def stack_stage(run) -> None:
     final = make_meta_learner(fold).fit(z, y)
     write_oof(run.artifacts / f"oof_{SOFT_VOTE}.csv", run.table, soft_vote(probs, level1))
     write_oof(run.artifacts / f"oof_{STACK}.csv", run.table, stack)
-    atomic_write(run.models / f"{STACK}.pkl", lambda p: p.write_bytes(pickle.dumps(final)))
+    atomic_write_bytes(run.models / f"{STACK}.pkl", pickle.dumps(final))
     run.log(f"stack: meta-learner over {', '.join(level1)}, cross-validated on the shared folds and refit on all rows")

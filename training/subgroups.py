@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable
+from functools import partial
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -75,11 +77,9 @@ def subgroups(table: pd.DataFrame, y, probs, n_boot: int, seed: int) -> dict:
         for name, m in masks.items():
             if not m.any():
                 continue
-            row = {"images": int(m.sum()), "lesions": int(pd.unique(lesions[m]).size)}
+            row: dict[str, Any] = {"images": int(m.sum()), "lesions": int(pd.unique(lesions[m]).size)}
             if m.sum() >= MIN_SUBGROUP:
-                row["metrics"] = bootstrapped(
-                    lambda w, m=m: subgroup_metrics(y[m], probs[m], w), lesions[m], n_boot, seed
-                )
+                row["metrics"] = bootstrapped(partial(subgroup_metrics, y[m], probs[m]), lesions[m], n_boot, seed)
             out[kind][name] = row
     return out
 
@@ -117,7 +117,11 @@ def calibration(y: np.ndarray, probs: np.ndarray, fold: np.ndarray) -> dict:
     def figures(p: np.ndarray) -> dict[str, float]:
         return {"log_loss": float(log_loss(y, p, labels=range(n))), "ece": ece(y, p)}
 
-    out = {"balanced": figures(probs), "training_prior": figures(shifted), "training_prior_tempered": figures(tempered)}
+    out: dict[str, Any] = {
+        "balanced": figures(probs),
+        "training_prior": figures(shifted),
+        "training_prior_tempered": figures(tempered),
+    }
     better = all(out["training_prior_tempered"][k] < out["training_prior"][k] for k in ("log_loss", "ece"))
     out["fold_temperatures"] = temps
     out["temperature"] = fit_temperature(probs, y, class_shares(y)) if better else 1.0

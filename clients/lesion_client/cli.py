@@ -76,7 +76,7 @@ def predict(args: argparse.Namespace) -> int:
     else:
         print("\n\n".join(table(k, v) for k, v in results.items()))
         for name, path in heatmaps.items():
-            print(f"{name}: heatmap of {results[name].explanation.label} written to {path}")  # type: ignore[union-attr]
+            print(f"{name}: heatmap of {results[name].explanation.label} written to {path}")
         print("\n" + next(iter(results.values())).notice)
     return 0
 

@@ -119,8 +119,8 @@ class MicroBatcher:
         t0 = time.perf_counter()
         try:
             images, metas = np.stack([i.image for i in batch]), [i.metadata for i in batch]
-            call = (self.predict, batch[0].model, images, metas)
-            preds = await asyncio.get_running_loop().run_in_executor(self.executor, *call)
+            model = batch[0].model
+            preds = await asyncio.get_running_loop().run_in_executor(self.executor, self.predict, model, images, metas)
             if len(preds) != len(batch):
                 raise RuntimeError(f"{len(batch)} images in, {len(preds)} predictions out")
             self.observe(len(batch), time.perf_counter() - t0)

@@ -93,7 +93,9 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, exc: HTTPException) -> JSONResponse:  # also 404 and 405
         code = getattr(exc, "code", None)
-        return error_response(exc.status_code, str(exc.detail), request_id(request), exc.headers, code)
+        return error_response(
+            exc.status_code, str(exc.detail), request_id(request), dict(exc.headers) if exc.headers else None, code
+        )
 
     @app.exception_handler(MetadataError)
     @app.exception_handler(ImageError)

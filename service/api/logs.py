@@ -40,13 +40,12 @@ ExcInfo = tuple[type[BaseException], BaseException, TracebackType | None] | tupl
 
 def exception_summary(exc: BaseException | ExcInfo) -> str:
     """An exception as one line: its type and the innermost frames it passed (file:line in function)."""
-    if isinstance(exc, tuple):
-        exc = exc[1]  # type: ignore[assignment]
-    if exc is None:
+    error = exc[1] if isinstance(exc, tuple) else exc
+    if error is None:
         return "no exception"
-    frames = traceback.extract_tb(exc.__traceback__)[-4:]
+    frames = traceback.extract_tb(error.__traceback__)[-4:]
     where = " < ".join(f"{f.filename.rsplit('/', 2)[-1]}:{f.lineno} in {f.name}" for f in reversed(frames))
-    return f"{type(exc).__name__} at {where or 'unknown'} (message not logged)"
+    return f"{type(error).__name__} at {where or 'unknown'} (message not logged)"
 
 
 class TextLines(logging.Formatter):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Self
+
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -90,7 +92,7 @@ class PredictionFields(BaseModel):
     warnings: list[str] = Field(default_factory=list, description="image quality and out-of-distribution warnings")
 
     @classmethod
-    def from_prediction(cls, pred: Prediction, manifest: Manifest, **extra) -> PredictionFields:
+    def from_prediction(cls, pred: Prediction, manifest: Manifest, **extra) -> Self:
         classes = manifest.classes
 
         def as_dict(p: np.ndarray) -> dict[str, float]:
