@@ -20,7 +20,7 @@ import numpy as np
 from service.core.graph import OOD_OUTPUTS
 from service.core.predictor import Predictor
 from service.core.preprocess import load_for_model
-from training.data import load_dataset
+from training.data.ham10000 import load_dataset
 
 META = json.dumps({"age": 55, "sex": "female", "localization": "back"})
 

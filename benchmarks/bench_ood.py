@@ -32,7 +32,7 @@ from service.core.graph import EMBEDDING, LOGITS, OOD_OUTPUTS
 from service.core.ood import METHODS, GaussianFit, scores
 from service.core.predictor import Predictor
 from service.core.preprocess import load_for_model
-from training.data import load_dataset
+from training.data.ham10000 import load_dataset
 
 WORDS = "lesion model image dermoscopy patient report clinic sample benign result scale study".split()
 
@@ -133,7 +133,7 @@ def clinical_close_ups(real: list[bytes], rng: np.random.Generator, n: int = 48)
 
 
 def synthetic_lesions(n: int = 48) -> list[bytes]:
-    from training.synthetic import write_demo_dataset
+    from training.data.synthetic import write_demo_dataset
 
     with tempfile.TemporaryDirectory() as tmp:
         write_demo_dataset(Path(tmp), n_images=n, seed=7)

@@ -2,7 +2,7 @@
 
 python -m benchmarks.bench_training --data-dir DIR [--image-size 128] [--batch-size 64] [--steps 20] [--compile]
 
-1. pipeline: `training.cnn.train_one_epoch` as a run uses it (the uint8 image cache on the device,
+1. pipeline: `training.cnn.loop.train_one_epoch` as a run uses it (the uint8 image cache on the device,
    shuffled batches, batched augmentation and normalisation there, the optimiser and schedule) over
    `steps` batches of real images, after one warm-up pass;
 2. model only: the same ResNet-18, batch size, input size and precision, forward + backward +
@@ -18,10 +18,10 @@ import time
 import numpy as np
 import torch
 
-from training.cnn import build_fold, train_one_epoch, train_step
+from training.cnn.batches import eval_batch
+from training.cnn.loop import build_fold, train_one_epoch, train_step
 from training.config import make_config
-from training.data import decode_all, load_dataset
-from training.dataset import eval_batch
+from training.data.ham10000 import decode_all, load_dataset
 
 
 def model_only(t, x: torch.Tensor, y: torch.Tensor, steps: int) -> float:

@@ -25,18 +25,19 @@ import pandas as pd
 from sklearn.metrics import recall_score
 
 from service.core.labels import CLASSES
-from training.cnn import OLD_RULE, kept_best_epoch
+from training.cnn.loop import OLD_RULE, kept_best_epoch
 from training.config import saved_config
-from training.folds import folds_path
-from training.io import PROB_COLUMNS
-from training.metrics import with_intervals
-from training.pipeline import Run
-from training.report import metrics_table
+from training.data.io import PROB_COLUMNS
+from training.evaluation.metrics import with_intervals
+from training.layout import RunLayout
+from training.run import Run
+from training.reporting.markdown import metrics_table
 
 
 def load_run(run_dir: Path, data_dir: str | None) -> Run:
     cfg = saved_config(run_dir, data_dir=data_dir)
-    needed = [run_dir / "artifacts" / "oof_cnn.csv", *(run_dir / "cnn" / f"fold{k}.json" for k in range(cfg.folds))]
+    paths = RunLayout(run_dir)
+    needed = [paths.oof("cnn"), *(paths.fold_summary(k) for k in range(cfg.folds))]
     if missing := [str(p) for p in needed if not p.exists()]:
         raise SystemExit(f"{run_dir}: its cnn stage is not finished ({', '.join(missing)} missing)")
     return Run(cfg, run_dir, log=lambda m: None)
@@ -53,7 +54,7 @@ def learning_curve(run: Run) -> pd.Series:
     rows = [
         (h["epoch"], h["val_bmca"])
         for k in range(run.cfg.folds)
-        for h in json.loads((run.dir / "cnn" / f"fold{k}.json").read_text())["history"]
+        for h in json.loads(run.paths.fold_summary(k).read_text())["history"]
     ]
     return pd.DataFrame(rows, columns=["epoch", "bmca"]).groupby("epoch").bmca.mean()
 
@@ -65,7 +66,7 @@ def compare(run_dirs: list[Path], data_dir: str | None = None, bootstrap: int = 
         raise SystemExit(f"give the runs distinct directory names: {', '.join(names)}")
     runs = {name: load_run(d, data_dir) for name, d in zip(names, run_dirs)}
     first, *others = names
-    folds = {name: pd.read_csv(folds_path(r.dir)) for name, r in runs.items()}
+    folds = {name: pd.read_csv(r.paths.folds) for name, r in runs.items()}
     for name in others:
         if not folds[name].equals(folds[first]):
             raise SystemExit(f"{name} and {first} do not share their folds: same data, --folds and --seed needed")
@@ -84,7 +85,7 @@ def compare(run_dirs: list[Path], data_dir: str | None = None, bootstrap: int = 
     differ = settings_that_differ(runs)
     none = ["| (none differ) |" + " |" * len(names)]
     lines += [f"| {k} | " + " | ".join(map(str, v)) + " |" for k, v in differ.items()] or none
-    old = [name for name, r in runs.items() if any(kept_best_epoch(r.dir / "cnn", k) for k in range(r.cfg.folds))]
+    old = [name for name, r in runs.items() if any(kept_best_epoch(r.paths, k) for k in range(r.cfg.folds))]
     if old:
         lines += ["", f"Note: {', '.join(old)} {OLD_RULE} (slightly optimistic against runs that kept the last)."]
     # the same seed draws the same lesion resamples in every call, so each difference is paired

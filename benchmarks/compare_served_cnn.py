@@ -19,12 +19,13 @@ import numpy as np
 
 from benchmarks.bench_inference import graph_images_per_s
 from service.core.preprocess import to_model_input
-from training.cnn import load_fold_model, predict_probs, train_fold, train_refit
+from training.cnn.loop import load_fold_model, predict_probs, train_fold, train_refit
+from training.cnn.onnx import export_onnx
 from training.config import PRESETS, make_config
-from training.data import decode_all, load_dataset
-from training.export import export_onnx
-from training.folds import ensure_folds
-from training.metrics import all_metrics
+from training.data.folds import ensure_folds
+from training.data.ham10000 import decode_all, load_dataset
+from training.evaluation.metrics import all_metrics
+from training.layout import RunLayout
 
 KEYS = ("bmca", "macro_auc", "malignant_auc", "malignant_pauc", "log_loss")
 
@@ -40,7 +41,8 @@ def main() -> None:
     spec = cfg.image_spec()
     with tempfile.TemporaryDirectory() as tmp_:
         tmp = Path(tmp_)
-        table = ensure_folds(load_dataset(cfg.data_dir).table, tmp, cfg.folds, cfg.seed)
+        paths = RunLayout(tmp)
+        table = ensure_folds(load_dataset(cfg.data_dir).table, paths.folds, cfg.folds, cfg.seed)
         images = decode_all(list(table.path), spec)
         y, fold = table.label.to_numpy(), table.fold.to_numpy()
         test_fold = cfg.folds - 1
@@ -48,8 +50,8 @@ def main() -> None:
         print(f"{len(inner)} images in {test_fold} inner folds, {len(test)} held-out images; {cfg.epochs} epochs")
         inner_cfg = cfg.model_copy(update={"folds": test_fold})
         for k in range(test_fold):
-            train_fold(k, inner_cfg, images[inner], y[inner], fold[inner], tmp)
-        members = [load_fold_model(tmp, k) for k in range(test_fold)]
+            train_fold(k, inner_cfg, images[inner], y[inner], fold[inner], paths)
+        members = [load_fold_model(paths, k) for k in range(test_fold)]
         refit = train_refit(inner_cfg, images[inner], y[inner], np.arange(len(inner)))
 
         member_probs = [predict_probs(m, images[test], spec) for m in members]

@@ -21,11 +21,11 @@ import numpy as np
 
 from benchmarks.bench_inference import graph_images_per_s
 from service.core.preprocess import to_model_input
-from training.cnn import load_fold_model, predict_probs, served_members
+from training.cnn.loop import load_fold_model, predict_probs, served_members
+from training.cnn.onnx import export_onnx
 from training.config import saved_config
-from training.export import export_onnx
-from training.metrics import all_metrics
-from training.pipeline import Run
+from training.evaluation.metrics import all_metrics
+from training.run import Run
 
 KEYS = ("bmca", "macro_auc", "malignant_auc", "malignant_pauc", "log_loss", "ece")
 
@@ -44,7 +44,7 @@ def main() -> None:
 
     oof = {False: np.zeros((len(y), 7)), True: np.zeros((len(y), 7))}
     for k in range(cfg.folds):
-        model, rows = load_fold_model(run.dir / "cnn", k), np.flatnonzero(fold == k)
+        model, rows = load_fold_model(run.paths, k), np.flatnonzero(fold == k)
         for tta in oof:
             oof[tta][rows] = predict_probs(model, run.images[rows], spec, tta)
     scores = {tta: all_metrics(y, probs) for tta, probs in oof.items()}

@@ -89,7 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def dispatch(args: argparse.Namespace) -> None:
     if args.command == "demo-data":
-        from training.synthetic import write_demo_dataset
+        from training.data.synthetic import write_demo_dataset
 
         write_demo_dataset(args.out, n_images=args.images, seed=args.seed)
         print(f"wrote a synthetic dataset of {args.images} images to {args.out}")
@@ -115,7 +115,7 @@ def dispatch(args: argparse.Namespace) -> None:
         except BundleError as exc:
             raise RunError(f"cannot evaluate {args.bundle}: {exc}") from None
     elif args.command == "download":
-        from training.download import DATAVERSE_URL, download_ham10000
+        from training.data.download import DATAVERSE_URL, download_ham10000
 
         download_ham10000(args.out, base_url=args.base_url or DATAVERSE_URL)
     else:

@@ -13,12 +13,12 @@ from typing import Literal
 from pydantic import BaseModel, Field, ValidationError, field_validator
 
 from service.core.preprocess import ImageSpec
+from training.data.io import atomic_write_text
 from training.errors import ConfigMismatch
-from training.io import atomic_write_text
 
 CNN, SOFT_VOTE, STACK = "cnn", "soft_vote", "stack"
 FP32_GRAPH, INT8_GRAPH = "cnn.onnx", "cnn.int8.onnx"  # the CNN's graphs, same names in RUN_DIR/cnn/ and the bundle
-ALL_BOOSTERS = ["xgboost", "lightgbm", "catboost"]  # training.boosters.BOOSTERS implements each
+ALL_BOOSTERS = ["xgboost", "lightgbm", "catboost"]  # training.ensemble.boosters.BOOSTERS implements each
 
 PRESETS: dict[str, dict] = {
     # about a minute on the 2,118-image sample on 2 CPU cores: for tests, proves the plumbing

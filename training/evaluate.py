@@ -22,18 +22,12 @@ from service.core import labels
 from service.core.bundle import read_verified
 from service.core.predictor import Predictor
 from training.config import CNN
-from training.data import decode_all, load_dataset
+from training.data.ham10000 import decode_all, load_dataset
+from training.data.io import PROB_COLUMNS, atomic_write_csv, atomic_write_text
 from training.errors import DataError
-from training.io import PROB_COLUMNS, atomic_write_csv, atomic_write_text
-from training.metrics import with_intervals
-from training.report import (
-    MALIGNANT_NOTE,
-    machine_description,
-    metrics_table,
-    plot_confusion,
-    plot_reliability,
-    plot_roc,
-)
+from training.evaluation.metrics import with_intervals
+from training.reporting.markdown import MALIGNANT_NOTE, machine_description, metrics_table
+from training.reporting.plots import plot_confusion, plot_reliability, plot_roc
 
 
 def training_overlap(predictor: Predictor, bundle: Path, table: pd.DataFrame) -> pd.Series | None:

@@ -1,5 +1,5 @@
 """The CNN graph's contract: the names export writes and serving reads, and what a graph with given
-outputs can do. One module, imported by both sides (training/export.py and the Predictor)."""
+outputs can do. One module, imported by both sides (training/cnn/onnx.py and the Predictor)."""
 
 from __future__ import annotations
 

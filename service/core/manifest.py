@@ -32,7 +32,7 @@ class ModelFile(BaseModel):
 
 
 class QuantizationGate(BaseModel):
-    """int8 vs fp32 fold models on their out-of-fold images (training.quantize)."""
+    """int8 vs fp32 fold models on their out-of-fold images (training.cnn.quantize)."""
 
     passed: bool
     images: int

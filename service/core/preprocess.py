@@ -158,7 +158,7 @@ def draft_size(width: int, height: int, spec: ImageSpec) -> tuple[int, int]:
     model decodes at 300x225, a quarter of the pixels; a 4000x3000 phone photo at 500x375, 1/64.
     Without the 256-pixel floor a 600x450 upload for a 64x48 model decoded at 150x113, half a grey
     level from full decoding on average, which changed 1.1 % of a smoke-trained bundle's answers;
-    at 300x225 it is a tenth of a grey level (tests/test_decoding.py holds served top-1 agreement
+    at 300x225 it is a tenth of a grey level (tests/core/test_decoding.py holds served top-1 agreement
     >= 99 %). For an image whose orientation differs from the model's (portrait, or turned by
     EXIF) the centre crop keeps less: a 450x600 upload for 128x96 decodes at 225x300 and crops to
     225x169, 1.76x."""

@@ -1,7 +1,7 @@
 """Cheap checks of an upload's image quality, each a warning for the person reading the answer.
 
 Thresholds were set on the 2,118 real HAM10000 images of the sample so that real dermoscopy
-images are almost never flagged (tests/test_explain.py counts how many are). They are measured at
+images are almost never flagged (tests/core/test_explain.py counts how many are). They are measured at
 the model's input size, on a whole request at once, in the thread that decoded it (off the event
 loop and the model's thread).
 """

@@ -5,7 +5,7 @@ on images of its own training folds), and run beside its fp32 graph on the fold 
 The out-of-fold probabilities of both give the gate's figures: top-1 agreement, and the malignant
 AUC and ISIC pAUC of each. The quantized members are then joined into one graph that averages
 their probabilities, exactly as the fp32 ensemble does. The bundle serves it only if the gate
-passed (`training.bundle`).
+passed (`training.stages.bundle`).
 """
 
 from __future__ import annotations
@@ -26,9 +26,9 @@ from service.core.graph import INPUT_NAME, OUTPUT_NAME
 from service.core.labels import CLASSES
 from service.core.manifest import QuantizationGate
 from service.core.preprocess import ImageSpec, to_model_input
-from training.export import export_onnx
-from training.io import atomic_write
-from training.metrics import all_metrics
+from training.cnn.onnx import export_onnx
+from training.data.io import atomic_write
+from training.evaluation.metrics import all_metrics
 
 MIN_AGREEMENT = 0.99  # top-1 agreement with fp32 on out-of-fold images
 MAX_METRIC_DROP = 0.002  # malignant AUC and pAUC: int8 may be at most this much worse than fp32
@@ -97,7 +97,7 @@ def join_members(paths: list[Path]) -> onnx.ModelProto:
     graph = helper.make_graph(
         [*nodes, mean], "fold_ensemble_int8", list(first.graph.input), [output], inits, value_info=infos
     )
-    model = helper.make_model(graph, opset_imports=first.opset_import, producer_name="training.quantize")
+    model = helper.make_model(graph, opset_imports=first.opset_import, producer_name="training.cnn.quantize")
     onnx.checker.check_model(model)
     return model
 

@@ -1,4 +1,4 @@
-"""Stage 7: RUN_DIR/bundle/, the only thing the service loads.
+"""Stage 7, bundle: RUN_DIR/bundle/, the only thing the service loads.
 
 Written into a temporary folder and renamed into place, so a crash never leaves a half bundle.
 Its manifest is the roster of the run's models (the CNN, the chosen boosters, the soft vote and
@@ -17,7 +17,6 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from service.core import labels
 from service.core.bundle import library_versions, sha256_file
@@ -34,26 +33,28 @@ from service.core.manifest import (
     libraries_of,
     without_paths,
 )
-from service.core.ood import fit_image_gaussian, image_statistics
+from service.core.ood import OodSpec, fit_image_gaussian, image_statistics
 from service.core.predictor import Predictor
 from service.core.preprocess import to_model_input
-from training.boosters import BOOSTERS, feature_matrix
-from training.cnn import served_members
 from training.config import CNN, FP32_GRAPH, INT8_GRAPH, SOFT_VOTE, STACK
-from training.io import PROB_COLUMNS, atomic_write_text
-from training.model_card import model_card
-from training.models import FoldEnsemble
-from training.ood import OOD_FILE, read_spec, served_gaussian
+from training.data.io import PROB_COLUMNS, atomic_write_text
+from training.ensemble.boosters import BOOSTERS, feature_matrix
+from training.reporting.model_card import model_card
+from training.run import Run
 
 
-def roster(run) -> tuple[CnnModel, list[ModelFile], ModelFile]:
+def outputs(run: Run) -> list[Path]:
+    return [run.paths.bundle / MANIFEST_NAME]
+
+
+def roster(run: Run) -> tuple[CnnModel, list[ModelFile], ModelFile]:
     """The run's models as the manifest lists them: CNN, boosters in stacking order, stack.
 
     The CNN is the int8 graph when its out-of-fold gate passed (the fp32 graph rides along with
     --keep-fp32), else the fp32 graph; the gate's figures are recorded either way."""
     gate = None
     if run.cfg.int8:
-        gate = QuantizationGate.model_validate_json((run.dir / "cnn" / "quantization.json").read_text())
+        gate = QuantizationGate.model_validate_json(run.paths.quantization.read_text())
     int8 = gate is not None and gate.passed
     cnn = CnnModel(
         name=CNN,
@@ -68,7 +69,7 @@ def roster(run) -> tuple[CnnModel, list[ModelFile], ModelFile]:
         fp32_file=FP32_GRAPH if int8 and run.cfg.keep_fp32 else None,
         quantization=gate,
         tta=run.cfg.tta,
-        explain_outputs=graph_outputs(run.dir / "cnn" / (INT8_GRAPH if int8 else FP32_GRAPH))[1:],
+        explain_outputs=graph_outputs(run.paths.int8_graph if int8 else run.paths.fp32_graph)[1:],
     )
     boosters = [ModelFile(name=b, file=f"{b}.pkl", libraries=list(BOOSTERS[b].libraries)) for b in run.cfg.boosters]
     stack = ModelFile(name=STACK, file=f"{STACK}.pkl", libraries=["numpy", "scikit-learn"])
@@ -81,9 +82,9 @@ def graph_outputs(path: Path) -> list[str]:
     return [o.name for o in onnx.load(str(path), load_external_data=False).graph.output]
 
 
-def build_manifest(run, folder: Path, cnn: CnnModel, boosters: list[ModelFile], stack: ModelFile) -> Manifest:
-    report = json.loads((run.artifacts / "report.json").read_text())
-    ood = read_spec(run)
+def build_manifest(run: Run, folder: Path, cnn: CnnModel, boosters: list[ModelFile], stack: ModelFile) -> Manifest:
+    report = json.loads(run.paths.report_json.read_text())
+    ood = OodSpec.model_validate_json(run.paths.ood_spec.read_text())
     calibration = report["calibration"]
     files = {p.name: sha256_file(p) for p in sorted(folder.iterdir())}
     created = dt.datetime.now(dt.timezone.utc).replace(microsecond=0)
@@ -118,10 +119,15 @@ def build_manifest(run, folder: Path, cnn: CnnModel, boosters: list[ModelFile], 
     )
 
 
-def reference_predictions(run, n: int = 8) -> dict:
+def reference_predictions(run: Run, n: int = 8) -> dict:
     """Training's own numbers for n rows, computed without the Predictor: the served CNN (refit
     model or fold ensemble) run in torch, and the refit level-2 models on the boosters' training
     features (whose CNN part is the out-of-fold CNN probabilities)."""
+    import torch
+
+    from training.cnn.loop import served_members
+    from training.cnn.models import FoldEnsemble
+
     idx = np.linspace(0, len(run.table) - 1, n).astype(int)
     members = served_members(run)
     x = torch.from_numpy(to_model_input(run.images[idx], run.cfg.image_spec()))
@@ -131,9 +137,9 @@ def reference_predictions(run, n: int = 8) -> dict:
     features = feature_matrix(run)[idx]
     probs = {CNN: cnn_oof}
     for b in run.cfg.boosters:
-        probs[b] = pickle.loads((run.models / f"{b}.pkl").read_bytes()).predict_proba(features)
+        probs[b] = pickle.loads(run.paths.model(b).read_bytes()).predict_proba(features)
     probs[SOFT_VOTE] = soft_vote(probs, run.cfg.level1)
-    stack = pickle.loads((run.models / f"{STACK}.pkl").read_bytes())
+    stack = pickle.loads(run.paths.model(STACK).read_bytes())
     probs[STACK] = stack.predict_proba(stack_inputs(probs, run.cfg.level1))
     rows = run.table.iloc[idx]
     return {
@@ -148,21 +154,23 @@ def reference_predictions(run, n: int = 8) -> dict:
     }
 
 
-def write_bundle(run) -> Path:
-    final = run.dir / "bundle"
+def run(run: Run) -> None:
+    from training.cnn.ood import OOD_FILE, served_gaussian
+
+    final = run.paths.bundle
     tmp = Path(tempfile.mkdtemp(dir=run.dir, prefix=".bundle-"))
     try:
         cnn, boosters, stack = roster(run)
         for name in cnn.files:
-            shutil.copy2(run.dir / "cnn" / name, tmp / name)
+            shutil.copy2(run.paths.cnn / name, tmp / name)
         for m in [*boosters, stack]:
-            shutil.copy2(run.models / f"{m.name}.pkl", tmp / m.file)
+            shutil.copy2(run.paths.model(m.name), tmp / m.file)
         run.table[["image_id", "lesion_id"]].to_csv(tmp / TRAINING_IMAGES, index=False)
         if cnn.has_ood_outputs:  # a joined int8 fold ensemble has no explanation outputs
             y, spec = run.table.label.to_numpy(), run.cfg.image_spec()
-            fit = served_gaussian(run.dir / "cnn" / cnn.file, run.images, y, spec)
+            fit = served_gaussian(run.paths.cnn / cnn.file, run.images, y, spec)
             (tmp / OOD_FILE).write_bytes(fit.to_npz())
-            image_file = read_spec(run).image_file  # runs exported before the image check have none
+            image_file = OodSpec.model_validate_json(run.paths.ood_spec.read_text()).image_file  # None: older runs
             if image_file:
                 (tmp / image_file).write_bytes(fit_image_gaussian(image_statistics(run.images)).to_npz())
         (tmp / MODEL_CARD).write_text(model_card(run, cnn, boosters))
@@ -170,11 +178,10 @@ def write_bundle(run) -> Path:
         (tmp / MANIFEST_NAME).write_text(manifest.model_dump_json(indent=2))
         tmp.chmod(0o755)
         Predictor.load(tmp)  # the bundle must load before it is published
-        atomic_write_text(run.artifacts / "reference_predictions.json", json.dumps(reference_predictions(run)))
+        atomic_write_text(run.paths.reference_predictions, json.dumps(reference_predictions(run)))
         if final.exists():
             shutil.rmtree(final)
         tmp.rename(final)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     run.log(f"bundle: {final} ({manifest.bundle_id})")
-    return final

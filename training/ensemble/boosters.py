@@ -9,7 +9,6 @@ The served boosters are refit on every row with the mean chosen number of rounds
 
 from __future__ import annotations
 
-import pickle
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -21,8 +20,8 @@ from tqdm import tqdm
 from service.core import labels
 from service.core.features import FeatureSpec, build_features, image_stats
 from training.config import CNN
+from training.data.io import PROB_COLUMNS
 from training.errors import DataError
-from training.io import PROB_COLUMNS, atomic_write_bytes, write_oof
 
 EARLY_STOP = 50
 SKLEARN_API = ("numpy", "scikit-learn")  # XGBoost's and LightGBM's classifiers are scikit-learn estimators
@@ -200,20 +199,3 @@ def cross_fit(
         model = b.make(chosen[-1], seed, False).fit(x[fold != k], y[fold != k], sample_weight=balanced(y[fold != k]))
         oof[fold == k] = model.predict_proba(x[fold == k])
     return oof, chosen
-
-
-def boosters_stage(run) -> None:
-    y, fold = run.table.label.to_numpy(), run.table.fold.to_numpy()
-    check_every_class_trains(y, fold)
-    x = feature_matrix(run)
-    for name in run.cfg.boosters:
-        b = BOOSTERS[name]
-        oof_path, model_path = run.artifacts / f"oof_{name}.csv", run.models / f"{name}.pkl"
-        if oof_path.exists() and model_path.exists():
-            run.log(f"{name}: already done, skipping")
-            continue
-        oof, chosen = cross_fit(b, x, y, fold, run.cfg.booster_rounds, run.cfg.seed)
-        final = b.make(int(np.mean(chosen)), run.cfg.seed, False).fit(x, y, sample_weight=balanced(y))
-        write_oof(oof_path, run.table, oof)
-        atomic_write_bytes(model_path, pickle.dumps(for_serving(final)))
-        run.log(f"{name}: rounds per fold {chosen}, final model {int(np.mean(chosen))} rounds")

@@ -7,8 +7,8 @@ from pathlib import Path
 import pandas as pd
 from sklearn.model_selection import StratifiedGroupKFold
 
+from training.data.io import atomic_write_csv
 from training.errors import ConfigMismatch
-from training.io import atomic_write_csv
 
 
 def make_folds(table: pd.DataFrame, n_folds: int, seed: int) -> pd.DataFrame:
@@ -20,12 +20,8 @@ def make_folds(table: pd.DataFrame, n_folds: int, seed: int) -> pd.DataFrame:
     return pd.DataFrame({"image_id": table.image_id, "lesion_id": table.lesion_id, "fold": fold.astype(int)})
 
 
-def folds_path(run_dir: Path) -> Path:
-    return Path(run_dir) / "artifacts" / "folds.csv"
-
-
-def ensure_folds(table: pd.DataFrame, run_dir: Path, n_folds: int, seed: int, log=print) -> pd.DataFrame:
-    path = folds_path(run_dir)
+def ensure_folds(table: pd.DataFrame, path: Path, n_folds: int, seed: int, log=print) -> pd.DataFrame:
+    """The rows with their fold, from `path` (RunLayout.folds), written there on first use."""
     if path.exists():
         folds = pd.read_csv(path)
         if set(folds.image_id) != set(table.image_id):

@@ -1,33 +1,26 @@
-"""Stage 6: artifacts/report.json, report.md and plots, every number out-of-fold."""
+"""The report's markdown: metrics with intervals, the served model's tables. Plain text, no torch."""
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 
-import matplotlib
+import numpy as np
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from sklearn.metrics import ConfusionMatrixDisplay, roc_curve  # noqa: E402
-
-from service.core import labels  # noqa: E402
-from training.cnn import training_throughput  # noqa: E402
-from training.config import CNN, STACK  # noqa: E402
-from training.io import PROB_COLUMNS, atomic_write, atomic_write_text  # noqa: E402
-from training.metrics import with_intervals  # noqa: E402
-from training.subgroups import MIN_SUBGROUP, served_figures  # noqa: E402
-
-METRICS = ["bmca", "macro_auc", "malignant_pauc", "malignant_auc", "accuracy", "log_loss", "ece"]
+from service.core import labels
+from training.evaluation.subgroups import MIN_SUBGROUP
 
 
 def machine_description() -> str:
+    """The machine, for a report: architecture, cores and GPU (torch is imported only here, when
+    the report is written, so reading this module never loads it)."""
     import torch
 
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
     return f"{platform.machine()}, {os.cpu_count()} CPU cores, {gpu}"
+
+
+METRICS = ["bmca", "macro_auc", "malignant_pauc", "malignant_auc", "accuracy", "log_loss", "ece"]
 
 
 def fmt(m: dict) -> str:
@@ -141,83 +134,3 @@ def served_tables(report: dict) -> list[str]:
         f"Subgroups under {MIN_SUBGROUP} images show counts only; '-': not measurable there (one kind of lesion).",
     ]
     return lines
-
-
-def save_png(fig, path) -> None:
-    atomic_write(path, lambda p: fig.savefig(p, format="png", dpi=110, bbox_inches="tight"))
-    plt.close(fig)
-
-
-def plot_roc(y, probs, title, path) -> None:
-    fig, ax = plt.subplots(figsize=(5, 5))
-    for i, c in enumerate(labels.CLASSES):
-        fpr, tpr, _ = roc_curve(y == i, probs[:, i])
-        ax.plot(fpr, tpr, label=c)
-    ax.plot([0, 1], [0, 1], "k:", lw=0.8)
-    ax.set(xlabel="false positive rate", ylabel="true positive rate", title=title)
-    ax.legend(loc="lower right")
-    save_png(fig, path)
-
-
-def plot_confusion(y, probs, title, path) -> None:
-    fig, ax = plt.subplots(figsize=(6, 5))
-    ConfusionMatrixDisplay.from_predictions(
-        y,
-        probs.argmax(1),
-        labels=range(len(labels.CLASSES)),
-        display_labels=labels.CLASSES,
-        normalize="true",
-        values_format=".2f",
-        ax=ax,
-        colorbar=False,
-    )
-    ax.set_title(title)
-    save_png(fig, path)
-
-
-def plot_reliability(y, model_probs, path, title: str = "Reliability (out-of-fold)", n_bins: int = 10) -> None:
-    fig, ax = plt.subplots(figsize=(5, 5))
-    for name, p in model_probs.items():
-        conf, correct = p.max(1), p.argmax(1) == y
-        bins = np.minimum((conf * n_bins).astype(int), n_bins - 1)
-        xs = [conf[bins == b].mean() for b in range(n_bins) if (bins == b).any()]
-        ys = [correct[bins == b].mean() for b in range(n_bins) if (bins == b).any()]
-        ax.plot(xs, ys, "o-", label=name, ms=3)
-    ax.plot([0, 1], [0, 1], "k:", lw=0.8)
-    ax.set(xlabel="confidence (top class)", ylabel="accuracy", title=title)
-    ax.legend()
-    save_png(fig, path)
-
-
-def write_report(run) -> dict:
-    y = run.table.label.to_numpy()
-    model_probs = {m: run.oof(m)[PROB_COLUMNS].to_numpy() for m in run.cfg.components}
-    report = with_intervals(
-        y, model_probs, run.table.lesion_id.to_numpy(), run.cfg.bootstrap, run.cfg.seed, paired=(STACK, CNN)
-    )
-    report["data"] = {
-        "data_dir": run.cfg.data_dir,
-        "images": len(y),
-        "lesions": int(run.table.lesion_id.nunique()),
-        "skipped_missing_images": run.dataset.skipped,
-        "synthetic": run.dataset.synthetic,
-        "folds": run.cfg.folds,
-        "class_counts": {c: int((y == i).sum()) for i, c in enumerate(labels.CLASSES)},
-    }
-    report["config"] = run.cfg.model_dump()
-    report["machine"] = machine_description()
-    report["cnn_train_images_per_s"] = training_throughput(run.dir, run.cfg.folds)
-    report["served_cnn"] = run.cfg.served_cnn
-    gate = run.dir / "cnn" / "quantization.json"
-    report["int8_gate"] = json.loads(gate.read_text()) if run.cfg.int8 and gate.exists() else None
-    report["served"] = STACK
-    report.update(served_figures(run.table, y, model_probs[STACK], run.cfg.bootstrap, run.cfg.seed))
-    atomic_write_text(run.artifacts / "report.json", json.dumps(report, indent=2))
-    atomic_write_text(run.artifacts / "report.md", markdown(report))
-    plots = run.artifacts / "plots"
-    plot_roc(y, model_probs[STACK], "ROC per class: stack (OOF)", plots / "roc_stack.png")
-    plot_roc(y, model_probs[CNN], "ROC per class: CNN (OOF)", plots / "roc_cnn.png")
-    plot_confusion(y, model_probs[STACK], "Confusion (row-normalised): stack", plots / "confusion_stack.png")
-    plot_reliability(y, model_probs, plots / "reliability.png")
-    run.log((run.artifacts / "report.md").read_text())
-    return report

@@ -8,7 +8,7 @@ from pathlib import PurePath
 
 from service.core import labels
 from service.core.manifest import CnnModel, ModelFile
-from training.report import MALIGNANT_NOTE, metrics_table, served_tables
+from training.reporting.markdown import MALIGNANT_NOTE, metrics_table, served_tables
 
 
 def model_card(run, cnn: CnnModel, boosters: list[ModelFile]) -> str:

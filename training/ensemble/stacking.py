@@ -7,16 +7,10 @@ The served meta-learner is refit on all rows.
 
 from __future__ import annotations
 
-import pickle
-
 import numpy as np
 from sklearn.linear_model import LogisticRegressionCV
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
-
-from service.core.features import soft_vote, stack_inputs
-from training.config import SOFT_VOTE, STACK
-from training.io import PROB_COLUMNS, atomic_write_bytes, write_oof
 
 
 def make_meta_learner(fold: np.ndarray):
@@ -33,19 +27,3 @@ def make_meta_learner(fold: np.ndarray):
         use_legacy_attributes=False,
     )
     return make_pipeline(StandardScaler(), lr)
-
-
-def stack_stage(run) -> None:
-    level1 = run.cfg.level1
-    probs = {m: run.oof(m)[PROB_COLUMNS].to_numpy() for m in level1}
-    y, fold = run.table.label.to_numpy(), run.table.fold.to_numpy()
-    z = stack_inputs(probs, level1)
-    stack = np.zeros_like(probs[level1[0]])
-    for k in range(fold.max() + 1):
-        meta = make_meta_learner(fold[fold != k]).fit(z[fold != k], y[fold != k])
-        stack[fold == k] = meta.predict_proba(z[fold == k])
-    final = make_meta_learner(fold).fit(z, y)
-    write_oof(run.artifacts / f"oof_{SOFT_VOTE}.csv", run.table, soft_vote(probs, level1))
-    write_oof(run.artifacts / f"oof_{STACK}.csv", run.table, stack)
-    atomic_write_bytes(run.models / f"{STACK}.pkl", pickle.dumps(final))
-    run.log(f"stack: meta-learner over {', '.join(level1)}, cross-validated on the shared folds and refit on all rows")

@@ -10,9 +10,9 @@ import torch
 
 from service.core.graph import EXPLAIN_OUTPUTS, INPUT_NAME, OUTPUT_NAME
 from service.core.preprocess import ImageSpec, to_model_input
+from training.cnn.models import FoldEnsemble
+from training.data.io import atomic_write
 from training.errors import ExportError
-from training.io import atomic_write
-from training.models import FoldEnsemble
 
 PARITY_TOLERANCE = 1e-4
 
@@ -27,7 +27,7 @@ def export_onnx(
     explain: bool = False,
 ) -> float:
     """Write `out` (input 'image' NCHW float32, output 'probabilities', dynamic batch); with `tta`
-    the graph averages the 8 dihedral views of each image (`training.models.FoldEnsemble`); with
+    the graph averages the 8 dihedral views of each image (`training.cnn.models.FoldEnsemble`); with
     `explain` it also outputs EXPLAIN_OUTPUTS: class activation maps, embedding and logits.
 
     `images` are real uint8 images (N,H,W,3); the run fails unless every output of onnxruntime

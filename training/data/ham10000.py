@@ -14,8 +14,8 @@ from tqdm import tqdm
 from service.core import labels
 from service.core.metadata import ClinicalMetadata
 from service.core.preprocess import ImageError, ImageSpec, load_for_model
+from training.data.synthetic import SYNTHETIC_DX_TYPE
 from training.errors import DataError
-from training.synthetic import SYNTHETIC_DX_TYPE
 
 REQUIRED_COLUMNS = ["lesion_id", "image_id", "dx", "age", "sex", "localization"]
 METADATA_NAME = "HAM10000_metadata.csv"

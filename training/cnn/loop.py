@@ -14,7 +14,6 @@ schedule), `train_one_epoch`, `evaluate`, `write_fold_outputs`; `train_fold` str
 from __future__ import annotations
 
 import json
-import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,12 +27,14 @@ from tqdm import tqdm
 
 from service.core import labels
 from service.core.preprocess import ImageSpec
-from training import distributed
-from training.config import FP32_GRAPH, INT8_GRAPH, RunConfig
-from training.dataset import TrainBatches, augment_batch, eval_batch, normalise, train_augmentation
+from training.cnn import distributed
+from training.cnn.batches import TrainBatches, augment_batch, eval_batch, normalise, train_augmentation
+from training.cnn.models import FoldEnsemble, build_resnet18
+from training.config import CNN, RunConfig
+from training.data.io import PROB_COLUMNS, atomic_write, atomic_write_csv, atomic_write_text, write_oof
 from training.errors import RunError
-from training.io import PROB_COLUMNS, atomic_write, atomic_write_csv, atomic_write_text, write_oof
-from training.models import FoldEnsemble, build_resnet18
+from training.layout import RunLayout
+from training.run import Run
 
 
 def device_and_dtype(precision: str) -> tuple[torch.device, torch.dtype | None]:
@@ -167,34 +168,34 @@ def evaluate(
 
 
 def write_fold_outputs(
-    t: FoldTraining, images: np.ndarray, val_rows: np.ndarray, spec: ImageSpec, tta: bool, cnn_dir: Path
+    t: FoldTraining, images: np.ndarray, val_rows: np.ndarray, spec: ImageSpec, tta: bool, paths: RunLayout
 ) -> dict:
     """The last epoch's OOF rows, the fold summary, and its weights last (fold<k>.pt marks the fold done)."""
     k, state = t.k, t.state
     oof = pd.DataFrame(predict_probs(t.model, images[val_rows], spec, tta), columns=PROB_COLUMNS)
     oof.insert(0, "row", val_rows)
-    atomic_write_csv(cnn_dir / f"oof_fold{k}.csv", oof)
+    atomic_write_csv(paths.fold_oof(k), oof)
     summary = {
         "fold": k,
         "epochs": state["epoch"],
         "val_bmca": state["history"][-1]["val_bmca"],  # the kept (last) epoch's
         "history": state["history"],
     }
-    atomic_write_text(cnn_dir / f"fold{k}.json", json.dumps(summary, indent=2))
+    atomic_write_text(paths.fold_summary(k), json.dumps(summary, indent=2))
     weights = {n: v.cpu() for n, v in t.model.state_dict().items()}
-    atomic_write(cnn_dir / f"fold{k}.pt", lambda p: torch.save(weights, p))
+    atomic_write(paths.fold_model(k), lambda p: torch.save(weights, p))
     return summary
 
 
 def train_fold(
-    k: int, cfg: RunConfig, images: np.ndarray, y: np.ndarray, fold: np.ndarray, cnn_dir: Path, log=print
+    k: int, cfg: RunConfig, images: np.ndarray, y: np.ndarray, fold: np.ndarray, paths: RunLayout, log=print
 ) -> dict:
     """Train fold k on the other folds, keep its last epoch, write its OOF rows; returns its summary."""
     spec = cfg.image_spec()
     train_rows, val_rows = np.flatnonzero(fold != k), np.flatnonzero(fold == k)
     t = build_fold(k, cfg, images, y, train_rows)
     val_images = torch.from_numpy(images[val_rows]).to(t.device).permute(0, 3, 1, 2)
-    ckpt_path = cnn_dir / f"fold{k}.ckpt"
+    ckpt_path = paths.fold_model(k).with_suffix(".ckpt")
     if ckpt_path.exists():
         load_checkpoint(t, ckpt_path)
         log(f"fold {k}: resuming after epoch {t.state['epoch']}")
@@ -215,7 +216,7 @@ def train_fold(
         raise RunError(f"fold {k}: the torchrun processes ended with different weights")
     summary = {}
     if distributed.is_main():
-        summary = write_fold_outputs(t, images, val_rows, spec, cfg.tta, cnn_dir)
+        summary = write_fold_outputs(t, images, val_rows, spec, cfg.tta, paths)
         ckpt_path.unlink(missing_ok=True)
     distributed.barrier()
     return summary
@@ -232,117 +233,65 @@ def train_refit(cfg: RunConfig, images: np.ndarray, y: np.ndarray, rows: np.ndar
     return t.model.float().eval().cpu()
 
 
-def served_members(run, train: bool = False) -> list[nn.Module]:
-    """The CNN the bundle serves: one model refit on every row (cnn/refit.pt, trained once), or with
-    --served-cnn ensemble the fold models, averaged in the graph. The fold models always give the
-    out-of-fold predictions the boosters and the report use."""
-    cnn_dir = run.dir / "cnn"
+def served_members(run: Run) -> list[nn.Module]:
+    """The CNN the bundle serves, loaded: the model refit on every row (cnn/refit.pt, which the
+    export stage trains), or with --served-cnn ensemble the fold models, averaged in the graph. The
+    fold models always give the out-of-fold predictions the boosters and the report use."""
     if run.cfg.served_cnn == "ensemble":
-        return [load_fold_model(cnn_dir, k) for k in range(run.cfg.folds)]
-    path = cnn_dir / "refit.pt"
+        return [load_fold_model(run.paths, k) for k in range(run.cfg.folds)]
+    path = run.paths.refit
     if not path.exists():
-        if not train:
-            raise RunError(f"{path} is missing: run the export stage again (delete {path.parent / FP32_GRAPH})")
-        y = run.table.label.to_numpy()
-        model = train_refit(run.cfg, run.images, y, np.arange(len(y)), run.log)
-        atomic_write(path, lambda p: torch.save(model.state_dict(), p))
+        raise RunError(f"{path} is missing: run the export stage again (delete {run.paths.fp32_graph})")
     model = build_resnet18(len(labels.CLASSES), "none")
     model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
     return [model.eval()]
 
 
-def load_fold_model(cnn_dir: Path, k: int) -> nn.Module:
+def load_fold_model(paths: RunLayout, k: int) -> nn.Module:
     model = build_resnet18(len(labels.CLASSES), "none")
-    model.load_state_dict(torch.load(cnn_dir / f"fold{k}.pt", map_location="cpu", weights_only=True))
+    model.load_state_dict(torch.load(paths.fold_model(k), map_location="cpu", weights_only=True))
     return model.eval()
 
 
 def run_cnn(
-    cfg: RunConfig, run_dir: Path, table: pd.DataFrame, images: np.ndarray, log=print, only: int | None = None
+    cfg: RunConfig, paths: RunLayout, table: pd.DataFrame, images: np.ndarray, log=print, only: int | None = None
 ) -> pd.DataFrame | None:
     """Train every unfinished fold (or only fold `only`), then, once every fold is done, write
     artifacts/oof_cnn.csv and return the OOF table. Folds trained by separate processes (one per
     pod of a cluster job) meet in the same run directory; the last one to finish writes the table."""
-    cnn_dir = run_dir / "cnn"
+    cnn_dir = paths.cnn
     cnn_dir.mkdir(parents=True, exist_ok=True)
     y, fold = table.label.to_numpy(), table.fold.to_numpy()
     log = log if distributed.is_main() else (lambda m: None)
     if distributed.start():
         log(f"torchrun: {distributed.world_size()} processes train each fold together")
     for k in range(cfg.folds) if only is None else [only]:
-        if (cnn_dir / f"fold{k}.pt").exists():
+        if paths.fold_model(k).exists():
             log(f"fold {k}: already trained, skipping")
-            if kept_best_epoch(cnn_dir, k):
+            if kept_best_epoch(paths, k):
                 log(f"warning: fold {k} {OLD_RULE}; delete {cnn_dir} to retrain it with the last epoch kept")
             continue
-        train_fold(k, cfg, images, y, fold, cnn_dir, log)
+        train_fold(k, cfg, images, y, fold, paths, log)
     distributed.stop()  # not on an error: torchrun ends the other processes, a barrier could hang them
     if not distributed.is_main():
         return None
-    waiting = [k for k in range(cfg.folds) if not (cnn_dir / f"fold{k}.pt").exists()]
+    waiting = [k for k in range(cfg.folds) if not paths.fold_model(k).exists()]
     if waiting:
         log(f"fold {only} done; folds {', '.join(map(str, waiting))} still to train")
         return None
 
-    oof = pd.concat([pd.read_csv(cnn_dir / f"oof_fold{k}.csv") for k in range(cfg.folds)]).sort_values("row")
+    oof = pd.concat([pd.read_csv(paths.fold_oof(k)) for k in range(cfg.folds)]).sort_values("row")
     if len(oof) != len(table) or not (oof.row.to_numpy() == np.arange(len(table))).all():
         raise RunError(f"{cnn_dir}: the folds' OOF rows do not cover the dataset once; delete {cnn_dir} and rerun")
-    path = run_dir / "artifacts" / "oof_cnn.csv"
+    path = paths.oof(CNN)
     write_oof(path, table, oof[PROB_COLUMNS].to_numpy())
     return pd.read_csv(path)
-
-
-def cnn_stage(run) -> None:
-    run_cnn(run.cfg, run.dir, run.table, run.images, run.log, run.fold)
 
 
 OLD_RULE = "was trained before fold models kept their last epoch: its OOF rows come from its best validation epoch"
 
 
-def kept_best_epoch(cnn_dir: Path, k: int) -> bool:
+def kept_best_epoch(paths: RunLayout, k: int) -> bool:
     """True for a fold trained by an older version, which kept the epoch that scored best on the fold
     itself (its out-of-fold figures are slightly optimistic)."""
-    return "best_epoch" in json.loads((cnn_dir / f"fold{k}.json").read_text())
-
-
-def training_throughput(run_dir: Path, folds: int) -> float:
-    """Mean training images/s over every epoch of every fold, from the fold summaries."""
-    rates = []
-    for k in range(folds):
-        rates += [
-            h["train_images_per_s"] for h in json.loads((run_dir / "cnn" / f"fold{k}.json").read_text())["history"]
-        ]
-    return float(np.mean(rates)) if rates else math.nan
-
-
-def export_stage(run) -> None:
-    """The served CNN in one ONNX graph (the fold models averaged, or the refit model):
-    cnn/cnn.onnx, parity-checked on real images, with the explanation outputs (CAM, embedding,
-    logits). Its out-of-distribution thresholds, fitted out-of-fold: cnn/ood.json. With int8 on,
-    also cnn/cnn.int8.onnx and the gate measured on the fold models' out-of-fold images,
-    cnn/quantization.json."""
-    from training.export import export_onnx
-    from training.ood import fit_ood
-
-    served = served_members(run, train=True)
-    rng = np.random.default_rng(run.cfg.seed)
-    idx = np.sort(rng.choice(len(run.table), size=min(32, len(run.table)), replace=False))
-    cnn_dir = run.dir / "cnn"
-    spec = run.cfg.image_spec()
-    export_onnx(served, spec, run.images[idx], cnn_dir / FP32_GRAPH, run.cfg.tta, log=run.log, explain=True)
-    refit = run.cfg.served_cnn == "refit"
-    folds = [load_fold_model(cnn_dir, k) for k in range(run.cfg.folds)] if refit else served
-    fit_ood(run, folds, run.cfg.ood_method, run.cfg.ood_share)
-    if run.cfg.int8:
-        from training.quantize import quantize_ensemble, quantize_refit
-
-        out = cnn_dir / INT8_GRAPH
-        y, fold = run.table.label.to_numpy(), run.table.fold.to_numpy()
-        # the fold models are always gated; their joined int8 graph is only written when it is served
-        gate = quantize_ensemble(
-            folds, run.images, y, fold, spec, None if refit else out, run.cfg.seed, run.cfg.tta, run.log
-        )
-        if refit:
-            gate = quantize_refit(gate, cnn_dir / FP32_GRAPH, run.images, spec, out, run.cfg.seed)
-            run.log(f"int8: refit model vs its fp32 graph, top-1 agreement {gate.served_agreement:.4f}")
-        atomic_write_text(cnn_dir / "quantization.json", gate.model_dump_json(indent=2))
+    return "best_epoch" in json.loads(paths.fold_summary(k).read_text())

@@ -1,7 +1,7 @@
 """Download HAM10000 from Harvard Dataverse (doi:10.7910/DVN/DBW86T), checksums verified.
 
 Writes OUT/HAM10000_metadata.csv and OUT/HAM10000_images_part_{1,2}/ISIC_*.jpg, the layout
-`training.data` reads. Files already downloaded with the right checksum are not fetched again.
+`training.data.ham10000` reads. Files already downloaded with the right checksum are not fetched again.
 """
 
 from __future__ import annotations

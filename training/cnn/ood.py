@@ -35,11 +35,12 @@ from service.core.ood import (
     mahalanobis,
 )
 from service.core.preprocess import ImageSpec, to_model_input
-from training.dataset import eval_batch
-from training.io import atomic_write_csv, atomic_write_text
-from training.models import FoldEnsemble
+from training.cnn.batches import eval_batch
+from training.cnn.models import FoldEnsemble
+from training.data.io import atomic_write_csv, atomic_write_text
+from training.run import Run
 
-OOD_FILE, IMAGE_OOD_FILE, OOD_SPEC = "ood.npz", "ood_image.npz", "ood.json"
+OOD_FILE, IMAGE_OOD_FILE = "ood.npz", "ood_image.npz"
 
 
 @torch.no_grad()
@@ -56,7 +57,7 @@ def embed(members: list[nn.Module], images: np.ndarray, spec: ImageSpec, batch_s
     return np.concatenate(emb), np.concatenate(logits)
 
 
-def fit_ood(run, fold_models: list[nn.Module], method: str, share: float) -> OodSpec:
+def fit_ood(run: Run, fold_models: list[nn.Module], method: str, share: float) -> OodSpec:
     spec, images = run.cfg.image_spec(), run.images
     y, fold = run.table.label.to_numpy(), run.table.fold.to_numpy()
     n_classes = len(labels.CLASSES)
@@ -70,9 +71,8 @@ def fit_ood(run, fold_models: list[nn.Module], method: str, share: float) -> Ood
         held_out[IMAGE_CHECK][val] = mahalanobis(stats[val], fit_image_gaussian(stats[train]))
     q = joint_quantile(held_out[method], held_out[IMAGE_CHECK], share)
     thresholds = {m: float(np.quantile(held_out[m], q)) for m in METHODS}
-    cnn_dir = run.dir / "cnn"
     table = run.table[["image_id", "fold"]].reset_index(drop=True).assign(**held_out)
-    atomic_write_csv(run.artifacts / "oof_ood.csv", table)
+    atomic_write_csv(run.paths.oof("ood"), table)
     ood = OodSpec(  # the files are written into the bundle
         method=method,
         thresholds=thresholds,
@@ -81,16 +81,12 @@ def fit_ood(run, fold_models: list[nn.Module], method: str, share: float) -> Ood
         image_threshold=float(np.quantile(held_out[IMAGE_CHECK], q)),
         image_file=IMAGE_OOD_FILE,
     )
-    atomic_write_text(cnn_dir / OOD_SPEC, ood.model_dump_json(indent=2))
+    atomic_write_text(run.paths.ood_spec, ood.model_dump_json(indent=2))
     run.log(
         f"ood: {method} score and image statistics fitted; thresholds flagging {share:.0%} of held-out real "
         f"images together: {thresholds}, image {ood.image_threshold:.4g}"
     )
     return ood
-
-
-def read_spec(run) -> OodSpec:
-    return OodSpec.model_validate_json((run.dir / "cnn" / OOD_SPEC).read_text())
 
 
 def joint_quantile(a: np.ndarray, b: np.ndarray, share: float) -> float:

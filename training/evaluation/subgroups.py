@@ -16,7 +16,7 @@ from sklearn.metrics import log_loss, roc_auc_score
 
 from service.core import labels
 from service.core.priors import adjust
-from training.metrics import MALIGNANT_IDX, _ci, ece, isic_pauc, lesion_bootstrap_weights, malignant_score
+from training.evaluation.metrics import MALIGNANT_IDX, _ci, ece, isic_pauc, lesion_bootstrap_weights, malignant_score
 
 AGE_BANDS = [(0, 30, "<30"), (30, 50, "30-49"), (50, 70, "50-69"), (70, 200, "70+")]
 MIN_SUBGROUP = 20  # images; smaller subgroups are listed with their count only

@@ -14,7 +14,7 @@ import pandas as pd
 from PIL import Image, ImageFilter
 
 from service.core import labels
-from training.io import atomic_write_csv
+from training.data.io import atomic_write_csv
 
 SYNTHETIC_DX_TYPE = "synthetic"  # marks its rows (HAM10000's own dx_type: histo, follow_up, consensus, confocal)
 

@@ -1,0 +1,103 @@
+"""Every path of a run folder, named once. Stages, reports and benchmarks ask the layout; none
+spells a path itself.
+
+RUN_DIR/
+  config.json                  settings (a resumed run must match them)
+  artifacts/folds.csv          image_id, lesion_id, fold: read by every later stage
+  artifacts/oof_<model>.csv    image_id, fold, p_<class>...: out-of-fold probabilities
+  artifacts/oof_ood.csv        each out-of-distribution score, held out
+  artifacts/report.{json,md}, artifacts/plots/*.png, artifacts/reference_predictions.json
+  cnn/fold<k>.{pt,json}, cnn/oof_fold<k>.csv   fold models, their histories, their held-out rows
+  cnn/refit.pt, cnn/cnn.onnx   the served CNN (refit on all rows, or the fold ensemble) in ONNX
+  cnn/cnn.int8.onnx, cnn/quantization.json   the int8 graph and its out-of-fold gate
+  cnn/ood.json                 the out-of-distribution checks' out-of-fold thresholds
+  models/<name>.pkl            level-2 models refit on all rows
+  bundle/                      what the service loads, and nothing else
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from training.config import FP32_GRAPH, INT8_GRAPH
+
+
+@dataclass(frozen=True)
+class RunLayout:
+    dir: Path
+
+    @property
+    def config(self) -> Path:
+        return self.dir / "config.json"
+
+    @property
+    def artifacts(self) -> Path:
+        return self.dir / "artifacts"
+
+    @property
+    def folds(self) -> Path:
+        return self.artifacts / "folds.csv"
+
+    def oof(self, model: str) -> Path:
+        return self.artifacts / f"oof_{model}.csv"
+
+    @property
+    def report_json(self) -> Path:
+        return self.artifacts / "report.json"
+
+    @property
+    def report_md(self) -> Path:
+        return self.artifacts / "report.md"
+
+    @property
+    def plots(self) -> Path:
+        return self.artifacts / "plots"
+
+    @property
+    def reference_predictions(self) -> Path:
+        return self.artifacts / "reference_predictions.json"
+
+    @property
+    def cnn(self) -> Path:
+        return self.dir / "cnn"
+
+    def fold_model(self, k: int) -> Path:
+        return self.cnn / f"fold{k}.pt"
+
+    def fold_summary(self, k: int) -> Path:
+        return self.cnn / f"fold{k}.json"
+
+    def fold_oof(self, k: int) -> Path:
+        return self.cnn / f"oof_fold{k}.csv"
+
+    @property
+    def refit(self) -> Path:
+        return self.cnn / "refit.pt"
+
+    @property
+    def fp32_graph(self) -> Path:
+        return self.cnn / FP32_GRAPH
+
+    @property
+    def int8_graph(self) -> Path:
+        return self.cnn / INT8_GRAPH
+
+    @property
+    def quantization(self) -> Path:
+        return self.cnn / "quantization.json"
+
+    @property
+    def ood_spec(self) -> Path:
+        return self.cnn / "ood.json"
+
+    @property
+    def models(self) -> Path:
+        return self.dir / "models"
+
+    def model(self, name: str) -> Path:
+        return self.models / f"{name}.pkl"
+
+    @property
+    def bundle(self) -> Path:
+        return self.dir / "bundle"
