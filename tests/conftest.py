@@ -63,7 +63,7 @@ def smoke_run(sample_dir, tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def demo_run(tmp_path_factory) -> Path:
     """A tiny bundle trained on the project's synthetic demo data (what `make demo` serves)."""
-    from training.synthetic import write_demo_dataset
+    from training.data.synthetic import write_demo_dataset
 
     root = tmp_path_factory.mktemp("demo")
     write_demo_dataset(root / "data", n_images=400, seed=0)  # every class in every inner fold

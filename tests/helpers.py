@@ -106,3 +106,13 @@ def train(data_dir: Path, out: Path, *extra: str) -> Path:
 
 TINY = ["--preset", "smoke", "--folds", "3", "--epochs", "1", "--image-size", "32", "--bootstrap", "5"]
 """Settings for bundles that only prove plumbing: about 30 s on 2 cores."""
+
+
+# Python code that makes the named packages behave as if not installed (run with `python -c`).
+BLOCK = """import sys
+class Absent:  # these packages behave as if they were not installed
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in {names}:
+            raise ModuleNotFoundError(f"No module named {{name!r}}")
+sys.meta_path.insert(0, Absent())
+"""

@@ -14,8 +14,8 @@ from service.core.bundle import BundleError, read_manifest
 from service.core.predictor import Predictor
 from service.core.preprocess import ImageSpec, load_for_model, to_model_input
 from tests.helpers import TINY, train
-from training import quantize
-from training.export import export_onnx
+from training.cnn import quantize
+from training.cnn.onnx import export_onnx
 
 
 def test_joined_graph_is_the_mean_of_its_members(tmp_path):

@@ -11,7 +11,7 @@ from PIL import Image
 
 from service.core.preprocess import ImageSpec
 from training.__main__ import main
-from training.data import DataError, decode_all, load_dataset
+from training.data.ham10000 import DataError, decode_all, load_dataset
 
 
 def test_sample_skips_and_counts_missing_images(sample_dir):
@@ -107,7 +107,7 @@ def test_cli_prints_error_not_traceback(tmp_path, subset, capsys):
 
 
 def test_synthetic_dataset_is_deterministic_and_loadable(tmp_path):
-    from training.synthetic import write_demo_dataset
+    from training.data.synthetic import write_demo_dataset
 
     a = write_demo_dataset(tmp_path / "a", n_images=40, seed=3)
     b = write_demo_dataset(tmp_path / "b", n_images=40, seed=3)

@@ -37,8 +37,8 @@ def test_onnx_class_activation_maps_match_torch(tmp_path):
 
     from service.core.graph import EXPLAIN_OUTPUTS, OUTPUT_NAME
     from service.core.preprocess import ImageSpec, to_model_input
-    from training.export import export_onnx
-    from training.models import build_resnet18
+    from training.cnn.models import build_resnet18
+    from training.cnn.onnx import export_onnx
 
     torch.manual_seed(0)
     members = [build_resnet18(7).eval(), build_resnet18(7).eval()]
@@ -168,7 +168,7 @@ def test_prior_arithmetic():
 
 
 def test_temperature_is_recovered_and_adopted_only_if_it_helps():
-    from training.subgroups import calibration, fit_temperature
+    from training.evaluation.subgroups import calibration, fit_temperature
 
     rng = np.random.default_rng(0)
     n, prior = 4000, np.full(7, 1 / 7)
@@ -227,7 +227,7 @@ def test_the_image_check_tells_real_images_from_screens_and_text(sample_dir):
 
     from service.core.ood import fit_image_gaussian, image_statistics
     from service.core.preprocess import ImageSpec, load_for_model
-    from training.ood import joint_quantile
+    from training.cnn.ood import joint_quantile
 
     spec = ImageSpec(width=128, height=96)
     paths = sorted((sample_dir / "images").iterdir())[::5]

@@ -6,7 +6,14 @@ import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from training.metrics import MALIGNANT_IDX, all_metrics, ece, isic_pauc, lesion_bootstrap_weights, with_intervals
+from training.evaluation.metrics import (
+    MALIGNANT_IDX,
+    all_metrics,
+    ece,
+    isic_pauc,
+    lesion_bootstrap_weights,
+    with_intervals,
+)
 
 
 def test_pauc_hand_computed_cases():

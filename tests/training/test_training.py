@@ -9,7 +9,6 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import onnxruntime as ort
@@ -20,13 +19,15 @@ import torch
 from service.core.bundle import read_manifest
 from service.core.predictor import Predictor
 from service.core.preprocess import ImageSpec, load_for_model, to_model_input
-from tests.helpers import CLASSES, REPO, TINY, train
-from training import cnn as cnn_module
+from tests.helpers import BLOCK, CLASSES, REPO, TINY, train
+from training.cnn import loop as cnn_module
+from training.cnn.models import FoldEnsemble
 from training.config import ALL_BOOSTERS, RunConfig, make_config, native_precision, save_or_check
-from training.data import load_dataset
+from training.data.folds import make_folds
+from training.data.ham10000 import load_dataset
 from training.errors import ConfigMismatch
-from training.folds import make_folds
-from training.models import FoldEnsemble
+from training.layout import RunLayout
+from training.run import Run
 
 
 def run_config(run_dir: Path) -> RunConfig:
@@ -77,7 +78,7 @@ def test_fold_model_never_trains_on_its_own_fold(tmp_path, subset, monkeypatch):
         return real(imgs, labels, *args, **kwargs)
 
     monkeypatch.setattr(cnn_module, "TrainBatches", spy)
-    oof = cnn_module.run_cnn(cfg, tmp_path / "run", table, images, log=lambda m: None)
+    oof = cnn_module.run_cnn(cfg, RunLayout(tmp_path / "run"), table, images, log=lambda m: None)
     ident = {(int(a), int(b)): i for i, (a, b) in enumerate(images[:, 0, 0, :2])}
     assert len(seen) == cfg.folds
     for k, train_ids in enumerate(seen):
@@ -100,7 +101,7 @@ def test_held_out_labels_never_choose_the_fold_model(tmp_path, subset, monkeypat
         scores = iter([1.0 if e == peak else 0.1 * e for _ in range(cfg.folds) for e in range(1, cfg.epochs + 1)])
         monkeypatch.setattr(cnn_module, "evaluate", lambda *a, s=scores, **kw: (next(s), 1.0))
         run_dir = tmp_path / f"peak{peak}"
-        oof = cnn_module.run_cnn(cfg, run_dir, table, images, log=lambda m: None)
+        oof = cnn_module.run_cnn(cfg, RunLayout(run_dir), table, images, log=lambda m: None)
         summary = json.loads((run_dir / "cnn" / "fold0.json").read_text())
         assert summary["epochs"] == cfg.epochs and len(summary["history"]) == cfg.epochs
         assert summary["val_bmca"] == summary["history"][-1]["val_bmca"]
@@ -115,7 +116,7 @@ def test_onnx_matches_torch_on_real_images(smoke_run, sample_dir):
     spec = cfg.image_spec()
     paths = sorted((sample_dir / "images").iterdir())[:16]
     images = np.stack([load_for_model(p.read_bytes(), spec) for p in paths])
-    members = cnn_module.served_members(SimpleNamespace(dir=smoke_run, cfg=cfg))  # refit.pt exists: no training
+    members = cnn_module.served_members(Run(cfg, smoke_run))  # loads cnn/refit.pt (the export stage trained it)
     x = to_model_input(images, spec)
     with torch.no_grad():
         expected = FoldEnsemble(members)(torch.from_numpy(x)).numpy()
@@ -128,7 +129,7 @@ def test_onnx_matches_torch_on_real_images(smoke_run, sample_dir):
 
 
 def test_export_fails_the_run_when_parity_breaks(tmp_path, monkeypatch):
-    from training import export
+    from training.cnn import onnx as export
     from training.errors import ExportError
 
     monkeypatch.setattr(export, "PARITY_TOLERANCE", -1.0)  # no difference can pass
@@ -182,7 +183,7 @@ def test_precision_and_boosters_are_result_changing_settings(tmp_path):
 
 
 def test_every_configurable_booster_is_implemented():
-    from training.boosters import BOOSTERS
+    from training.ensemble.boosters import BOOSTERS
 
     assert list(BOOSTERS) == ALL_BOOSTERS
 
@@ -249,6 +250,7 @@ def test_bundle_with_chosen_boosters_serves_exactly_them(tiny_data, tmp_path, ap
         "lightgbm.pkl",
         "manifest.json",
         "ood.npz",
+        "ood_image.npz",
         "stack.pkl",
         "training_images.csv",
         "xgboost.pkl",
@@ -266,7 +268,7 @@ def test_bundle_with_chosen_boosters_serves_exactly_them(tiny_data, tmp_path, ap
 def test_boosters_train_on_the_gpu_when_training_sees_one(monkeypatch):
     import xgboost
 
-    from training import boosters
+    from training.ensemble import boosters
 
     monkeypatch.setattr(boosters, "training_device", lambda: "cuda")
     assert boosters.make_catboost(10, 0, False).get_params()["task_type"] == "GPU"
@@ -280,7 +282,7 @@ def test_boosters_train_on_the_gpu_when_training_sees_one(monkeypatch):
 
 
 def test_a_class_too_rare_for_the_boosters_splits_is_a_clear_error():
-    from training.boosters import check_every_class_trains
+    from training.ensemble.boosters import check_every_class_trains
     from training.errors import DataError
 
     fold = np.repeat(np.arange(3), 14)
@@ -297,11 +299,11 @@ def test_a_fold_trained_under_the_best_epoch_rule_is_named_when_resumed(tmp_path
     table = folded(d)
     cfg = make_config("smoke", str(d), folds=3, epochs=1, image_size=32, precision="fp32")
     images = np.random.default_rng(0).integers(0, 256, (len(table), 24, 32, 3), dtype=np.uint8)
-    cnn_module.run_cnn(cfg, tmp_path, table, images, log=lambda m: None)
+    cnn_module.run_cnn(cfg, RunLayout(tmp_path), table, images, log=lambda m: None)
     summary = tmp_path / "cnn" / "fold1.json"
     summary.write_text(json.dumps({**json.loads(summary.read_text()), "best_epoch": 1}))  # as older versions wrote
     logged: list[str] = []
-    cnn_module.run_cnn(cfg, tmp_path, table, images, log=logged.append)
+    cnn_module.run_cnn(cfg, RunLayout(tmp_path), table, images, log=logged.append)
     warnings = [m for m in logged if m.startswith("warning:")]
     assert len(warnings) == 1 and "fold 1 was trained before fold models kept their last epoch" in warnings[0]
 
@@ -321,3 +323,55 @@ def test_every_run_setting_is_a_flag_declared_once():
     assert all("the preset's" in flags[k].help for k in PRESETS["cpu"])
     args = run.parse_args(["--data-dir", "d", "--out", "o", "--no-int8", "--epochs", "3"])
     assert args.int8 is False and args.epochs == 3 and args.tta is None and args.lr is None
+
+
+# Each training package and the packages it may import (its own modules always); top-level modules
+# (config, errors, layout, run) are the floor every package stands on.
+LAYERS = {
+    "data": set(),
+    "evaluation": {"data"},
+    "cnn": {"data", "evaluation"},
+    "ensemble": {"data"},
+    "reporting": {"data", "evaluation"},
+    "stages": {"data", "evaluation", "cnn", "ensemble", "reporting"},
+}
+FLOOR = {"config", "errors", "layout", "run"}
+
+
+def imported_training_modules(path) -> set[str]:
+    """The training.* modules a file imports, at any depth of its code (inside functions too)."""
+    import ast
+
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+        if isinstance(node, ast.ImportFrom) and node.module:
+            names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+        found |= {n for n in names if n.startswith("training.")}
+    return found
+
+
+def test_training_packages_import_only_downward():
+    """The stages sit on the rooms below them; no room imports a stage or one beside it that it
+    should not; reporting never loads torch (it reads JSON and draws with matplotlib)."""
+    root = REPO / "training"
+    for package, allowed in LAYERS.items():
+        files = sorted((root / package).glob("*.py"))
+        assert files, package
+        for f in files:
+            for name in imported_training_modules(f):
+                parts = name.split(".")
+                target = parts[1]
+                if target in FLOOR or target == package:
+                    continue
+                assert target in allowed, f"training/{package}/{f.name} imports {name}"
+    floor_imports = {n.split(".")[1] for f in FLOOR for n in imported_training_modules(root / f"{f}.py")}
+    assert floor_imports <= FLOOR | {"data"}, floor_imports  # a run reads its data; nothing above
+    for stage in ("folds", "cnn", "export", "boosters", "stack", "report", "bundle"):
+        assert (root / "stages" / f"{stage}.py").exists()
+    code = BLOCK.format(names=["torch", "torchvision"])
+    code += (
+        "import training.pipeline, training.reporting.markdown, training.reporting.plots, training.reporting.model_card"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr

@@ -18,7 +18,7 @@ from service.core.bundle import BundleError, read_manifest
 from service.core.features import FeatureSpec
 from service.core.metadata import ClinicalMetadata, MetadataError, validate_metadata
 from service.core.preprocess import load_for_model
-from tests.helpers import REPO, sample_images
+from tests.helpers import BLOCK, REPO, sample_images
 from training.config import ALL_BOOSTERS, CNN, SOFT_VOTE, STACK
 
 SPEC = FeatureSpec()
@@ -104,15 +104,6 @@ def test_the_manifest_roster_must_be_consistent(tiny_run, tmp_path, edit, words)
     (bundle / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(BundleError, match=re.escape(words)):
         read_manifest(bundle)
-
-
-BLOCK = """import sys
-class Absent:  # these packages behave as if they were not installed
-    def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] in {names}:
-            raise ModuleNotFoundError(f"No module named {{name!r}}")
-sys.meta_path.insert(0, Absent())
-"""
 
 
 def test_core_imports_without_fastapi_or_torch():

@@ -15,7 +15,7 @@ from benchmarks.compare_recipes import compare
 from service.core.labels import CLASSES
 from tests.helpers import REPO, free_port
 from training.config import saved_config
-from training.pipeline import Run
+from training.run import Run
 
 
 def bench(module: str, *args: str) -> str:

@@ -15,8 +15,8 @@ import pytest
 import torch
 from torchvision.models import resnet18
 
-from training import models
-from training.download import DownloadError, download_ham10000
+from training.cnn import models
+from training.data.download import DownloadError, download_ham10000
 
 
 class Server:

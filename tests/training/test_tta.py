@@ -12,9 +12,9 @@ from service.core.graph import INPUT_NAME, OUTPUT_NAME
 from service.core.predictor import Predictor
 from service.core.preprocess import ImageSpec, load_for_model, to_model_input
 from tests.helpers import TINY, train
-from training.cnn import predict_probs
-from training.export import export_onnx
-from training.models import FoldEnsemble, build_resnet18
+from training.cnn.loop import predict_probs
+from training.cnn.models import FoldEnsemble, build_resnet18
+from training.cnn.onnx import export_onnx
 
 SPEC = ImageSpec(width=32, height=24)
 

@@ -15,9 +15,9 @@ from service.core.labels import CLASSES
 from service.core.predictor import Predictor
 from service.core.preprocess import load_for_model
 from tests.helpers import REPO
+from training.data.io import PROB_COLUMNS
 from training.evaluate import evaluate_bundle
-from training.io import PROB_COLUMNS
-from training.metrics import all_metrics
+from training.evaluation.metrics import all_metrics
 
 pytestmark = pytest.mark.scenario
 

@@ -15,7 +15,7 @@ import pytest
 import yaml
 from kubernetes_validate.utils import latest_version
 
-K8S = Path(__file__).resolve().parents[1] / "deploy" / "k8s"
+K8S = Path(__file__).resolve().parents[2] / "deploy" / "k8s"
 VERSION = latest_version()
 
 

@@ -6,8 +6,8 @@ import numpy as np
 import torch
 
 from service.core.preprocess import ImageSpec, load_for_model, to_model_input
-from training import cnn as cnn_module
-from training.dataset import TrainBatches, augment_batch, normalise, train_augmentation
+from training.cnn import loop as cnn_module
+from training.cnn.batches import TrainBatches, augment_batch, normalise, train_augmentation
 
 SPEC = ImageSpec(width=64, height=48)
 
