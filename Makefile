@@ -4,14 +4,22 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: venv demo train-demo serve-demo test test-fast check lint
+.PHONY: venv demo train-demo serve-demo test test-fast check lint locks
 venv: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml clients/pyproject.toml
+$(VENV)/.installed: pyproject.toml clients/pyproject.toml requirements-dev.txt
 	python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e ".[dev]" -e ./clients
+	$(PY) -m pip install --quiet -r requirements-dev.txt  # the lock: the versions CI tested
+	$(PY) -m pip install --quiet --no-deps -e ".[dev]" -e ./clients
 	touch $@
+
+# Refresh the locks of the training and development environments from pyproject.toml (the serving
+# image's requirements-serve.txt is kept by hand: it leaves out what catboost needs only to plot).
+LOCK := uv pip compile --python-version 3.11 --no-annotate --quiet  # UV_FIND_LINKS for local wheels
+locks:
+	$(LOCK) pyproject.toml --extra train -o requirements-train.txt
+	$(LOCK) pyproject.toml clients/pyproject.toml --extra dev -o requirements-dev.txt
 
 train-demo: venv
 	$(PY) -m training demo-data --out demo-data
