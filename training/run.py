@@ -23,7 +23,6 @@ class Run:
         self.cfg, self.dir, self.log = cfg, Path(run_dir), log
         self.fold = fold  # the cnn stage trains only this fold (one process per fold)
         self.paths = RunLayout(self.dir)
-        self.artifacts, self.models = self.paths.artifacts, self.paths.models
 
     @cached_property
     def dataset(self) -> Dataset:

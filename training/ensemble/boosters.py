@@ -22,6 +22,7 @@ from service.core.features import FeatureSpec, build_features, image_stats
 from training.config import CNN
 from training.data.io import PROB_COLUMNS
 from training.errors import DataError
+from training.run import Run
 
 EARLY_STOP = 50
 SKLEARN_API = ("numpy", "scikit-learn")  # XGBoost's and LightGBM's classifiers are scikit-learn estimators
@@ -155,7 +156,7 @@ BOOSTERS: dict[str, Booster] = {
 }
 
 
-def feature_matrix(run) -> np.ndarray:
+def feature_matrix(run: Run) -> np.ndarray:
     """The boosters' training input: OOF CNN probabilities through the service's feature code."""
     cnn_probs = run.oof(CNN)[PROB_COLUMNS].to_numpy()
     return build_features(cnn_probs, run.dataset.metadata(), image_stats(run.images), FeatureSpec())

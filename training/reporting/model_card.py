@@ -9,10 +9,11 @@ from pathlib import PurePath
 from service.core import labels
 from service.core.manifest import CnnModel, ModelFile
 from training.reporting.markdown import MALIGNANT_NOTE, metrics_table, served_tables
+from training.run import Run
 
 
-def model_card(run, cnn: CnnModel, boosters: list[ModelFile]) -> str:
-    report = json.loads((run.artifacts / "report.json").read_text())
+def model_card(run: Run, cnn: CnnModel, boosters: list[ModelFile]) -> str:
+    report = json.loads(run.paths.report_json.read_text())
     data, cfg = report["data"], run.cfg
     synthetic = bool(data.get("synthetic"))
     counts = ", ".join(f"{c} {n}" for c, n in data["class_counts"].items())
