@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from benchmarks import machine_header
 from service.core.graph import OOD_OUTPUTS
 from service.core.predictor import Predictor
 from service.core.preprocess import load_for_model
@@ -40,6 +41,7 @@ def main() -> None:
     p.add_argument("--data-dir", type=Path, required=True)
     p.add_argument("--requests", type=int, default=40)
     args = p.parse_args()
+    print(machine_header(), flush=True)
     from fastapi.testclient import TestClient
 
     from service.api.app import create_app

@@ -15,6 +15,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
+from benchmarks import machine_header
 from service.core.manifest import CnnModel
 from service.core.metadata import ClinicalMetadata
 from service.core.predictor import Predictor, limit_numpy_blas
@@ -54,6 +55,7 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=20)
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args()
+    print(machine_header(), flush=True)
     pred = Predictor.load(args.bundle, intra_op_threads=args.threads)
     limit_numpy_blas(1)  # as the service does
     spec = pred.manifest.preprocessing

@@ -28,6 +28,7 @@ import sklearn
 from PIL import Image, ImageDraw, ImageEnhance
 from sklearn.metrics import roc_auc_score
 
+from benchmarks import machine_header
 from service.core.graph import EMBEDDING, LOGITS, OOD_OUTPUTS
 from service.core.ood import METHODS, GaussianFit, scores
 from service.core.predictor import Predictor
@@ -176,6 +177,7 @@ def main() -> None:
     p.add_argument("--max-real", type=int, default=2000)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
+    print(machine_header(), flush=True)
     rng = np.random.default_rng(args.seed)
     predictor = Predictor.load(args.bundle)
     ood = predictor.manifest.ood

@@ -12,6 +12,8 @@ import time
 import torch
 from torchvision.models import resnet18
 
+from benchmarks import machine_header
+
 
 def main() -> None:
     p = argparse.ArgumentParser()
@@ -19,6 +21,7 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--rounds", type=int, default=5)
     args = p.parse_args()
+    print(machine_header(), flush=True)
     torch.manual_seed(0)
     model = resnet18(num_classes=7).to(memory_format=torch.channels_last)
     opt = torch.optim.AdamW(model.parameters(), 1e-3)

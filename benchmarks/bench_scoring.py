@@ -20,6 +20,7 @@ from pathlib import Path
 from lesion_client import AsyncLesionClient, LesionClient
 from lesion_client.scoring import read_source, score
 
+from benchmarks import machine_header
 from benchmarks.bench_serving import start_service
 
 
@@ -30,6 +31,7 @@ def main() -> None:
     p.add_argument("--in-flight", type=int, default=4)
     p.add_argument("--port", type=int, default=8766)
     args = p.parse_args()
+    print(machine_header(), flush=True)
     source = next(args.data_dir.rglob("HAM10000_metadata.csv"))
     jobs = read_source(source).jobs
     proc = start_service(args.bundle, args.port, {})

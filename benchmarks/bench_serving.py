@@ -31,6 +31,7 @@ import httpx
 import numpy as np
 from PIL import Image
 
+from benchmarks import machine_header
 from benchmarks.bench_inference import graph_images_per_s, timed
 from service.core.metadata import ClinicalMetadata
 from service.core.predictor import Predictor, limit_numpy_blas
@@ -154,6 +155,7 @@ def main() -> None:
     p.add_argument("--port", type=int, default=8765)
     p.add_argument("--clients", default="1,8,32")
     args = p.parse_args()
+    print(machine_header(), flush=True)
 
     images = jpeg_requests(args.images, args.n_images, (600, 450))
     predictor = Predictor.load(args.bundle, intra_op_threads=os.cpu_count() or 1)

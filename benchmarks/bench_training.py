@@ -18,6 +18,7 @@ import time
 import numpy as np
 import torch
 
+from benchmarks import machine_header
 from training.cnn.batches import eval_batch
 from training.cnn.loop import build_fold, train_one_epoch, train_step
 from training.config import make_config
@@ -47,6 +48,7 @@ def main() -> None:
     p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"])
     p.add_argument("--compile", action="store_true", help="torch.compile the model (both measurements)")
     args = p.parse_args()
+    print(machine_header(), flush=True)
     cfg = make_config(
         "cpu",
         args.data_dir,

@@ -24,14 +24,15 @@ from pathlib import Path
 import pandas as pd
 from sklearn.metrics import recall_score
 
+from benchmarks import machine_header
 from service.core.labels import CLASSES
 from training.cnn.loop import OLD_RULE, kept_best_epoch
 from training.config import saved_config
 from training.data.io import PROB_COLUMNS
 from training.evaluation.metrics import with_intervals
 from training.layout import RunLayout
-from training.run import Run
 from training.reporting.markdown import metrics_table
+from training.run import Run
 
 
 def load_run(run_dir: Path, data_dir: str | None) -> Run:
@@ -114,6 +115,7 @@ def main() -> None:
     p.add_argument("--data-dir", help="the runs' data, if it moved since (default: each run's config)")
     p.add_argument("--bootstrap", type=int, default=1000, help="lesion-bootstrap resamples for the intervals")
     args = p.parse_args()
+    print(machine_header(), flush=True)
     print(compare(args.runs, args.data_dir, args.bootstrap))
 
 

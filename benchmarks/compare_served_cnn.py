@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from benchmarks import machine_header
 from benchmarks.bench_inference import graph_images_per_s
 from service.core.preprocess import to_model_input
 from training.cnn.loop import load_fold_model, predict_probs, train_fold, train_refit
@@ -37,6 +38,7 @@ def main() -> None:
     p.add_argument("--epochs", type=int)
     p.add_argument("--image-size", type=int)
     args = p.parse_args()
+    print(machine_header(), flush=True)
     cfg = make_config(args.preset, args.data_dir, epochs=args.epochs, image_size=args.image_size)
     spec = cfg.image_spec()
     with tempfile.TemporaryDirectory() as tmp_:

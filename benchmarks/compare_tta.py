@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from benchmarks import machine_header
 from benchmarks.bench_inference import graph_images_per_s
 from service.core.preprocess import to_model_input
 from training.cnn.loop import load_fold_model, predict_probs, served_members
@@ -36,6 +37,7 @@ def main() -> None:
     p.add_argument("--data-dir", help="the run's data, if it moved since (default: the run's config)")
     p.add_argument("--rounds", type=int, default=10)
     args = p.parse_args()
+    print(machine_header(), flush=True)
     cfg = saved_config(args.run, data_dir=args.data_dir)
     if cfg.tta:
         raise SystemExit(f"{args.run} was trained with --tta; compare on a run without it")

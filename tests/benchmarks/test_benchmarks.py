@@ -23,7 +23,16 @@ def bench(module: str, *args: str) -> str:
     cmd = [sys.executable, "-m", f"benchmarks.{module}", *args]
     out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.startswith("machine: ") and "CPU features: " in out.stdout.splitlines()[0], out.stdout[:300]
     return out.stdout
+
+
+def test_the_machine_header_names_the_cpu_features_that_change_speed():
+    from benchmarks import cpu_flags
+
+    info = "processor\t: 0\nmodel name\t: AMD EPYC 9R14\nflags\t\t: fpu sse2 avx2 avx512f avx512_vnni avx512_bf16\n"
+    model, flags = cpu_flags(info)
+    assert model == "AMD EPYC 9R14" and {"avx2", "avx512_vnni", "avx512_bf16"} <= flags and "amx_tile" not in flags
 
 
 @pytest.mark.scenario
