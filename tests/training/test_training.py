@@ -375,3 +375,8 @@ def test_training_packages_import_only_downward():
     )
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
+    listing = BLOCK.format(names=["torch", "torchvision", "onnx", "onnxruntime", "matplotlib", "xgboost", "catboost"])
+    out = subprocess.run(
+        [sys.executable, "-c", listing + "import training.pipeline"], cwd=REPO, capture_output=True, text=True
+    )
+    assert out.returncode == 0, out.stderr  # the stage registry loads no heavy library

@@ -12,10 +12,6 @@ import numpy as np
 from service.core import labels
 from training.config import CNN, STACK
 from training.data.io import PROB_COLUMNS, atomic_write_text
-from training.evaluation.metrics import with_intervals
-from training.evaluation.subgroups import served_figures
-from training.reporting.markdown import machine_description, markdown
-from training.reporting.plots import plot_confusion, plot_reliability, plot_roc
 from training.run import Run
 
 
@@ -32,6 +28,11 @@ def training_throughput(run: Run) -> float:
 
 
 def run(run: Run) -> None:
+    from training.evaluation.metrics import with_intervals
+    from training.evaluation.subgroups import served_figures
+    from training.reporting.markdown import machine_description, markdown
+    from training.reporting.plots import plot_confusion, plot_reliability, plot_roc
+
     y = run.table.label.to_numpy()
     model_probs = {m: run.oof(m)[PROB_COLUMNS].to_numpy() for m in run.cfg.components}
     report = with_intervals(
