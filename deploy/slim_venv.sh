@@ -1,7 +1,7 @@
 #!/bin/sh
 # Removes from a serving virtual environment what serving never loads: the libraries' own test
 # suites (pandas/tests, scipy/*/tests, numpy/_core/tests, ...: about 105 MB), pip and setuptools.
-# Used by Dockerfile.api; tests/test_deploy.py serves a bundle (explanations included) from a venv
+# Used by Dockerfile.api; tests/deploy/test_deploy.py serves a bundle (explanations included) from a venv
 # slimmed by this same script.
 # Usage: deploy/slim_venv.sh VENV
 set -eu

@@ -149,7 +149,13 @@ def saved_config(run_dir: Path, **overrides) -> RunConfig:
     saved = json.loads((run_dir / "config.json").read_text())
     saved.setdefault("served_cnn", "ensemble")
     saved.setdefault("int8", False)
-    return RunConfig(**{**saved, **{k: v for k, v in overrides.items() if v is not None}})
+    try:
+        return RunConfig(**{**saved, **{k: v for k, v in overrides.items() if v is not None}})
+    except ValidationError as exc:
+        e = exc.errors()[0]
+        raise ConfigMismatch(
+            f"{run_dir / 'config.json'}: {'.'.join(map(str, e['loc']))}: {e['msg']}; use a new --out"
+        ) from None
 
 
 def save_or_check(cfg: RunConfig, run_dir: Path) -> None:

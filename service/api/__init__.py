@@ -3,7 +3,8 @@
 app           create_app(): wires settings, state, middleware, error handlers and routers
 settings      the one Settings object (flags or LESION_* variables)
 state         ModelState: the loaded bundle, the app's only mutable state
-dependencies  FastAPI dependencies: settings, the loaded Predictor, the API key check
+auth          the one access policy (public paths, API key, admin key), applied by the request guard
+dependencies  FastAPI dependencies: settings, state, metrics, the loaded Predictor
 errors        core errors and HTTP errors -> RFC 9457 problem bodies with a code and the request id
 middleware    request id, admission (in-flight requests and bytes), body limits and deadline, metrics, logs
 forms         the multipart parser with per-part limits

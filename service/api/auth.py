@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hmac
 from collections.abc import Mapping
+from typing import Any
 
 from fastapi.security import APIKeyHeader
 
@@ -32,8 +33,14 @@ def matches(sent: str | None, key: str) -> bool:
     return sent is not None and hmac.compare_digest(sent.encode(), key.encode())
 
 
+def route_path(scope: Mapping[str, Any]) -> str:
+    """The path the app routes on: uvicorn (with --root-path) puts the root path in front of it."""
+    path, root = scope["path"], scope.get("root_path", "")
+    return path[len(root) :] or "/" if root and path.startswith(root) else path
+
+
 def access_refusal(path: str, headers: Mapping[str, str], settings: Settings) -> tuple[int, str, str] | None:
-    """(status, code, detail) when the request may not reach `path`, else None."""
+    """(status, code, detail) when the request may not reach `path` (a route path), else None."""
     public = path in PUBLIC_PATHS or path.startswith(PUBLIC_PREFIXES)
     if not public and settings.api_key and not matches(headers.get(API_KEY_HEADER.lower()), settings.api_key):
         return 401, "unauthorized", f"missing or wrong {API_KEY_HEADER} header"

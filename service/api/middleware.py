@@ -20,7 +20,7 @@ from typing import Any
 
 from starlette.datastructures import Headers, MutableHeaders
 
-from service.api.auth import access_refusal
+from service.api.auth import access_refusal, route_path
 from service.api.errors import BUSY, CLOSE, ApiError, error_response
 from service.api.forms import PART_LIMITS, PartLimits
 from service.api.metrics import Metrics
@@ -104,7 +104,7 @@ class RequestGuard:
 
     def refusal(self, scope: Scope, headers: Headers, limit: int) -> tuple[int, str, str] | None:
         """What to answer without reading the body, or None to go on."""
-        denied = access_refusal(scope["path"], headers, self.settings)  # service/api/auth.py: the one policy
+        denied = access_refusal(route_path(scope), headers, self.settings)  # service/api/auth.py: the one policy
         if denied is not None:
             return denied
         length, chunked = headers.get("content-length"), headers.get("transfer-encoding")

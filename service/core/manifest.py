@@ -195,10 +195,14 @@ class Manifest(BaseModel):
         return self
 
 
+PATH_KEYS = ("data_dir", "weights")  # a folder or file of the training machine (weights: or none, imagenet)
+
+
 def without_paths(training: dict) -> dict:
-    """The training summary with each `data_dir` reduced to its folder's name: a bundle says which
-    data it learned from, not the layout of the machine that trained it."""
-    return {
-        k: {**v, "data_dir": PurePath(v["data_dir"]).name} if isinstance(v, dict) and "data_dir" in v else v
-        for k, v in training.items()
-    }
+    """The training summary with each data folder and weights file reduced to its name: a bundle says
+    which data and initialisation it learned from, not the layout of the machine that trained it."""
+
+    def reduced(section: dict) -> dict:
+        return {k: PurePath(v).name if k in PATH_KEYS and isinstance(v, str) else v for k, v in section.items()}
+
+    return {k: reduced(v) if isinstance(v, dict) else v for k, v in training.items()}

@@ -38,7 +38,10 @@ class OodSpec(BaseModel):
     """The bundle's out-of-distribution score: which one, and where it flags."""
 
     method: str = Field(description=f"one of {', '.join(METHODS)}; higher scores are less like the training images")
-    thresholds: dict[str, float] = Field(description="per method: scores above it are flagged")
+    thresholds: dict[str, float] = Field(
+        description="per method: scores above it are flagged (all at the quantile set for the served method with "
+        "the image check, so a method not served would flag a little under flag_share alone)"
+    )
     flag_share: float = Field(
         ge=0, le=1, description="share of out-of-fold real training images above the threshold, by design"
     )
@@ -136,7 +139,10 @@ def image_statistics(images: np.ndarray) -> np.ndarray:
     hard-edged (> 0.15) neighbours, and the log ratios of the gradient at 1x/2x and 2x/4x
     (a crop blown up, or a page of text, has its detail at other scales than a dermoscopy image).
     Variety: the entropy of a 512-colour histogram (screenshots use few colours). The shares of
-    near-white and near-black pixels, and the corners' luminance against the centre's."""
+    near-white and near-black pixels, and the corners' luminance against the centre's. Computed 256
+    images at a time: its float copies of a whole training set would not fit in memory."""
+    if len(images) > 256:
+        return np.concatenate([image_statistics(images[i : i + 256]) for i in range(0, len(images), 256)])
     n = len(images)
     f = images.astype(np.float32) / 255.0
     rgb = f.reshape(n, -1, 3)

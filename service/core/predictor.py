@@ -216,7 +216,7 @@ class Predictor:
                 raise BundleError(f"model {name} does not give {len(m.classes)} finite probabilities summing to 1")
         if m.ood is not None and not (pred.ood_score is not None and np.isfinite(pred.ood_score)):
             raise BundleError(f"the out-of-distribution score ({m.ood.method}) is not a finite number")
-        if self.image_fit is not None and not np.isfinite(pred.image_ood_score or np.nan):
+        if self.image_fit is not None and not (pred.image_ood_score is not None and np.isfinite(pred.image_ood_score)):
             raise BundleError("the image-statistics out-of-distribution score is not a finite number")
 
     def cnn_outputs(self, images: np.ndarray, extra: Sequence[str] = ()) -> dict[str, np.ndarray]:

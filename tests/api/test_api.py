@@ -264,5 +264,10 @@ def test_one_access_policy_for_every_route(app_factory, tiny_run):
                 continue
             r = client.request(method, path)
             assert (r.status_code == 401) == (not public), (method, path, r.status_code)
+    from service.api.auth import route_path
+
+    assert route_path({"path": "/x/admin/bundle", "root_path": "/x"}) == "/admin/bundle"  # uvicorn --root-path
+    assert route_path({"path": "/admin/bundle", "root_path": ""}) == "/admin/bundle"
+    assert route_path({"path": "/x", "root_path": "/x"}) == "/"
     readers = [p.name for p in (REPO / "service").rglob("*.py") if re.search(r"\.(api|admin)_key\b", p.read_text())]
     assert readers == ["auth.py"], readers  # the keys are read in one place

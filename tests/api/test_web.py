@@ -128,7 +128,8 @@ def test_layout_and_result_at_desktop_and_phone_width(browser, server, sample_di
     assert original.is_displayed() and original.location["x"] < browser.find_element(By.ID, "overlay").location["x"]
     assert "linear-gradient" in browser.find_element(By.ID, "ramp").value_of_css_property("background-image")
     assert "xgboost" in browser.find_element(By.ID, "attributions").text
-    assert "Out-of-distribution score" in browser.find_element(By.ID, "ood").text
+    ood = browser.find_element(By.ID, "ood").text
+    assert "Out-of-distribution checks" in ood and "image statistics" in ood  # both checks, each with its threshold
     check_answer(browser, server, image)
     check_nothing_hidden(browser, "with a result")
     browser.find_element(By.CSS_SELECTOR, "#card-box summary").click()
@@ -182,6 +183,7 @@ def test_a_flagged_answer_leads_with_its_caveat(browser, server, tmp_path, width
     assert "may be meaningless" in browser.find_element(By.ID, "result-title").text
     warnings = browser.find_elements(By.CSS_SELECTOR, "#warnings li")
     assert len(warnings) >= 2 and any("out of distribution" in w.text for w in warnings)
+    assert "FLAGGED by" in browser.find_element(By.ID, "ood").text
     check_nothing_hidden(browser, "a flagged answer")
 
 

@@ -51,8 +51,17 @@ def test_an_image_id_in_two_folders_is_refused_not_guessed(subset):
     boxes.mkdir()
     for f in sorted((d / "images").iterdir()):
         Image.new("L", (200, 150)).save(boxes / f"{f.stem}.png")  # sorts before images/
-    with pytest.raises(DataError, match=r"more than one file, in the folders boxes, images"):
+    with pytest.raises(DataError, match=r"more than one file, and the files differ, in the folders boxes, images"):
         load_dataset(d, log=lambda m: None)
+
+
+def test_copies_of_an_image_folder_are_read_once(subset):
+    """Kaggle's HAM10000 download holds each image folder twice (HAM10000_images_part_1 and
+    ham10000_images_part_1): copies are fine, each image counted once."""
+    d = subset(2, layout="HAM10000_images_part_1")
+    shutil.copytree(d / "HAM10000_images_part_1", d / "ham10000_images_part_1")
+    ds = load_dataset(d, log=lambda m: None)
+    assert len(ds.table) == len(list((d / "HAM10000_images_part_1").iterdir())) and ds.skipped == 0
 
 
 def write_csv(d, mutate):

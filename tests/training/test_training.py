@@ -380,3 +380,24 @@ def test_training_packages_import_only_downward():
         [sys.executable, "-c", listing + "import training.pipeline"], cwd=REPO, capture_output=True, text=True
     )
     assert out.returncode == 0, out.stderr  # the stage registry loads no heavy library
+
+
+def test_a_saved_config_outside_todays_bounds_is_a_clear_error(tmp_path):
+    from training.config import saved_config
+
+    (tmp_path / "config.json").write_text(json.dumps({"data_dir": "d", "bootstrap": 0}))
+    with pytest.raises(ConfigMismatch, match=r"config.json: bootstrap: .*use a new --out"):
+        saved_config(tmp_path)
+
+
+def test_no_training_machine_path_reaches_the_bundle_summary():
+    from service.core.manifest import without_paths
+
+    training = {
+        "config": {"data_dir": "/home/me/ham", "weights": "/home/me/w/r18.pt", "lr": 0.1},
+        "data": {"data_dir": "/x/y"},
+    }
+    assert without_paths(training) == {
+        "config": {"data_dir": "ham", "weights": "r18.pt", "lr": 0.1},
+        "data": {"data_dir": "y"},
+    }

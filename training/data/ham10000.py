@@ -45,26 +45,37 @@ def find_metadata_csv(data_dir: Path) -> Path:
 def find_images(data_dir: Path) -> dict[str, Path]:
     """image_id (as in the CSV, e.g. ISIC_0024306) -> path, from every subfolder, names case-insensitive.
 
-    An id found twice is refused rather than guessed: a folder of masks or of annotated copies
-    beside the images (as some HAM10000 mirrors ship) would otherwise be trained on."""
+    An id found in two files that are copies (Kaggle's download ships each image folder twice) is
+    read from the first; two different files under one id are refused rather than guessed: a
+    folder of masks or of annotated copies beside the images would otherwise be trained on."""
     found: dict[str, Path] = {}
-    twice: dict[str, list[Path]] = {}
+    clashes: dict[str, list[Path]] = {}
     for p in sorted(data_dir.rglob("*")):
         m = IMAGE_RE.match(p.name)
-        if m and p.is_file():
-            key = m.group(1).upper()
-            if key in found:
-                twice.setdefault(key, [found[key]]).append(p)
-            found.setdefault(key, p)
-    if twice:
-        folders = sorted({str(q.parent.relative_to(data_dir)) for paths in twice.values() for q in paths})
-        first = next(iter(twice))
+        if not (m and p.is_file()):
+            continue
+        key = m.group(1).upper()
+        if key not in found:
+            found[key] = p
+        elif not same_file_content(found[key], p):
+            clashes.setdefault(key, [found[key]]).append(p)
+    if clashes:
+        folders = sorted({str(q.parent.relative_to(data_dir)) for paths in clashes.values() for q in paths})
+        first = next(iter(clashes))
         raise DataError(
-            f"{data_dir}: {len(twice)} image ids (e.g. {first}) are in more than one file, in the folders "
-            f"{', '.join(folders)}: keep only the dermoscopy images under the data folder (the metadata CSV "
-            "and one folder of images)"
+            f"{data_dir}: {len(clashes)} image ids (e.g. {first}) are in more than one file, and the files "
+            f"differ, in the folders {', '.join(folders)}: keep only the dermoscopy images under the data "
+            "folder (the metadata CSV and its image folders)"
         )
     return found
+
+
+def same_file_content(a: Path, b: Path, head: int = 64 * 1024) -> bool:
+    """Copies of one image: the same size and the same first 64 KiB."""
+    if a.stat().st_size != b.stat().st_size:
+        return False
+    with open(a, "rb") as fa, open(b, "rb") as fb:
+        return fa.read(head) == fb.read(head)
 
 
 def read_metadata(csv_path: Path) -> pd.DataFrame:

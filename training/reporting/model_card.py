@@ -47,7 +47,7 @@ def model_card(run: Run, cnn: CnnModel, boosters: list[ModelFile]) -> str:
         "",
         "## Models",
         "",
-        f"ResNet-18 trained from the `{cfg.weights}` initialisation at {cfg.image_size}x{cfg.image_height} for "
+        f"ResNet-18 trained from the `{PurePath(cfg.weights).name}` initialisation at {cfg.image_size}x{cfg.image_height} for "
         f"{cfg.epochs} epochs; served: the {cfg.served_cnn} CNN, {cnn.precision}"
         + (", 8-view test-time augmentation" if cnn.tta else "")
         + f". Boosters on CNN probabilities, age, sex, site and colour statistics: {', '.join(b.name for b in boosters)}. "
