@@ -81,16 +81,13 @@ def png_base64(pixels: np.ndarray) -> str:
     return base64.b64encode(buf.getvalue()).decode("ascii")
 
 
-def heatmap_png(image: np.ndarray, cam: np.ndarray, alpha: float = 0.45) -> str:
-    """The map over the model-size image (uint8 H,W,3), blended, as base64 PNG."""
+def heatmap_pngs(image: np.ndarray, cam: np.ndarray, alpha: float = 0.45) -> tuple[str, str]:
+    """The map over the model-size image (uint8 H,W,3), blended, and the map alone in its colour
+    scale at that size (for a viewer to lay over the original), both as base64 PNG."""
     h, w = image.shape[:2]
-    blended = (1 - alpha) * image.astype(np.float32) + alpha * heat_layer(cam, (w, h))
-    return png_base64(blended.astype(np.uint8))
-
-
-def map_png(cam: np.ndarray, size: tuple[int, int]) -> str:
-    """The map alone, coloured at `size` (w, h), as base64 PNG: for a viewer to lay over the original."""
-    return png_base64(heat_layer(cam, size))
+    layer = heat_layer(cam, (w, h))
+    blended = (1 - alpha) * image.astype(np.float32) + alpha * layer
+    return png_base64(blended.astype(np.uint8)), png_base64(layer)
 
 
 COLOUR_SCALE = ["#{:02x}{:02x}{:02x}".format(*(int(v) for v in c)) for c in COLOURS]  # low -> high, for legends

@@ -28,6 +28,7 @@ import zipfile
 import numpy as np
 from pydantic import BaseModel, Field, model_validator
 
+from service.core.features import image_stats
 from service.core.quality import luminance
 
 METHODS = ("mahalanobis", "energy")
@@ -171,8 +172,7 @@ def image_statistics(images: np.ndarray) -> np.ndarray:
     centre = lum[:, h // 4 : 3 * h // 4, w // 4 : 3 * w // 4].mean(axis=(1, 2))
     return np.column_stack(
         [
-            rgb.mean(axis=1),
-            rgb.std(axis=1),
+            image_stats(images),  # the RGB means and stds, as the boosters read them
             sat.mean(axis=1),
             sat.std(axis=1),
             red_green.mean(axis=1),

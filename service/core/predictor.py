@@ -16,7 +16,7 @@ from typing import Any, Literal
 import numpy as np
 
 from service.core.bundle import BundleError, check_libraries, read_manifest, read_verified
-from service.core.explain import feature_groups, group_attributions, heatmap_png, map_png, tree_shap
+from service.core.explain import feature_groups, group_attributions, heatmap_pngs, tree_shap
 from service.core.features import build_features, image_stats, soft_vote, stack_inputs
 from service.core.graph import CAM, EMBEDDING, LOGITS, OOD_OUTPUTS
 from service.core.manifest import Manifest
@@ -292,6 +292,5 @@ class Predictor:
             c = m.classes.index(label)
             cam = outs[CAM][i, c]
             attributions = {name: group_attributions(v[i, c], groups) for name, v in shap.items()}
-            size = (images.shape[2], images.shape[1])
-            out.append(Explanation(label, cam, heatmap_png(images[i], cam), map_png(cam, size), attributions))
+            out.append(Explanation(label, cam, *heatmap_pngs(images[i], cam), attributions))
         return out
