@@ -12,6 +12,8 @@ RUN_DIR/
   cnn/cnn.int8.onnx, cnn/quantization.json   the int8 graph and its out-of-fold gate
   cnn/ood.json                 the out-of-distribution checks' out-of-fold thresholds
   models/<name>.pkl            level-2 models refit on all rows
+  models/fold<k>/<name>.pkl    level-2 models of outer fold k (trained without it): the int8 gate's
+                               served pipeline, out-of-fold
   bundle/                      what the service loads, and nothing else
 """
 
@@ -97,6 +99,9 @@ class RunLayout:
 
     def model(self, name: str) -> Path:
         return self.models / f"{name}.pkl"
+
+    def fold_level2(self, name: str, k: int) -> Path:
+        return self.models / f"fold{k}" / f"{name}.pkl"
 
     @property
     def bundle(self) -> Path:

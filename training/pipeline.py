@@ -11,7 +11,7 @@ from types import ModuleType
 from training.config import RunConfig, save_or_check
 from training.errors import ConfigMismatch
 from training.run import Run
-from training.stages import boosters, bundle, cnn, export, folds, report, stack
+from training.stages import boosters, bundle, cnn, export, folds, quantize, report, stack
 
 
 @dataclass(frozen=True)
@@ -34,8 +34,9 @@ STAGES: list[Stage] = [
     Stage("export", export, needs=("cnn",)),
     Stage("boosters", boosters, needs=("cnn",)),
     Stage("stack", stack, needs=("cnn", "boosters")),
-    Stage("report", report, needs=("cnn", "boosters", "stack")),  # reads the int8 gate when export has run
-    Stage("bundle", bundle, needs=("cnn", "export", "boosters", "stack", "report")),
+    Stage("quantize", quantize, needs=("cnn", "export", "boosters", "stack")),
+    Stage("report", report, needs=("cnn", "boosters", "stack")),  # reads the int8 gate when quantize has run
+    Stage("bundle", bundle, needs=("cnn", "export", "boosters", "stack", "quantize", "report")),
 ]
 STAGE_NAMES = [s.name for s in STAGES]
 

@@ -31,21 +31,52 @@ class ModelFile(BaseModel):
     libraries: list[str] = Field(description="Python distributions needed to load the file")
 
 
+class GateMetric(BaseModel):
+    """One figure of the served answer with the fp32 CNN and with the int8 one, on the same images."""
+
+    fp32: float
+    int8: float
+    relative_loss: float = Field(description="(fp32 - int8) / fp32: the share of the fp32 figure that int8 loses")
+    difference_ci95: list[float] = Field(description="int8 - fp32: 95% paired lesion-bootstrap interval")
+
+
+class GateCheck(BaseModel):
+    """int8 against fp32 on the same images, measured on the answer the service gives."""
+
+    images: int
+    passed: bool
+    metrics: dict[str, GateMetric] = Field(description="the served answer's BMCA, malignant AUC and pAUC")
+    cnn_agreement: float = Field(ge=0, le=1, description="top-1 agreement of the int8 CNN with fp32 (reported only)")
+    answer_agreement: float = Field(ge=0, le=1, description="top-1 agreement of the served answers (reported only)")
+
+
+class QuantizationAttempt(BaseModel):
+    """One int8 configuration: which layers stayed fp32, and its checks."""
+
+    config: str
+    fp32_nodes: list[str] = Field(description="graph nodes left in fp32 (besides the classifier and softmax)")
+    folds: GateCheck = Field(description="the fold models on their out-of-fold images")
+    refit: GateCheck | None = Field(None, description="the refit model on its own (training) images")
+
+    @property
+    def passed(self) -> bool:
+        return self.folds.passed and (self.refit is None or self.refit.passed)
+
+
 class QuantizationGate(BaseModel):
-    """int8 vs fp32 fold models on their out-of-fold images (training.cnn.quantize)."""
+    """The accuracy-aware int8 gate (training.cnn.quantize): configurations tried in order, the
+    first that passes is served; none passing serves fp32."""
 
     passed: bool
     images: int
-    agreement: float = Field(ge=0, le=1, description="top-1 agreement of int8 with fp32")
-    min_agreement: float
-    max_metric_drop: float = Field(description="largest allowed fall in malignant AUC and pAUC")
-    fp32: dict[str, float]
-    int8: dict[str, float]
-    members: list[dict] = Field(default_factory=list, description="per fold model: images, agreement, max diff")
+    agreement: float = Field(ge=0, le=1, description="top-1 agreement of the int8 CNN with fp32 (reported only)")
     served_model: str = Field("fold ensemble", description="the CNN whose int8 graph the bundle would serve")
-    served_agreement: float | None = Field(
-        None, description="refit CNN: its int8 vs fp32 top-1 agreement on its own (training) images; also gated"
-    )
+    rule: str = Field("", description="what passing means")
+    max_relative_loss: float | None = Field(None, description="largest allowed relative loss of each gated figure")
+    answer: str | None = Field(None, description="the served combiner whose answer the gate measured")
+    config: str | None = Field(None, description="the configuration that passed (or the last one tried)")
+    fp32_nodes: list[str] = Field(default_factory=list, description="that configuration's fp32 nodes")
+    attempts: list[QuantizationAttempt] = Field(default_factory=list, description="every configuration tried, in order")
 
 
 class CnnModel(ModelFile):

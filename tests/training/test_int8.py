@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from service.core.bundle import BundleError, read_manifest
+from service.core.manifest import GateCheck, QuantizationGate
 from service.core.predictor import Predictor
 from service.core.preprocess import ImageSpec, load_for_model, to_model_input
 from tests.helpers import TINY, train
@@ -27,12 +28,12 @@ def test_joined_graph_is_the_mean_of_its_members(tmp_path):
     for i, m in enumerate(members):
         paths.append(tmp_path / f"m{i}.onnx")
         export_onnx([m], spec, images, paths[-1], log=lambda msg: None)
-    singles = [quantize.run_graph(quantize.session(p), images, spec) for p in paths]
-    joined = quantize.session(quantize.join_members(paths).SerializeToString())
+    singles = [quantize.run_graph(p, images, spec) for p in paths]
+    joined = quantize.join_members(paths).SerializeToString()
     assert np.allclose(quantize.run_graph(joined, images, spec), np.mean(singles, axis=0), atol=1e-6)
 
 
-def oof_like(n: int = 400, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+def oof_like(n: int = 700, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     rng = np.random.default_rng(seed)
     y = np.arange(n) % 7
     logits = rng.normal(size=(n, 7)) + 3 * np.eye(7)[y]
@@ -40,24 +41,32 @@ def oof_like(n: int = 400, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     return y, probs
 
 
-def test_gate_passes_identical_predictions():
+def check(y, cnn_fp32, cnn_int8, answer_fp32, answer_int8):
+    return quantize.gate_check(y, np.arange(len(y)), (cnn_fp32, cnn_int8), (answer_fp32, answer_int8), 20, 0)
+
+
+def test_gate_passes_identical_answers():
     y, p = oof_like()
-    gate = quantize.gate_figures(y, p, p.copy())
-    assert gate.passed and gate.agreement == 1.0 and gate.fp32 == gate.int8 and gate.images == len(y)
+    gate = check(y, p, p.copy(), p, p.copy())
+    assert gate.passed and gate.cnn_agreement == gate.answer_agreement == 1.0 and gate.images == len(y)
+    assert set(gate.metrics) == {"bmca", "malignant_auc", "malignant_pauc"}
+    assert all(m.relative_loss == 0 and m.difference_ci95 == [0, 0] for m in gate.metrics.values())
 
 
-def test_gate_fails_on_top1_disagreement():
+def test_cnn_top1_flips_do_not_decide():
+    """2 % of the CNN's top classes change while the served answer keeps its figures: the old
+    agreement rule (>= 99 %) refused this; the answer's rule passes it and reports the agreement."""
     y, p = oof_like()
     q = p.copy()
-    flip = np.arange(0, len(y), 50)  # 2% of the images change their top class
+    flip = np.arange(0, len(y), 50)
     q[flip] = np.roll(q[flip], 1, axis=1)
-    gate = quantize.gate_figures(y, p, q)
-    assert not gate.passed and gate.agreement < quantize.MIN_AGREEMENT
+    gate = check(y, p, q, p, p.copy())
+    assert gate.passed and gate.cnn_agreement == pytest.approx(0.98)
 
 
-def test_gate_fails_when_malignant_ranking_gets_worse():
-    """Every top-1 kept (0.9 on the same class), but the remaining 0.1 scrambled: the malignant
-    score ranks worse, which agreement alone would not see."""
+def test_gate_fails_when_the_answers_malignant_ranking_gets_worse():
+    """Every top-1 of the answer kept (0.9 on the same class), the remaining 0.1 scrambled: the
+    malignant score ranks worse, which agreement alone would not see."""
     rng = np.random.default_rng(0)
     n = 700
     y = np.arange(n) % 7
@@ -70,10 +79,90 @@ def test_gate_fails_when_malignant_ranking_gets_worse():
 
     fp32 = probs(np.ones((n, 7)) + np.eye(7)[y])  # the small mass leans to the true class
     int8 = probs(rng.random((n, 7)))
-    gate = quantize.gate_figures(y, fp32, int8)
-    assert gate.agreement == 1.0
-    assert gate.fp32["malignant_auc"] - gate.int8["malignant_auc"] > quantize.MAX_METRIC_DROP
+    gate = check(y, fp32, fp32, fp32, int8)
+    auc = gate.metrics["malignant_auc"]
+    assert gate.answer_agreement == 1.0 and gate.metrics["bmca"].relative_loss == 0
+    assert auc.relative_loss > quantize.MAX_RELATIVE_LOSS and auc.difference_ci95[1] < 0
     assert not gate.passed
+
+
+class Toy(torch.nn.Module):
+    """A colour classifier shaped like a ResNet's ends (conv1 ... layer4, avgpool, fc) whose layer4
+    cannot be quantized: one of its weights is 10^4, on an input channel that is always 0. In fp32
+    that weight changes nothing; per-channel int8 scales its output channel by it and rounds every
+    other weight to 0, so the int8 layer4 forgets the image."""
+
+    def __init__(self, centroids: np.ndarray) -> None:
+        super().__init__()
+        self.conv1 = torch.nn.Conv2d(3, 4, 1)
+        self.relu = torch.nn.ReLU()
+        self.layer4 = torch.nn.Conv2d(4, 3, 1)
+        self.avgpool = torch.nn.AdaptiveAvgPool2d(1)
+        self.fc = torch.nn.Linear(3, 7)
+        with torch.no_grad():
+            self.conv1.weight.zero_()
+            self.conv1.weight[:3, :, 0, 0] = torch.eye(3)
+            self.conv1.bias[:] = torch.tensor([3.0, 3.0, 3.0, -1.0])  # channel 3 is always 0 after the ReLU
+            self.layer4.weight.zero_()
+            self.layer4.weight[:, :3, 0, 0] = torch.eye(3)
+            self.layer4.weight[:, 3, 0, 0] = 1e4
+            self.layer4.bias.zero_()
+            mu = torch.tensor(centroids, dtype=torch.float32) + 3.0  # nearest centroid, as a linear layer
+            self.fc.weight[:] = 8 * mu
+            self.fc.bias[:] = -4 * (mu * mu).sum(1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.flatten(self.avgpool(self.layer4(self.relu(self.conv1(x)))), 1))
+
+
+def colour_data(spec: ImageSpec, per_class: int = 30) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Images whose class is their colour; returns images, labels and the classes' normalised colours."""
+    rng = np.random.default_rng(0)
+    colours = rng.integers(30, 225, (7, 3))
+    y = np.repeat(np.arange(7), per_class)
+    images = colours[y][:, None, None, :] + rng.normal(0, 6, (len(y), spec.height, spec.width, 3))
+    images = np.clip(images, 0, 255).astype(np.uint8)
+    centroids = (colours / 255.0 - np.asarray(spec.mean)) / np.asarray(spec.std)
+    return images, y, centroids
+
+
+def test_fallback_keeps_the_sensitive_layer_in_fp32_and_records_it(tmp_path):
+    spec = ImageSpec(width=8, height=6)
+    images, y, centroids = colour_data(spec)
+    fold = np.arange(len(y)) % 3
+    model = Toy(centroids).eval()
+    graphs = quantize.FoldGraphs([model] * 3, images, fold, spec, tmp_path, seed=0)
+    assert (graphs.fp32.argmax(1) == y).mean() > 0.95  # the fp32 model knows the colours
+    logged: list[str] = []
+    attempts, fold_graphs = quantize.tune(graphs, y, np.arange(len(y)), lambda p: p, 20, 0, log=logged.append)
+    assert [a.config for a in attempts] == [r.name for r in quantize.LADDER]
+    assert [a.passed for a in attempts] == [False, False, True]  # layer4 int8 fails, with or without conv1
+    assert attempts[0].folds.metrics["bmca"].int8 < 0.3  # it forgot the image
+    assert "/members.0/conv1/Conv" in attempts[1].fp32_nodes and not any("layer4" in n for n in attempts[1].fp32_nodes)
+    assert any("/layer4/" in n for n in attempts[2].fp32_nodes)
+    gate = quantize.gate_of(attempts, "fold ensemble", "cnn")
+    assert gate.passed and gate.config == quantize.LADDER[2].name and gate.fp32_nodes == attempts[2].fp32_nodes
+    assert len(fold_graphs[2]) == 3 and all(p.exists() for p in fold_graphs[2])
+    assert len(logged) == 3 and "passed" in logged[-1]
+
+
+def test_no_passing_configuration_serves_fp32(tmp_path):
+    """A refit check that always fails: every configuration is tried and the gate fails."""
+    spec = ImageSpec(width=8, height=6)
+    images, y, centroids = colour_data(spec, per_class=12)
+    fold = np.arange(len(y)) % 3
+    graphs = quantize.FoldGraphs([Toy(centroids).eval()] * 3, images, fold, spec, tmp_path, seed=0)
+    fails = GateCheck(images=len(y), passed=False, metrics={}, cnn_agreement=1.0, answer_agreement=1.0)
+    asked = []
+
+    def refit(rung, i):
+        asked.append(i)
+        return fails
+
+    attempts, _ = quantize.tune(graphs, y, np.arange(len(y)), lambda p: p, 5, 0, refit=refit, log=lambda m: None)
+    assert asked == [2] and len(attempts) == 3 and attempts[2].folds.passed and not attempts[2].passed
+    gate = quantize.gate_of(attempts, "refit", "cnn")
+    assert not gate.passed and gate.config == quantize.LADDER[2].name
 
 
 @pytest.fixture(scope="module")
@@ -82,12 +171,32 @@ def int8_run(tiny_data, tmp_path_factory):
     return train(tiny_data, tmp_path_factory.mktemp("int8") / "run", *TINY, "--keep-fp32")
 
 
-def test_export_gates_every_image_out_of_fold(int8_run):
-    gate = json.loads((int8_run / "cnn" / "quantization.json").read_text())
+def test_quantize_stage_gates_the_served_answer_on_every_image_out_of_fold(int8_run):
+    gate = QuantizationGate.model_validate_json((int8_run / "cnn" / "quantization.json").read_text())
     table = pd.read_csv(int8_run / "artifacts" / "folds.csv")
-    assert gate["images"] == len(table) == sum(m["images"] for m in gate["members"])
-    assert [m["images"] for m in gate["members"]] == table.fold.value_counts().sort_index().tolist()
-    assert 0 <= gate["agreement"] <= 1 and set(gate["fp32"]) == {"malignant_auc", "malignant_pauc"}
+    assert gate.images == len(table) and gate.answer == "stack" and gate.served_model == "refit"
+    assert 1 <= len(gate.attempts) <= len(quantize.LADDER) and gate.rule == quantize.RULE
+    assert [a.config for a in gate.attempts] == [r.name for r in quantize.LADDER[: len(gate.attempts)]]
+    assert all(not a.passed for a in gate.attempts[:-1]) and gate.passed == gate.attempts[-1].passed
+    for a in gate.attempts:
+        assert a.folds.images == len(table) and set(a.folds.metrics) == set(quantize.GATED)
+        assert (a.refit is not None) == a.folds.passed  # the refit model is checked once its folds pass
+    report = (int8_run / "artifacts" / "report.md").read_text()
+    assert f"| {gate.attempts[0].config} | out-of-fold images |" in report
+
+
+def test_the_gates_fp32_pipeline_reproduces_the_reported_out_of_fold_answers(int8_run):
+    """The gate's served pipeline, fed the CNN's out-of-fold probabilities, gives exactly the
+    out-of-fold tables the report scored: the fold boosters and meta-learners are the ones kept."""
+    from training.config import saved_config
+    from training.data.io import PROB_COLUMNS
+    from training.ensemble.served import oof_answers
+    from training.run import Run
+
+    run = Run(saved_config(int8_run), int8_run, log=lambda m: None)
+    answers = oof_answers(run, run.oof("cnn")[PROB_COLUMNS].to_numpy())
+    for model in run.cfg.components:
+        assert np.allclose(answers[model], run.oof(model)[PROB_COLUMNS].to_numpy(), atol=1e-6), model
 
 
 def rebundle(run, tmp_path, passed: bool, keep_fp32: bool):

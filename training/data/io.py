@@ -43,7 +43,10 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
 
 
 def atomic_write_csv(path: Path, df: pd.DataFrame) -> None:
-    atomic_write(path, lambda p: df.to_csv(p, index=False, float_format="%.8g"))
+    """Floats written to round-trip exactly: the stack reads the boosters' tables, and the int8 gate's
+    recomputed pipeline must give what the report scored (a standardised near-constant column of the
+    meta-learner's input turns a rounding of 1e-8 into a change of 1e-2)."""
+    atomic_write(path, lambda p: df.to_csv(p, index=False, float_format="%.17g"))
 
 
 def write_oof(path: Path, table: pd.DataFrame, probs: np.ndarray) -> None:

@@ -156,9 +156,11 @@ BOOSTERS: dict[str, Booster] = {
 }
 
 
-def feature_matrix(run: Run) -> np.ndarray:
-    """The boosters' training input: OOF CNN probabilities through the service's feature code."""
-    cnn_probs = run.oof(CNN)[PROB_COLUMNS].to_numpy()
+def feature_matrix(run: Run, cnn_probs: np.ndarray | None = None) -> np.ndarray:
+    """The boosters' input for every row through the service's feature code: the CNN's out-of-fold
+    probabilities (the training input), or the given ones (the int8 gate's)."""
+    if cnn_probs is None:
+        cnn_probs = run.oof(CNN)[PROB_COLUMNS].to_numpy()
     return build_features(cnn_probs, run.dataset.metadata(), image_stats(run.images), FeatureSpec())
 
 
@@ -188,10 +190,11 @@ def check_every_class_trains(y: np.ndarray, fold: np.ndarray) -> None:
 
 def cross_fit(
     b: Booster, x: np.ndarray, y: np.ndarray, fold: np.ndarray, rounds: int, seed: int
-) -> tuple[np.ndarray, list[int]]:
+) -> tuple[np.ndarray, list[int], list[Any]]:
+    """Out-of-fold probabilities, the rounds chosen per fold, and the fold models."""
     n_folds = fold.max() + 1
     oof = np.zeros((len(y), len(labels.CLASSES)))
-    chosen = []
+    chosen, models = [], []
     for k in tqdm(range(n_folds), desc=b.name, leave=False, disable=None):
         fit_rows, stop_rows = inner_split(fold, k)
         xf, yf = x[fit_rows], y[fit_rows]
@@ -199,4 +202,5 @@ def cross_fit(
         chosen.append(b.best_rounds(probe))
         model = b.make(chosen[-1], seed, False).fit(x[fold != k], y[fold != k], sample_weight=balanced(y[fold != k]))
         oof[fold == k] = model.predict_proba(x[fold == k])
-    return oof, chosen
+        models.append(for_serving(model))
+    return oof, chosen, models

@@ -123,7 +123,7 @@ def with_intervals(
                     "value": point[a][k] - point[b][k],
                     "ci95": _ci([ra[k] - rb[k] for ra, rb in zip(reps[a], reps[b])]),
                 }
-                for k in ("malignant_pauc", "bmca", "macro_auc")
+                for k in ("malignant_pauc", "bmca", "macro_auc", "malignant_auc")
             },
         }
     return out

@@ -1,6 +1,6 @@
 """Stage 4, boosters: each chosen booster cross-fitted on the shared folds over the CNN's out-of-fold
 probabilities, clinical metadata and colour statistics (service/core/features.py, as served);
-its rounds picked on an inner fold; refit on all rows."""
+its rounds picked on an inner fold; refit on all rows. The fold models are kept for the int8 gate."""
 
 from __future__ import annotations
 
@@ -22,7 +22,12 @@ from training.run import Run
 
 
 def outputs(run: Run) -> list[Path]:
-    return [p for m in run.cfg.boosters for p in (run.paths.oof(m), run.paths.model(m))]
+    return [p for m in run.cfg.boosters for p in booster_outputs(run, m)]
+
+
+def booster_outputs(run: Run, name: str) -> list[Path]:
+    folds = [run.paths.fold_level2(name, k) for k in range(run.cfg.folds)]
+    return [run.paths.oof(name), run.paths.model(name), *folds]
 
 
 def run(run: Run) -> None:
@@ -31,12 +36,13 @@ def run(run: Run) -> None:
     x = feature_matrix(run)
     for name in run.cfg.boosters:
         b = BOOSTERS[name]
-        oof_path, model_path = run.paths.oof(name), run.paths.model(name)
-        if oof_path.exists() and model_path.exists():
+        if all(p.exists() for p in booster_outputs(run, name)):
             run.log(f"{name}: already done, skipping")
             continue
-        oof, chosen = cross_fit(b, x, y, fold, run.cfg.booster_rounds, run.cfg.seed)
+        oof, chosen, fold_models = cross_fit(b, x, y, fold, run.cfg.booster_rounds, run.cfg.seed)
         final = b.make(int(np.mean(chosen)), run.cfg.seed, False).fit(x, y, sample_weight=balanced(y))
-        write_oof(oof_path, run.table, oof)
-        atomic_write_bytes(model_path, pickle.dumps(for_serving(final)))
+        for k, model in enumerate(fold_models):
+            atomic_write_bytes(run.paths.fold_level2(name, k), pickle.dumps(model))
+        write_oof(run.paths.oof(name), run.table, oof)
+        atomic_write_bytes(run.paths.model(name), pickle.dumps(for_serving(final)))
         run.log(f"{name}: rounds per fold {chosen}, final model {int(np.mean(chosen))} rounds")

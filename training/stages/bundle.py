@@ -1,4 +1,4 @@
-"""Stage 7, bundle: RUN_DIR/bundle/, the only thing the service loads.
+"""Stage 8, bundle: RUN_DIR/bundle/, the only thing the service loads.
 
 Written into a temporary folder and renamed into place, so a crash never leaves a half bundle.
 Its manifest is the roster of the run's models (the CNN, the chosen boosters, the soft vote and
@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import pickle
 import shutil
 import tempfile
 from pathlib import Path
@@ -20,7 +19,7 @@ import numpy as np
 
 from service.core import labels
 from service.core.bundle import library_versions, sha256_file
-from service.core.features import FeatureSpec, soft_vote, stack_inputs
+from service.core.features import FeatureSpec
 from service.core.graph import INPUT_NAME, OUTPUT_NAME
 from service.core.manifest import (
     MANIFEST_NAME,
@@ -38,7 +37,7 @@ from service.core.predictor import Predictor
 from service.core.preprocess import to_model_input
 from training.config import CNN, FP32_GRAPH, INT8_GRAPH, SOFT_VOTE, STACK
 from training.data.io import PROB_COLUMNS, atomic_write_text
-from training.ensemble.boosters import BOOSTERS, feature_matrix
+from training.ensemble.boosters import BOOSTERS
 from training.reporting.model_card import model_card
 from training.run import Run
 
@@ -127,20 +126,14 @@ def reference_predictions(run: Run, n: int = 8) -> dict:
 
     from training.cnn.loop import served_members
     from training.cnn.models import FoldEnsemble
+    from training.ensemble.served import refit_answers
 
     idx = np.linspace(0, len(run.table) - 1, n).astype(int)
     members = served_members(run)
     x = torch.from_numpy(to_model_input(run.images[idx], run.cfg.image_spec()))
     with torch.no_grad():
         cnn_torch = FoldEnsemble(members, run.cfg.tta)(x).numpy().astype(np.float64)
-    cnn_oof = run.oof(CNN)[PROB_COLUMNS].to_numpy()[idx]
-    features = feature_matrix(run)[idx]
-    probs = {CNN: cnn_oof}
-    for b in run.cfg.boosters:
-        probs[b] = pickle.loads(run.paths.model(b).read_bytes()).predict_proba(features)
-    probs[SOFT_VOTE] = soft_vote(probs, run.cfg.level1)
-    stack = pickle.loads(run.paths.model(STACK).read_bytes())
-    probs[STACK] = stack.predict_proba(stack_inputs(probs, run.cfg.level1))
+    probs = refit_answers(run, run.oof(CNN)[PROB_COLUMNS].to_numpy(), idx)
     rows = run.table.iloc[idx]
     return {
         "image_ids": rows.image_id.tolist(),

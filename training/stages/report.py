@@ -1,4 +1,4 @@
-"""Stage 6, report: artifacts/report.json, report.md and plots, every number out-of-fold (lesion-
+"""Stage 7, report: artifacts/report.json, report.md and plots, every number out-of-fold (lesion-
 bootstrap intervals; per class, per subgroup; log loss and ECE under two class priors)."""
 
 from __future__ import annotations

@@ -16,7 +16,8 @@ from training.run import Run
 
 
 def outputs(run: Run) -> list[Path]:
-    return [run.paths.oof(SOFT_VOTE), run.paths.oof(STACK), run.paths.model(STACK)]
+    folds = [run.paths.fold_level2(STACK, k) for k in range(run.cfg.folds)]
+    return [run.paths.oof(SOFT_VOTE), run.paths.oof(STACK), run.paths.model(STACK), *folds]
 
 
 def run(run: Run) -> None:
@@ -28,6 +29,7 @@ def run(run: Run) -> None:
     for k in range(fold.max() + 1):
         meta = make_meta_learner(fold[fold != k]).fit(z[fold != k], y[fold != k])
         stack[fold == k] = meta.predict_proba(z[fold == k])
+        atomic_write_bytes(run.paths.fold_level2(STACK, k), pickle.dumps(meta))
     final = make_meta_learner(fold).fit(z, y)
     write_oof(run.paths.oof(SOFT_VOTE), run.table, soft_vote(probs, level1))
     write_oof(run.paths.oof(STACK), run.table, stack)
