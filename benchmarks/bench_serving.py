@@ -9,9 +9,11 @@ Measured in this order, on the same machine, in one run:
 2. the in-process Predictor (decode + the whole stack) for one request, int8 and fp32 CNN graphs at
    batch 1 and 8 when the bundle carries both;
 3. the service over HTTP (uvicorn subprocess, one worker) at 1, 8 and 32 concurrent clients, with
-   micro-batching off (LESION_BATCH_MAX_SIZE=1) and on (the default settings).
-Requests are real HAM10000 images, upscaled to the originals' 600x450 and JPEG-encoded. The client
-runs on the same machine as the server, so at high concurrency both share the cores.
+   micro-batching off (LESION_BATCH_MAX_SIZE=1) and on (the default settings), driven by the Python
+   client (httpx threads) and by `hey` (a native load generator, when installed).
+Requests are real HAM10000 images, upscaled to the originals' 600x450 and JPEG-encoded. The load
+generator runs on the same machine as the server and shares its cores: each level prints the cores
+the generator itself used, so its cost is visible rather than hidden in the server's figure.
 """
 
 from __future__ import annotations
@@ -20,11 +22,15 @@ import argparse
 import io
 import itertools
 import os
+import resource
+import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -112,10 +118,26 @@ def start_service(bundle: Path, port: int, env: dict[str, str]) -> subprocess.Po
     sys.exit("the service was not ready after 120 s")
 
 
-def drive(url: str, images: list[bytes], clients: int, total: int) -> tuple[float, list[float]]:
-    """`clients` threads, each with its own connection, send `total` requests in all.
-    Returns (requests/s, latencies in seconds)."""
+@dataclass
+class Load:
+    """What one load generator measured at one concurrency level."""
+
+    rps: float
+    latencies: list[float]  # seconds, answered requests only
+    errors: int  # non-200 answers and failed connections
+    client_cpu: float  # cores the load generator itself used (CPU seconds / wall seconds)
+
+
+def multipart(url: str, image: bytes) -> tuple[bytes, str]:
+    """One /predict request body as httpx encodes it, and its content type."""
+    request = httpx.Request("POST", url, files={"image": ("x.jpg", image, "image/jpeg")}, data={"metadata": META})
+    return request.read(), request.headers["content-type"]
+
+
+def python_load(url: str, images: list[bytes], clients: int, total: int) -> Load:
+    """`clients` threads of this process, each with its own httpx connection, send `total` requests."""
     latencies: list[float] = []
+    errors = [0]
     lock = threading.Lock()
     per_client = max(1, total // clients)
 
@@ -125,20 +147,90 @@ def drive(url: str, images: list[bytes], clients: int, total: int) -> tuple[floa
             for i in range(per_client):
                 data = images[(c * per_client + i) % len(images)]
                 t = time.perf_counter()
-                r = http.post(url, files={"image": ("x.jpg", data, "image/jpeg")}, data={"metadata": META})
-                dt = time.perf_counter() - t
-                if r.status_code != 200:
-                    raise SystemExit(f"HTTP {r.status_code}: {r.text[:200]}")
+                try:
+                    ok = http.post(url, files={"image": ("x.jpg", data, "image/jpeg")}, data={"metadata": META})
+                    ok.raise_for_status()
+                except httpx.HTTPError:
+                    with lock:
+                        errors[0] += 1
+                    continue
                 with lock:
-                    latencies.append(dt)
+                    latencies.append(time.perf_counter() - t)
 
     threads = [threading.Thread(target=client, args=(c,)) for c in range(clients)]
-    t0 = time.perf_counter()
+    cpu0, t0 = time.process_time(), time.perf_counter()
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    return len(latencies) / (time.perf_counter() - t0), latencies
+    wall = time.perf_counter() - t0
+    return Load(len(latencies) / wall, latencies, errors[0], (time.process_time() - cpu0) / wall)
+
+
+def hey_load(url: str, images: list[bytes], clients: int, total: int) -> Load:
+    """`hey` (a Go load generator, Debian's package) sends `total` requests on `clients` connections,
+    every one the body of the first image."""
+    body, content_type = multipart(url, images[0])
+    with tempfile.NamedTemporaryFile(suffix=".body") as f:
+        f.write(body)
+        f.flush()
+        n = max(total, clients) // clients * clients  # hey sends a whole number of requests per connection
+        cmd = ["hey", "-n", str(n), "-c", str(clients), "-m", "POST", "-T", content_type]
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
+        out = subprocess.run([*cmd, "-D", f.name, "-o", "csv", url], capture_output=True, text=True, check=True)
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    rows = [line.split(",") for line in out.stdout.splitlines()[1:] if line.strip()]
+    # columns: response-time, DNS+dialup, DNS, request-write, response-delay, response-read, status-code, offset
+    latencies = [float(r[0]) for r in rows if r[6] == "200"]
+    wall = max(float(r[7]) + float(r[0]) for r in rows)
+    cpu = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
+    return Load(len(latencies) / wall, latencies, len(rows) - len(latencies), cpu / wall)
+
+
+PEER_BENTOML = "bentoml==1.4.40"
+# what the core's Predictor imports (the bundle's model libraries come from its manifest)
+CORE_DISTRIBUTIONS = ("numpy", "pillow", "pydantic", "cryptography", "threadpoolctl", "scipy")
+
+
+def peer_venv(folder: Path, manifest) -> Path:
+    """A venv of its own with BentoML and this environment's versions of the core's libraries (the
+    bundle refuses other versions of its model libraries). Made once; returns its bin folder."""
+    from importlib.metadata import version
+
+    bin_dir = folder / "bin"
+    if (bin_dir / "bentoml").exists():
+        return bin_dir
+    pins = [f"{d}=={version(d)}" for d in sorted({*CORE_DISTRIBUTIONS, *manifest.library_versions})]
+    print(f"building the BentoML venv in {folder} ({PEER_BENTOML} + {len(pins)} pinned libraries)", flush=True)
+    uv = shutil.which("uv")
+    if uv:
+        subprocess.run([uv, "venv", "-q", "-p", sys.executable, str(folder)], check=True)
+        install = [uv, "pip", "install", "-q", "-p", str(bin_dir / "python")]
+    else:
+        subprocess.run([sys.executable, "-m", "venv", str(folder)], check=True)
+        install = [str(bin_dir / "python"), "-m", "pip", "install", "-q"]
+    subprocess.run([*install, PEER_BENTOML, *pins], check=True)
+    return bin_dir
+
+
+def start_peer(bin_dir: Path, bundle: Path, port: int) -> subprocess.Popen:
+    """`bentoml serve benchmarks.bentoml_peer:Api` on `port`, once its /readyz answers."""
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "LESION_BUNDLE": str(bundle.resolve()), "PYTHONPATH": str(repo)}
+    cmd = [str(bin_dir / "bentoml"), "serve", "benchmarks.bentoml_peer:Api", "--port", str(port)]
+    proc = subprocess.Popen(cmd, cwd=repo, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=1).status_code == 200:
+                return proc
+        except httpx.HTTPError:
+            pass
+        if proc.poll() is not None:
+            sys.exit("the BentoML peer did not start (run its command by hand to see why)")
+        time.sleep(0.5)
+    proc.kill()
+    sys.exit("the BentoML peer was not ready after 180 s")
 
 
 def pct(values: list[float], q: float) -> float:
@@ -154,6 +246,13 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=40, help="in-process repetitions")
     p.add_argument("--port", type=int, default=8765)
     p.add_argument("--clients", default="1,8,32")
+    p.add_argument("--peer", choices=["none", "bentoml"], default="none", help="also serve the bundle with BentoML")
+    p.add_argument(
+        "--peer-venv",
+        type=Path,
+        default=Path.home() / ".cache" / "lesion-bench" / "bentoml",
+        help="the BentoML venv (built on first use)",
+    )
     args = p.parse_args()
     print(machine_header(), flush=True)
 
@@ -172,6 +271,11 @@ def main() -> None:
     meta = [ClinicalMetadata(age=55, sex="female", site="back")]
     t_request = 1 / per_second(lambda d: predictor.predict(load_for_model(d, spec)[None], meta), images, args.rounds)
     print(f"in-process Predictor, one request (decode + whole stack): {1000 * t_request:.1f} ms")
+    batches = [images[i : i + 8] for i in range(0, len(images) - 7, 8)]
+    batch8 = 8 * per_second(
+        lambda b: predictor.predict(np.stack([load_for_model(d, spec) for d in b]), meta * 8), batches, args.rounds
+    )
+    print(f"in-process Predictor, batches of 8 (decode + whole stack): {batch8:.1f} images/s")
 
     decoded = np.stack([load_for_model(d, spec) for d in images[:8]])
     graphs = cnn_graphs(args.bundle, m)
@@ -187,9 +291,8 @@ def main() -> None:
     print(f"graph sizes: {', '.join(f'{prec} {mb:.1f} MB' for prec, mb in sizes.items())}")
     if m.cnn.quantization:
         q = m.cnn.quantization
-        print(
-            f"int8 gate ({'passed' if q.passed else 'failed'}): top-1 agreement {q.agreement:.4f}, {q.images} OOF images"
-        )
+        verdict = f"passed with {q.config}" if q.passed else "failed"
+        print(f"int8 gate ({verdict}): CNN top-1 agreement {q.agreement:.4f} (reported only), {q.images} OOF images")
     full = np.stack([resize_for_model(decode_opened(open_image(d)), spec) for d in images])
     drafted = np.stack([load_for_model(d, spec) for d in images])
     at_full = predictor.predict_components(full, [None] * len(full))[m.served]
@@ -202,29 +305,68 @@ def main() -> None:
 
     url = f"http://127.0.0.1:{args.port}/predict"
     levels = [int(c) for c in args.clients.split(",")]
-    http: dict[str, dict[int, tuple[float, list[float]]]] = {}
+    drivers = {"python": python_load} | ({"hey": hey_load} if shutil.which("hey") else {})
+    if "hey" not in drivers:
+        print("(hey is not installed: apt-get install hey; the Python client alone drives HTTP)")
+    http: dict[tuple[str, str], dict[int, Load]] = {}
     for mode, env in [("batching off", {"LESION_BATCH_MAX_SIZE": "1"}), ("batching on", {})]:
         proc = start_service(args.bundle, args.port, env)
         try:
-            http[mode] = {c: drive(url, images, c, args.requests if c > 1 else args.requests // 2) for c in levels}
+            for name, load in drivers.items():
+                load(url, images, 1, 4)  # warm-up
+                http[mode, name] = {
+                    c: load(url, images, c, args.requests if c > 1 else args.requests // 2) for c in levels
+                }
         finally:
             proc.terminate()
             proc.wait(30)
-        print(f"\nHTTP, {mode}:")
-        for c, (rps, lat) in http[mode].items():
-            print(f"  {c:>2} clients: {rps:6.1f} requests/s   p50 {pct(lat, 50):6.1f} ms   p99 {pct(lat, 99):6.1f} ms")
+        for name in drivers:
+            print(f"\nHTTP, {mode}, driven by {name}:")
+            for c, r in http[mode, name].items():
+                print(
+                    f"  {c:>2} clients: {r.rps:6.1f} requests/s   p50 {pct(r.latencies, 50):6.1f} ms   "
+                    f"p99 {pct(r.latencies, 99):6.1f} ms   errors {r.errors}   load generator {r.client_cpu:.2f} cores"
+                )
 
-    on, off = http["batching on"], http["batching off"]
-    print("\nratios (same run, same machine):")
+    native = "hey" if "hey" in drivers else "python"
+    peer: dict[int, Load] = {}
+    if args.peer == "bentoml":
+        proc = start_peer(peer_venv(args.peer_venv, m), args.bundle, args.port + 1)
+        try:
+            peer_url = f"http://127.0.0.1:{args.port + 1}/predict"
+            drivers[native](peer_url, images, 1, 4)  # warm-up
+            peer = {
+                c: drivers[native](peer_url, images, c, args.requests if c > 1 else args.requests // 2) for c in levels
+            }
+        finally:
+            proc.terminate()
+            proc.wait(30)
+        print(f"\nBentoML ({PEER_BENTOML}, adaptive batching, one worker per service), driven by {native}:")
+        for c, r in peer.items():
+            print(
+                f"  {c:>2} clients: {r.rps:6.1f} requests/s   p50 {pct(r.latencies, 50):6.1f} ms   "
+                f"p99 {pct(r.latencies, 99):6.1f} ms   errors {r.errors}"
+            )
+
+    on, off = http["batching on", native], http["batching off", native]
+    print(f"\nratios (same run, same machine; HTTP figures driven by {native}):")
     if 8 in on:
-        print(f"  HTTP 8 clients / naive script:              {on[8][0] / naive:.2f}x  (target >= 4)")
+        print(f"  HTTP 8 clients / naive script:              {on[8].rps / naive:.2f}x  (target >= 4)")
+        print(f"  HTTP 8 clients / in-process batch of 8:     {on[8].rps / batch8:.2f}x  (target >= 0.6)")
     if 1 in on:
-        p50 = statistics.median(on[1][1])
+        p50 = statistics.median(on[1].latencies)
         print(f"  HTTP p50 at 1 client / in-process request:  {p50 / t_request:.2f}x  (target <= 1.15)")
-        print(f"  p50 at 1 client, batching on / off:         {p50 / statistics.median(off[1][1]):.2f}x  (limit 1.10)")
+        print(
+            f"  p50 at 1 client, batching on / off:         {p50 / statistics.median(off[1].latencies):.2f}x  (limit 1.10)"
+        )
     for c in levels:
         if c > 1:
-            print(f"  throughput at {c} clients, batching on / off: {on[c][0] / off[c][0]:.2f}x")
+            print(f"  throughput at {c} clients, batching on / off: {on[c].rps / off[c].rps:.2f}x")
+    for c, r in peer.items():
+        print(
+            f"  throughput at {c:>2} clients, this service / BentoML: {on[c].rps / r.rps:.2f}x  (target >= 1.5; "
+            f"errors {on[c].errors} vs {r.errors})"
+        )
     if "int8" in cnn and "fp32" in cnn:
         for b in (1, 8):
             print(

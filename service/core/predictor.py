@@ -16,6 +16,7 @@ from typing import Any, Literal
 import numpy as np
 
 from service.core.bundle import BundleError, check_libraries, read_manifest, read_verified
+from service.core.errors import PriorError
 from service.core.explain import feature_groups, group_attributions, heatmap_pngs, tree_shap
 from service.core.features import build_features, image_stats, soft_vote, stack_inputs
 from service.core.graph import CAM, EMBEDDING, LOGITS, OOD_OUTPUTS
@@ -23,7 +24,7 @@ from service.core.manifest import Manifest
 from service.core.metadata import ClinicalMetadata, validate_metadata
 from service.core.ood import GaussianFit, image_statistics, mahalanobis, scores
 from service.core.preprocess import to_model_input
-from service.core.priors import adjust, prior_vector
+from service.core.priors import NAMED, adjust, prior_vector
 from service.core.safe_pickle import load_model
 
 MetadataLike = ClinicalMetadata | Mapping[str, Any] | None
@@ -140,6 +141,12 @@ class Predictor:
         self.gaussian = gaussian  # the Mahalanobis score's class means and precision
         self.image_fit = image_fit  # the image statistics' mean and precision
         self.model_card = model_card  # MODEL_CARD.md, when the bundle has one
+        self.named_priors: dict[str, tuple[np.ndarray, float] | None] = {}  # NAMED priors, computed once
+        for name in NAMED:
+            try:
+                self.named_priors[name] = self.prior(name)
+            except PriorError:  # an unusable training prevalence: asking for it stays an error
+                pass
 
     @property
     def cnn_precision(self) -> str:
@@ -172,6 +179,9 @@ class Predictor:
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = intra_op_threads
         opts.inter_op_num_threads = inter_op_threads
+        # no busy-waiting between runs: the CNN's idle threads spun on the cores that decode the next
+        # requests (sample cpu bundle, 2 cores, hey: 8 clients 122 -> 140 requests/s, p50 at 1 client 12.2 -> 11.1 ms)
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         try:
             session = ort.InferenceSession(
                 read_verified(bundle_dir, manifest, cnn_file), opts, providers=["CPUExecutionProvider"]
@@ -235,10 +245,11 @@ class Predictor:
         the probabilities stay as trained (a uniform prior: the balanced models' own). The temperature
         was fitted with a real population's prior, so it comes only with one. Raises PriorError."""
         m = self.manifest
-        vec = prior_vector(m.default_prior if prior is None else prior, m.classes, m.training_prevalence)
-        if np.allclose(vec, 1.0 / len(vec)):
-            return None
-        return vec, m.temperature
+        prior = m.default_prior if prior is None else prior
+        if isinstance(prior, str) and prior in self.named_priors:  # what nearly every request asks
+            return self.named_priors[prior]
+        vec = prior_vector(prior, m.classes, m.training_prevalence)
+        return None if np.allclose(vec, 1.0 / len(vec)) else (vec, m.temperature)
 
     def predict_components(
         self, images: np.ndarray, metadata: Sequence[MetadataLike], cnn_probs: np.ndarray | None = None

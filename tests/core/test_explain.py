@@ -340,3 +340,66 @@ def test_out_of_fold_stages_run_where_the_cnn_was_not_exported(tiny_run, tmp_pat
     assert not (run / "cnn" / "cnn.onnx").exists()
     a, b = pd.read_csv(run / "artifacts" / "oof_stack.csv"), pd.read_csv(tiny_run / "artifacts" / "oof_stack.csv")
     pd.testing.assert_frame_equal(a, b, atol=1e-6)
+
+
+def reference_statistics(images: np.ndarray) -> np.ndarray:
+    """The image statistics written the obvious way (as bundles before the faster code were fitted)."""
+    from service.core.quality import luminance
+
+    n = len(images)
+    f = images.astype(np.float32) / 255.0
+    rgb = f.reshape(n, -1, 3)
+    hi, lo = rgb.max(axis=-1), rgb.min(axis=-1)
+    sat = np.where(hi > 0, (hi - lo) / np.maximum(hi, 1e-6), 0.0)
+    lum = luminance(images)
+    grad = np.concatenate([np.abs(np.diff(lum, axis=2)).reshape(n, -1), np.abs(np.diff(lum, axis=1)).reshape(n, -1)], 1)
+    codes = (images // 32).reshape(n, -1, 3).astype(np.int32) @ np.array([64, 8, 1])
+    shares = np.stack([np.bincount(c, minlength=512) for c in codes]) / codes.shape[1]
+    entropy = -(shares * np.log(np.where(shares > 0, shares, 1.0))).sum(axis=1)
+    rg, yb = rgb[..., 0] - rgb[..., 1], 0.5 * (rgb[..., 0] + rgb[..., 1]) - rgb[..., 2]
+
+    def gradient(k: int) -> np.ndarray:
+        h, w = lum.shape[1] // k * k, lum.shape[2] // k * k
+        p = lum[:, :h, :w].reshape(n, h // k, k, w // k, k).mean(axis=(2, 4))
+        return np.log(
+            0.5 * (np.abs(np.diff(p, axis=2)).mean(axis=(1, 2)) + np.abs(np.diff(p, axis=1)).mean(axis=(1, 2))) + 1e-4
+        )
+
+    h, w = lum.shape[1:]
+    q = [
+        lum[:, sy, sx]
+        for sy in (slice(0, h // 4), slice(-(h // 4), None))
+        for sx in (slice(0, w // 4), slice(-(w // 4), None))
+    ]
+    corners = np.stack(q, 1).reshape(n, -1).mean(axis=1)
+    centre = lum[:, h // 4 : 3 * h // 4, w // 4 : 3 * w // 4].mean(axis=(1, 2))
+    means, stds = rgb.astype(np.float64).mean(axis=1), rgb.astype(np.float64).std(axis=1)
+    columns = [*means.T, *stds.T, sat.mean(1), sat.std(1), rg.mean(1), yb.mean(1), rg.std(1), yb.std(1)]
+    columns += [np.log(grad.mean(1) + 1e-4), (grad < 0.002).mean(1), (grad > 0.15).mean(1), entropy]
+    columns += [
+        (lo > 0.92).mean(1),
+        (hi < 0.08).mean(1),
+        gradient(1) - gradient(2),
+        gradient(2) - gradient(4),
+        corners - centre,
+    ]
+    return np.column_stack(columns)
+
+
+@pytest.mark.parametrize("size", [(96, 128), (48, 64), (75, 101)])
+def test_image_statistics_are_their_definition(sample_dir, size):
+    """The served image statistics (vectorised for speed) equal the plain definition, on real
+    images, noise, black, white and odd sizes: a bundle's fitted image check stays valid."""
+    from service.core.ood import image_statistics
+    from service.core.preprocess import ImageSpec, load_for_model
+
+    spec = ImageSpec(width=size[1], height=size[0])
+    real = [load_for_model(p.read_bytes(), spec) for p in sorted((sample_dir / "images").iterdir())[:12]]
+    rng = np.random.default_rng(0)
+    extra = [
+        rng.integers(0, 256, (*size, 3), dtype=np.uint8),
+        np.zeros((*size, 3), np.uint8),
+        np.full((*size, 3), 255, np.uint8),
+    ]
+    images = np.stack(real + extra)
+    assert np.allclose(image_statistics(images), reference_statistics(images), rtol=1e-5, atol=1e-6)
