@@ -88,6 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def dispatch(args: argparse.Namespace) -> None:
+    if args.command in ("demo-data", "download", "keygen", "evaluate", "run", *STAGE_NAMES):
+        check_writable(args.out)
     if args.command == "demo-data":
         from training.data.synthetic import write_demo_dataset
 
@@ -132,6 +134,25 @@ def dispatch(args: argparse.Namespace) -> None:
         run_pipeline(cfg, args.out, stages, fold=fold)
         if int(os.environ.get("RANK", 0)) == 0:
             print(f"done: {args.out}")
+
+
+def check_writable(folder: Path) -> None:
+    """The run folder can be created and written by this user, or a RunError that says how to fix it
+    (in a container: the image runs as uid 10001, and a bind-mounted folder is its host owner's)."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".write-test-{os.getpid()}"
+        probe.touch()
+        probe.unlink()
+    except OSError as exc:
+        uid = os.getuid() if hasattr(os, "getuid") else "?"
+        hint = ""
+        if isinstance(exc, PermissionError):
+            hint = (
+                f"; this process runs as uid {uid}: give it the folder (chown), or in Docker run the image as its "
+                'owner: docker run --user "$(id -u):$(id -g)" ...'
+            )
+        raise RunError(f"cannot write the run folder {folder}: {exc.strerror or exc}{hint}") from None
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -25,7 +25,7 @@ from service.api.errors import install_error_handlers
 from service.api.metrics import Metrics
 from service.api.middleware import RequestGuard
 from service.api.protocol import HeaderDeadlineProtocol
-from service.api.routes import admin, operations, predictions
+from service.api.routes import admin, inference, operations, predictions
 from service.api.settings import Settings
 from service.api.state import ModelState
 from service.core.bundle import BundleError
@@ -70,7 +70,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     logging.captureWarnings(True)  # a library's warning is a log line in the service's format, not raw stderr
     # Keep uploads in memory: the request guard stops a body before it outgrows the spool size.
     forms.install(spool_bytes=settings.largest_request_bytes() + 1)
-    state, metrics = ModelState(), Metrics()
+    state, metrics = ModelState(), Metrics(settings.drift_window)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -106,4 +106,5 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(operations.router)
     app.include_router(predictions.router)
     app.include_router(admin.router)
+    app.include_router(inference.router)
     return app

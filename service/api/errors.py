@@ -17,6 +17,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
+from service.api.auth import route_path
 from service.api.batching import BatcherStopped
 from service.api.logs import exception_summary, printable
 from service.core.metadata import MetadataError
@@ -54,9 +55,22 @@ class ProblemResponse(JSONResponse):
     media_type = PROBLEM_JSON
 
 
+PROTOCOL_PREFIX = "/v2"  # the Open Inference Protocol's routes (routes/inference.py): its own error body
+
+
 def error_response(
-    status: int, detail: str, request_id: str | None, headers: dict | None = None, code: str | None = None
+    status: int,
+    detail: str,
+    request_id: str | None,
+    headers: dict | None = None,
+    code: str | None = None,
+    path: str = "",
 ) -> JSONResponse:
+    """The error as a problem, or on the protocol's routes as its {"error": detail} (with a 400 where
+    this API says 422: the protocol has no 422)."""
+    if path == PROTOCOL_PREFIX or path.startswith(PROTOCOL_PREFIX + "/"):
+        body = {"error": printable(detail, MAX_DETAIL)}
+        return JSONResponse(body, status_code=400 if status == 422 else status, headers=headers)
     code = code or STATUS_CODES.get(status, "internal-error" if status >= 500 else "request-invalid")
     return ProblemResponse(problem_body(status, code, detail, request_id), status_code=status, headers=headers)
 
@@ -76,6 +90,10 @@ def request_id(request: Request) -> str | None:
     return getattr(request.state, "request_id", None)
 
 
+def path_of(request: Request) -> str:
+    return route_path(request.scope)
+
+
 def input_problem(exc: ImageError | MetadataError) -> tuple[int, str]:
     """(HTTP status, stable code) of an image or metadata a client sent that cannot be used."""
     if isinstance(exc, MetadataError):
@@ -93,19 +111,18 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, exc: HTTPException) -> JSONResponse:  # also 404 and 405
         code = getattr(exc, "code", None)
-        return error_response(
-            exc.status_code, str(exc.detail), request_id(request), dict(exc.headers) if exc.headers else None, code
-        )
+        headers = dict(exc.headers) if exc.headers else None
+        return error_response(exc.status_code, str(exc.detail), request_id(request), headers, code, path_of(request))
 
     @app.exception_handler(MetadataError)
     @app.exception_handler(ImageError)
     async def input_error(request: Request, exc: Exception) -> JSONResponse:
         status, code = input_problem(exc)  # type: ignore[arg-type]
-        return error_response(status, str(exc), request_id(request), code=code)
+        return error_response(status, str(exc), request_id(request), code=code, path=path_of(request))
 
     @app.exception_handler(BatcherStopped)
     async def batcher_stopped(request: Request, exc: BatcherStopped) -> JSONResponse:
-        return error_response(503, str(exc), request_id(request), {"Retry-After": "5"}, "not-ready")
+        return error_response(503, str(exc), request_id(request), {"Retry-After": "5"}, "not-ready", path_of(request))
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -113,11 +130,10 @@ def install_error_handlers(app: FastAPI) -> None:
         for e in exc.errors():
             where = ".".join(str(p) for p in e["loc"][1:]) or "request"
             parts.append(f"missing form field '{where}'" if e["type"] == "missing" else f"{where}: {e['msg']}")
-        return error_response(422, "; ".join(parts), request_id(request), code="request-invalid")
+        return error_response(422, "; ".join(parts), request_id(request), code="request-invalid", path=path_of(request))
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception) -> JSONResponse:
         log.error("unexpected error, request id %s: %s", request_id(request), exception_summary(exc))
-        return error_response(
-            500, "internal error; the request id is in the logs", request_id(request), code="internal-error"
-        )
+        detail = "internal error; the request id is in the logs"
+        return error_response(500, detail, request_id(request), code="internal-error", path=path_of(request))

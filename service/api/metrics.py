@@ -11,6 +11,10 @@ import os
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, multiprocess
 
+from service.api.monitoring import DriftWindow
+from service.core.manifest import Manifest
+from service.core.predictor import Prediction
+
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
 
@@ -19,7 +23,7 @@ def multiprocess_mode() -> bool:
 
 
 class Metrics:
-    def __init__(self) -> None:
+    def __init__(self, drift_window: int = 500) -> None:
         self.registry = CollectorRegistry()
         self.requests = Counter(
             "lesion_http_requests_total",
@@ -54,11 +58,74 @@ class Metrics:
             registry=self.registry,
             multiprocess_mode="livemax",  # across live workers: 1 if any serves it
         )
+        # what the model answers (as trained: the balanced prior), per bundle
+        self.answers = Counter(
+            "lesion_answers_total", "Answers by bundle and top-1 class", ["bundle_id", "label"], registry=self.registry
+        )
+        self.ood_flagged = Counter(
+            "lesion_ood_flagged_total",
+            "Answers flagged out-of-distribution (by either check)",
+            ["bundle_id"],
+            registry=self.registry,
+        )
+        self.quality_warned = Counter(
+            "lesion_quality_warned_total",
+            "Answers with an image-quality warning",
+            ["bundle_id"],
+            registry=self.registry,
+        )
+        self.malignant = Histogram(
+            "lesion_malignant_probability",
+            "The answers' malignant probability (mel + bcc + akiec)",
+            ["bundle_id"],
+            registry=self.registry,
+            buckets=(0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0),
+        )
+        self.ood_design_share = Gauge(
+            "lesion_ood_design_share",
+            "The share of real images the bundle's OOD flag was set to fire on",
+            ["bundle_id"],
+            registry=self.registry,
+            multiprocess_mode="livemax",
+        )
+        self.drift = Gauge(
+            "lesion_drift_psi",
+            "Population stability index of this worker's last answers against the bundle's out-of-fold baseline "
+            "(signal: label = top-1 class shares, ood_score = the OOD score's deciles)",
+            ["bundle_id", "signal"],
+            registry=self.registry,
+            multiprocess_mode="liveall",  # one series per live worker (pid): each estimates the same drift
+        )
+        self.drift_window = drift_window
+        self.windows: dict[str, DriftWindow] = {}  # bundle id -> its window (the current bundle's only)
 
     def observe_batch(self, images: int, seconds: float) -> None:
         self.inference.observe(seconds)
         self.batch_size.observe(images)
         self.images.inc(images)
+
+    def observe_answers(self, manifest: Manifest, preds: list[Prediction], quality: list[list[str]]) -> None:
+        """Count what the model answered and move the drift window (on the event loop: no lock)."""
+        bundle = manifest.bundle_id
+        window = self.windows.get(bundle)
+        if window is None:  # the first answer of this bundle in this worker
+            self.windows = {bundle: (window := DriftWindow(manifest, self.drift_window))}
+            if manifest.ood is not None:
+                self.ood_design_share.labels(bundle).set(manifest.ood.flag_share)
+        malignant = [manifest.classes.index(c) for c in manifest.malignant_classes]
+        for pred, warned in zip(preds, quality):
+            top = int(pred.probabilities.argmax())
+            self.answers.labels(bundle, manifest.classes[top]).inc()
+            self.malignant.labels(bundle).observe(float(pred.probabilities[malignant].sum()))
+            if warned:
+                self.quality_warned.labels(bundle).inc()
+            if manifest.ood is not None and pred.ood_score is not None:
+                if manifest.ood.flagged_by(pred.ood_score, pred.image_ood_score):
+                    self.ood_flagged.labels(bundle).inc()
+            window.add(top, pred.ood_score)
+        for signal, value in (("label", window.label_psi()), ("ood_score", window.ood_psi())):
+            if value is not None:
+                self.drift.labels(bundle, signal).set(value)
 
     def serving(self, bundle_id: str, previous: str | None = None) -> None:
         if previous is not None and previous != bundle_id:

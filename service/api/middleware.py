@@ -19,6 +19,7 @@ from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
 from starlette.datastructures import Headers, MutableHeaders
+from starlette.routing import Match, Mount
 
 from service.api.auth import access_refusal, route_path
 from service.api.errors import BUSY, CLOSE, ApiError, error_response
@@ -41,6 +42,26 @@ def byte_count(header: str | None) -> int | None:
     return int(header) if header is not None and header.isascii() and header.isdigit() else None
 
 
+def route_label(scope: Scope, path: str) -> str:
+    """The route's path template, for metrics and logs. FastAPI's routes name themselves in the scope
+    once routed; a request refused before routing, the OpenAPI schema and the docs assets (a plain
+    route and a mount) are matched here on the route path taken before routing rewrote the scope."""
+    route = scope.get("route")
+    if route is not None:
+        return route.path
+    probe = {**scope, "path": path, "root_path": ""}
+    for candidate in getattr(scope.get("app"), "routes", []):
+        if isinstance(candidate, Mount):
+            if path.startswith(candidate.path + "/"):
+                return candidate.path + "/{path}"
+            continue
+        match, child = candidate.matches(probe)
+        if match == Match.FULL:
+            found = child.get("route", candidate)
+            return getattr(found, "path", "unmatched")
+    return "unmatched"
+
+
 class RequestGuard:
     def __init__(self, app, settings: Settings, metrics: Metrics, state: ModelState, security_headers: dict[str, str]):
         self.app, self.settings, self.metrics, self.state = app, settings, metrics, state
@@ -51,7 +72,7 @@ class RequestGuard:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        start = time.perf_counter()
+        start, path = time.perf_counter(), route_path(scope)
         headers = Headers(scope=scope)
         sent_id = headers.get("x-request-id", "")
         request_id = sent_id if REQUEST_ID.fullmatch(sent_id) else uuid.uuid4().hex[:16]
@@ -76,14 +97,15 @@ class RequestGuard:
                 refusal = self.admit(body)
             if refusal is not None:
                 code, problem, detail = refusal
-                response = error_response(code, detail, request_id, BUSY if code == 503 else CLOSE, problem)
+                close = BUSY if code == 503 else CLOSE
+                response = error_response(code, detail, request_id, close, problem, route_path(scope))
                 await response(scope, receive, send_with_headers)
             else:
                 await self.app(scope, body.receiver(receive), send_with_headers)
         finally:
             body.release()
             PART_LIMITS.reset(parts)
-            self.observe(scope, status["code"], time.perf_counter() - start, request_id)
+            self.observe(scope, path, status["code"], time.perf_counter() - start, request_id)
 
     def admit(self, body: Body) -> tuple[int, str, str] | None:
         """Take the request in, or say why not: the worker already holds as many requests as it may,
@@ -117,8 +139,8 @@ class RequestGuard:
             return 413, "body-too-large", f"request body is over the {limit} byte limit"
         return None
 
-    def observe(self, scope: Scope, status: int, elapsed: float, request_id: str) -> None:
-        route = getattr(scope.get("route"), "path", "unmatched")
+    def observe(self, scope: Scope, path: str, status: int, elapsed: float, request_id: str) -> None:
+        route = route_label(scope, path)
         self.metrics.requests.labels(route, str(status)).inc()
         self.metrics.latency.labels(route).observe(elapsed)
         fields: dict[str, Any] = {

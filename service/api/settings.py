@@ -57,6 +57,9 @@ class Settings(BaseSettings):
         "auto", description="auto: the bundle's CNN (int8 when it passed its gate); fp32: its fp32 graph, if bundled"
     )
     booster_threads: int = Field(1, ge=1, description="threads per booster call")
+    drift_window: int = Field(
+        500, ge=10, description="answers per worker the drift gauges compare with the bundle's out-of-fold baseline"
+    )
     max_metadata_bytes: int = Field(16 * 1024, ge=2, description="the metadata form field")
     decode_slots: int = Field(0, ge=0, description="images decoded at once per worker; 0 = CPU cores / workers")
     api_key: str | None = Field(None, description="if set, every route but health, docs and the page needs X-API-Key")
@@ -87,7 +90,8 @@ class Settings(BaseSettings):
 
     def max_request_bytes(self, path: str = BATCH_ROUTE) -> int:
         """The largest body a route accepts: its images plus the form's other fields."""
-        images = min(self.max_batch * self.max_upload_bytes, self.max_batch_bytes) if path == BATCH_ROUTE else None
+        batch = path == BATCH_ROUTE or (path.startswith("/v2/models/") and path.endswith("/infer"))
+        images = min(self.max_batch * self.max_upload_bytes, self.max_batch_bytes) if batch else None
         return (images or self.max_upload_bytes) + 2 * self.max_metadata_bytes + 64 * 1024
 
     def largest_request_bytes(self) -> int:

@@ -79,6 +79,16 @@ class QuantizationGate(BaseModel):
     attempts: list[QuantizationAttempt] = Field(default_factory=list, description="every configuration tried, in order")
 
 
+class MonitoringReference(BaseModel):
+    """What the served answers looked like out-of-fold: the baseline of the service's drift gauges."""
+
+    label_shares: dict[str, float] = Field(description="the served model's out-of-fold top-1 shares (as trained)")
+    ood_score_edges: list[float] = Field(
+        default_factory=list,
+        description="inner edges of 10 equal-share bins of the out-of-fold OOD score (served method)",
+    )
+
+
 class CnnModel(ModelFile):
     input_name: str = Field(description="ONNX input: normalised float32 images, NCHW")
     output_name: str = Field(description="ONNX output: class probabilities")
@@ -136,6 +146,7 @@ class Manifest(BaseModel):
         None, description="CSV (image_id, lesion_id) of every image the models trained on: overlap checks"
     )
     ood: OodSpec | None = Field(None, description="the out-of-distribution score and its thresholds")
+    monitoring: MonitoringReference | None = Field(None, description="the drift gauges' out-of-fold baseline")
     default_prior: str = Field("balanced", description="class prior of the served probabilities: balanced or training")
     training_prevalence: dict[str, float] = Field(
         default_factory=dict, description="class shares of the training data: the 'training' prior"

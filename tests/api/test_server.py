@@ -209,21 +209,28 @@ def test_client_errors_carry_the_server_message(server, sample_dir, capsys):
     assert "use one of" in capsys.readouterr().err
 
 
-def test_two_workers_report_all_traffic_in_one_scrape(smoke_run):
-    """Multiprocess metrics: whichever worker answers the scrape counts both workers' requests."""
+def test_two_workers_report_all_traffic_in_one_scrape(smoke_run, sample_dir):
+    """Multiprocess metrics: whichever worker answers the scrape counts both workers' requests and
+    answers; each live worker's drift gauge is its own series (pid), never a sum of the two."""
     import re
 
     import httpx
 
-    from tests.helpers import start_server
+    from tests.helpers import sample_images, start_server
 
-    proc, url = start_server(smoke_run / "bundle", env={"LESION_WORKERS": "2"})
+    proc, url = start_server(smoke_run / "bundle", env={"LESION_WORKERS": "2", "LESION_DRIFT_WINDOW": "10"})
+    image = sample_images(sample_dir, 1)[0].read_bytes()
     try:
         with httpx.Client() as http:
             n = 40
             for _ in range(n):
                 with httpx.Client() as fresh:  # one connection per request: the kernel spreads them over workers
                     assert fresh.get(url + "/model").status_code == 200
+                    assert fresh.post(url + "/predict", files={"image": image}).status_code == 200
+            text = http.get(url + "/metrics").text
+            assert sum(float(v) for v in re.findall(r"lesion_answers_total\{[^}]*\} (\S+)", text)) == n
+            psi = re.findall(r'lesion_drift_psi\{bundle_id="[^"]+",pid="\d+",signal="label"\} (\S+)', text)
+            assert 1 <= len(psi) <= 2 and all(float(v) > 0.25 for v in psi), text[-3000:]  # one image: all one class
             for _ in range(4):
                 text = http.get(url + "/metrics").text
                 counted = sum(

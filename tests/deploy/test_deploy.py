@@ -96,18 +96,99 @@ def test_the_gpu_training_image_swaps_in_the_cuda_xgboost(xgboost_arg, tmp_path)
     assert gpu["services"]["train"]["build"]["args"]["XGBOOST"] == "xgboost"
     train = (REPO / "Dockerfile.train").read_text()
     assert "ARG XGBOOST=xgboost-cpu" in train
-    (run,) = re.findall(r'^RUN (pip install [^\n]*"\.\[train\]"(?:.*\\\n)*.*)$', train, re.M)
+    (run,) = [r for r in re.findall(r"^RUN (pip install (?:.*\\\n)*.*)$", train, re.M) if '".[train]"' in r]
     log = tmp_path / "calls.log"
     for tool, extra in (("pip", ""), ("python", "echo 3.2.0\n")):
         stub = tmp_path / tool
         stub.write_text(f'#!/bin/sh\necho "{tool} $*" >> "{log}"\n{extra}')
         stub.chmod(0o755)
     env = {"PATH": f"{tmp_path}:/usr/bin:/bin", "XGBOOST": xgboost_arg, "TORCH_INDEX": "https://index"}
+    env |= {"TORCH": "2.14.1", "TORCHVISION": "0.29.1"}
     subprocess.run(["sh", "-ec", run.replace("\\\n", "")], env=env, check=True)  # Docker joins continued lines
     pips = [line for line in log.read_text().splitlines() if line.startswith("pip")]
     swap = ["pip uninstall --yes xgboost-cpu", "pip install --no-cache-dir xgboost==3.2.0"]
-    assert pips[0].startswith("pip install") and pips[0].endswith(".[train]")
-    assert pips[1:] == (swap if xgboost_arg == "xgboost" else [])
+    assert pips[0] == "pip install --no-cache-dir --index-url https://index torch==2.14.1 torchvision==0.29.1"
+    assert pips[1].startswith("pip install") and pips[1].endswith(".[train]")
+    assert pips[2:] == (swap if xgboost_arg == "xgboost" else [])
+
+
+def test_the_training_image_takes_torch_from_the_cpu_index_at_pyprojects_pins():
+    """Only TORCH_INDEX is asked for torch (PyPI's torch is the CUDA build: a 7 GB CPU image)."""
+    import tomllib
+
+    train = (REPO / "Dockerfile.train").read_text()
+    assert "ARG TORCH_INDEX=https://download.pytorch.org/whl/cpu" in train
+    pins = dict(
+        d.split("==")
+        for d in tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]["train"]
+        if d.startswith(("torch==", "torchvision=="))
+    )
+    assert f"ARG TORCH={pins['torch']}" in train and f"ARG TORCHVISION={pins['torchvision']}" in train
+    assert '--index-url "${TORCH_INDEX}" "torch==${TORCH}" "torchvision==${TORCHVISION}"' in train
+
+
+def compose_train(tmp_path: Path, data: Path, preset: str | None = None) -> Path:
+    """deploy/docker/compose-train.sh with a stand-in `python` that makes the folders training would."""
+    stub = tmp_path / "bin" / "python"
+    stub.parent.mkdir(exist_ok=True)
+    stub.write_text(
+        "#!/bin/sh\n"
+        'if [ "$3" = demo-data ]; then mkdir -p "$5" && touch "$5/HAM10000_metadata.csv"; exit 0; fi\n'
+        'out=""; while [ $# -gt 0 ]; do [ "$1" = --out ] && out="$2"; shift; done\n'
+        'mkdir -p "$out/bundle"; echo trained >> "$out/bundle/log"\n'
+    )
+    stub.chmod(0o755)
+    runs = tmp_path / "runs"
+    env = {"PATH": f"{stub.parent}:/usr/bin:/bin", "RUNS_DIR": str(runs), "DATA_DIR": str(data)}
+    env |= {"LESION_PRESET": preset} if preset else {}
+    subprocess.run(
+        ["sh", str(REPO / "deploy" / "docker" / "compose-train.sh")], env=env, check=True, capture_output=True
+    )
+    return runs
+
+
+def test_compose_trains_a_run_folder_per_data_and_preset_and_serves_the_latest(tmp_path):
+    """The failure it replaces: after a demo `up`, real data in ./data made training refuse
+    /runs/current ("started with different settings") and the API never started."""
+    data = tmp_path / "data"
+    data.mkdir()
+    runs = compose_train(tmp_path, data)  # no CSV: the demo
+    assert (runs / "current").resolve() == (runs / "demo-smoke").resolve() and (runs / "current" / "bundle").is_dir()
+    (data / "HAM10000_metadata.csv").write_text("lesion_id,image_id,dx\n")
+    compose_train(tmp_path, data)
+    real = (runs / "current").resolve()
+    assert real.name.startswith("data-") and real.name.endswith("-cpu")
+    compose_train(tmp_path, data, preset="smoke")
+    assert (runs / "current").resolve().name == real.name.replace("-cpu", "-smoke")
+    assert (runs / "demo-smoke" / "bundle").is_dir() and real.is_dir()  # earlier runs kept: going back resumes them
+    (data / "HAM10000_metadata.csv").write_text("lesion_id,image_id,dx\nL1,I1,nv\n")
+    compose_train(tmp_path, data)
+    assert (runs / "current").resolve() != real  # other data: another run
+
+
+def test_compose_moves_an_older_current_folder_aside(tmp_path):
+    runs = tmp_path / "runs"
+    (runs / "current" / "bundle").mkdir(parents=True)
+    compose_train(tmp_path, tmp_path / "nodata")
+    assert (runs / "current").is_symlink() and [p.name.startswith("previous-") for p in runs.glob("previous-*")] == [
+        True
+    ]
+
+
+def test_compose_binds_loopback_and_takes_its_settings_from_the_host():
+    import yaml
+
+    compose = yaml.safe_load((REPO / "docker-compose.yml").read_text())
+    api, train = compose["services"]["api"], compose["services"]["train"]
+    assert api["ports"] == ["${LESION_API_BIND:-127.0.0.1}:${LESION_API_PORT:-8000}:8000"]
+    assert (
+        "${LESION_DATA:-./data}:/data:ro" in train["volumes"]
+        and train["environment"]["LESION_PRESET"] == "${LESION_PRESET:-}"
+    )
+    assert train["entrypoint"] == ["sh", "/app/deploy/docker/compose-train.sh"]
+    assert "COPY deploy/docker/compose-train.sh deploy/docker/" in (REPO / "Dockerfile.train").read_text()
+    documented = set(re.findall(r"^(LESION_\w+)=", (REPO / ".env.example").read_text(), re.M))
+    assert documented == set(re.findall(r"\$\{(LESION_\w+):-", (REPO / "docker-compose.yml").read_text()))
 
 
 @pytest.mark.scenario

@@ -404,3 +404,22 @@ def test_no_training_machine_path_reaches_the_bundle_summary():
         "config": {"data_dir": "ham", "weights": "r18.pt", "lr": 0.1},
         "data": {"data_dir": "y"},
     }
+
+
+def test_an_unwritable_run_folder_is_a_clear_error(tmp_path, monkeypatch, capsys):
+    """Not a traceback: what failed, and (for a permission error) the user it ran as and the fix,
+    such as the container's uid against a bind-mounted folder."""
+    from training.__main__ import check_writable, main
+    from training.errors import RunError
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    assert main(["demo-data", "--out", str(blocker / "demo")]) == 2
+    assert "cannot write the run folder" in capsys.readouterr().err
+
+    def refuse(self, *a, **k):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr("pathlib.Path.touch", refuse)
+    with pytest.raises(RunError, match=r"Permission denied; this process runs as uid \d+.*docker run --user"):
+        check_writable(tmp_path / "runs")

@@ -28,6 +28,7 @@ from service.core.manifest import (
     CnnModel,
     Manifest,
     ModelFile,
+    MonitoringReference,
     QuantizationGate,
     libraries_of,
     without_paths,
@@ -110,12 +111,26 @@ def build_manifest(run: Run, folder: Path, cnn: CnnModel, boosters: list[ModelFi
         served=STACK,
         files=files,
         library_versions=library_versions(libraries_of([cnn, *boosters, stack])),
+        monitoring=monitoring_reference(run, ood.method if cnn.has_ood_outputs else None),
         metrics={m: {k: v["value"] for k, v in r.items()} for m, r in report["models"].items()},
         metric_intervals={m: {k: v["ci95"] for k, v in r.items()} for m, r in report["models"].items()},
         training=without_paths(
             {"config": run.cfg.model_dump(), "data": report["data"], "report": "artifacts/report.json"}
         ),
     )
+
+
+def monitoring_reference(run: Run, ood_method: str | None) -> MonitoringReference:
+    """The served model's out-of-fold top-1 shares and the deciles of the out-of-fold OOD score."""
+    import pandas as pd
+
+    top1 = run.oof(STACK)[PROB_COLUMNS].to_numpy().argmax(1)
+    shares = {c: float(np.mean(top1 == i)) for i, c in enumerate(labels.CLASSES)}
+    edges: list[float] = []
+    if ood_method is not None and run.paths.oof("ood").exists():
+        scores = pd.read_csv(run.paths.oof("ood"))[ood_method].to_numpy()
+        edges = np.quantile(scores, np.arange(1, 10) / 10).tolist()
+    return MonitoringReference(label_shares=shares, ood_score_edges=edges)
 
 
 def reference_predictions(run: Run, n: int = 8) -> dict:

@@ -13,9 +13,10 @@ from fastapi.concurrency import run_in_threadpool
 from PIL import Image
 
 from service.api.auth import api_key_header
-from service.api.dependencies import get_predictor, get_settings, get_state
+from service.api.dependencies import get_metrics, get_predictor, get_settings, get_state
 from service.api.errors import ApiError
 from service.api.logs import printable
+from service.api.metrics import Metrics
 from service.api.schemas import (
     BatchItem,
     BatchItemError,
@@ -186,17 +187,20 @@ async def predict_uploads(
     predictor: Predictor,
     state: ModelState,
     settings: Settings,
+    metrics: Metrics,
     each: bool = False,
 ) -> tuple[list[Prediction], Decoded]:
     """Decode the uploads in the thread pool, then queue the decoded ones for the micro-batcher's
     next model call on `predictor` (the bundle this request started with answers it, even across a
-    swap). Their predictions come back in `decoded.positions` order."""
+    swap). Their predictions come back in `decoded.positions` order, counted by the monitoring metrics."""
     assert state.batcher is not None
     spec = predictor.manifest.preprocessing
     decoded = await run_in_threadpool(decode_all, uploads, spec, state.decode_slots, settings, each)
     if not decoded.positions:
         return [], decoded
-    return await state.batcher.submit(predictor, decoded.images, [metas[i] for i in decoded.positions]), decoded
+    preds = await state.batcher.submit(predictor, decoded.images, [metas[i] for i in decoded.positions])
+    metrics.observe_answers(predictor.manifest, preds, decoded.quality)
+    return preds, decoded
 
 
 def answered(
@@ -236,6 +240,7 @@ async def predict(
     predictor: Predictor = Depends(get_predictor),
     state: ModelState = Depends(get_state),
     settings: Settings = Depends(get_settings),
+    metrics: Metrics = Depends(get_metrics),
 ) -> PredictResponse:
     check_metadata_size(metadata, settings)
     check_metadata_size(prior, settings)
@@ -249,7 +254,7 @@ async def predict(
             "explain-unavailable",
             "explain: this bundle's CNN graph has no heatmap output (retrain or re-export it)",
         )
-    (pred,), decoded = await predict_uploads([(data, image.filename)], [meta], predictor, state, settings)
+    (pred,), decoded = await predict_uploads([(data, image.filename)], [meta], predictor, state, settings, metrics)
     m = predictor.manifest
     fields = answered(pred, chosen, predictor, decoded.quality[0])
     explanation = None
@@ -285,6 +290,7 @@ async def predict_batch(
     predictor: Predictor = Depends(get_predictor),
     state: ModelState = Depends(get_state),
     settings: Settings = Depends(get_settings),
+    metrics: Metrics = Depends(get_metrics),
 ) -> BatchResponse:
     check_metadata_size(metadata, settings)
     check_metadata_size(prior, settings)
@@ -302,7 +308,7 @@ async def predict_batch(
             valid.append(ClinicalMetadata())
     usable = [i for i in range(len(uploads)) if i not in refused]
     preds, decoded = await predict_uploads(
-        [uploads[i] for i in usable], [valid[i] for i in usable], predictor, state, settings, each=True
+        [uploads[i] for i in usable], [valid[i] for i in usable], predictor, state, settings, metrics, each=True
     )
     refused.update({usable[j]: exc for j, exc in decoded.refused.items()})
     answers = {usable[j]: (p, q) for j, p, q in zip(decoded.positions, preds, decoded.quality)}

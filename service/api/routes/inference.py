@@ -1,0 +1,335 @@
+"""The Open Inference Protocol (KServe's v2 REST protocol, which KServe, Triton, Seldon MLServer and
+TorchServe speak) beside the service's own routes. It shares their predictor, micro-batcher, limits,
+API key and error handling; its errors are the protocol's {"error": "..."} (service/api/errors.py).
+
+One model, `lesion`; its version is the bundle id (a versioned route naming another answers 404).
+POST /v2/models/lesion/infer takes N images (at most LESION_MAX_BATCH):
+  image     BYTES [N]  the JPEG or PNG files: raw, with the binary tensor data extension (what
+                       tritonclient sends), or base64 strings in a plain JSON request
+  metadata  BYTES [N]  optional: one JSON object per image, as /predict's metadata field. One
+                       tensor of JSON objects rather than a tensor per field: the same schema and
+                       validation as /predict, and a field may be left out
+and the request parameter `prior` (as /predict's field). It answers, for every output unless
+`outputs` names some: probabilities FP32 [N, C] (the served model, classes in GET /model's order),
+label BYTES [N], malignant_probability FP32 [N], ood_score FP32 [N] (the CNN's; NaN without one),
+ood_flagged BOOL [N], warnings BYTES [N] (a JSON list of sentences per image). Every value is the
+one /predict gives for the same image, metadata and prior.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import math
+import struct
+from typing import Annotated, Any
+
+import numpy as np
+from fastapi import APIRouter, Depends, Request, Security
+from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel, Field, ValidationError
+
+from service.api.auth import api_key_header
+from service.api.dependencies import get_metrics, get_predictor, get_settings, get_state
+from service.api.errors import ApiError
+from service.api.metrics import Metrics
+from service.api.routes.predictions import answered, parse_prior, predict_uploads
+from service.api.schemas import PredictionFields
+from service.api.settings import Settings
+from service.api.state import ModelState
+from service.core.metadata import metadata_from_json
+from service.core.predictor import Predictor
+
+MODEL_NAME = "lesion"
+BINARY_HEADER = "Inference-Header-Content-Length"
+EXTENSIONS = ["binary_tensor_data"]
+router = APIRouter(prefix="/v2", tags=["open inference protocol"])
+
+PredictorDep = Annotated[Predictor, Depends(get_predictor)]
+StateDep = Annotated[ModelState, Depends(get_state)]
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+MetricsDep = Annotated[Metrics, Depends(get_metrics)]
+
+
+class TensorIn(BaseModel):
+    name: str
+    shape: list[int] = Field(min_length=1, max_length=2)
+    datatype: str
+    parameters: dict[str, Any] = Field(default_factory=dict)
+    data: list[Any] | None = None
+
+
+class OutputWanted(BaseModel):
+    name: str
+    parameters: dict[str, Any] = Field(default_factory=dict)
+
+
+class InferRequest(BaseModel):
+    id: str | None = Field(None, max_length=256)
+    parameters: dict[str, Any] = Field(default_factory=dict)
+    inputs: list[TensorIn] = Field(min_length=1, max_length=8)
+    outputs: list[OutputWanted] | None = Field(None, max_length=16)
+
+
+def outputs_of(predictor: Predictor) -> list[dict]:
+    n = len(predictor.manifest.classes)
+    return [
+        {"name": "probabilities", "datatype": "FP32", "shape": [-1, n]},
+        {"name": "label", "datatype": "BYTES", "shape": [-1]},
+        {"name": "malignant_probability", "datatype": "FP32", "shape": [-1]},
+        {"name": "ood_score", "datatype": "FP32", "shape": [-1]},
+        {"name": "ood_flagged", "datatype": "BOOL", "shape": [-1]},
+        {"name": "warnings", "datatype": "BYTES", "shape": [-1]},
+    ]
+
+
+INPUTS = [
+    {"name": "image", "datatype": "BYTES", "shape": [-1]},
+    {"name": "metadata", "datatype": "BYTES", "shape": [-1], "optional": True},
+]
+
+
+def bad(detail: str, status: int = 400) -> ApiError:
+    return ApiError(status, "request-invalid", detail)
+
+
+def the_model(name: str, version: str | None, predictor: Predictor) -> None:
+    if name != MODEL_NAME:
+        raise ApiError(404, "not-found", f"unknown model {name!r}: this service serves {MODEL_NAME!r}")
+    if version is not None and version != predictor.manifest.bundle_id:
+        raise ApiError(
+            404, "not-found", f"model {name!r} has no version {version!r} (serving {predictor.manifest.bundle_id})"
+        )
+
+
+def split_body(body: bytes, header: str | None) -> tuple[InferRequest, bytes]:
+    """The JSON inference header and the binary tensor data after it (the binary extension)."""
+    if header is None:
+        head, rest = body, b""
+    else:
+        if not (header.isascii() and header.isdigit() and int(header) <= len(body)):
+            raise bad(f"{BINARY_HEADER} must be a byte count no larger than the body ({len(body)} bytes)")
+        head, rest = body[: int(header)], body[int(header) :]
+    try:
+        return InferRequest.model_validate_json(head), rest
+    except ValidationError as exc:
+        e = exc.errors()[0]
+        where = ".".join(str(p) for p in e["loc"]) or "request"
+        raise bad(f"the inference request is not valid JSON of the protocol: {where}: {e['msg']}") from None
+
+
+def bytes_elements(tensor: TensorIn, binary: memoryview, offset: int) -> tuple[list[bytes], int]:
+    """A BYTES tensor's elements, from the binary data at `offset` (each a 4-byte little-endian length
+    and its bytes) or from its JSON data (strings; the image's base64). Returns them and the next offset."""
+    if tensor.datatype != "BYTES":
+        raise bad(f"input {tensor.name!r} must be BYTES, not {tensor.datatype}")
+    count = math.prod(tensor.shape)
+    if len(tensor.shape) == 2 and tensor.shape[1] != 1:
+        raise bad(f"input {tensor.name!r} must have shape [N] or [N, 1], not {tensor.shape}")
+    size = tensor.parameters.get("binary_data_size")
+    out: list[bytes] = []
+    if size is not None:
+        if not isinstance(size, int) or isinstance(size, bool) or size < 0 or offset + size > len(binary):
+            raise bad(f"input {tensor.name!r}: binary_data_size {size!r} does not fit the binary data")
+        chunk, pos = binary[offset : offset + size], 0
+        while pos < len(chunk):
+            if pos + 4 > len(chunk):
+                raise bad(f"input {tensor.name!r}: a BYTES element's 4-byte length is cut off")
+            (n,) = struct.unpack_from("<I", chunk, pos)
+            if pos + 4 + n > len(chunk):
+                raise bad(f"input {tensor.name!r}: a BYTES element is longer than its binary data")
+            out.append(bytes(chunk[pos + 4 : pos + 4 + n]))
+            pos += 4 + n
+        offset += size
+    elif tensor.data is not None:
+        flat = [v for row in tensor.data for v in (row if isinstance(row, list) else [row])]
+        if not all(isinstance(v, str) for v in flat):
+            raise bad(f"input {tensor.name!r}: BYTES data in JSON must be strings")
+        out = [v.encode() for v in flat]
+        if tensor.name == "image":
+            try:
+                out = [base64.b64decode(v, validate=True) for v in out]
+            except binascii.Error:
+                raise bad("input 'image': in a JSON request each image is a base64 string") from None
+    else:
+        raise bad(f"input {tensor.name!r} has neither data nor binary_data_size")
+    if len(out) != count:
+        raise bad(f"input {tensor.name!r} has shape {tensor.shape} but {len(out)} elements")
+    return out, offset
+
+
+def read_inputs(request: InferRequest, binary: bytes, settings: Settings) -> tuple[list[bytes], list[str | None]]:
+    tensors: dict[str, list[bytes]] = {}
+    offset, view = 0, memoryview(binary)
+    for tensor in request.inputs:
+        if tensor.name not in ("image", "metadata"):
+            raise bad(f"unknown input {tensor.name!r}: this model takes 'image' and optionally 'metadata'")
+        if tensor.name in tensors:
+            raise bad(f"input {tensor.name!r} is given twice")
+        tensors[tensor.name], offset = bytes_elements(tensor, view, offset)
+    if "image" not in tensors:
+        raise bad("the request has no 'image' input")
+    images = tensors["image"]
+    if not images:
+        raise bad("input 'image' is empty")
+    if len(images) > settings.max_batch:
+        raise bad(f"{len(images)} images in one request; at most {settings.max_batch} (LESION_MAX_BATCH)", 413)
+    for i, data in enumerate(images):
+        if len(data) > settings.max_upload_bytes:
+            raise bad(f"image {i} is over the {settings.max_upload_bytes} byte limit", 413)
+    metas = tensors.get("metadata")
+    if metas is not None and len(metas) != len(images):
+        raise bad(f"{len(images)} images but {len(metas)} metadata entries")
+    texts: list[str | None] = []
+    for m in metas if metas is not None else [None] * len(images):
+        if m is not None and len(m) > settings.max_metadata_bytes:
+            raise bad(f"a metadata entry is over the {settings.max_metadata_bytes} byte limit", 413)
+        try:
+            texts.append(None if m is None else m.decode())
+        except UnicodeDecodeError:
+            raise bad("metadata entries must be UTF-8 JSON") from None
+    return images, texts
+
+
+def tensors_out(answers: list[PredictionFields], predictor: Predictor) -> dict[str, tuple[str, np.ndarray]]:
+    """Output name -> (datatype, array)."""
+    classes = predictor.manifest.classes
+    ood = [a.ood for a in answers]
+    return {
+        "probabilities": ("FP32", np.array([[a.probabilities[c] for c in classes] for a in answers], np.float32)),
+        "label": ("BYTES", np.array([a.label.encode() for a in answers], object)),
+        "malignant_probability": ("FP32", np.array([a.malignant_probability for a in answers], np.float32)),
+        "ood_score": ("FP32", np.array([o.score if o else math.nan for o in ood], np.float32)),
+        "ood_flagged": ("BOOL", np.array([bool(o and o.flagged) for o in ood], bool)),
+        "warnings": ("BYTES", np.array([json.dumps(a.warnings).encode() for a in answers], object)),
+    }
+
+
+def serialize(datatype: str, array: np.ndarray) -> bytes:
+    if datatype == "BYTES":
+        return b"".join(struct.pack("<I", len(v)) + v for v in array.ravel())
+    return np.ascontiguousarray(array).tobytes()
+
+
+def json_data(datatype: str, array: np.ndarray) -> list:
+    if datatype == "BYTES":
+        return [v.decode() for v in array.ravel()]
+    values = array.ravel().tolist()
+    return [None if isinstance(v, float) and math.isnan(v) else v for v in values]  # JSON has no NaN
+
+
+def respond(request: InferRequest, answers: list[PredictionFields], predictor: Predictor) -> Response:
+    computed = tensors_out(answers, predictor)
+    wanted = request.outputs or [OutputWanted(name=n) for n in computed]
+    unknown = [o.name for o in wanted if o.name not in computed]
+    if unknown:
+        raise bad(f"unknown outputs {unknown}: this model gives {', '.join(computed)}")
+    binary_default = request.parameters.get("binary_data_output") is True
+    outputs, chunks = [], []
+    for o in wanted:
+        datatype, array = computed[o.name]
+        entry: dict[str, Any] = {"name": o.name, "datatype": datatype, "shape": list(array.shape)}
+        if o.parameters.get("binary_data", binary_default) is True:
+            chunks.append(serialize(datatype, array))
+            entry["parameters"] = {"binary_data_size": len(chunks[-1])}
+        else:
+            entry["data"] = json_data(datatype, array)
+        outputs.append(entry)
+    body = {"model_name": MODEL_NAME, "model_version": predictor.manifest.bundle_id, "outputs": outputs}
+    if request.id is not None:
+        body["id"] = request.id
+    if not chunks:
+        return JSONResponse(body)
+    head = json.dumps(body).encode()
+    return Response(
+        head + b"".join(chunks),
+        media_type="application/octet-stream",
+        headers={BINARY_HEADER: str(len(head))},
+    )
+
+
+@router.get("", summary="server metadata")
+async def server_metadata(request: Request) -> dict:
+    return {"name": "skin-lesion-classifier", "version": request.app.version, "extensions": EXTENSIONS}
+
+
+@router.get("/health/live", summary="the process is up")
+async def live() -> dict:
+    return {"live": True}
+
+
+@router.get("/health/ready", summary="a model is loaded and serving", responses={503: {"description": "not ready"}})
+async def ready(state: StateDep) -> JSONResponse:
+    up = state.predictor is not None and state.batcher is not None and state.batcher.running
+    return JSONResponse({"ready": up}, status_code=200 if up else 503)
+
+
+@router.get("/models/{name}", summary="model metadata", dependencies=[Security(api_key_header)])
+@router.get("/models/{name}/versions/{version}", summary="model metadata", dependencies=[Security(api_key_header)])
+async def model_metadata(name: str, predictor: PredictorDep, version: str | None = None) -> dict:
+    the_model(name, version, predictor)
+    return {
+        "name": MODEL_NAME,
+        "versions": [predictor.manifest.bundle_id],
+        "platform": "onnxruntime+" + "+".join(b.name for b in predictor.manifest.boosters),
+        "inputs": INPUTS,
+        "outputs": outputs_of(predictor),
+        "parameters": {"classes": predictor.manifest.classes, "prior": "balanced | training | JSON prevalences"},
+    }
+
+
+@router.get("/models/{name}/ready", summary="the model is ready", dependencies=[Security(api_key_header)])
+@router.get(
+    "/models/{name}/versions/{version}/ready", summary="the model is ready", dependencies=[Security(api_key_header)]
+)
+async def model_ready(name: str, predictor: PredictorDep, version: str | None = None) -> dict:
+    the_model(name, version, predictor)
+    return {"name": MODEL_NAME, "ready": True}
+
+
+INFER_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "application/json": {"schema": InferRequest.model_json_schema()},
+            "application/octet-stream": {
+                "schema": {"type": "string", "format": "binary"},
+                "description": f"the binary tensor data extension: JSON header ({BINARY_HEADER} bytes), then the tensors",
+            },
+        },
+    }
+}
+
+
+@router.post(
+    "/models/{name}/infer", summary="inference", openapi_extra=INFER_BODY, dependencies=[Security(api_key_header)]
+)
+@router.post(
+    "/models/{name}/versions/{version}/infer",
+    summary="inference",
+    openapi_extra=INFER_BODY,
+    dependencies=[Security(api_key_header)],
+)
+async def infer(
+    name: str,
+    request: Request,
+    predictor: PredictorDep,
+    state: StateDep,
+    settings: SettingsDep,
+    metrics: MetricsDep,
+    version: str | None = None,
+) -> Response:
+    the_model(name, version, predictor)
+    infer_request, binary = split_body(await request.body(), request.headers.get(BINARY_HEADER))
+    images, texts = read_inputs(infer_request, binary, settings)
+    features = predictor.manifest.features
+    metas = [metadata_from_json(t, features) for t in texts]  # MetadataError: 400 in this protocol
+    prior = infer_request.parameters.get("prior")
+    chosen = parse_prior(prior if isinstance(prior, str) else json.dumps(prior) if prior else None, predictor)
+    uploads: list[tuple[bytes, str | None]] = [(data, f"image[{i}]") for i, data in enumerate(images)]
+    preds, decoded = await predict_uploads(uploads, metas, predictor, state, settings, metrics)
+    answers = [
+        PredictionFields.from_prediction(**answered(p, chosen, predictor, q)) for p, q in zip(preds, decoded.quality)
+    ]
+    return respond(infer_request, answers, predictor)

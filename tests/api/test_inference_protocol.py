@@ -1,0 +1,206 @@
+"""The Open Inference Protocol routes (service/api/routes/inference.py): Triton's own HTTP client
+against a live service, and the protocol's errors, JSON form and access rules in process."""
+
+from __future__ import annotations
+
+import base64
+import json
+import struct
+
+import httpx
+import numpy as np
+import pytest
+
+from tests.helpers import sample_images
+
+META = {"age": 55, "sex": "female", "site": "back"}
+
+
+def infer_inputs(images: list[bytes], metas: list[dict] | None = None, binary: bool = True):
+    import tritonclient.http as triton
+
+    image = triton.InferInput("image", [len(images)], "BYTES")
+    image.set_data_from_numpy(np.array(images, dtype=object), binary_data=binary)
+    inputs = [image]
+    if metas is not None:
+        meta = triton.InferInput("metadata", [len(metas)], "BYTES")
+        meta.set_data_from_numpy(np.array([json.dumps(m).encode() for m in metas], dtype=object), binary_data=binary)
+        inputs.append(meta)
+    return inputs
+
+
+@pytest.fixture(scope="module")
+def triton(server):
+    import tritonclient.http as triton
+
+    return triton.InferenceServerClient(server.removeprefix("http://"))
+
+
+@pytest.mark.scenario
+def test_triton_client_sees_a_live_ready_model_and_its_metadata(triton, server):
+    model = httpx.get(server + "/model").json()
+    assert triton.is_server_live() and triton.is_server_ready() and triton.is_model_ready("lesion")
+    assert triton.is_model_ready("lesion", model["bundle_id"])
+    assert "binary_tensor_data" in triton.get_server_metadata()["extensions"]
+    meta = triton.get_model_metadata("lesion")
+    assert (
+        meta["versions"] == [model["bundle_id"]] == triton.get_model_metadata("lesion", model["bundle_id"])["versions"]
+    )
+    assert [(i["name"], i["datatype"]) for i in meta["inputs"]] == [("image", "BYTES"), ("metadata", "BYTES")]
+    outputs = {o["name"]: (o["datatype"], o["shape"]) for o in meta["outputs"]}
+    assert outputs["probabilities"] == ("FP32", [-1, len(model["classes"])]) and outputs["ood_flagged"][0] == "BOOL"
+    from tritonclient.utils import InferenceServerException
+
+    with pytest.raises(InferenceServerException, match="unknown model"):
+        triton.get_model_metadata("resnet50")
+    with pytest.raises(InferenceServerException, match="no version"):
+        triton.get_model_metadata("lesion", "an-old-bundle")
+
+
+@pytest.mark.scenario
+@pytest.mark.parametrize("n", [1, 3])
+def test_triton_client_gets_what_predict_answers(triton, server, sample_dir, n):
+    images = [p.read_bytes() for p in sample_images(sample_dir, n)]
+    metas = [dict(META, age=30 + 10 * i) for i in range(n)]
+    result = triton.infer("lesion", infer_inputs(images, metas))
+    probs, labels = result.as_numpy("probabilities"), result.as_numpy("label")
+    assert probs.shape == (n, 7) and probs.dtype == np.float32 and labels.shape == (n,)
+    classes = httpx.get(server + "/model").json()["classes"]
+    for i, (image, meta) in enumerate(zip(images, metas)):
+        answer = httpx.post(server + "/predict", files={"image": image}, data={"metadata": json.dumps(meta)}).json()
+        assert np.allclose(probs[i], [answer["probabilities"][c] for c in classes], atol=1e-6)
+        assert labels[i].decode() == answer["label"]
+        assert result.as_numpy("malignant_probability")[i] == pytest.approx(answer["malignant_probability"], abs=1e-6)
+        assert result.as_numpy("ood_score")[i] == pytest.approx(answer["ood"]["score"], rel=1e-5)
+        assert bool(result.as_numpy("ood_flagged")[i]) == answer["ood"]["flagged"]
+        assert json.loads(result.as_numpy("warnings")[i]) == answer["warnings"]
+
+
+@pytest.mark.scenario
+def test_triton_client_gets_the_protocols_errors(triton, sample_dir):
+    from tritonclient.utils import InferenceServerException
+
+    with pytest.raises(InferenceServerException) as bad_image:
+        triton.infer("lesion", infer_inputs([b"not an image"]))
+    assert bad_image.value.status() == "400" and "not a readable image" in bad_image.value.message()
+    image = sample_images(sample_dir, 1)[0].read_bytes()
+    with pytest.raises(InferenceServerException) as bad_meta:
+        triton.infer("lesion", infer_inputs([image], [{"age": "old"}]))
+    assert bad_meta.value.status() == "400" and "age" in bad_meta.value.message()
+
+
+@pytest.fixture(scope="module")
+def v2(app_factory, tiny_run):
+    return app_factory(tiny_run / "bundle", max_batch=4)
+
+
+def binary_request(tensors: dict[str, list[bytes]], outputs: list[str] | None = None) -> tuple[bytes, dict]:
+    """A request in the binary tensor data extension, built by hand (as the protocol defines it)."""
+    chunks, inputs = [], []
+    for name, values in tensors.items():
+        chunks.append(b"".join(struct.pack("<I", len(v)) + v for v in values))
+        inputs.append(
+            {
+                "name": name,
+                "shape": [len(values)],
+                "datatype": "BYTES",
+                "parameters": {"binary_data_size": len(chunks[-1])},
+            }
+        )
+    head = {"inputs": inputs, **({"outputs": [{"name": o} for o in outputs]} if outputs else {})}
+    header = json.dumps(head).encode()
+    return header + b"".join(chunks), {"Inference-Header-Content-Length": str(len(header))}
+
+
+def test_a_json_request_with_base64_images_gets_json_outputs(v2, sample_dir):
+    image = sample_images(sample_dir, 1)[0].read_bytes()
+    body = {
+        "id": "r1",
+        "parameters": {"prior": "training"},
+        "inputs": [
+            {"name": "image", "shape": [1], "datatype": "BYTES", "data": [base64.b64encode(image).decode()]},
+            {"name": "metadata", "shape": [1, 1], "datatype": "BYTES", "data": [[json.dumps(META)]]},
+        ],
+        "outputs": [{"name": "probabilities"}, {"name": "label"}],
+    }
+    r = v2.post("/v2/models/lesion/infer", json=body)
+    assert r.status_code == 200, r.text
+    out = r.json()
+    assert out["id"] == "r1" and [o["name"] for o in out["outputs"]] == ["probabilities", "label"]
+    answer = v2.post(
+        "/predict", files={"image": image}, data={"metadata": json.dumps(META), "prior": "training"}
+    ).json()
+    classes = v2.get("/model").json()["classes"]
+    assert np.allclose(out["outputs"][0]["data"], [answer["probabilities"][c] for c in classes], atol=1e-6)
+    assert out["outputs"][0]["shape"] == [1, 7] and out["outputs"][1]["data"] == [answer["label"]]
+
+
+def test_binary_outputs_follow_the_extension(v2, sample_dir):
+    images = [p.read_bytes() for p in sample_images(sample_dir, 2)]
+    body, headers = binary_request({"image": images})
+    head = json.loads(body[: int(headers["Inference-Header-Content-Length"])])
+    head["parameters"] = {"binary_data_output": True}
+    header = json.dumps(head).encode()
+    r = v2.post(
+        "/v2/models/lesion/infer",
+        content=header + body[int(headers["Inference-Header-Content-Length"]) :],
+        headers={"Inference-Header-Content-Length": str(len(header))},
+    )
+    assert r.status_code == 200, r.text
+    n = int(r.headers["Inference-Header-Content-Length"])
+    meta, data = json.loads(r.content[:n]), r.content[n:]
+    sizes = [o["parameters"]["binary_data_size"] for o in meta["outputs"]]
+    assert sum(sizes) == len(data) and "data" not in meta["outputs"][0]
+    probs = np.frombuffer(data[: sizes[0]], np.float32).reshape(2, 7)
+    assert np.allclose(probs.sum(1), 1, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "make,status,words",
+    [
+        (lambda img: (b"{not json", {}), 400, "not valid JSON"),
+        (lambda img: binary_request({"picture": [img]}), 400, "unknown input"),
+        (lambda img: binary_request({"metadata": [b"{}"]}), 400, "no 'image' input"),
+        (lambda img: binary_request({"image": [img], "metadata": [b"{}", b"{}"]}), 400, "1 images but 2 metadata"),
+        (lambda img: binary_request({"image": [img], "metadata": [b'{"site": "moon"}']}), 400, "site"),
+        (lambda img: binary_request({"image": [img]}, ["heatmap"]), 400, "unknown outputs"),
+        (lambda img: binary_request({"image": [img] * 5}), 413, "at most 4"),
+        (lambda img: binary_request({"image": [b"\x89PNG\r\n\x1a\n"]}), 400, "image"),
+        (
+            lambda img: (binary_request({"image": [img]})[0], {"Inference-Header-Content-Length": "99999999"}),
+            400,
+            "byte count",
+        ),
+        (
+            lambda img: (binary_request({"image": [img]})[0][:-10], binary_request({"image": [img]})[1]),
+            400,
+            "does not fit",
+        ),
+    ],
+)
+def test_bad_requests_get_the_protocols_error(v2, sample_dir, make, status, words):
+    body, headers = make(sample_images(sample_dir, 1)[0].read_bytes())
+    r = v2.post("/v2/models/lesion/infer", content=body, headers=headers)
+    assert r.status_code == status, r.text
+    assert list(r.json()) == ["error"] and words in r.json()["error"], r.json()
+
+
+def test_wrong_datatype_and_shape_are_refused(v2):
+    for tensor, words in [
+        ({"name": "image", "shape": [1], "datatype": "FP32", "data": [1.0]}, "must be BYTES"),
+        ({"name": "image", "shape": [2], "datatype": "BYTES", "data": ["aGk="]}, "but 1 elements"),
+        ({"name": "image", "shape": [1, 2], "datatype": "BYTES", "data": [["aGk=", "aGk="]]}, "shape [N] or [N, 1]"),
+        ({"name": "image", "shape": [1], "datatype": "BYTES", "data": ["%%%"]}, "base64"),
+    ]:
+        r = v2.post("/v2/models/lesion/infer", json={"inputs": [tensor]})
+        assert r.status_code == 400 and words in r.json()["error"], (tensor, r.text)
+    assert v2.post("/v2/models/other/infer", json={"inputs": []}).status_code == 404
+
+
+def test_the_api_key_guards_the_model_routes_not_the_health_probes(app_factory, tiny_run):
+    client = app_factory(tiny_run / "bundle", api_key="k3y")
+    for path in ("/v2", "/v2/health/live", "/v2/health/ready"):
+        assert client.get(path).status_code == 200, path
+    r = client.get("/v2/models/lesion")
+    assert r.status_code == 401 and list(r.json()) == ["error"]
+    assert client.get("/v2/models/lesion", headers={"X-API-Key": "k3y"}).status_code == 200

@@ -1,0 +1,96 @@
+"""Model monitoring: the answers counted per bundle and class, the OOD and quality counts, and the
+drift gauges against the bundle's out-of-fold baseline (service/api/monitoring.py)."""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pytest
+
+from service.api.monitoring import DriftWindow, psi
+from service.core.manifest import MonitoringReference
+from tests.helpers import sample_images
+
+
+def gauge(text: str, signal: str) -> float | None:
+    found = re.findall(rf'lesion_drift_psi\{{bundle_id="[^"]+",signal="{signal}"\}} (\S+)', text)
+    return float(found[0]) if found else None
+
+
+def test_psi_is_zero_for_the_same_shares_and_grows_with_the_shift():
+    e = np.full(7, 1 / 7)
+    assert psi(e, e) == 0
+    small, large = np.array([0.2, 0.1, 0.1, 0.1, 0.2, 0.2, 0.1]), np.eye(7)[0]
+    assert 0 < psi(small, e) < 0.25 < psi(large, e)
+
+
+def test_the_window_keeps_the_last_answers_and_waits_for_enough(tiny_run):
+    from service.core.bundle import read_manifest
+
+    manifest = read_manifest(tiny_run / "bundle")
+    assert isinstance(manifest.monitoring, MonitoringReference)
+    assert sum(manifest.monitoring.label_shares.values()) == pytest.approx(1)
+    assert len(manifest.monitoring.ood_score_edges) == 9
+    window = DriftWindow(manifest, size=20)
+    for _ in range(19):
+        window.add(0, 1.0)
+    assert window.label_psi() is None  # too few answers to say anything
+    window.add(0, 1.0)
+    skewed = window.label_psi()
+    assert skewed is not None and skewed > 0.25
+    shares = manifest.monitoring.label_shares
+    for label in np.random.default_rng(0).choice(7, 20, p=[shares[c] for c in manifest.classes]):
+        window.add(int(label), None)
+    matched = window.label_psi()
+    assert matched is not None and matched < skewed  # the skewed answers left the window
+
+
+def test_a_skewed_stream_moves_the_drift_gauges(app_factory, tiny_run, sample_dir):
+    client = app_factory(tiny_run / "bundle", drift_window=40)
+    varied = [p.read_bytes() for p in sorted((sample_dir / "images").iterdir())[::50][:40]]
+    for data in varied:
+        assert client.post("/predict", files={"image": data}).status_code == 200
+    text = client.get("/metrics").text
+    before = gauge(text, "label"), gauge(text, "ood_score")
+    assert None not in before
+    answers = sum(float(v) for v in re.findall(r"lesion_answers_total\{[^}]*\} (\S+)", text))
+    assert answers == 40 and 'lesion_malignant_probability_count{bundle_id="' in text
+    share = client.get("/model").json()["ood"]["flag_share"]
+    assert re.search(rf'lesion_ood_design_share\{{bundle_id="[^"]+"\}} {share}', text), text
+    one = sample_images(sample_dir, 1)[0].read_bytes()
+    for _ in range(40):  # the same image, again and again: one class, one OOD score bin
+        client.post("/predict", files={"image": one})
+    text = client.get("/metrics").text
+    after = gauge(text, "label"), gauge(text, "ood_score")
+    assert after[0] > max(before[0], 0.25) and after[1] > max(before[1], 0.25), (before, after)
+
+
+def test_flagged_and_warned_answers_are_counted(app_factory, tiny_run):
+    from tests.helpers import png
+
+    client = app_factory(tiny_run / "bundle")
+    before = client.get("/metrics").text
+    for _ in range(3):
+        r = client.post("/predict", files={"image": ("black.png", png(300, 225), "image/png")})
+        assert r.status_code == 200 and r.json()["warnings"]
+    text = client.get("/metrics").text
+
+    def count(name: str, page: str) -> float:
+        return sum(float(v) for v in re.findall(rf"{name}\{{[^}}]*\}} (\S+)", page))
+
+    assert count("lesion_quality_warned_total", text) - count("lesion_quality_warned_total", before) == 3
+    flagged = r.json()["ood"]["flagged"]
+    assert count("lesion_ood_flagged_total", text) - count("lesion_ood_flagged_total", before) == (3 if flagged else 0)
+
+
+def test_static_routes_have_their_own_labels(api):
+    from service.api.routes.operations import SWAGGER_UI
+
+    asset = sorted(p.name for p in SWAGGER_UI.iterdir() if p.suffix == ".css")[0]
+    assert api.get("/openapi.json").status_code == 200 and api.get(f"/docs-assets/{asset}").status_code == 200
+    api.get("/no-such-page")
+    text = api.get("/metrics").text
+    assert 'lesion_http_requests_total{route="/openapi.json",status="200"}' in text
+    assert 'lesion_http_requests_total{route="/docs-assets/{path}",status="200"}' in text
+    assert 'lesion_http_requests_total{route="unmatched",status="404"}' in text
