@@ -182,9 +182,10 @@ def hey_load(url: str, images: list[bytes], clients: int, total: int) -> Load:
     rows = [line.split(",") for line in out.stdout.splitlines()[1:] if line.strip()]
     # columns: response-time, DNS+dialup, DNS, request-write, response-delay, response-read, status-code, offset
     latencies = [float(r[0]) for r in rows if r[6] == "200"]
-    wall = max(float(r[7]) + float(r[0]) for r in rows)
+    wall = max((float(r[7]) + float(r[0]) for r in rows), default=float("nan"))
     cpu = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
-    return Load(len(latencies) / wall, latencies, len(rows) - len(latencies), cpu / wall)
+    # hey leaves requests that failed without an answer (refused, timed out) out of its CSV: count them too
+    return Load(len(latencies) / wall, latencies, n - len(latencies), cpu / wall)
 
 
 PEER_BENTOML = "bentoml==1.4.40"

@@ -11,6 +11,7 @@ score) on what BentoML's dispatcher gathered. One worker each, as the service un
 
 from __future__ import annotations
 
+import asyncio
 import os
 from pathlib import Path
 
@@ -51,7 +52,8 @@ class Api:
     async def predict(self, image: Path, metadata: dict | None = None) -> dict:  # BentoML parses the JSON field
         from service.core.preprocess import load_for_model
 
-        decoded = load_for_model(image.read_bytes(), self.manifest.preprocessing)
+        # decoded in a thread, as the service under test decodes in its thread pool
+        decoded = await asyncio.to_thread(load_for_model, image.read_bytes(), self.manifest.preprocessing)
         (probs,) = await self.model.to_async.predict([{"image": decoded, "metadata": metadata or {}}])
         classes = self.manifest.classes
         return {"label": classes[int(np.argmax(probs))], "probabilities": dict(zip(classes, probs))}

@@ -35,7 +35,7 @@ STAGES: list[Stage] = [
     Stage("boosters", boosters, needs=("cnn",)),
     Stage("stack", stack, needs=("cnn", "boosters")),
     Stage("quantize", quantize, needs=("cnn", "export", "boosters", "stack")),
-    Stage("report", report, needs=("cnn", "boosters", "stack")),  # reads the int8 gate when quantize has run
+    Stage("report", report, needs=("cnn", "boosters", "stack", "quantize")),  # the int8 gate (none with --no-int8)
     Stage("bundle", bundle, needs=("cnn", "export", "boosters", "stack", "quantize", "report")),
 ]
 STAGE_NAMES = [s.name for s in STAGES]
@@ -47,6 +47,8 @@ def stage_done(run: Run, stage: Stage) -> bool:
 
 def run_pipeline(cfg: RunConfig, run_dir: Path, stages: list[str], log=print, fold: int | None = None) -> Run:
     """Run the named stages in order, skipping finished ones; the stages they need must be done or named.
+    A finished stage runs again when a stage it reads ran in this invocation (say, the boosters of an
+    older run rerun to write their fold models: the quantize, report and bundle stages follow).
 
     The out-of-fold stages (boosters, stack, report) need the CNN's OOF rows but not its export, so the
     CNN stage can run on a GPU machine and the rest wherever the run directory is copied."""
@@ -59,10 +61,18 @@ def run_pipeline(cfg: RunConfig, run_dir: Path, stages: list[str], log=print, fo
         missing = [n for n in by_name[name].needs if n not in stages and not stage_done(run, by_name[n])]
         if missing:
             raise ConfigMismatch(f"stage {name} needs {', '.join(missing)} first; run `python -m training run` instead")
+    ran: set[str] = set()
     for stage in (s for s in STAGES if s.name in stages):
-        if stage_done(run, stage):
+        stale = sorted(set(stage.needs) & ran)
+        if stage_done(run, stage) and not stale:
             log(f"[{stage.name}] already done in {run_dir}, skipping")
             continue
-        log(f"[{stage.name}] running")
+        if stale:  # what it read was just rewritten: its outputs describe older models
+            log(f"[{stage.name}] running again: {', '.join(stale)} ran in this invocation")
+            for path in stage.outputs(run):
+                path.unlink(missing_ok=True)
+        else:
+            log(f"[{stage.name}] running")
         stage.run(run)
+        ran.add(stage.name)
     return run

@@ -109,7 +109,9 @@ class Metrics:
         bundle = manifest.bundle_id
         window = self.windows.get(bundle)
         if window is None:  # the first answer of this bundle in this worker
-            self.windows = {bundle: (window := DriftWindow(manifest, self.drift_window))}
+            window = self.windows[bundle] = DriftWindow(manifest, self.drift_window)
+            for old in list(self.windows)[:-2]:  # during a swap both bundles answer: keep both windows
+                del self.windows[old]
             if manifest.ood is not None:
                 self.ood_design_share.labels(bundle).set(manifest.ood.flag_share)
         malignant = [manifest.classes.index(c) for c in manifest.malignant_classes]
@@ -130,6 +132,9 @@ class Metrics:
     def serving(self, bundle_id: str, previous: str | None = None) -> None:
         if previous is not None and previous != bundle_id:
             self.model_info.labels(bundle_id=previous).set(0)
+            for signal in ("label", "ood_score"):  # no longer served: its drift is no one's alert
+                self.drift.labels(previous, signal).set(float("nan"))
+            self.windows.pop(previous, None)
         self.model_info.labels(bundle_id=bundle_id).set(1)
 
     def exposition(self) -> bytes:

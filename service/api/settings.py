@@ -89,14 +89,18 @@ class Settings(BaseSettings):
         return ThreadBudget(self.ort_threads or cores, self.booster_threads, self.decode_slots or cores)
 
     def max_request_bytes(self, path: str = BATCH_ROUTE) -> int:
-        """The largest body a route accepts: its images plus the form's other fields."""
-        batch = path == BATCH_ROUTE or (path.startswith("/v2/models/") and path.endswith("/infer"))
-        images = min(self.max_batch * self.max_upload_bytes, self.max_batch_bytes) if batch else None
-        return (images or self.max_upload_bytes) + 2 * self.max_metadata_bytes + 64 * 1024
+        """The largest body a route accepts: its images plus the form's other fields (the protocol's
+        infer route: a metadata entry per image)."""
+        infer = path.startswith("/v2/models/") and path.endswith("/infer")
+        images = None
+        if path == BATCH_ROUTE or infer:
+            images = min(self.max_batch * self.max_upload_bytes, self.max_batch_bytes)
+        fields = (self.max_batch if infer else 2) * self.max_metadata_bytes
+        return (images or self.max_upload_bytes) + fields + 64 * 1024
 
     def largest_request_bytes(self) -> int:
         """The largest body any route accepts."""
-        return max(self.max_request_bytes(BATCH_ROUTE), self.max_request_bytes("/predict"))
+        return max(self.max_request_bytes(p) for p in (BATCH_ROUTE, "/predict", "/v2/models/lesion/infer"))
 
     @model_validator(mode="after")
     def _one_request_fits_in_flight(self) -> Settings:

@@ -204,3 +204,59 @@ def test_the_api_key_guards_the_model_routes_not_the_health_probes(app_factory, 
     r = client.get("/v2/models/lesion")
     assert r.status_code == 401 and list(r.json()) == ["error"]
     assert client.get("/v2/models/lesion", headers={"X-API-Key": "k3y"}).status_code == 200
+
+
+def test_the_bounds_hold_before_any_element_is_read(v2, sample_dir):
+    """A shape claiming millions of elements, a binary part holding more than its shape, a huge
+    prior, an unknown output: refused before parsing the elements or running the model."""
+    huge = json.dumps(
+        {
+            "inputs": [
+                {
+                    "name": "image",
+                    "shape": [10_000_000],
+                    "datatype": "BYTES",
+                    "parameters": {"binary_data_size": 40_000_000},
+                }
+            ]
+        }
+    ).encode()
+    r = v2.post(
+        "/v2/models/lesion/infer",
+        content=huge + bytes(4000),
+        headers={"Inference-Header-Content-Length": str(len(huge))},
+    )
+    assert r.status_code == 413 and "at most 4" in r.json()["error"]
+    image = sample_images(sample_dir, 1)[0].read_bytes()
+    body, headers = binary_request({"image": [image]})
+    r = v2.post("/v2/models/lesion/infer", content=body + struct.pack("<I", 0) * 1000, headers=headers)
+    assert r.status_code == 200  # bytes past the last tensor's binary_data_size are not read
+    head = json.loads(body[: int(headers["Inference-Header-Content-Length"])])
+    head["inputs"][0]["parameters"]["binary_data_size"] += 4000
+    header = json.dumps(head).encode()
+    padded = header + body[int(headers["Inference-Header-Content-Length"]) :] + struct.pack("<I", 0) * 1000
+    r = v2.post(
+        "/v2/models/lesion/infer", content=padded, headers={"Inference-Header-Content-Length": str(len(header))}
+    )
+    assert r.status_code == 400 and "holds more than its 1 elements" in r.json()["error"]
+    many = {"inputs": [{"name": "image", "shape": [5000], "datatype": "BYTES", "data": [""] * 5000}]}
+    assert v2.post("/v2/models/lesion/infer", json=many).status_code == 400  # over the JSON element bound
+    before = v2.get("/metrics").text.count("lesion_answers_total{")
+    big_prior = {
+        "parameters": {"prior": "x" * 20_000},
+        "inputs": [{"name": "image", "shape": [1], "datatype": "BYTES", "data": [base64.b64encode(image).decode()]}],
+    }
+    assert v2.post("/v2/models/lesion/infer", json=big_prior).status_code == 413
+    unknown = dict(big_prior, parameters={}, outputs=[{"name": "heatmap"}])
+    assert v2.post("/v2/models/lesion/infer", json=unknown).status_code == 400
+    assert v2.get("/metrics").text.count("lesion_answers_total{") == before  # no model work was done
+
+
+def test_the_output_list_is_the_metadata_and_the_answer(v2, sample_dir):
+    from service.api.routes.inference import OUTPUT_NAMES
+
+    meta = v2.get("/v2/models/lesion").json()
+    assert [o["name"] for o in meta["outputs"]] == OUTPUT_NAMES
+    body, headers = binary_request({"image": [sample_images(sample_dir, 1)[0].read_bytes()]})
+    names = [o["name"] for o in v2.post("/v2/models/lesion/infer", content=body, headers=headers).json()["outputs"]]
+    assert names == OUTPUT_NAMES

@@ -423,3 +423,39 @@ def test_an_unwritable_run_folder_is_a_clear_error(tmp_path, monkeypatch, capsys
     monkeypatch.setattr("pathlib.Path.touch", refuse)
     with pytest.raises(RunError, match=r"Permission denied; this process runs as uid \d+.*docker run --user"):
         check_writable(tmp_path / "runs")
+
+
+def test_a_stage_runs_again_when_one_it_reads_ran(tmp_path, monkeypatch):
+    """A resumed run whose earlier stage had to run (its outputs were missing) reruns the finished
+    stages that read it, from scratch: their outputs would describe the older models."""
+    from types import SimpleNamespace
+
+    from training import pipeline
+    from training.config import make_config
+
+    ran: list[str] = []
+
+    def fake(name: str):
+        out = tmp_path / "run" / f"{name}.out"
+
+        def run(run):
+            assert not out.exists(), f"{name} ran over its old output"
+            ran.append(name)
+            out.write_text("x")
+
+        return SimpleNamespace(outputs=lambda run: [out], run=run)
+
+    stages = [
+        pipeline.Stage("a", fake("a")),
+        pipeline.Stage("b", fake("b"), ("a",)),
+        pipeline.Stage("c", fake("c"), ("b",)),
+    ]
+    monkeypatch.setattr(pipeline, "STAGES", stages)
+    cfg = make_config("smoke", str(tmp_path / "data"), precision="fp32")
+    logs: list[str] = []
+    pipeline.run_pipeline(cfg, tmp_path / "run", ["a", "b", "c"], log=logs.append)
+    pipeline.run_pipeline(cfg, tmp_path / "run", ["a", "b", "c"], log=logs.append)
+    assert ran == ["a", "b", "c"] and sum("already done" in m for m in logs) == 3
+    (tmp_path / "run" / "b.out").unlink()
+    pipeline.run_pipeline(cfg, tmp_path / "run", ["a", "b", "c"], log=logs.append)
+    assert ran == ["a", "b", "c", "b", "c"] and "[c] running again: b ran in this invocation" in logs

@@ -27,6 +27,7 @@ from typing import Annotated, Any
 
 import numpy as np
 from fastapi import APIRouter, Depends, Request, Security
+from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, Field, ValidationError
 
@@ -52,12 +53,15 @@ SettingsDep = Annotated[Settings, Depends(get_settings)]
 MetricsDep = Annotated[Metrics, Depends(get_metrics)]
 
 
+MAX_ELEMENTS = 1024  # elements of one JSON tensor, checked while parsing (LESION_MAX_BATCH bounds the images)
+
+
 class TensorIn(BaseModel):
-    name: str
+    name: str = Field(max_length=64)
     shape: list[int] = Field(min_length=1, max_length=2)
-    datatype: str
-    parameters: dict[str, Any] = Field(default_factory=dict)
-    data: list[Any] | None = None
+    datatype: str = Field(max_length=16)
+    parameters: dict[str, Any] = Field(default_factory=dict, max_length=16)
+    data: list[Any] | None = Field(None, max_length=MAX_ELEMENTS)
 
 
 class OutputWanted(BaseModel):
@@ -67,7 +71,7 @@ class OutputWanted(BaseModel):
 
 class InferRequest(BaseModel):
     id: str | None = Field(None, max_length=256)
-    parameters: dict[str, Any] = Field(default_factory=dict)
+    parameters: dict[str, Any] = Field(default_factory=dict, max_length=16)
     inputs: list[TensorIn] = Field(min_length=1, max_length=8)
     outputs: list[OutputWanted] | None = Field(None, max_length=16)
 
@@ -84,6 +88,7 @@ def outputs_of(predictor: Predictor) -> list[dict]:
     ]
 
 
+OUTPUT_NAMES = ["probabilities", "label", "malignant_probability", "ood_score", "ood_flagged", "warnings"]
 INPUTS = [
     {"name": "image", "datatype": "BYTES", "shape": [-1]},
     {"name": "metadata", "datatype": "BYTES", "shape": [-1], "optional": True},
@@ -103,78 +108,93 @@ def the_model(name: str, version: str | None, predictor: Predictor) -> None:
         )
 
 
-def split_body(body: bytes, header: str | None) -> tuple[InferRequest, bytes]:
-    """The JSON inference header and the binary tensor data after it (the binary extension)."""
+def split_body(body: bytes, header: str | None) -> tuple[InferRequest, memoryview]:
+    """The JSON inference header and the binary tensor data after it (the binary extension; a view,
+    not a copy of the body)."""
+    view = memoryview(body)
     if header is None:
-        head, rest = body, b""
+        head, rest = view, view[len(body) :]
     else:
         if not (header.isascii() and header.isdigit() and int(header) <= len(body)):
             raise bad(f"{BINARY_HEADER} must be a byte count no larger than the body ({len(body)} bytes)")
-        head, rest = body[: int(header)], body[int(header) :]
+        head, rest = view[: int(header)], view[int(header) :]
     try:
-        return InferRequest.model_validate_json(head), rest
+        return InferRequest.model_validate_json(bytes(head)), rest
     except ValidationError as exc:
         e = exc.errors()[0]
         where = ".".join(str(p) for p in e["loc"]) or "request"
         raise bad(f"the inference request is not valid JSON of the protocol: {where}: {e['msg']}") from None
 
 
-def bytes_elements(tensor: TensorIn, binary: memoryview, offset: int) -> tuple[list[bytes], int]:
-    """A BYTES tensor's elements, from the binary data at `offset` (each a 4-byte little-endian length
-    and its bytes) or from its JSON data (strings; the image's base64). Returns them and the next offset."""
+def element_count(tensor: TensorIn, limit: int) -> int:
+    """The tensor's element count from its shape, checked before any element is read."""
     if tensor.datatype != "BYTES":
         raise bad(f"input {tensor.name!r} must be BYTES, not {tensor.datatype}")
-    count = math.prod(tensor.shape)
     if len(tensor.shape) == 2 and tensor.shape[1] != 1:
         raise bad(f"input {tensor.name!r} must have shape [N] or [N, 1], not {tensor.shape}")
+    count = tensor.shape[0]
+    if count < 1:
+        raise bad(f"input {tensor.name!r} is empty (shape {tensor.shape})")
+    if count > limit:
+        raise bad(f"{count} elements in input {tensor.name!r}; at most {limit} images (LESION_MAX_BATCH)", 413)
+    return count
+
+
+def bytes_elements(tensor: TensorIn, binary: memoryview, offset: int, limit: int) -> tuple[list[bytes], int]:
+    """A BYTES tensor's elements, from the binary data at `offset` (each a 4-byte little-endian length
+    and its bytes) or from its JSON data (strings; the image's base64). Returns them and the next
+    offset. At most `limit` elements are read, whatever the request claims."""
+    count = element_count(tensor, limit)
     size = tensor.parameters.get("binary_data_size")
     out: list[bytes] = []
     if size is not None:
         if not isinstance(size, int) or isinstance(size, bool) or size < 0 or offset + size > len(binary):
             raise bad(f"input {tensor.name!r}: binary_data_size {size!r} does not fit the binary data")
         chunk, pos = binary[offset : offset + size], 0
-        while pos < len(chunk):
+        while len(out) < count:
             if pos + 4 > len(chunk):
-                raise bad(f"input {tensor.name!r}: a BYTES element's 4-byte length is cut off")
+                raise bad(
+                    f"input {tensor.name!r}: shape {tensor.shape} but its binary data ends after {len(out)} elements"
+                )
             (n,) = struct.unpack_from("<I", chunk, pos)
             if pos + 4 + n > len(chunk):
                 raise bad(f"input {tensor.name!r}: a BYTES element is longer than its binary data")
             out.append(bytes(chunk[pos + 4 : pos + 4 + n]))
             pos += 4 + n
+        if pos != len(chunk):
+            raise bad(f"input {tensor.name!r}: binary_data_size {size} holds more than its {count} elements")
         offset += size
     elif tensor.data is not None:
-        flat = [v for row in tensor.data for v in (row if isinstance(row, list) else [row])]
-        if not all(isinstance(v, str) for v in flat):
-            raise bad(f"input {tensor.name!r}: BYTES data in JSON must be strings")
-        out = [v.encode() for v in flat]
-        if tensor.name == "image":
-            try:
-                out = [base64.b64decode(v, validate=True) for v in out]
-            except binascii.Error:
-                raise bad("input 'image': in a JSON request each image is a base64 string") from None
+        rows, tensor.data = tensor.data, None  # the strings are freed as soon as they are decoded
+        if len(rows) != count:
+            raise bad(f"input {tensor.name!r} has shape {tensor.shape} but {len(rows)} elements")
+        flat = [v for row in rows for v in (row if isinstance(row, list) else [row])]
+        if len(flat) != count or not all(isinstance(v, str) for v in flat):
+            raise bad(f"input {tensor.name!r}: BYTES data in JSON must be {count} strings, as its shape says")
+        try:
+            out = [base64.b64decode(v, validate=True) if tensor.name == "image" else v.encode() for v in flat]
+        except (binascii.Error, ValueError):
+            raise bad("input 'image': in a JSON request each image is a base64 string") from None
+        except UnicodeEncodeError:
+            raise bad(f"input {tensor.name!r}: a string is not valid Unicode") from None
     else:
         raise bad(f"input {tensor.name!r} has neither data nor binary_data_size")
-    if len(out) != count:
-        raise bad(f"input {tensor.name!r} has shape {tensor.shape} but {len(out)} elements")
     return out, offset
 
 
-def read_inputs(request: InferRequest, binary: bytes, settings: Settings) -> tuple[list[bytes], list[str | None]]:
+def read_inputs(request: InferRequest, binary: memoryview, settings: Settings) -> tuple[list[bytes], list[str | None]]:
+    """The request's images and metadata texts, every bound checked (runs in the thread pool)."""
     tensors: dict[str, list[bytes]] = {}
-    offset, view = 0, memoryview(binary)
+    offset = 0
     for tensor in request.inputs:
         if tensor.name not in ("image", "metadata"):
             raise bad(f"unknown input {tensor.name!r}: this model takes 'image' and optionally 'metadata'")
         if tensor.name in tensors:
             raise bad(f"input {tensor.name!r} is given twice")
-        tensors[tensor.name], offset = bytes_elements(tensor, view, offset)
+        tensors[tensor.name], offset = bytes_elements(tensor, binary, offset, settings.max_batch)
     if "image" not in tensors:
         raise bad("the request has no 'image' input")
     images = tensors["image"]
-    if not images:
-        raise bad("input 'image' is empty")
-    if len(images) > settings.max_batch:
-        raise bad(f"{len(images)} images in one request; at most {settings.max_batch} (LESION_MAX_BATCH)", 413)
     for i, data in enumerate(images):
         if len(data) > settings.max_upload_bytes:
             raise bad(f"image {i} is over the {settings.max_upload_bytes} byte limit", 413)
@@ -190,6 +210,22 @@ def read_inputs(request: InferRequest, binary: bytes, settings: Settings) -> tup
         except UnicodeDecodeError:
             raise bad("metadata entries must be UTF-8 JSON") from None
     return images, texts
+
+
+def parse_request(
+    body: bytes, header: str | None, settings: Settings
+) -> tuple[InferRequest, list[bytes], list[str | None]]:
+    """The request, its images and metadata; refuses unknown outputs and oversized parameters before
+    any model work."""
+    request, binary = split_body(body, header)
+    unknown = [o.name for o in request.outputs or [] if o.name not in OUTPUT_NAMES]
+    if unknown:
+        raise bad(f"unknown outputs {unknown}: this model gives {', '.join(OUTPUT_NAMES)}")
+    prior = request.parameters.get("prior")
+    if prior is not None and len(json.dumps(prior)) > settings.max_metadata_bytes:
+        raise bad(f"the prior parameter is over the {settings.max_metadata_bytes} byte limit", 413)
+    images, texts = read_inputs(request, binary, settings)
+    return request, images, texts
 
 
 def tensors_out(answers: list[PredictionFields], predictor: Predictor) -> dict[str, tuple[str, np.ndarray]]:
@@ -222,9 +258,6 @@ def json_data(datatype: str, array: np.ndarray) -> list:
 def respond(request: InferRequest, answers: list[PredictionFields], predictor: Predictor) -> Response:
     computed = tensors_out(answers, predictor)
     wanted = request.outputs or [OutputWanted(name=n) for n in computed]
-    unknown = [o.name for o in wanted if o.name not in computed]
-    if unknown:
-        raise bad(f"unknown outputs {unknown}: this model gives {', '.join(computed)}")
     binary_default = request.parameters.get("binary_data_output") is True
     outputs, chunks = [], []
     for o in wanted:
@@ -321,8 +354,9 @@ async def infer(
     version: str | None = None,
 ) -> Response:
     the_model(name, version, predictor)
-    infer_request, binary = split_body(await request.body(), request.headers.get(BINARY_HEADER))
-    images, texts = read_inputs(infer_request, binary, settings)
+    body, header = await request.body(), request.headers.get(BINARY_HEADER)
+    infer_request, images, texts = await run_in_threadpool(parse_request, body, header, settings)
+    del body
     features = predictor.manifest.features
     metas = [metadata_from_json(t, features) for t in texts]  # MetadataError: 400 in this protocol
     prior = infer_request.parameters.get("prior")
