@@ -196,12 +196,19 @@ CORE_DISTRIBUTIONS = ("numpy", "pillow", "pydantic", "cryptography", "threadpool
 def peer_venv(folder: Path, manifest) -> Path:
     """A venv of its own with BentoML and this environment's versions of the core's libraries (the
     bundle refuses other versions of its model libraries). Made once; returns its bin folder."""
-    from importlib.metadata import version
+    from importlib.metadata import PackageNotFoundError, version
 
     bin_dir = folder / "bin"
     if (bin_dir / "bentoml").exists():
         return bin_dir
-    pins = [f"{d}=={version(d)}" for d in sorted({*CORE_DISTRIBUTIONS, *manifest.library_versions})]
+    pins = []
+    for name in sorted({*CORE_DISTRIBUTIONS, *manifest.library_versions}):
+        for dist in (name, f"{name}-cpu"):  # bundles name xgboost-cpu by its library, xgboost
+            try:
+                pins.append(f"{dist}=={version(dist)}")
+                break
+            except PackageNotFoundError:
+                continue
     print(f"building the BentoML venv in {folder} ({PEER_BENTOML} + {len(pins)} pinned libraries)", flush=True)
     uv = shutil.which("uv")
     if uv:
@@ -272,7 +279,7 @@ def main() -> None:
     meta = [ClinicalMetadata(age=55, sex="female", site="back")]
     t_request = 1 / per_second(lambda d: predictor.predict(load_for_model(d, spec)[None], meta), images, args.rounds)
     print(f"in-process Predictor, one request (decode + whole stack): {1000 * t_request:.1f} ms")
-    batches = [images[i : i + 8] for i in range(0, len(images) - 7, 8)]
+    batches = [[images[(i + j) % len(images)] for j in range(8)] for i in range(0, max(len(images) - 7, 1), 8)]
     batch8 = 8 * per_second(
         lambda b: predictor.predict(np.stack([load_for_model(d, spec) for d in b]), meta * 8), batches, args.rounds
     )
