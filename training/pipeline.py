@@ -19,6 +19,7 @@ class Stage:
     name: str
     module: ModuleType  # its outputs(run) and run(run)
     needs: tuple[str, ...] = ()  # stages whose outputs it reads (folds are made on demand)
+    reads: tuple[str, ...] = ()  # stages whose outputs it reads when they exist
 
     def outputs(self, run: Run) -> list[Path]:
         return self.module.outputs(run)
@@ -35,7 +36,7 @@ STAGES: list[Stage] = [
     Stage("boosters", boosters, needs=("cnn",)),
     Stage("stack", stack, needs=("cnn", "boosters")),
     Stage("quantize", quantize, needs=("cnn", "export", "boosters", "stack")),
-    Stage("report", report, needs=("cnn", "boosters", "stack", "quantize")),  # the int8 gate (none with --no-int8)
+    Stage("report", report, needs=("cnn", "boosters", "stack"), reads=("quantize",)),  # the int8 gate, when measured
     Stage("bundle", bundle, needs=("cnn", "export", "boosters", "stack", "quantize", "report")),
 ]
 STAGE_NAMES = [s.name for s in STAGES]
@@ -63,7 +64,7 @@ def run_pipeline(cfg: RunConfig, run_dir: Path, stages: list[str], log=print, fo
             raise ConfigMismatch(f"stage {name} needs {', '.join(missing)} first; run `python -m training run` instead")
     ran: set[str] = set()
     for stage in (s for s in STAGES if s.name in stages):
-        stale = sorted(set(stage.needs) & ran)
+        stale = sorted(set(stage.needs + stage.reads) & ran)
         if stage_done(run, stage) and not stale:
             log(f"[{stage.name}] already done in {run_dir}, skipping")
             continue
