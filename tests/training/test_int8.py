@@ -168,7 +168,7 @@ def test_no_passing_configuration_serves_fp32(tmp_path):
 @pytest.fixture(scope="module")
 def int8_run(tiny_data, tmp_path_factory):
     """A tiny run that keeps its fp32 graph beside the int8 one."""
-    return train(tiny_data, tmp_path_factory.mktemp("int8") / "run", *TINY, "--keep-fp32")
+    return train(tiny_data, tmp_path_factory.mktemp("int8") / "run", *TINY, "--int8", "--keep-fp32")
 
 
 def test_quantize_stage_gates_the_served_answer_on_every_image_out_of_fold(int8_run):
@@ -206,7 +206,7 @@ def rebundle(run, tmp_path, passed: bool, keep_fp32: bool):
     gate_path = copy / "cnn" / "quantization.json"
     gate_path.write_text(json.dumps(dict(json.loads(gate_path.read_text()), passed=passed)))
     data_dir = json.loads((copy / "config.json").read_text())["data_dir"]
-    return train(data_dir, copy, *TINY, *(["--keep-fp32"] if keep_fp32 else [])) / "bundle"
+    return train(data_dir, copy, *TINY, "--int8", *(["--keep-fp32"] if keep_fp32 else [])) / "bundle"
 
 
 @pytest.mark.parametrize("passed,keep_fp32", [(True, True), (True, False), (False, True)])
