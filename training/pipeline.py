@@ -64,6 +64,8 @@ def run_pipeline(cfg: RunConfig, run_dir: Path, stages: list[str], log=print, fo
             raise ConfigMismatch(f"stage {name} needs {', '.join(missing)} first; run `python -m training run` instead")
     ran: set[str] = set()
     for stage in (s for s in STAGES if s.name in stages):
+        if not stage.outputs(run):  # nothing to make with these settings (quantize with --no-int8)
+            continue
         stale = sorted(set(stage.needs + stage.reads) & ran)
         if stage_done(run, stage) and not stale:
             log(f"[{stage.name}] already done in {run_dir}, skipping")

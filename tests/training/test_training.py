@@ -445,17 +445,20 @@ def test_a_stage_runs_again_when_one_it_reads_ran(tmp_path, monkeypatch):
 
         return SimpleNamespace(outputs=lambda run: [out], run=run)
 
+    off = SimpleNamespace(outputs=lambda run: [], run=lambda run: ran.append("off"))  # switched off by the settings
     stages = [
         pipeline.Stage("a", fake("a")),
         pipeline.Stage("b", fake("b"), ("a",)),
+        pipeline.Stage("off", off, ("a",)),
         pipeline.Stage("c", fake("c"), ("b",)),
     ]
     monkeypatch.setattr(pipeline, "STAGES", stages)
     cfg = make_config("smoke", str(tmp_path / "data"), precision="fp32")
     logs: list[str] = []
-    pipeline.run_pipeline(cfg, tmp_path / "run", ["a", "b", "c"], log=logs.append)
-    pipeline.run_pipeline(cfg, tmp_path / "run", ["a", "b", "c"], log=logs.append)
+    names = ["a", "b", "off", "c"]
+    pipeline.run_pipeline(cfg, tmp_path / "run", names, log=logs.append)
+    pipeline.run_pipeline(cfg, tmp_path / "run", names, log=logs.append)
     assert ran == ["a", "b", "c"] and sum("already done" in m for m in logs) == 3
     (tmp_path / "run" / "b.out").unlink()
-    pipeline.run_pipeline(cfg, tmp_path / "run", ["a", "b", "c"], log=logs.append)
+    pipeline.run_pipeline(cfg, tmp_path / "run", names, log=logs.append)
     assert ran == ["a", "b", "c", "b", "c"] and "[c] running again: b ran in this invocation" in logs
