@@ -101,21 +101,26 @@ def cnn_graphs(bundle: Path, m) -> dict[str, Path]:
     return graphs
 
 
-def start_service(bundle: Path, port: int, env: dict[str, str]) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "service", "--bundle", str(bundle), "--port", str(port)]
-    proc = subprocess.Popen(cmd, env={**os.environ, "LESION_LOG_LEVEL": "warning", **env})
-    deadline = time.monotonic() + 120
+def wait_ready(proc: subprocess.Popen, url: str, what: str, timeout_s: float) -> subprocess.Popen:
+    """`proc` once `url` answers 200; the benchmark exits if it dies or is not ready in time."""
+    deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         try:
-            if httpx.get(f"http://127.0.0.1:{port}/health/ready", timeout=1).status_code == 200:
+            if httpx.get(url, timeout=1).status_code == 200:
                 return proc
         except httpx.HTTPError:
             pass
         if proc.poll() is not None:
-            sys.exit("the service did not start")
+            sys.exit(f"{what} did not start")
         time.sleep(0.3)
     proc.kill()
-    sys.exit("the service was not ready after 120 s")
+    sys.exit(f"{what} was not ready after {timeout_s:.0f} s")
+
+
+def start_service(bundle: Path, port: int, env: dict[str, str]) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "service", "--bundle", str(bundle), "--port", str(port)]
+    proc = subprocess.Popen(cmd, env={**os.environ, "LESION_LOG_LEVEL": "warning", **env})
+    return wait_ready(proc, f"http://127.0.0.1:{port}/health/ready", "the service", 120)
 
 
 @dataclass
@@ -227,18 +232,9 @@ def start_peer(bin_dir: Path, bundle: Path, port: int) -> subprocess.Popen:
     env = {**os.environ, "LESION_BUNDLE": str(bundle.resolve()), "PYTHONPATH": str(repo)}
     cmd = [str(bin_dir / "bentoml"), "serve", "benchmarks.bentoml_peer:Api", "--port", str(port)]
     proc = subprocess.Popen(cmd, cwd=repo, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=1).status_code == 200:
-                return proc
-        except httpx.HTTPError:
-            pass
-        if proc.poll() is not None:
-            sys.exit("the BentoML peer did not start (run its command by hand to see why)")
-        time.sleep(0.5)
-    proc.kill()
-    sys.exit("the BentoML peer was not ready after 180 s")
+    return wait_ready(
+        proc, f"http://127.0.0.1:{port}/readyz", "the BentoML peer (run its command by hand to see why)", 180
+    )
 
 
 def pct(values: list[float], q: float) -> float:
