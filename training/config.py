@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, Field, ValidationError, field_validator
+from pydantic import BaseModel, Field, ValidationError, ValidationInfo, field_validator
 
 from service.core.preprocess import ImageSpec
 from training.data.io import atomic_write_text
@@ -57,6 +57,11 @@ class RunConfig(BaseModel):
         description="the CNN the bundle serves: one model refit on every row with the folds' recipe, or the fold "
         "models averaged (folds x the cost; as accurate on held-out lesions: python -m benchmarks.compare_served_cnn)",
     )
+    served: str = Field(
+        "auto",
+        description="the combiner the bundle serves: auto (the out-of-fold rule chooses among the soft vote, the "
+        "stack and each booster: docs/training.md), or one of soft_vote, stack, cnn or a booster",
+    )
     int8: bool = Field(True, description="quantize the CNN to int8, served only if it passes its out-of-fold gate")
     tta: bool = Field(
         False,
@@ -94,6 +99,19 @@ class RunConfig(BaseModel):
             )
         return [b for b in ALL_BOOSTERS if b in names]  # one canonical order
 
+    @field_validator("served")
+    @classmethod
+    def _known_served(cls, v: str, info: ValidationInfo) -> str:
+        names = [CNN, *info.data.get("boosters", []), SOFT_VOTE, STACK]
+        if v != "auto" and v not in names:
+            raise ValueError(f"the served combiner must be auto or one of {', '.join(names)}; got {v!r}")
+        return v
+
+    @property
+    def serving_candidates(self) -> list[str]:
+        """What `served auto` chooses among, in the order ties fall back to."""
+        return [SOFT_VOTE, STACK, *self.boosters]
+
     @property
     def image_height(self) -> int:
         return self.image_size * 3 // 4
@@ -114,7 +132,7 @@ class RunConfig(BaseModel):
 
     def fingerprint(self) -> dict:
         """Settings that change results: a resumed run must agree on them."""
-        return self.model_dump(exclude={"compile", "data_dir", "bootstrap", "keep_fp32"})
+        return self.model_dump(exclude={"compile", "data_dir", "bootstrap", "keep_fp32", "served"})
 
 
 def native_precision() -> str:

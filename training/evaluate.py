@@ -1,7 +1,7 @@
 """External validation: a bundle scored on any labelled HAM10000-layout dataset, without a server.
 
 `python -m training evaluate --bundle DIR --data-dir DIR --out DIR` is how a clinic checks a model
-on its own images. Each image goes through the service's own code (`service.core`: decoding, the
+on its own images, per image and per lesion (its `lesion_id` column, combined by the bundle's rule). Each image goes through the service's own code (`service.core`: decoding, the
 metadata features, the bundle's models through `Predictor`), and the result has the training
 report's metrics, lesion-bootstrap intervals and plots. Images the bundle trained on (same
 image_id, or another image of a lesion it trained on) are not external: they are named in the
@@ -20,13 +20,15 @@ from tqdm import tqdm
 
 from service.core import labels
 from service.core.bundle import read_verified
+from service.core.lesions import combine_by_group, group_codes
 from service.core.predictor import Predictor
 from training.config import CNN
 from training.data.ham10000 import decode_all, load_dataset
 from training.data.io import PROB_COLUMNS, atomic_write_csv, atomic_write_text
 from training.errors import DataError
+from training.evaluation.lesions import lesion_gain, lesion_level
 from training.evaluation.metrics import with_intervals
-from training.reporting.markdown import MALIGNANT_NOTE, machine_description, metrics_table
+from training.reporting.markdown import MALIGNANT_NOTE, lesion_lines, machine_description, metrics_table
 from training.reporting.plots import plot_confusion, plot_reliability, plot_roc
 
 
@@ -76,6 +78,8 @@ def markdown(report: dict) -> str:
             *(["**This bundle was trained on synthetic demo data.**", ""] if report["synthetic_bundle"] else []),
             *metrics_table(report),
             "",
+            *lesion_lines(report),
+            "",
             MALIGNANT_NOTE,
             "",
             "![ROC](plots/roc_served.png) ![confusion](plots/confusion_served.png) ![reliability](plots/reliability.png)",
@@ -121,7 +125,10 @@ def evaluate_bundle(
             "AUC and pAUC need both malignant (mel, bcc, akiec) and benign lesions"
         )
     probs = predict_all(predictor, table, metadata)
-    report = with_intervals(y, probs, table.lesion_id.to_numpy(), bootstrap, seed, paired=(m.served, CNN))
+    lesions = table.lesion_id.to_numpy()
+    report = with_intervals(y, probs, lesions, bootstrap, seed, paired=(m.served, CNN))
+    report["lesion_level"] = lesion_level(y, lesions, probs, m.lesion_rule, bootstrap, seed, paired=(m.served, CNN))
+    report["lesion_gain"] = lesion_gain(y, lesions, probs[m.served], m.lesion_rule, bootstrap, seed)
     report.update(
         bundle_id=m.bundle_id,
         served=m.served,
@@ -144,6 +151,8 @@ def evaluate_bundle(
     out.mkdir(parents=True, exist_ok=True)
     rows = table[["image_id", "lesion_id", "dx"]].copy()
     rows[PROB_COLUMNS] = probs[m.served]
+    _, codes = group_codes(lesions)  # each row's lesion answer: the service's /predict/batch with lesion_ids
+    rows[[f"lesion_{c}" for c in PROB_COLUMNS]] = combine_by_group(probs[m.served], codes, m.lesion_rule)[codes]
     atomic_write_csv(out / "predictions.csv", rows)
     atomic_write_text(out / "report.json", json.dumps(report, indent=2))
     atomic_write_text(out / "report.md", markdown(report))

@@ -6,6 +6,8 @@ RUN_DIR/
   artifacts/folds.csv          image_id, lesion_id, fold: read by every later stage
   artifacts/oof_<model>.csv    image_id, fold, p_<class>...: out-of-fold probabilities
   artifacts/oof_ood.csv        each out-of-distribution score, held out
+  artifacts/selection-<served>.json   the served combiner and the lesion rule, chosen out-of-fold
+                               (<served>: the --served the run asked for, auto by default)
   artifacts/report.{json,md}, artifacts/plots/*.png, artifacts/reference_predictions.json
   cnn/fold<k>.{pt,json}, cnn/oof_fold<k>.csv   fold models, their histories, their held-out rows
   cnn/refit.pt, cnn/cnn.onnx   the served CNN (refit on all rows, or the fold ensemble) in ONNX
@@ -43,6 +45,9 @@ class RunLayout:
 
     def oof(self, model: str) -> Path:
         return self.artifacts / f"oof_{model}.csv"
+
+    def selection(self, served: str) -> Path:
+        return self.artifacts / f"selection-{served}.json"
 
     @property
     def report_json(self) -> Path:

@@ -11,7 +11,7 @@ from types import ModuleType
 from training.config import RunConfig, save_or_check
 from training.errors import ConfigMismatch
 from training.run import Run
-from training.stages import boosters, bundle, cnn, export, folds, quantize, report, stack
+from training.stages import boosters, bundle, cnn, export, folds, quantize, report, select, stack
 
 
 @dataclass(frozen=True)
@@ -35,9 +35,10 @@ STAGES: list[Stage] = [
     Stage("export", export, needs=("cnn",)),
     Stage("boosters", boosters, needs=("cnn",)),
     Stage("stack", stack, needs=("cnn", "boosters")),
-    Stage("quantize", quantize, needs=("cnn", "export", "boosters", "stack")),
-    Stage("report", report, needs=("cnn", "boosters", "stack"), reads=("quantize",)),  # the int8 gate, when measured
-    Stage("bundle", bundle, needs=("cnn", "export", "boosters", "stack", "quantize", "report")),
+    Stage("select", select, needs=("cnn", "boosters", "stack")),
+    Stage("quantize", quantize, needs=("cnn", "export", "boosters", "stack", "select")),
+    Stage("report", report, needs=("cnn", "boosters", "stack", "select"), reads=("quantize",)),  # the int8 gate
+    Stage("bundle", bundle, needs=("cnn", "export", "boosters", "stack", "select", "quantize", "report")),
 ]
 STAGE_NAMES = [s.name for s in STAGES]
 
@@ -70,7 +71,7 @@ def run_pipeline(cfg: RunConfig, run_dir: Path, stages: list[str], log=print, fo
         if stage_done(run, stage) and not stale:
             log(f"[{stage.name}] already done in {run_dir}, skipping")
             continue
-        if stale:  # what it read was just rewritten: its outputs describe older models
+        if stale and stage_done(run, stage):  # what it read was just rewritten: its outputs describe older models
             log(f"[{stage.name}] running again: {', '.join(stale)} ran in this invocation")
             for path in stage.outputs(run):
                 path.unlink(missing_ok=True)

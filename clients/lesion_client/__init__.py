@@ -2,7 +2,16 @@
 
 from lesion_client.client import AsyncLesionClient, LesionClient
 from lesion_client.errors import LesionAPIError, LesionConnectionError, LesionError, LesionTimeout
-from lesion_client.results import Explanation, Failed, ModelRef, Ood, Prediction
+from lesion_client.results import (
+    Explanation,
+    Failed,
+    LesionFailed,
+    LesionPrediction,
+    LesionResults,
+    ModelRef,
+    Ood,
+    Prediction,
+)
 
 __all__ = [
     "AsyncLesionClient",
@@ -12,6 +21,9 @@ __all__ = [
     "LesionAPIError",
     "LesionConnectionError",
     "LesionError",
+    "LesionFailed",
+    "LesionPrediction",
+    "LesionResults",
     "LesionTimeout",
     "ModelRef",
     "Ood",

@@ -1,7 +1,9 @@
 """`lesion-client` (or `python -m lesion_client`): predict a few images, score many, show the model.
 
   lesion-client predict IMAGE [IMAGE ...] [--age N] [--sex S] [--site S] [--prior P] [--explain] [--json]
+  lesion-client predict VIEW [VIEW ...] --lesion ID [...]   (the images are views of one lesion: one answer)
   lesion-client score FOLDER_OR_METADATA_CSV --out OUT.csv [--in-flight 4] [--prior P]
+                       (a CSV with a lesion_id column also gets each lesion's combined answer)
   lesion-client model
   lesion-client --version
 
@@ -22,7 +24,7 @@ from tqdm import tqdm
 
 from lesion_client.client import AsyncLesionClient, LesionClient
 from lesion_client.errors import LesionAPIError, LesionError
-from lesion_client.results import Prediction
+from lesion_client.results import LesionFailed, Prediction
 from lesion_client.scoring import Summary, score
 
 
@@ -58,7 +60,46 @@ def as_json(p: Prediction, heatmap: Path | None) -> dict:
     return out
 
 
+def predict_lesion(args: argparse.Namespace) -> int:
+    """--lesion: every image is a view of that lesion; each view's answer, then the lesion's."""
+    if args.explain:
+        raise LesionError("--explain is for single images; leave out --lesion to explain each view")
+    meta = {k: v for k, v in dict(age=args.age, sex=args.sex, site=args.site).items() if v is not None}
+    with LesionClient(args.url, args.api_key, timeout=args.timeout) as client:
+        n = len(args.images)
+        out = client.predict_lesions(args.images, [args.lesion] * n, [meta] * n, parse_prior(args.prior))
+    lesion = out.lesions[args.lesion]
+    if args.json:
+        print(
+            json.dumps(
+                {"images": {str(i): asdict(p) for i, p in zip(args.images, out.images)}, "lesion": asdict(lesion)},
+                indent=2,
+            )
+        )
+        return 0
+    views = [
+        table(str(i), p) if isinstance(p, Prediction) else f"{i}: no answer: {p.detail}"
+        for i, p in zip(args.images, out.images)
+    ]
+    if isinstance(lesion, LesionFailed):
+        print("\n\n".join(views) + f"\n\nlesion {args.lesion}: no answer: {lesion.detail}")
+        return 1
+    lines = [
+        f"lesion {args.lesion}: {lesion.label} ({lesion.label_name}) from {len(lesion.images)} image(s), {lesion.combined_by}"
+    ]
+    lines += [f"  malignant (mel + bcc + akiec): {lesion.malignant_probability:.3f}"]
+    lines += [f"  {c}: {v:.3f}" for c, v in sorted(lesion.probabilities.items(), key=lambda kv: -kv[1])]
+    lines += [f"  warning: {w}" for w in lesion.warnings]
+    print("\n\n".join([*views, "\n".join(lines)]))
+    first = next((p for p in out.images if isinstance(p, Prediction)), None)
+    if first is not None:
+        print("\n" + first.notice)
+    return 0
+
+
 def predict(args: argparse.Namespace) -> int:
+    if args.lesion:
+        return predict_lesion(args)
     with LesionClient(args.url, args.api_key, timeout=args.timeout) as client:
         results = {
             str(img): client.predict(img, args.age, args.sex, args.site, parse_prior(args.prior), args.explain)
@@ -163,6 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     pr.add_argument("--explain-dir", type=Path, default=Path("."), help="where --explain writes heatmaps (default: .)")
     pr.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    pr.add_argument("--lesion", metavar="ID", help="the images are views of this lesion: add its combined answer")
     sc = sub.add_parser("score", parents=[common], help="score a folder or metadata CSV into a CSV (resumable)")
     sc.add_argument("source", type=Path, help="a folder of images, or a HAM10000-style metadata CSV beside its images")
     sc.add_argument("--out", required=True, type=Path, help="output CSV; a rerun skips the rows already in it")

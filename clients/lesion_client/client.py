@@ -17,7 +17,7 @@ import httpx
 from tenacity import AsyncRetrying, Retrying, retry_if_exception, stop_after_attempt, wait_exponential
 
 from lesion_client.errors import LesionAPIError, LesionConnectionError, LesionError, LesionTimeout
-from lesion_client.results import Failed, Prediction, batch_item
+from lesion_client.results import Failed, LesionResults, Prediction, batch_item
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 DEFAULT_MAX_BATCH = 32  # the service's default LESION_MAX_BATCH, for servers that do not say theirs
@@ -121,27 +121,51 @@ class _Base:
         return dict(files=[image_part(image, "image")], data=data)
 
     @staticmethod
-    def batch_request(images: Sequence[Image], metadata: Sequence[dict] | None, prior: Prior) -> dict:
-        files = [image_part(img, "images", i) for i, img in enumerate(images)]
-        data = {"metadata": json.dumps(list(metadata))} if metadata is not None else {}
+    def batch_request(
+        images: Sequence[Image],
+        metadata: Sequence[dict] | None,
+        prior: Prior,
+        rows: Sequence[int],
+        lesion_ids: Sequence[str | None] | None = None,
+    ) -> dict:
+        """The multipart body for the images at `rows`."""
+        files = [image_part(images[i], "images", i) for i in rows]
+        data = {"metadata": json.dumps([metadata[i] for i in rows])} if metadata is not None else {}
+        if lesion_ids is not None:
+            data["lesion_ids"] = json.dumps([lesion_ids[i] for i in rows])
         return dict(files=files, data={**data, **prior_field(prior)})
 
     @staticmethod
-    def chunks(images: Sequence[Image], metadata: Sequence[dict] | None, limits: tuple[int, int | None]):
-        """Consecutive runs of at most `limits` (images, bytes) each; an image over the byte limit alone."""
-        if metadata is not None and len(metadata) != len(images):
-            raise LesionError(f"{len(images)} images but {len(metadata)} metadata objects")
+    def chunks(
+        images: Sequence[Image],
+        metadata: Sequence[dict] | None,
+        limits: tuple[int, int | None],
+        lesion_ids: Sequence[str | None] | None = None,
+    ) -> list[list[int]]:
+        """The rows of each request: consecutive runs within `limits` (images, bytes), an image over
+        the byte limit alone. With `lesion_ids`, a lesion's images all go in one request (in the
+        order of its first image), so that the server combines all of them."""
+        for name, values in (("metadata objects", metadata), ("lesion ids", lesion_ids)):
+            if values is not None and len(values) != len(images):
+                raise LesionError(f"{len(images)} images but {len(values)} {name}")
+        groups: dict[tuple[str, str | int], list[int]] = {}
+        for i in range(len(images)):
+            lesion = None if lesion_ids is None else lesion_ids[i]
+            groups.setdefault(("lesion", lesion) if lesion is not None else ("image", i), []).append(i)
         size, max_bytes = limits
-        start = 0
-        while start < len(images):
-            end, total = start, 0
-            while end < len(images) and end - start < size:
-                total += image_bytes(images[end])
-                if end > start and max_bytes is not None and total > max_bytes:
-                    break
-                end += 1
-            yield images[start:end], None if metadata is None else metadata[start:end]
-            start = end
+        out: list[list[int]] = []
+        rows: list[int] = []
+        total = 0
+        for key, group in groups.items():
+            if len(group) > size:
+                raise LesionError(f"lesion {key[1]!r} has {len(group)} images, over the server's {size} per request")
+            weight = sum(image_bytes(images[i]) for i in group)
+            full = len(rows) + len(group) > size or (max_bytes is not None and total + weight > max_bytes)
+            if rows and full:
+                out.append(rows)
+                rows, total = [], 0
+            rows, total = rows + group, total + weight
+        return out + ([rows] if rows else [])
 
     @staticmethod
     def limits_of(model: dict) -> tuple[int, int | None]:
@@ -198,9 +222,24 @@ class LesionClient(_Base):
         bytes). An image the server could not use comes back as `Failed` (status, code, detail) in
         its place; the others are answered."""
         out: list[Prediction | Failed] = []
-        for imgs, meta in self.chunks(images, metadata, self.limits()):
-            body = self.request("POST", "/predict/batch", **self.batch_request(imgs, meta, prior))
+        for rows in self.chunks(images, metadata, self.limits()):
+            body = self.request("POST", "/predict/batch", **self.batch_request(images, metadata, prior, rows))
             out += self.batch_results(body)
+        return out
+
+    def predict_lesions(
+        self,
+        images: Sequence[Image],
+        lesion_ids: Sequence[str | None],
+        metadata: Sequence[dict] | None = None,
+        prior: Prior = None,
+    ) -> LesionResults:
+        """As `predict_batch`, and one answer per lesion id from all of its images (the server's
+        lesion rule); None as an id: that image belongs to no named lesion."""
+        out = LesionResults([None] * len(images), {})  # every slot is filled below
+        for rows in self.chunks(images, metadata, self.limits(), lesion_ids):
+            request = self.batch_request(images, metadata, prior, rows, lesion_ids)
+            out.add(self.request("POST", "/predict/batch", **request), rows)
         return out
 
     def limits(self) -> tuple[int, int | None]:
@@ -260,9 +299,22 @@ class AsyncLesionClient(_Base):
         self, images: Sequence[Image], metadata: Sequence[dict] | None = None, prior: Prior = None
     ) -> list[Prediction | Failed]:
         out: list[Prediction | Failed] = []
-        for imgs, meta in self.chunks(images, metadata, await self.limits()):
-            body = await self.request("POST", "/predict/batch", **self.batch_request(imgs, meta, prior))
+        for rows in self.chunks(images, metadata, await self.limits()):
+            body = await self.request("POST", "/predict/batch", **self.batch_request(images, metadata, prior, rows))
             out += self.batch_results(body)
+        return out
+
+    async def predict_lesions(
+        self,
+        images: Sequence[Image],
+        lesion_ids: Sequence[str | None],
+        metadata: Sequence[dict] | None = None,
+        prior: Prior = None,
+    ) -> LesionResults:
+        out = LesionResults([None] * len(images), {})  # every slot is filled below
+        for rows in self.chunks(images, metadata, await self.limits(), lesion_ids):
+            request = self.batch_request(images, metadata, prior, rows, lesion_ids)
+            out.add(await self.request("POST", "/predict/batch", **request), rows)
         return out
 
     async def limits(self) -> tuple[int, int | None]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 
@@ -132,3 +133,73 @@ class Failed:
 def batch_item(item: dict, envelope: dict) -> Prediction | Failed:
     """One entry of a /predict/batch answer: an answer, or why that image got none."""
     return Failed.from_json(item, envelope) if "error" in item else Prediction.from_json(item, envelope)
+
+
+@dataclass(frozen=True)
+class LesionPrediction:
+    """One answer for a lesion from all of its answered images (`combined_by`: the bundle's rule);
+    `images`, `unanswered` and `ood_flagged` are positions in the list the caller sent."""
+
+    lesion_id: str
+    label: str
+    label_name: str
+    probabilities: dict[str, float]
+    malignant_probability: float
+    served_by: str
+    prior: str
+    combined_by: str
+    images: tuple[int, ...]
+    unanswered: tuple[int, ...] = ()
+    ood_flagged: tuple[int, ...] = ()
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def flagged(self) -> bool:
+        """An image out of distribution or warned about, or an image missing: read with care."""
+        return bool(self.warnings or self.ood_flagged or self.unanswered)
+
+
+@dataclass(frozen=True)
+class LesionFailed:
+    """A lesion none of whose images could be answered."""
+
+    lesion_id: str
+    unanswered: tuple[int, ...]
+    code: str
+    detail: str
+
+
+def lesion_item(item: dict, envelope: dict, rows: Sequence[int]) -> LesionPrediction | LesionFailed:
+    """One entry of a response's `lesions`; `rows[j]` is the caller's position of the request's image j."""
+    at = lambda positions: tuple(rows[j] for j in positions)  # noqa: E731
+    if "error" in item:
+        return LesionFailed(item["lesion_id"], at(item["unanswered"]), item["error"]["code"], item["error"]["detail"])
+    return LesionPrediction(
+        lesion_id=item["lesion_id"],
+        label=item["label"],
+        label_name=item["label_name"],
+        probabilities=item["probabilities"],
+        malignant_probability=item["malignant_probability"],
+        served_by=item["served_by"],
+        prior=item["prior"],
+        combined_by=item["combined_by"],
+        images=at(item["images"]),
+        unanswered=at(item.get("unanswered", [])),
+        ood_flagged=at(item.get("ood_flagged", [])),
+        warnings=list(item.get("warnings", [])),
+    )
+
+
+@dataclass
+class LesionResults:
+    """`images`: each image's answer (or `Failed`), in the order sent; `lesions`: lesion id -> its answer."""
+
+    images: list[Prediction | Failed | None]  # None only while a request is outstanding
+    lesions: dict[str, LesionPrediction | LesionFailed]
+
+    def add(self, body: dict, rows: Sequence[int]) -> None:
+        for j, item in zip(rows, body["predictions"]):
+            self.images[j] = batch_item(item, body)
+        self.lesions.update(
+            {entry.lesion_id: entry for entry in (lesion_item(i, body, rows) for i in body.get("lesions") or [])}
+        )

@@ -5,6 +5,9 @@ run never aborts over one row: a bad image, bad metadata (an age that is not a n
 metadata row whose image is missing becomes that row's `error`, and the others are scored (a
 request the server refuses whole is retried image by image). The input columns (`image_id`,
 `lesion_id`, `dx`, ...) are carried to the output, so labelled data can be evaluated from it.
+With a `lesion_id` column, a lesion's images go in one request and every row also carries its
+lesion's combined answer (`lesion_label`, `lesion_p_<class>`, ...: the server's lesion rule); a
+resumed run scores a lesion again whole unless all of its rows were answered.
 Rows are written as their requests complete (a killed run keeps them) and put back in input order
 when the run ends. A rerun with the same output keeps the answered rows and retries the error rows.
 """
@@ -20,9 +23,12 @@ from pathlib import Path
 
 from lesion_client.client import AsyncLesionClient, Prior
 from lesion_client.errors import LesionAPIError, LesionConnectionError, LesionError, LesionTimeout
-from lesion_client.results import Failed, Prediction
+from lesion_client.results import Failed, LesionFailed, LesionPrediction, Prediction
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png"}
+
+
+LESION_COLUMN = "lesion_id"
 
 
 @dataclass(frozen=True)
@@ -33,6 +39,10 @@ class Job:
     columns: dict[str, str]  # carried to the output as they came
     problem: str | None = None  # why this row cannot be sent (its error, without a request)
 
+    @property
+    def lesion(self) -> str | None:
+        return self.columns.get(LESION_COLUMN) or None
+
 
 @dataclass
 class Source:
@@ -40,6 +50,10 @@ class Source:
     key_column: str
     input_columns: list[str]
     without_image: list[str] = field(default_factory=list)  # CSV rows whose image was not found
+
+    @property
+    def by_lesion(self) -> bool:
+        return LESION_COLUMN in self.input_columns
 
 
 def read_source(source: Path) -> Source:
@@ -96,6 +110,9 @@ class ResultsFile:
         self.columns = [*source.input_columns, "label", "malignant_probability"]
         self.columns += [f"p_{c}" for c in classes] + ["served_by", "prior", "ood_flagged", "ood_score"]
         self.columns += ["ood_image_score", "warnings"]
+        if source.by_lesion:
+            self.columns += ["lesion_label", "lesion_malignant_probability", *(f"lesion_p_{c}" for c in classes)]
+            self.columns += ["lesion_images", "lesion_warnings"]
         self.columns += ["bundle_id", "request_id", "error"]
         self.done: set[str] = set()
         try:
@@ -121,6 +138,15 @@ class ResultsFile:
         if len(kept) < len(rows) or not text.endswith("\n"):
             self.replace(kept)
         return {row[self.key] for row in kept}
+
+    def forget(self, keys: set[str]) -> None:
+        """Drop these answered rows (their lesion is scored again whole)."""
+        self.file.close()
+        with open(self.path, newline="", encoding="utf-8") as f:
+            rows = [r for r in csv.DictReader(f) if r[self.key] not in keys]
+        self.replace(rows)
+        self.done -= keys
+        self.file = open(self.path, "a", newline="", encoding="utf-8")
 
     def replace(self, rows: list[dict]) -> None:
         """Rewrite the file with these rows, atomically (a kill leaves the old file or the new one)."""
@@ -155,11 +181,27 @@ class ResultsFile:
         self.file.close()
 
 
-def answer_row(job: Job, p: Prediction | Failed) -> dict:
+def lesion_fields(lesion: LesionPrediction | LesionFailed | str | None) -> dict:
+    """The lesion columns: its combined answer, or (a string) why there is none."""
+    if lesion is None:
+        return {}
+    if isinstance(lesion, str | LesionFailed):
+        return {"lesion_warnings": lesion if isinstance(lesion, str) else lesion.detail}
+    return {
+        "lesion_label": lesion.label,
+        "lesion_malignant_probability": lesion.malignant_probability,
+        **{f"lesion_p_{c}": v for c, v in lesion.probabilities.items()},
+        "lesion_images": len(lesion.images),
+        "lesion_warnings": " | ".join(lesion.warnings),
+    }
+
+
+def answer_row(job: Job, p: Prediction | Failed, lesion: LesionPrediction | LesionFailed | str | None = None) -> dict:
     if isinstance(p, Failed):
         return error_row(job, p.detail)
     probs = {f"p_{c}": v for c, v in p.probabilities.items()}
     return {
+        **lesion_fields(lesion),
         **job.columns,
         "label": p.label,
         "malignant_probability": p.malignant_probability,
@@ -200,15 +242,40 @@ def error_message(exc: LesionError) -> str:
     return str(exc)  # e.g. the file could not be read
 
 
-async def score_one_by_one(client: AsyncLesionClient, chunk: list[Job], prior: Prior) -> list[dict]:
+async def score_one_by_one(client: AsyncLesionClient, chunk: list[Job], prior: Prior, why: str = "") -> list[dict]:
+    """Each image in its own request; `why`: the lesion columns' note when its lesion got no combined answer."""
     rows = []
     for job in chunk:
         try:
-            rows.append(answer_row(job, await client.predict(image_of(job), **job.metadata, prior=prior)))
+            note = f"no lesion answer: {why}" if why and job.lesion else None
+            rows.append(answer_row(job, await client.predict(image_of(job), **job.metadata, prior=prior), note))
         except LesionError as exc:
             if ends_the_run(exc):
                 raise
             rows.append(error_row(job, error_message(exc)))
+    return rows
+
+
+async def score_lesions(client: AsyncLesionClient, chunk: list[Job], prior: Prior) -> list[dict]:
+    """One request for the chunk, whose lesions are whole: every row with its lesion's answer."""
+    ids = [j.lesion for j in chunk]
+    out = await client.predict_lesions([image_of(j) for j in chunk], ids, [j.metadata for j in chunk], prior)
+    return [answer_row(j, p, out.lesions.get(j.lesion) if j.lesion else None) for j, p in zip(chunk, out.images)]
+
+
+async def score_by_lesion_after_failure(client: AsyncLesionClient, chunk: list[Job], prior: Prior) -> list[dict]:
+    """A request refused whole: each lesion on its own, then image by image."""
+    groups: dict[str, list[Job]] = {}
+    for j in chunk:
+        groups.setdefault(j.lesion or f"image:{j.key}", []).append(j)
+    rows: list[dict] = []
+    for group in groups.values():
+        try:
+            rows += await score_lesions(client, group, prior)
+        except LesionError as exc:
+            if ends_the_run(exc):
+                raise
+            rows += await score_one_by_one(client, group, prior, error_message(exc))
     return rows
 
 
@@ -229,6 +296,14 @@ async def score(
     src = read_source(source)
     info = await client.model()
     results = ResultsFile(out, src, info["classes"])
+    if src.by_lesion:  # a lesion with a row still to score is scored again whole
+        lesions: dict[str, list[str]] = {}
+        for j in src.jobs:
+            if j.lesion:
+                lesions.setdefault(j.lesion, []).append(j.key)
+        partial = {k for keys in lesions.values() if not set(keys) <= results.done for k in keys}
+        if partial & results.done:
+            results.forget(partial & results.done)
     todo = [j for j in src.jobs if j.key not in results.done]
     summary = Summary(already_done=len(src.jobs) - len(todo), without_image=len(src.without_image))
     if started:
@@ -240,19 +315,35 @@ async def score(
         if progress:
             progress(len(unsendable))
     sendable = [j for j in todo if j.problem is None]
-    size = await client.max_batch()
-    chunks = [sendable[i : i + size] for i in range(0, len(sendable), size)]
+    if src.by_lesion:  # requests within the server's limits, each lesion whole in one
+        try:
+            plan = client.chunks(
+                [image_of(j) for j in sendable], None, await client.limits(), [j.lesion for j in sendable]
+            )
+        except LesionError as exc:
+            raise LesionError(f"{source}: {exc}") from None
+        chunks = [[sendable[i] for i in rows] for rows in plan]
+    else:
+        size = await client.max_batch()
+        chunks = [sendable[i : i + size] for i in range(0, len(sendable), size)]
     slots = asyncio.Semaphore(in_flight)
 
     async def run(chunk: list[Job]) -> None:
         async with slots:
             try:
-                preds = await client.predict_batch([image_of(j) for j in chunk], [j.metadata for j in chunk], prior)
-                rows = [answer_row(j, p) for j, p in zip(chunk, preds)]
+                if src.by_lesion:
+                    rows = await score_lesions(client, chunk, prior)
+                else:
+                    metas = [j.metadata for j in chunk]
+                    preds = await client.predict_batch([image_of(j) for j in chunk], metas, prior)
+                    rows = [answer_row(j, p) for j, p in zip(chunk, preds)]
             except LesionError as exc:
                 if ends_the_run(exc):
                     raise
-                rows = await score_one_by_one(client, chunk, prior)  # one bad image fails its whole request
+                if src.by_lesion:
+                    rows = await score_by_lesion_after_failure(client, chunk, prior)
+                else:
+                    rows = await score_one_by_one(client, chunk, prior)  # one bad image fails its whole request
         results.write(rows)
         summary.scored += sum(1 for r in rows if not r["error"])
         summary.errors += sum(1 for r in rows if r["error"])

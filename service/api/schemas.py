@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import json
 from typing import Self
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from service.api.errors import MAX_DETAIL, input_problem
+from service.api.errors import MAX_DETAIL, ApiError, input_problem
 from service.api.logs import printable
 from service.api.settings import Settings
 from service.core.explain import COLOUR_SCALE
+from service.core.lesions import combine_by_group
 from service.core.manifest import Manifest, without_paths
 from service.core.metadata import MetadataError
 from service.core.ood import IMAGE_CHECK
@@ -206,9 +208,118 @@ class BatchItemError(BaseModel):
         return cls(filename=filename, error=ItemError(status=status, code=code, detail=printable(str(exc), MAX_DETAIL)))
 
 
+MAX_LESION_ID = 128  # characters of one lesion id
+
+
+def lesion_ids_from_json(raw: str | None, n: int) -> list[str | None] | None:
+    """The `lesion_ids` field: a JSON list with one id (a string, or null: not grouped) per image."""
+    if raw is None or not raw.strip():
+        return None
+    try:
+        value = json.loads(raw)
+    except ValueError:
+        value = None
+    ok = isinstance(value, list) and len(value) == n
+    if not ok or not all(v is None or (isinstance(v, str) and 0 < len(v) <= MAX_LESION_ID) for v in value):
+        raise ApiError(
+            422,
+            "lesion-ids-invalid",
+            f"lesion_ids must be a JSON list with one lesion id per image ({n} images): a string of 1 to "
+            f"{MAX_LESION_ID} characters, or null for an image of no lesion named",
+        )
+    return value
+
+
+class LesionAnswer(BaseModel):
+    """One answer for a lesion: its answered images' served probabilities combined by the bundle's
+    lesion rule, with every image's out-of-distribution flag and warnings kept."""
+
+    lesion_id: str
+    images: list[int] = Field(description="positions (0-based, in request order) of the images combined")
+    unanswered: list[int] = Field(
+        default_factory=list, description="positions of this lesion's images that got an error entry instead"
+    )
+    combined_by: str = Field(description="the bundle's lesion rule (GET /model): mean or log_mean of probabilities")
+    label: str = Field(description="predicted class (dx code) of the lesion")
+    label_name: str
+    probabilities: dict[str, float] = Field(description="class -> probability, under the request's prior")
+    malignant_probability: float
+    served_by: str
+    prior: str
+    ood_flagged: list[int] = Field(description="positions of its images flagged out of distribution")
+    warnings: list[str] = Field(description="every image's warnings, each naming its image; and what is missing")
+
+    @classmethod
+    def of(cls, lesion_id: str, answers: dict[int, BatchItem], unanswered: list[int], manifest: Manifest) -> Self:
+        classes, positions = manifest.classes, sorted(answers)
+        probs = np.array([[answers[i].probabilities[c] for c in classes] for i in positions])
+        combined = combine_by_group(probs, np.zeros(len(positions), np.int64), manifest.lesion_rule)[0]
+        label = classes[int(np.argmax(combined))]
+        warnings = [
+            f"image {i} ({answers[i].filename or 'unnamed'}): {w}" for i in positions for w in answers[i].warnings
+        ]
+        if unanswered:
+            warnings.append(
+                f"answered from {len(positions)} of its {len(positions) + len(unanswered)} images: images "
+                f"{', '.join(map(str, unanswered))} could not be read (see their entries)"
+            )
+        first = answers[positions[0]]
+        return cls(
+            lesion_id=lesion_id,
+            images=positions,
+            unanswered=unanswered,
+            combined_by=manifest.lesion_rule,
+            label=label,
+            label_name=manifest.class_names[label],
+            probabilities={c: float(v) for c, v in zip(classes, combined)},
+            malignant_probability=float(sum(combined[classes.index(c)] for c in manifest.malignant_classes)),
+            served_by=first.served_by,
+            prior=first.prior,
+            ood_flagged=[i for i in positions if (ood := answers[i].ood) is not None and ood.flagged],
+            warnings=warnings,
+        )
+
+
+class LesionUnanswered(BaseModel):
+    """A lesion none of whose images could be answered."""
+
+    lesion_id: str
+    unanswered: list[int] = Field(description="positions of its images, each with an error entry")
+    error: ItemError
+
+
+def lesion_answers(
+    ids: list[str | None], items: list[BatchItem | BatchItemError], manifest: Manifest
+) -> list[LesionAnswer | LesionUnanswered]:
+    """One entry per distinct lesion id, in order of first appearance."""
+    groups: dict[str, list[int]] = {}
+    for i, lesion in enumerate(ids):
+        if lesion is not None:
+            groups.setdefault(lesion, []).append(i)
+    out: list[LesionAnswer | LesionUnanswered] = []
+    for lesion, positions in groups.items():
+        answers = {i: item for i in positions if isinstance(item := items[i], BatchItem)}
+        missing = [i for i in positions if i not in answers]
+        if answers:
+            out.append(LesionAnswer.of(lesion, answers, missing, manifest))
+        else:
+            detail = "none of this lesion's images could be answered (see their entries)"
+            out.append(
+                LesionUnanswered(
+                    lesion_id=lesion,
+                    unanswered=missing,
+                    error=ItemError(status=422, code="lesion-unanswered", detail=detail),
+                )
+            )
+    return out
+
+
 class BatchResponse(BaseModel):
     predictions: list[BatchItem | BatchItemError] = Field(
         description="one per image, in request order: an answer, or (with `error`) why that image got none"
+    )
+    lesions: list[LesionAnswer | LesionUnanswered] | None = Field(
+        None, description="with lesion_ids: one answer per lesion, from all of its answered images"
     )
     model: ModelRef
     request_id: str
@@ -245,6 +356,11 @@ class ModelInfo(BaseModel):
     preprocessing: dict
     components: list[str] = Field(description="every model a prediction reports, in order")
     served_by: str
+    served_choice: dict | None = Field(
+        description="how the served combiner was chosen, out-of-fold (None: older bundles)"
+    )
+    lesion_rule: str = Field(description="how /predict/batch combines a lesion's images (lesion_ids): mean or log_mean")
+    lesion_rule_choice: dict | None = Field(description="how the lesion rule was chosen, out-of-fold")
     cnn: dict = Field(description="the CNN graph this worker runs: file, precision, fold models, TTA, the int8 gate")
     metrics: dict = Field(description="cross-validated (out-of-fold) metrics per model")
     metric_intervals: dict = Field(description="their 95% lesion-bootstrap intervals, [low, high]")
@@ -270,6 +386,9 @@ class ModelInfo(BaseModel):
             preprocessing=m.preprocessing.model_dump(),
             components=m.components,
             served_by=m.served,
+            served_choice=m.served_choice.model_dump() if m.served_choice else None,
+            lesion_rule=m.lesion_rule,
+            lesion_rule_choice=m.lesion_rule_choice.model_dump() if m.lesion_rule_choice else None,
             cnn={
                 "file": predictor.cnn_file,
                 "precision": predictor.cnn_precision,

@@ -14,6 +14,7 @@ from pydantic import BaseModel, Field, model_validator
 
 from service.core.features import FeatureSpec
 from service.core.graph import can_explain, can_score_ood
+from service.core.lesions import LesionRule
 from service.core.ood import OodSpec
 from service.core.preprocess import ImageSpec
 from service.core.signing import MANIFEST_NAME, SIGNATURE_NAME
@@ -89,6 +90,18 @@ class MonitoringReference(BaseModel):
     )
 
 
+class Choice(BaseModel):
+    """A choice among candidates by a rule fixed in advance, made on out-of-fold predictions and
+    nested in the outer folds (training.ensemble.selection)."""
+
+    chosen: str = Field(description="what the bundle uses: the rule's pick, or what the run requested")
+    picked: str = Field(description="the rule's pick on every out-of-fold row")
+    requested: str | None = Field(None, description="set when the run named the choice itself (--served)")
+    rule: str
+    scores: dict[str, dict[str, float]] = Field(description="candidate -> the rule's figures on every out-of-fold row")
+    fold_picks: list[str] = Field(description="outer fold k: the rule's pick on the other folds' rows")
+
+
 class CnnModel(ModelFile):
     input_name: str = Field(description="ONNX input: normalised float32 images, NCHW")
     output_name: str = Field(description="ONNX output: class probabilities")
@@ -142,6 +155,9 @@ class Manifest(BaseModel):
     soft_vote: str = Field(description="name of the level-1 models' average")
     stack: ModelFile = Field(description="the meta-learner over the level-1 models' log-probabilities")
     served: str = Field(description="the component whose probabilities are the answer")
+    served_choice: Choice | None = Field(None, description="how `served` was chosen (bundles since lesion answers)")
+    lesion_rule: LesionRule = Field("mean", description="how a lesion's images' answers combine into one")
+    lesion_rule_choice: Choice | None = Field(None, description="how `lesion_rule` was chosen")
     training_images: str | None = Field(
         None, description="CSV (image_id, lesion_id) of every image the models trained on: overlap checks"
     )
@@ -207,6 +223,10 @@ class Manifest(BaseModel):
             raise ValueError(f"model names repeat: {names}")
         if self.served not in names:
             raise ValueError(f"served model {self.served!r} is not one of {names}")
+        if self.served_choice and self.served_choice.chosen != self.served:
+            raise ValueError(f"served_choice chose {self.served_choice.chosen!r}, but {self.served!r} is served")
+        if self.lesion_rule_choice and self.lesion_rule_choice.chosen != self.lesion_rule:
+            raise ValueError(f"lesion_rule_choice chose {self.lesion_rule_choice.chosen!r}, not {self.lesion_rule!r}")
         for f in self.files:
             if not f or f in (".", "..") or any(c in f for c in "/\\\x00") or f in (MANIFEST_NAME, SIGNATURE_NAME):
                 raise ValueError(f"file name {f!r} is not a plain name inside the bundle")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import csv
+import json
 import re
 
 import httpx
@@ -13,6 +14,8 @@ from lesion_client import (
     LesionAPIError,
     LesionClient,
     LesionConnectionError,
+    LesionError,
+    LesionFailed,
     LesionTimeout,
     Prediction,
 )
@@ -65,7 +68,20 @@ class FakeService:
         assert len(parts) <= self.max_batch, "the client must chunk to the server's limit"
         error = {"status": 400, "code": "image-invalid", "detail": "image BAD: not a readable image"}
         items = [{"filename": n.decode(), "error": error} if b"BAD" in d else answer(n.decode()) for n, d in parts]
-        return httpx.Response(200, json={"predictions": items, **ENVELOPE})
+        ids = re.search(rb'name="lesion_ids"\r\n\r\n(.*?)\r\n--', body, re.S)
+        if ids is None:
+            return httpx.Response(200, json={"predictions": items, **ENVELOPE})
+        groups: dict[str, list[int]] = {}
+        for j, lesion in enumerate(json.loads(ids.group(1))):
+            if lesion is not None:
+                groups.setdefault(lesion, []).append(j)
+        lesions = [  # the served answer of its first image, as if combined; "error" when none was answered
+            {"lesion_id": k, "images": js, "combined_by": "mean", "prior": "balanced", "warnings": [], **answer()}
+            if any("error" not in items[j] for j in js)
+            else {"lesion_id": k, "unanswered": js, "error": {**error, "code": "lesion-unanswered"}}
+            for k, js in groups.items()
+        ]
+        return httpx.Response(200, json={"predictions": items, "lesions": lesions, **ENVELOPE})
 
     @property
     def batch_sizes(self) -> list[int]:
@@ -81,7 +97,7 @@ def test_results_are_typed_and_batches_are_chunked_to_the_server_limit(tmp_path)
         many = c.predict_batch([path, b"x", b"y", path, b"z"])
     assert isinstance(one, Prediction) and one.label == "nv" and one.model.bundle_id == "b1"
     assert len(many) == 5 and fake.batch_sizes == [2, 2, 1]
-    assert [p.filename for p in many] == ["a.jpg", "image1", "image0", "a.jpg", "image0"]
+    assert [p.filename for p in many] == ["a.jpg", "image1", "image2", "a.jpg", "image4"]  # bytes: their position
 
 
 def test_batches_are_chunked_to_the_server_byte_limit_too(tmp_path):
@@ -288,3 +304,45 @@ def test_scoring_settings_and_inputs_a_user_can_get_wrong(tmp_path):
         )
     with pytest.raises(LesionError, match="cannot write"):
         run_score(FakeService(), tmp_path, tmp_path / "missing-folder" / "o.csv")
+
+
+def test_a_lesions_images_travel_in_one_request_and_map_back_to_the_callers_order():
+    fake = FakeService(max_batch=3)
+    ids = ["A", "B", "A", "C", "C", "B", None]
+    images = [b"jpeg", b"jpeg", b"jpeg", b"BAD", b"BAD", b"jpeg", b"jpeg"]
+    with LesionClient("http://svc", transport=httpx.MockTransport(fake)) as c:
+        out = c.predict_lesions(images, ids, prior="training")
+        assert fake.batch_sizes == [2, 2, 3]  # A; B (A + B would be 4 > 3); C with the unnamed image
+        assert out.lesions["A"].images == (0, 2) and out.lesions["B"].images == (1, 5)
+        assert isinstance(out.lesions["C"], LesionFailed) and out.lesions["C"].unanswered == (3, 4)
+        assert [type(p).__name__ for p in out.images] == ["Prediction"] * 3 + ["Failed"] * 2 + ["Prediction"] * 2
+        with pytest.raises(LesionError, match="lesion 'A' has 4 images, over the server's 3 per request"):
+            c.predict_lesions([b"jpeg"] * 4, ["A"] * 4)
+        with pytest.raises(LesionError, match="2 images but 1 lesion ids"):
+            c.predict_lesions([b"jpeg"] * 2, ["A"])
+
+
+def test_scoring_a_csv_with_lesion_ids_adds_each_lesions_answer_and_resumes_lesions_whole(tmp_path):
+    data = tmp_path / "data"
+    (data / "images").mkdir(parents=True)
+    lesions = ["L1", "L2", "L1", "L3", "L2", "L1"]
+    rows = []
+    for i, lesion in enumerate(lesions):
+        (data / "images" / f"ISIC_{i}.jpg").write_bytes(b"BAD" if i == 4 else b"jpeg")
+        rows.append({"image_id": f"ISIC_{i}", "lesion_id": lesion, "dx": "nv"})
+    write_metadata(data, rows)
+    out = tmp_path / "out.csv"
+    fake = FakeService(max_batch=3)
+    summary = run_score(fake, data / "HAM10000_metadata.csv", out)
+    assert (summary.scored, summary.errors) == (5, 1) and fake.batch_sizes == [3, 3]
+    got = {r["image_id"]: r for r in csv.DictReader(open(out))}
+    assert got["ISIC_0"]["lesion_label"] == "nv" and got["ISIC_5"]["lesion_p_nv"] == "0.4"
+    assert got["ISIC_0"]["lesion_images"] == "3"  # its lesion's three images, all in one request
+
+    (data / "images" / "ISIC_4.jpg").write_bytes(b"jpeg")  # fixed: its lesion (L2) is scored again whole
+    again = FakeService(max_batch=3)
+    summary = run_score(again, data / "HAM10000_metadata.csv", out)
+    assert (summary.already_done, summary.scored, summary.errors) == (4, 2, 0) and again.batch_sizes == [2]
+    written = list(csv.DictReader(open(out)))
+    assert [r["image_id"] for r in written] == [r["image_id"] for r in rows]
+    assert {r["image_id"]: r for r in written}["ISIC_1"]["lesion_images"] == "2"

@@ -44,9 +44,19 @@ def test_evaluate_scores_unseen_images_and_leaves_training_lesions_out(tiny_run,
     assert set(preds.image_id) == set(table.image_id[~seen]) and report["data"]["images"] == len(preds)
     assert list(preds.columns[:3]) == ["image_id", "lesion_id", "dx"]
     y = preds.dx.map(CLASSES.index).to_numpy()
-    assert np.isclose(
-        report["models"]["stack"]["bmca"]["value"], all_metrics(y, preds[PROB_COLUMNS].to_numpy())["bmca"]
-    )
+    served = report["served"]
+    assert np.isclose(report["models"][served]["bmca"]["value"], all_metrics(y, preds[PROB_COLUMNS].to_numpy())["bmca"])
+    rule = Predictor.load(tiny_run / "bundle").manifest.lesion_rule
+    lesion_cols = [f"lesion_{c}" for c in PROB_COLUMNS]
+    for _, group in preds.groupby("lesion_id"):  # every row carries its lesion's answer, by the bundle's rule
+        p = group[PROB_COLUMNS].to_numpy()
+        want = p.mean(0) if rule == "mean" else np.exp(np.log(p).mean(0))
+        np.testing.assert_allclose(
+            group[lesion_cols].to_numpy(), np.tile(want / want.sum(), (len(group), 1)), atol=1e-6
+        )
+    level = report["lesion_level"]
+    assert level["rule"] == rule and level["lesions"] == preds.lesion_id.nunique() and served in level["models"]
+    assert "Per lesion" in (tmp_path / "eval" / "report.md").read_text()
     for plot in ("roc_served.png", "confusion_served.png", "reliability.png"):
         assert (tmp_path / "eval" / "plots" / plot).stat().st_size > 1000
 

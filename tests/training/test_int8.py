@@ -174,7 +174,8 @@ def int8_run(tiny_data, tmp_path_factory):
 def test_quantize_stage_gates_the_served_answer_on_every_image_out_of_fold(int8_run):
     gate = QuantizationGate.model_validate_json((int8_run / "cnn" / "quantization.json").read_text())
     table = pd.read_csv(int8_run / "artifacts" / "folds.csv")
-    assert gate.images == len(table) and gate.answer == "stack" and gate.served_model == "refit"
+    served = json.loads((int8_run / "artifacts" / "selection-auto.json").read_text())["combiner"]["chosen"]
+    assert gate.images == len(table) and gate.answer == served and gate.served_model == "refit"
     assert 1 <= len(gate.attempts) <= len(quantize.LADDER) and gate.rule == quantize.RULE
     assert [a.config for a in gate.attempts] == [r.name for r in quantize.LADDER[: len(gate.attempts)]]
     assert all(not a.passed for a in gate.attempts[:-1]) and gate.passed == gate.attempts[-1].passed

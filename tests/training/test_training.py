@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -200,8 +201,14 @@ def test_report_has_every_model_and_metric(smoke_run, sample_dir):
             assert np.isfinite([lo, hi]).all() and lo <= hi, name
             if name in ("bmca", "accuracy", "macro_auc", "malignant_auc"):  # ECE, log loss: biased under resampling
                 assert lo - 0.02 <= v["value"] <= hi + 0.02, (model, name)
-    assert 0 <= report["models"]["stack"]["malignant_pauc"]["value"] <= 0.2
-    assert report["paired_difference"]["models"] == "stack - cnn"
+    served = report["served"]
+    assert served == report["selection"]["combiner"]["chosen"] == read_manifest(smoke_run / "bundle").served
+    assert 0 <= report["models"][served]["malignant_pauc"]["value"] <= 0.2
+    assert report["paired_difference"]["models"] == f"{served} - cnn"
+    lesions = report["lesion_level"]
+    assert list(lesions["models"]) == components and lesions["lesions"] == report["data"]["lesions"]
+    assert set(report["lesion_gain"]) == {"all_images", "multi_image_lesions"}
+    assert set(report["selection"]["nested"]) == {"images", "lesions"}
     present, listed = pd.read_csv(sample_dir / "images_present.csv"), pd.read_csv(sample_dir / "HAM10000_metadata.csv")
     assert report["data"]["images"] == len(present) and report["data"]["skipped_missing_images"] == len(listed) - len(
         present
@@ -213,7 +220,7 @@ def test_report_has_every_model_and_metric(smoke_run, sample_dir):
         f"int8 gate {'passed with' if gate['passed'] else 'failed'}"
         in (smoke_run / "artifacts" / "report.md").read_text()
     )
-    for plot in ("roc_stack.png", "confusion_stack.png", "reliability.png"):
+    for plot in ("roc_served.png", "confusion_served.png", "reliability.png"):
         assert (smoke_run / "artifacts" / "plots" / plot).read_bytes()[:4] == b"\x89PNG"
 
 
@@ -334,7 +341,7 @@ LAYERS = {
     "data": set(),
     "evaluation": {"data"},
     "cnn": {"data", "evaluation"},
-    "ensemble": {"data"},
+    "ensemble": {"data", "evaluation"},  # the served choice is scored by the evaluation's metrics
     "reporting": {"data", "evaluation"},
     "stages": {"data", "evaluation", "cnn", "ensemble", "reporting"},
 }
@@ -370,7 +377,7 @@ def test_training_packages_import_only_downward():
                 assert target in allowed, f"training/{package}/{f.name} imports {name}"
     floor_imports = {n.split(".")[1] for f in FLOOR for n in imported_training_modules(root / f"{f}.py")}
     assert floor_imports <= FLOOR | {"data"}, floor_imports  # a run reads its data; nothing above
-    for stage in ("folds", "cnn", "export", "boosters", "stack", "quantize", "report", "bundle"):
+    for stage in ("folds", "cnn", "export", "boosters", "stack", "select", "quantize", "report", "bundle"):
         assert (root / "stages" / f"{stage}.py").exists()
     code = BLOCK.format(names=["torch", "torchvision"])
     code += (
@@ -462,3 +469,24 @@ def test_a_stage_runs_again_when_one_it_reads_ran(tmp_path, monkeypatch):
     (tmp_path / "run" / "b.out").unlink()
     pipeline.run_pipeline(cfg, tmp_path / "run", names, log=logs.append)
     assert ran == ["a", "b", "c", "b", "c"] and "[c] running again: b ran in this invocation" in logs
+
+
+def test_served_overrides_the_rule_rerunning_only_the_stages_after_the_choice(tiny_run, tiny_data, tmp_path):
+    auto = json.loads((tiny_run / "artifacts" / "selection-auto.json").read_text())["combiner"]
+    other = "stack" if auto["chosen"] != "stack" else "soft_vote"
+    copy = tmp_path / "run"
+    shutil.copytree(tiny_run, copy)
+    cmd = [sys.executable, "-m", "training", "run", "--data-dir", str(tiny_data), "--out", str(copy), *TINY]
+    out = subprocess.run([*cmd, "--served", other], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    assert "[cnn] already done" in out.stdout and "[boosters] already done" in out.stdout
+    assert "[select] running" in out.stdout and "[bundle] running again" in out.stdout
+    manifest = read_manifest(copy / "bundle")
+    assert manifest.served == other and manifest.served_choice is not None
+    assert (manifest.served_choice.requested, manifest.served_choice.picked) == (other, auto["picked"])
+    assert (
+        f"requested with `--served` (the rule picks {auto['picked']})"
+        in (copy / "bundle" / "MODEL_CARD.md").read_text()
+    )
+    bad = subprocess.run([*cmd, "--served", "median"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "--served: " in bad.stderr and "auto or one of cnn" in bad.stderr

@@ -8,6 +8,7 @@ import platform
 import numpy as np
 
 from service.core import labels
+from service.core.lesions import RULE_TEXT
 from training.evaluation.subgroups import MIN_SUBGROUP
 
 
@@ -28,10 +29,11 @@ def fmt(m: dict) -> str:
     return f"{m['value']:.3f} [{lo:.3f}, {hi:.3f}]"
 
 
-def metrics_table(report: dict) -> list[str]:
-    """The models' metrics with intervals as markdown rows, and the paired difference if measured."""
+def metrics_table(report: dict, extra: dict | None = None) -> list[str]:
+    """The models' metrics with intervals as markdown rows (then `extra`'s rows), and the paired
+    difference if measured."""
     lines = ["| model | " + " | ".join(METRICS) + " |", "|---" * (len(METRICS) + 1) + "|"]
-    for name, m in report["models"].items():
+    for name, m in {**report["models"], **(extra or {})}.items():
         lines.append(f"| {name} | " + " | ".join(fmt(m[k]) for k in METRICS) + " |")
     if "paired_difference" in report:
         d = report["paired_difference"]
@@ -75,6 +77,58 @@ def gate_lines(gate: dict) -> list[str]:
     return lines
 
 
+def selection_lines(report: dict) -> list[str]:
+    """Which combiner is served and how a lesion's images combine, and why."""
+    sel = report.get("selection")
+    if not sel:
+        return []
+    c, r = sel["combiner"], sel["lesion_rule"]
+    scores = ", ".join(f"{n} {s['malignant_pauc']:.4f} / {s['bmca']:.3f}" for n, s in c["scores"].items())
+    why = (
+        f"requested with `--served` (the rule picks {c['picked']})"
+        if c.get("requested")
+        else f"chosen by the rule fixed in advance: {c['rule']}"
+    )
+    return [
+        f"Served combiner: **{c['chosen']}**, {why}. Out-of-fold malignant pAUC / BMCA: {scores}. "
+        f"Picked without each outer fold: {', '.join(c['fold_picks'])}.",
+        "",
+        f"A lesion's images combine by **{r['chosen']}** ({RULE_TEXT[r['chosen']]}), by the same rule on lesions: "
+        + ", ".join(f"{n} {s['malignant_pauc']:.4f} / {s['bmca']:.3f}" for n, s in r["scores"].items())
+        + f"; picked without each outer fold: {', '.join(r['fold_picks'])}.",
+    ]
+
+
+def lesion_lines(report: dict) -> list[str]:
+    """Lesion-level metrics of every model, the nested pipeline, and what combining gains."""
+    lv = report.get("lesion_level")
+    if not lv:
+        return []
+    nested = report.get("selection", {}).get("nested", {})
+    extra = {"served, both choices nested": nested["lesions"]} if "lesions" in nested else None
+    lines = [
+        f"## Per lesion ({lv['lesions']} lesions, {lv['multi_image_lesions']} with several images; rule: {lv['rule']})",
+        "",
+        "Each lesion's images combined into one answer, as `/predict/batch` does with `lesion_ids`; one row per lesion.",
+        "",
+        *metrics_table(lv, extra),
+    ]
+    for name, g in report.get("lesion_gain", {}).items():
+        d = g["paired_difference"]
+        lines += [
+            "",
+            f"The served answer per lesion against per image, on the same {g['images']} images "
+            f"({'all' if name == 'all_images' else 'of lesions with several images'}): "
+            + ", ".join(
+                f"{k} {g['models']['per_image'][k]['value']:.3f} -> {g['models']['per_lesion'][k]['value']:.3f} "
+                f"(difference {fmt(d[k])})"
+                for k in ("bmca", "malignant_auc", "malignant_pauc")
+            )
+            + ".",
+        ]
+    return lines
+
+
 MALIGNANT_NOTE = (
     "malignant = mel + bcc + akiec; malignant_pauc is the ISIC 2024 partial AUC above 80% TPR (range 0-0.2)."
 )
@@ -88,7 +142,7 @@ def markdown(report: dict) -> str:
         f"{report['data']['folds']} lesion-grouped folds. Machine: {report['machine']}. "
         f"95% intervals: {report['n_bootstrap']} bootstrap resamples of lesions.",
         "",
-        *metrics_table(report),
+        *metrics_table(report, nested_row(report)),
     ]
     served = report.get("served_cnn", "ensemble")
     tta = " (8 dihedral views averaged, in validation, out-of-fold predictions and the served graph)"
@@ -97,18 +151,28 @@ def markdown(report: dict) -> str:
         f"The CNN row is the fold models' out-of-fold predictions{tta if report['config'].get('tta') else ''}; "
         f"the bundle serves the {served} CNN.",
     ]
+    if "selection" in report:
+        lines += ["", *selection_lines(report)]
     gate = report.get("int8_gate")
     if gate:
         lines += ["", *gate_lines(gate)]
+    if "lesion_level" in report:
+        lines += ["", *lesion_lines(report)]
     if "per_class" in report:
         lines += ["", *served_tables(report)]
     lines += [
         "",
         MALIGNANT_NOTE,
         "",
-        "![ROC](plots/roc_stack.png) ![confusion](plots/confusion_stack.png) ![reliability](plots/reliability.png)",
+        "![ROC](plots/roc_served.png) ![confusion](plots/confusion_served.png) ![reliability](plots/reliability.png)",
     ]
     return "\n".join(lines) + "\n"
+
+
+def nested_row(report: dict) -> dict | None:
+    """The image-level row of the served pipeline with its choice nested in the outer folds."""
+    nested = report.get("selection", {}).get("nested", {})
+    return {"served, choice nested": nested["images"]} if "images" in nested else None
 
 
 def served_tables(report: dict) -> list[str]:

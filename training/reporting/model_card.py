@@ -8,8 +8,17 @@ from pathlib import PurePath
 
 from service.core import labels
 from service.core.manifest import CnnModel, ModelFile
-from training.reporting.markdown import MALIGNANT_NOTE, metrics_table, served_tables
+from training.reporting.markdown import (
+    MALIGNANT_NOTE,
+    lesion_lines,
+    metrics_table,
+    nested_row,
+    selection_lines,
+    served_tables,
+)
 from training.run import Run
+
+SERVED_NAMES = {"stack": "the stacked meta-learner", "soft_vote": "the soft vote (the level-1 models' mean)"}
 
 
 def model_card(run: Run, cnn: CnnModel, boosters: list[ModelFile]) -> str:
@@ -17,7 +26,7 @@ def model_card(run: Run, cnn: CnnModel, boosters: list[ModelFile]) -> str:
     data, cfg = report["data"], run.cfg
     synthetic = bool(data.get("synthetic"))
     counts = ", ".join(f"{c} {n}" for c, n in data["class_counts"].items())
-    lines = ["# Model card: skin-lesion classifier (ResNet-18 + boosters + stacked meta-learner)", ""]
+    lines = ["# Model card: skin-lesion classifier (ResNet-18 + boosters + soft vote and stacked meta-learner)", ""]
     if synthetic:
         lines += [
             "> **DEMO MODEL, trained on synthetic images.** It shows the plumbing; its answers say nothing about "
@@ -51,13 +60,18 @@ def model_card(run: Run, cnn: CnnModel, boosters: list[ModelFile]) -> str:
         f"{cfg.epochs} epochs; served: the {cfg.served_cnn} CNN, {cnn.precision}"
         + (", 8-view test-time augmentation" if cnn.tta else "")
         + f". Boosters on CNN probabilities, age, sex, site and colour statistics: {', '.join(b.name for b in boosters)}. "
-        "Served answer: the stacked meta-learner. Every model is trained with balanced class weights.",
+        f"Served answer: {SERVED_NAMES.get(report['served'], report['served'])}. Every model is trained with "
+        "balanced class weights.",
+        "",
+        *selection_lines(report),
         "",
         "## Cross-validated metrics (out-of-fold, 95% lesion-bootstrap intervals)",
         "",
-        *metrics_table(report),
+        *metrics_table(report, nested_row(report)),
         "",
         MALIGNANT_NOTE,
+        "",
+        *[line.replace("## ", "### ") for line in lesion_lines(report)],
         "",
         *[line.replace("## ", "### ") for line in served_tables(report)],
         "",
@@ -85,6 +99,6 @@ def model_card(run: Run, cnn: CnnModel, boosters: list[ModelFile]) -> str:
         "- Subgroups with few images have wide intervals; skin types and ages rare in HAM10000 are not measured.",
         "- Heatmaps are class activation maps at the CNN's last feature-map resolution (1/32 of the input): coarse, "
         "and they show what drove the CNN, not what is medically relevant.",
-        "- Metadata attributions explain the boosters' answers (TreeSHAP), not the stacked answer itself.",
+        "- Metadata attributions explain the boosters' answers (TreeSHAP), not the served combination itself.",
     ]
     return "\n".join(lines) + "\n"

@@ -1,4 +1,4 @@
-"""Stage 8, bundle: RUN_DIR/bundle/, the only thing the service loads.
+"""Stage 9, bundle: RUN_DIR/bundle/, the only thing the service loads.
 
 Written into a temporary folder and renamed into place, so a crash never leaves a half bundle.
 Its manifest is the roster of the run's models (the CNN, the chosen boosters, the soft vote and
@@ -41,6 +41,7 @@ from training.data.io import PROB_COLUMNS, atomic_write_text
 from training.ensemble.boosters import BOOSTERS
 from training.reporting.model_card import model_card
 from training.run import Run
+from training.stages import select
 
 
 def outputs(run: Run) -> list[Path]:
@@ -84,6 +85,7 @@ def graph_outputs(path: Path) -> list[str]:
 
 def build_manifest(run: Run, folder: Path, cnn: CnnModel, boosters: list[ModelFile], stack: ModelFile) -> Manifest:
     report = json.loads(run.paths.report_json.read_text())
+    selection = select.load(run)
     ood = OodSpec.model_validate_json(run.paths.ood_spec.read_text())
     calibration = report["calibration"]
     files = {p.name: sha256_file(p) for p in sorted(folder.iterdir())}
@@ -108,10 +110,13 @@ def build_manifest(run: Run, folder: Path, cnn: CnnModel, boosters: list[ModelFi
         boosters=boosters,
         soft_vote=SOFT_VOTE,
         stack=stack,
-        served=STACK,
+        served=selection.combiner.chosen,
+        served_choice=selection.combiner,
+        lesion_rule=selection.lesion_rule.chosen,
+        lesion_rule_choice=selection.lesion_rule,
         files=files,
         library_versions=library_versions(libraries_of([cnn, *boosters, stack])),
-        monitoring=monitoring_reference(run, ood.method if cnn.has_ood_outputs else None),
+        monitoring=monitoring_reference(run, selection.combiner.chosen, ood.method if cnn.has_ood_outputs else None),
         metrics={m: {k: v["value"] for k, v in r.items()} for m, r in report["models"].items()},
         metric_intervals={m: {k: v["ci95"] for k, v in r.items()} for m, r in report["models"].items()},
         training=without_paths(
@@ -120,11 +125,11 @@ def build_manifest(run: Run, folder: Path, cnn: CnnModel, boosters: list[ModelFi
     )
 
 
-def monitoring_reference(run: Run, ood_method: str | None) -> MonitoringReference:
+def monitoring_reference(run: Run, served: str, ood_method: str | None) -> MonitoringReference:
     """The served model's out-of-fold top-1 shares and the deciles of the out-of-fold OOD score."""
     import pandas as pd
 
-    top1 = run.oof(STACK)[PROB_COLUMNS].to_numpy().argmax(1)
+    top1 = run.oof(served)[PROB_COLUMNS].to_numpy().argmax(1)
     shares = {c: float(np.mean(top1 == i)) for i, c in enumerate(labels.CLASSES)}
     edges: list[float] = []
     if ood_method is not None and run.paths.oof("ood").exists():

@@ -1,4 +1,4 @@
-"""Stage 6, quantize: the accuracy-aware int8 gate on the served answer (training/cnn/quantize.py).
+"""Stage 7, quantize: the accuracy-aware int8 gate on the served answer (training/cnn/quantize.py).
 
 Runs after the stack because the gate measures what the person receives: the int8 CNN's
 out-of-fold probabilities through the fold boosters and meta-learner, against the fp32 CNN's.
@@ -14,8 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
-from training.config import STACK
 from training.run import Run
+from training.stages import select
 
 
 def outputs(run: Run) -> list[Path]:
@@ -44,7 +44,7 @@ def run(run: Run) -> None:
     from training.data.io import atomic_write, atomic_write_text
     from training.ensemble.served import oof_answers, refit_answers
 
-    answer = STACK  # the combiner the bundle serves
+    answer = select.load(run).combiner.chosen  # the combiner the bundle serves
     y, fold, lesions = run.table.label.to_numpy(), run.table.fold.to_numpy(), run.table.lesion_id.to_numpy()
     spec, seed, n_boot = run.cfg.image_spec(), run.cfg.seed, run.cfg.bootstrap
     refit = run.cfg.served_cnn == "refit"

@@ -1,5 +1,6 @@
-"""Stage 7, report: artifacts/report.json, report.md and plots, every number out-of-fold (lesion-
-bootstrap intervals; per class, per subgroup; log loss and ECE under two class priors)."""
+"""Stage 8, report: artifacts/report.json, report.md and plots, every number out-of-fold (lesion-
+bootstrap intervals; per class, per subgroup; log loss and ECE under two class priors; per image and
+per lesion; the served choice and the nested pipeline's figures)."""
 
 from __future__ import annotations
 
@@ -10,9 +11,10 @@ from pathlib import Path
 import numpy as np
 
 from service.core import labels
-from training.config import CNN, STACK
+from training.config import CNN
 from training.data.io import PROB_COLUMNS, atomic_write_text
 from training.run import Run
+from training.stages import select
 
 
 def outputs(run: Run) -> list[Path]:
@@ -28,16 +30,19 @@ def training_throughput(run: Run) -> float:
 
 
 def run(run: Run) -> None:
+    from training.ensemble.selection import lesion_rows
+    from training.evaluation.lesions import lesion_gain, lesion_level
     from training.evaluation.metrics import with_intervals
     from training.evaluation.subgroups import served_figures
     from training.reporting.markdown import machine_description, markdown
     from training.reporting.plots import plot_confusion, plot_reliability, plot_roc
 
-    y = run.table.label.to_numpy()
+    y, lesions, fold = run.table.label.to_numpy(), run.table.lesion_id.to_numpy(), run.table.fold.to_numpy()
+    n_boot, seed = run.cfg.bootstrap, run.cfg.seed
     model_probs = {m: run.oof(m)[PROB_COLUMNS].to_numpy() for m in run.cfg.components}
-    report = with_intervals(
-        y, model_probs, run.table.lesion_id.to_numpy(), run.cfg.bootstrap, run.cfg.seed, paired=(STACK, CNN)
-    )
+    chosen = select.saved_outcome(run, model_probs)
+    served, rule = chosen.selection.combiner.chosen, chosen.selection.lesion_rule.chosen
+    report = with_intervals(y, model_probs, lesions, n_boot, seed, paired=(served, CNN))
     report["data"] = {
         "data_dir": run.cfg.data_dir,
         "images": len(y),
@@ -53,13 +58,25 @@ def run(run: Run) -> None:
     report["served_cnn"] = run.cfg.served_cnn
     gate = run.paths.quantization
     report["int8_gate"] = json.loads(gate.read_text()) if run.cfg.int8 and gate.exists() else None
-    report["served"] = STACK
-    report.update(served_figures(run.table, y, model_probs[STACK], run.cfg.bootstrap, run.cfg.seed))
+    report["served"] = served
+    report["lesion_level"] = lesion_level(y, lesions, model_probs, rule, n_boot, seed, paired=(served, CNN))
+    report["lesion_gain"] = lesion_gain(y, lesions, model_probs[served], rule, n_boot, seed)
+    ids, y_lesion, _ = lesion_rows(y, fold, lesions)
+    report["selection"] = {
+        **chosen.selection.model_dump(),
+        "nested": {  # both choices made without each outer fold: the figures of choosing, out-of-fold
+            "images": with_intervals(y, {"nested": chosen.nested_images}, lesions, n_boot, seed)["models"]["nested"],
+            "lesions": with_intervals(y_lesion, {"nested": chosen.nested_lesions}, ids, n_boot, seed)["models"][
+                "nested"
+            ],
+        },
+    }
+    report.update(served_figures(run.table, y, model_probs[served], n_boot, seed))
     atomic_write_text(run.paths.report_json, json.dumps(report, indent=2))
     atomic_write_text(run.paths.report_md, markdown(report))
     plots = run.paths.plots
-    plot_roc(y, model_probs[STACK], "ROC per class: stack (OOF)", plots / "roc_stack.png")
+    plot_roc(y, model_probs[served], f"ROC per class: {served} (OOF)", plots / "roc_served.png")
     plot_roc(y, model_probs[CNN], "ROC per class: CNN (OOF)", plots / "roc_cnn.png")
-    plot_confusion(y, model_probs[STACK], "Confusion (row-normalised): stack", plots / "confusion_stack.png")
+    plot_confusion(y, model_probs[served], f"Confusion (row-normalised): {served}", plots / "confusion_served.png")
     plot_reliability(y, model_probs, plots / "reliability.png")
     run.log(run.paths.report_md.read_text())

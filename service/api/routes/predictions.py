@@ -25,6 +25,8 @@ from service.api.schemas import (
     ModelRef,
     PredictResponse,
     image_warnings,
+    lesion_answers,
+    lesion_ids_from_json,
     notice_for,
     problem_responses,
 )
@@ -61,7 +63,7 @@ ERRORS = problem_responses(
         408: "body-timeout",
         413: "image-too-large, field-too-large, body-too-large",
         415: "image-unsupported",
-        422: "metadata-invalid, prior-invalid, image-shape, explain-unavailable, request-invalid",
+        422: "metadata-invalid, prior-invalid, lesion-ids-invalid, image-shape, explain-unavailable, request-invalid",
         503: "busy (past the worker's in-flight bounds; Retry-After), not-ready",
     }
 )
@@ -155,11 +157,9 @@ def release_freed_memory() -> None:
         LIBC.malloc_trim(0)
 
 
-def check_metadata_size(raw: str | None, settings: Settings) -> None:
+def check_metadata_size(raw: str | None, settings: Settings, name: str = "metadata") -> None:
     if raw is not None and len(raw.encode()) > settings.max_metadata_bytes:
-        raise ApiError(
-            413, "field-too-large", f"the metadata field is over the {settings.max_metadata_bytes} byte limit"
-        )
+        raise ApiError(413, "field-too-large", f"the {name} field is over the {settings.max_metadata_bytes} byte limit")
 
 
 def parse_prior(raw: str | None, predictor: Predictor) -> tuple[str, tuple[np.ndarray, float] | None]:
@@ -243,7 +243,7 @@ async def predict(
     metrics: Metrics = Depends(get_metrics),
 ) -> PredictResponse:
     check_metadata_size(metadata, settings)
-    check_metadata_size(prior, settings)
+    check_metadata_size(prior, settings, "prior")
     data = await read_upload(image, settings)
     meta = metadata_from_json(metadata, predictor.manifest.features)
     chosen = parse_prior(prior, predictor)
@@ -287,6 +287,12 @@ async def predict_batch(
         },
     ),
     prior: str = Form("", description=PRIOR_HELP),
+    lesion_ids: str | None = Form(
+        None,
+        description="JSON list, one lesion id (a string, or null) per image, in order: the images of one lesion "
+        "also get one combined answer in `lesions` (the bundle's lesion rule, GET /model)",
+        json_schema_extra={"example": '["lesion-1", "lesion-1", null]'},
+    ),
     predictor: Predictor = Depends(get_predictor),
     state: ModelState = Depends(get_state),
     settings: Settings = Depends(get_settings),
@@ -294,6 +300,8 @@ async def predict_batch(
 ) -> BatchResponse:
     check_metadata_size(metadata, settings)
     check_metadata_size(prior, settings)
+    check_metadata_size(lesion_ids, settings, "lesion_ids")
+    ids = lesion_ids_from_json(lesion_ids, len(images))
     uploads = [(await read_upload(f, settings), printable(f.filename or "", 300) or None) for f in images]
     features = predictor.manifest.features
     metas = metadata_objects_from_json(metadata, len(images))
@@ -321,5 +329,9 @@ async def predict_batch(
             pred, quality = answers[i]
             items.append(BatchItem.from_prediction(**answered(pred, chosen, predictor, quality), filename=name))
     return BatchResponse(
-        predictions=items, model=ModelRef.of(m), request_id=request.state.request_id, notice=notice_for(m)
+        predictions=items,
+        lesions=None if ids is None else lesion_answers(ids, items, m),
+        model=ModelRef.of(m),
+        request_id=request.state.request_id,
+        notice=notice_for(m),
     )
