@@ -52,7 +52,7 @@ def run_pipeline(cfg: RunConfig, run_dir: Path, stages: list[str], log=print, fo
     A finished stage runs again when a stage it reads ran in this invocation (say, the boosters of an
     older run rerun to write their fold models: the quantize, report and bundle stages follow).
 
-    The out-of-fold stages (boosters, stack, report) need the CNN's OOF rows but not its export, so the
+    The out-of-fold stages (boosters, stack, select, report) need the CNN's OOF rows but not its export, so the
     CNN stage can run on a GPU machine and the rest wherever the run directory is copied."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)

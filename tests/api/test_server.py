@@ -116,7 +116,7 @@ def test_missing_or_tampered_files_stop_startup(smoke_run, tmp_path):
 # ---- the Python client, against the same real server ----------------------------------------
 
 
-def test_client_command_table_json_and_score(server, sample_dir, subset, tmp_path, capsys):
+def test_client_command_table_json_and_score(server, smoke_predictor, sample_dir, subset, tmp_path, capsys):
     from lesion_client.cli import main as client_main
 
     img = str(sample_images(sample_dir)[0])
@@ -128,6 +128,9 @@ def test_client_command_table_json_and_score(server, sample_dir, subset, tmp_pat
     second = str(sample_images(sample_dir)[1])
     assert client_main(["predict", img, second, "--url", server, "--json"]) == 0
     assert set(json.loads(capsys.readouterr().out)) == {img, second}
+    assert client_main(["predict", img, second, "--lesion", "L1", "--url", server]) == 0
+    out = capsys.readouterr().out
+    assert "lesion L1: " in out and "from 2 image(s)" in out
     d = subset(2)
     images = sorted((d / "images").iterdir())
     images[1].write_bytes(b"not an image")  # one bad file: its own error row, not the end of the run
@@ -141,11 +144,21 @@ def test_client_command_table_json_and_score(server, sample_dir, subset, tmp_pat
         assert len(bad) == 1 and "not a readable image" in bad[0]["error"]
     assert {"image_id", "lesion_id", "dx"} <= set(rows[0])  # the CSV's own columns are carried
     assert [r["image_id"] for r in rows] == [r["image_id"] for r in csv.DictReader(open(source))]  # input order
-    # resumable: a rerun keeps the answered rows and retries only the error row
+    by_id = {r["image_id"]: r for r in rows}  # a CSV with lesion_id: each row also has its lesion's answer
+    for r in rows:
+        mates = [m for m in rows if m["lesion_id"] == r["lesion_id"] and not m["error"]]
+        if not r["error"]:
+            assert r["lesion_label"] and int(r["lesion_images"]) == len(mates), r
+            want = np.mean([float(m["p_mel"]) for m in mates])  # the smoke bundle's rule
+            if smoke_predictor.manifest.lesion_rule == "mean":
+                assert float(r["lesion_p_mel"]) == pytest.approx(want, abs=1e-6)
+    # resumable: a rerun keeps the answered rows and retries the error row with the rest of its lesion
     images[1].write_bytes(images[0].read_bytes())
+    lesion = by_id[images[1].stem]["lesion_id"]
+    redo = sum(r["lesion_id"] == lesion for r in rows)
     assert client_main(["score", str(d / "HAM10000_metadata.csv"), "--out", str(out_csv), "--url", server]) == 0
     out = capsys.readouterr().out
-    assert f"{len(images) - 1} rows were already answered" in out and "1 images scored" in out
+    assert f"{len(images) - redo} rows were already answered" in out and f"{redo} images scored" in out
     assert len(list(csv.DictReader(open(out_csv)))) == len(images)
     # two JPEGs are not a CSV: a clear error, not a UnicodeDecodeError
     assert client_main(["score", str(images[0]), "--out", str(tmp_path / "x.csv"), "--url", server]) == 1

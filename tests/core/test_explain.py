@@ -321,7 +321,7 @@ def test_the_model_card_is_rendered_in_safe_mode():
 
 
 def test_out_of_fold_stages_run_where_the_cnn_was_not_exported(tiny_run, tmp_path):
-    """The CNN stage on a GPU machine, the rest elsewhere: boosters, stack and report need only the
+    """The CNN stage on a GPU machine, the rest elsewhere: boosters, stack, select and report need only the
     CNN's out-of-fold rows, and give the same out-of-fold answers as the one-process run."""
     import shutil
 
@@ -336,7 +336,7 @@ def test_out_of_fold_stages_run_where_the_cnn_was_not_exported(tiny_run, tmp_pat
     for f in (tiny_run / "cnn").glob("fold*.json"):
         shutil.copy(f, run / "cnn" / f.name)
     cfg = RunConfig.model_validate_json((run / "config.json").read_text())
-    run_pipeline(cfg, run, ["boosters", "stack", "report"], log=lambda m: None)
+    run_pipeline(cfg, run, ["boosters", "stack", "select", "report"], log=lambda m: None)
     assert not (run / "cnn" / "cnn.onnx").exists()
     a, b = pd.read_csv(run / "artifacts" / "oof_stack.csv"), pd.read_csv(tiny_run / "artifacts" / "oof_stack.csv")
     pd.testing.assert_frame_equal(a, b, atol=1e-6)

@@ -9,7 +9,7 @@ from collections.abc import Mapping
 import numpy as np
 
 from service.core.lesions import combine_by_group, group_codes
-from training.evaluation.metrics import with_intervals
+from training.evaluation.metrics import MALIGNANT_IDX, with_intervals
 
 
 def lesion_level(
@@ -38,7 +38,7 @@ def lesion_gain(y: np.ndarray, lesion_ids: np.ndarray, probs: np.ndarray, rule: 
     several = np.bincount(codes)[codes] > 1
     out = {}
     for name, rows in (("all_images", np.ones(len(y), bool)), ("multi_image_lesions", several)):
-        if not rows.any():
+        if len(np.unique(np.isin(y[rows], MALIGNANT_IDX))) < 2:  # AUCs need malignant and benign images
             continue
         figures = with_intervals(
             y[rows],
