@@ -7,6 +7,12 @@ or the first byte of the next request arrived (idle keep-alive time is uvicorn's
 
 A request h11 cannot parse never reaches the app: uvicorn answers it 400 in plain text. Here it is
 an RFC 9457 problem like every other error, with a request id.
+
+An answer that closes the connection before the request's body is in (a 408, a 413, a 401 to an
+upload) would often never reach the client: closing a socket with unread bytes makes the kernel
+send a reset, and the client's kernel then drops the answer it had buffered. Like nginx's
+lingering close, the connection is half-closed after the answer and what the client still sends
+is read and dropped for `close_linger_s` (or until it closes its end), then closed.
 """
 
 from __future__ import annotations
@@ -14,6 +20,8 @@ from __future__ import annotations
 import asyncio
 import json
 import uuid
+from collections.abc import Callable
+from typing import Any
 
 import h11
 from uvicorn.protocols.http.h11_impl import H11Protocol
@@ -22,23 +30,76 @@ from service.api.errors import PROBLEM_JSON, problem_body
 from service.api.settings import Settings
 
 
+class LingeringTransport:
+    """The connection's transport, whose close() while the client is still sending a body
+    half-closes it, reads and drops what the client sends for `linger_s`, then closes it.
+    Everything else is the transport's own."""
+
+    def __init__(
+        self,
+        transport: asyncio.Transport,
+        loop: asyncio.AbstractEventLoop,
+        linger_s: float,
+        sending: Callable[[], bool],
+    ) -> None:
+        self._transport, self._loop, self._linger_s, self._sending = transport, loop, linger_s, sending
+        self.active = False  # the answer is sent and the client's bytes are being dropped
+        self._timer: asyncio.TimerHandle | None = None
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._transport, name)
+
+    def is_closing(self) -> bool:
+        return self.active or self._transport.is_closing()
+
+    def close(self) -> None:
+        if self.is_closing():
+            return
+        if self._linger_s <= 0 or not self._sending() or not self._transport.can_write_eof():  # TLS cannot half-close
+            self._transport.close()
+            return
+        self.active = True
+        self._transport.write_eof()  # the answer, then FIN: the client reads it and closes its end
+        self._transport.resume_reading()  # flow control may have paused it: keep draining
+        self._timer = self._loop.call_later(self._linger_s, self._transport.close)
+
+    def close_now(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if not self._transport.is_closing():
+            self._transport.close()
+
+    def pause_reading(self) -> None:
+        if not self.active:
+            self._transport.pause_reading()
+
+
 class HeaderDeadlineProtocol(H11Protocol):
     header_timeout_s = Settings.model_fields["header_timeout_s"].default  # create_app sets the worker's own
+    close_linger_s = Settings.model_fields["close_linger_s"].default
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-        super().connection_made(transport)
+        self.linger = LingeringTransport(transport, asyncio.get_running_loop(), self.close_linger_s, self._sending_body)
+        super().connection_made(self.linger)  # type: ignore[arg-type]
         self._deadline: asyncio.TimerHandle | None = None
         self._arm()  # the first request's headers
 
     def data_received(self, data: bytes) -> None:
+        if self.linger.active:
+            return  # the answer is sent: what the client still sends is dropped
         if self._deadline is None and (self.cycle is None or self.cycle.response_complete):
             self._arm()  # the first bytes of a next request on a kept-alive connection
         super().data_received(data)
         if self._deadline is not None and self.cycle is not self._waiting_after:
             self._disarm()  # a new request's headers are complete (pipelined ones included)
 
+    def _sending_body(self) -> bool:
+        return self.conn.their_state is h11.SEND_BODY
+
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()
+        self.linger.close_now()
         super().connection_lost(exc)
 
     def _arm(self) -> None:
@@ -53,8 +114,7 @@ class HeaderDeadlineProtocol(H11Protocol):
 
     def _too_slow(self) -> None:
         self._deadline = None
-        if not self.transport.is_closing():
-            self.transport.close()
+        self.linger.close_now()  # no answer to deliver: nothing to linger for
 
     def send_400_response(self, msg: str) -> None:
         request_id = uuid.uuid4().hex[:16]

@@ -75,6 +75,13 @@ class Settings(BaseSettings):
     body_deadline_s: float = Field(60.0, gt=0, description="a whole request body must arrive within this")
     header_timeout_s: float = Field(10.0, gt=0, description="max seconds for a request's headers to arrive")
     keepalive_timeout_s: int = Field(5, ge=1, description="idle keep-alive connections are closed after this")
+    close_linger_s: float = Field(
+        2.0,
+        ge=0,
+        le=30,
+        description="after an answer that closes the connection (a 408, a 413), how long the client's further "
+        "bytes are read and dropped, so that the answer reaches it instead of a connection reset",
+    )
     log_level: str = "info"
     log_json: bool = Field(False, description="log JSON lines instead of text")
     log_client_address: bool = Field(False, description="include the client's address in request log lines")

@@ -167,7 +167,7 @@ def test_conflicting_length_headers_and_slow_clients(guarded):
         except BlockingIOError:
             pass
         except (BrokenPipeError, ConnectionResetError):
-            break
+            break  # the service lingers after its answer: a reset here means the answer was lost
         if b'"detail"' in answer:
             break
         time.sleep(0.5)
@@ -177,6 +177,41 @@ def test_conflicting_length_headers_and_slow_clients(guarded):
         f"FIGURE trickle: a body sent at 2 bytes/s answered {answer[:12].decode(errors='replace')!r} after {took:.1f} s"
     )
     assert answer.startswith(b"HTTP/1.1 408") and b"within 3 s" in answer and took < 8, answer[:300]
+
+
+def test_an_answer_before_the_body_is_read_ends_the_connection_without_a_reset(guarded):
+    """A 413 sent before the body is read is followed by an orderly close (FIN) while the client
+    goes on sending, not by a reset: over a real network a reset can reach the client first and
+    make its kernel drop the answer (RFC 9112 §9.6)."""
+    _, url = guarded
+    host, port = url.removeprefix("http://").split(":")
+    s = socket.create_connection((host, int(port)), timeout=10)
+    head = b"POST /predict HTTP/1.1\r\nHost: x\r\nX-API-Key: k3y\r\nContent-Type: multipart/form-data; boundary=b\r\n"
+    s.sendall(head + b"Content-Length: 100000000\r\n\r\n")
+    s.setblocking(False)
+    answer, ended, reset = b"", False, None
+    for _ in range(100):  # 64 KiB every 10 ms, at most 1 s: the client is still writing its body
+        try:
+            s.send(b"x" * 65536)
+        except BlockingIOError:
+            pass
+        except OSError as e:  # EPIPE or ECONNRESET: the server closed with the body unread
+            reset = e
+            break
+        try:
+            chunk = s.recv(65536)
+            answer += chunk
+            if chunk == b"":
+                ended = True
+                break
+        except BlockingIOError:
+            pass
+        except OSError as e:
+            reset = e
+            break
+        time.sleep(0.01)
+    s.close()
+    assert reset is None and answer.startswith(b"HTTP/1.1 413") and ended, (reset, answer[:200])
 
 
 def test_admission_answers_503_past_its_bound_and_health_keeps_answering(guarded, sample_dir):

@@ -44,10 +44,12 @@ def as_original_jpeg_bytes(w: int, h: int) -> bytes:
 
 
 def test_draft_decoding_predicts_what_full_decoding_does(smoke_run, sample_dir):
-    """On the fp32 graph, the decoding's own effect: top-1 agreement and probabilities. On the
-    served int8 graph (which rounds activations, so small input changes flip more of an unsure
-    model's top classes), the gate's rule: the answer's BMCA, malignant AUC and pAUC on the
-    sample's labels lose at most 1 % relative between full and draft decoding."""
+    """On the fp32 graph, the decoding's own effect: top-1 agreement and probabilities of the served
+    answer, and the int8 gate's rule for every combiner (BMCA, malignant AUC and pAUC on the sample's
+    labels lose at most 1 % relative). On the served path (int8 graph and draft decoding) against the
+    reference (fp32, full decoding): at most the two allowances together. The int8 graph rounds
+    activations, so on an unsure model a small input change alone moves a figure by about 1 % either
+    way: measured by itself there, the decoding's effect is noise, not a property of the decoding."""
     import pandas as pd
 
     from service.core.labels import CLASSES
@@ -64,12 +66,15 @@ def test_draft_decoding_predicts_what_full_decoding_does(smoke_run, sample_dir):
     full = np.stack([full_decode(d, spec) for d in jpegs])
     assert np.abs(draft.astype(int) - full.astype(int)).mean() < 3  # pixel values: near, not equal
     meta = [None] * len(jpegs)
-    name = served.manifest.served
-    a, b = fp32.predict_components(draft, meta)[name], fp32.predict_components(full, meta)[name]
+    reference, fp32_draft = fp32.predict_components(full, meta), fp32.predict_components(draft, meta)
+    a, b = reference[served.manifest.served], fp32_draft[served.manifest.served]
     assert np.mean(a.argmax(1) == b.argmax(1)) >= TOP1_AGREEMENT
     assert np.abs(a - b).max() <= MAX_PROB_DIFF and np.abs(a - b).mean() <= MEAN_PROB_DIFF
     table = pd.read_csv(sample_dir / "HAM10000_metadata.csv").set_index("image_id").loc[[p.stem for p in paths]]
     y, lesions = table.dx.map(CLASSES.index).to_numpy(), table.lesion_id.to_numpy()
-    a, b = served.predict_components(full, meta), served.predict_components(draft, meta)
-    check = gate_check(y, lesions, (a["cnn"], b["cnn"]), (a[name], b[name]), 20, 0)
-    assert all(m.relative_loss <= MAX_RELATIVE_LOSS for m in check.metrics.values()), check
+    served_path = served.predict_components(draft, meta)
+    for name in reference:
+        for other, allowed in ((fp32_draft, MAX_RELATIVE_LOSS), (served_path, 2 * MAX_RELATIVE_LOSS)):
+            pair = (reference[name], other[name])
+            check = gate_check(y, lesions, (reference["cnn"], other["cnn"]), pair, 20, 0)
+            assert all(m.relative_loss <= allowed for m in check.metrics.values()), (name, allowed, check)
