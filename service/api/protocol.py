@@ -12,7 +12,8 @@ An answer that closes the connection before the request's body is in (a 408, a 4
 upload) would often never reach the client: closing a socket with unread bytes makes the kernel
 send a reset, and the client's kernel then drops the answer it had buffered. Like nginx's
 lingering close, the connection is half-closed after the answer and what the client still sends
-is read and dropped for `close_linger_s` (or until it closes its end), then closed.
+is read and dropped for `close_linger_s` (or until it closes its end, or has sent
+`LINGER_MAX_BYTES` more), then closed: draining stays bounded in time and in bytes.
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 from service.api.errors import PROBLEM_JSON, problem_body
 from service.api.settings import Settings
 
+LINGER_MAX_BYTES = 4 * 2**20  # a client still sending past this after the answer is cut off
+
 
 class LingeringTransport:
     """The connection's transport, whose close() while the client is still sending a body
@@ -44,6 +47,7 @@ class LingeringTransport:
     ) -> None:
         self._transport, self._loop, self._linger_s, self._sending = transport, loop, linger_s, sending
         self.active = False  # the answer is sent and the client's bytes are being dropped
+        self.dropped = 0  # bytes read and dropped since
         self._timer: asyncio.TimerHandle | None = None
 
     def __getattr__(self, name: str) -> Any:
@@ -86,8 +90,11 @@ class HeaderDeadlineProtocol(H11Protocol):
         self._arm()  # the first request's headers
 
     def data_received(self, data: bytes) -> None:
-        if self.linger.active:
-            return  # the answer is sent: what the client still sends is dropped
+        if self.linger.active:  # the answer is sent: what the client still sends is dropped
+            self.linger.dropped += len(data)
+            if self.linger.dropped > LINGER_MAX_BYTES:
+                self.linger.close_now()
+            return
         if self._deadline is None and (self.cycle is None or self.cycle.response_complete):
             self._arm()  # the first bytes of a next request on a kept-alive connection
         super().data_received(data)
