@@ -47,7 +47,7 @@ class LingeringTransport:
     ) -> None:
         self._transport, self._loop, self._linger_s, self._sending = transport, loop, linger_s, sending
         self.active = False  # the answer is sent and the client's bytes are being dropped
-        self.dropped = 0  # bytes read and dropped since
+        self._dropped = 0  # bytes read and dropped since
         self._timer: asyncio.TimerHandle | None = None
 
     def __getattr__(self, name: str) -> Any:
@@ -74,6 +74,12 @@ class LingeringTransport:
         if not self._transport.is_closing():
             self._transport.close()
 
+    def drop(self, n: int) -> None:
+        """Count `n` more bytes read and dropped; past `LINGER_MAX_BYTES`, close."""
+        self._dropped += n
+        if self._dropped > LINGER_MAX_BYTES:
+            self.close_now()
+
     def pause_reading(self) -> None:
         if not self.active:
             self._transport.pause_reading()
@@ -91,9 +97,7 @@ class HeaderDeadlineProtocol(H11Protocol):
 
     def data_received(self, data: bytes) -> None:
         if self.linger.active:  # the answer is sent: what the client still sends is dropped
-            self.linger.dropped += len(data)
-            if self.linger.dropped > LINGER_MAX_BYTES:
-                self.linger.close_now()
+            self.linger.drop(len(data))
             return
         if self._deadline is None and (self.cycle is None or self.cycle.response_complete):
             self._arm()  # the first bytes of a next request on a kept-alive connection
