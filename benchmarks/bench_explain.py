@@ -64,8 +64,8 @@ def main() -> None:
     image = load_for_model(path.read_bytes(), predictor.manifest.preprocessing)[None]
     graph = lambda: predictor.cnn_outputs(image)  # noqa: E731
     with_ood = lambda: predictor.cnn_outputs(image, OOD_OUTPUTS)  # noqa: E731
-    for f in (graph, with_ood):
-        f()
+    for g_ in (graph, with_ood):
+        g_()
     g = [(median_ms(graph, 10), median_ms(with_ood, 10)) for _ in range(5)]
     g0, g1 = float(np.median([x for x, _ in g])), float(np.median([y for _, y in g]))
 

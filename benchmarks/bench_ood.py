@@ -160,7 +160,7 @@ def score_all(predictor: Predictor, images: list[bytes]) -> dict[str, np.ndarray
     for start in range(0, len(images), 64):
         batch = np.stack([load_for_model(b, m.preprocessing) for b in images[start : start + 64]])
         preds = predictor.predict(batch, [None] * len(batch))
-        o = predictor.cnn_outputs(batch, OOD_OUTPUTS)
+        _, o = predictor.cnn_outputs(batch, OOD_OUTPUTS)
         for method in METHODS:
             out[method].append(scores(method, o[EMBEDDING], o[LOGITS], predictor.gaussian))
         out["image"].append([np.nan if p.image_ood_score is None else p.image_ood_score for p in preds])

@@ -65,7 +65,7 @@ def main() -> None:
     y = table.label.to_numpy()[:n]
     rows = np.arange(n)
 
-    t = build_fold(0, cfg, images, y, rows)
+    t = build_fold(0, cfg, cfg.arch[0], images, y, rows)
     train_one_epoch(t, spec, desc="warm-up")  # warms the kernels (and compiles, with --compile)
     _, pipeline = train_one_epoch(t, spec, desc="pipeline")
 

@@ -1,7 +1,7 @@
 """CNN recipes compared on the same lesion-grouped folds: out-of-fold metrics with intervals, each
 recipe's paired difference against the first, per-class recall, and the learning curves.
 
-Train each recipe's CNN stage into its own run directory (on one GPU the runs can go side by side,
+Train each recipe's CNN stage (its lead CNN, the first --arch, is compared) into its own run directory (on one GPU the runs can go side by side,
 or fold by fold with `--fold K`), then compare them:
 
     python -m training cnn --data-dir FULL --out runs/A --preset gpu
@@ -38,7 +38,8 @@ from training.run import Run
 def load_run(run_dir: Path, data_dir: str | None) -> Run:
     cfg = saved_config(run_dir, data_dir=data_dir)
     paths = RunLayout(run_dir)
-    needed = [paths.oof("cnn"), *(paths.fold_summary(k) for k in range(cfg.folds))]
+    lead = cfg.cnns[0]
+    needed = [paths.oof(lead), *(paths.cnn(lead).fold_summary(k) for k in range(cfg.folds))]
     if missing := [str(p) for p in needed if not p.exists()]:
         raise SystemExit(f"{run_dir}: its cnn stage is not finished ({', '.join(missing)} missing)")
     return Run(cfg, run_dir, log=lambda m: None)
@@ -55,7 +56,7 @@ def learning_curve(run: Run) -> pd.Series:
     rows = [
         (h["epoch"], h["val_bmca"])
         for k in range(run.cfg.folds)
-        for h in json.loads(run.paths.fold_summary(k).read_text())["history"]
+        for h in json.loads(run.paths.cnn(run.cfg.cnns[0]).fold_summary(k).read_text())["history"]
     ]
     return pd.DataFrame(rows, columns=["epoch", "bmca"]).groupby("epoch").bmca.mean()
 
@@ -73,7 +74,7 @@ def compare(run_dirs: list[Path], data_dir: str | None = None, bootstrap: int = 
             raise SystemExit(f"{name} and {first} do not share their folds: same data, --folds and --seed needed")
     table = runs[first].table
     y, lesions = table.label.to_numpy(), table.lesion_id.to_numpy()
-    oofs = {name: r.oof("cnn") for name, r in runs.items()}
+    oofs = {name: r.oof(r.cfg.cnns[0]) for name, r in runs.items()}
     for name in others:
         if not (oofs[name].image_id.to_numpy() == table.image_id.to_numpy()).all():
             raise SystemExit(
@@ -86,7 +87,11 @@ def compare(run_dirs: list[Path], data_dir: str | None = None, bootstrap: int = 
     differ = settings_that_differ(runs)
     none = ["| (none differ) |" + " |" * len(names)]
     lines += [f"| {k} | " + " | ".join(map(str, v)) + " |" for k, v in differ.items()] or none
-    old = [name for name, r in runs.items() if any(kept_best_epoch(r.paths, k) for k in range(r.cfg.folds))]
+    old = [
+        name
+        for name, r in runs.items()
+        if any(kept_best_epoch(r.paths.cnn(r.cfg.cnns[0]), k) for k in range(r.cfg.folds))
+    ]
     if old:
         lines += ["", f"Note: {', '.join(old)} {OLD_RULE} (slightly optimistic against runs that kept the last)."]
     # the same seed draws the same lesion resamples in every call, so each difference is paired

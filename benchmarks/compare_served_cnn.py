@@ -51,10 +51,11 @@ def main() -> None:
         inner, test = np.flatnonzero(fold != test_fold), np.flatnonzero(fold == test_fold)
         print(f"{len(inner)} images in {test_fold} inner folds, {len(test)} held-out images; {cfg.epochs} epochs")
         inner_cfg = cfg.model_copy(update={"folds": test_fold})
+        arch, cnn = cfg.arch[0], paths.cnn(cfg.cnns[0])  # the lead CNN
         for k in range(test_fold):
-            train_fold(k, inner_cfg, images[inner], y[inner], fold[inner], paths)
-        members = [load_fold_model(paths, k) for k in range(test_fold)]
-        refit = train_refit(inner_cfg, images[inner], y[inner], np.arange(len(inner)))
+            train_fold(k, inner_cfg, arch, images[inner], y[inner], fold[inner], cnn)
+        members = [load_fold_model(cnn, arch, k) for k in range(test_fold)]
+        refit = train_refit(inner_cfg, arch, images[inner], y[inner], np.arange(len(inner)))
 
         member_probs = [predict_probs(m, images[test], spec) for m in members]
         scores = {

@@ -46,12 +46,12 @@ def main() -> None:
 
     oof = {False: np.zeros((len(y), 7)), True: np.zeros((len(y), 7))}
     for k in range(cfg.folds):
-        model, rows = load_fold_model(run.paths, k), np.flatnonzero(fold == k)
+        model, rows = load_fold_model(run.paths.cnn(cfg.cnns[0]), cfg.arch[0], k), np.flatnonzero(fold == k)
         for tta in oof:
             oof[tta][rows] = predict_probs(model, run.images[rows], spec, tta)
     scores = {tta: all_metrics(y, probs) for tta, probs in oof.items()}
 
-    members = served_members(run)
+    members = served_members(run, cfg.arch[0])
     with tempfile.TemporaryDirectory() as tmp:
         paths = {tta: Path(tmp) / f"tta{int(tta)}.onnx" for tta in oof}
         for tta, path in paths.items():

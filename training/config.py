@@ -17,8 +17,21 @@ from training.data.io import atomic_write_text
 from training.errors import ConfigMismatch
 
 CNN, SOFT_VOTE, STACK = "cnn", "soft_vote", "stack"
-FP32_GRAPH, INT8_GRAPH = "cnn.onnx", "cnn.int8.onnx"  # the CNN's graphs, same names in RUN_DIR/cnn/ and the bundle
 ALL_BOOSTERS = ["xgboost", "lightgbm", "catboost"]  # training.ensemble.boosters.BOOSTERS implements each
+ALL_ARCHS = ["resnet18", "efficientnet_lite0"]  # training.cnn.models builds each
+DEFAULT_ARCHS = ["efficientnet_lite0", "resnet18"]  # the first explains and scores OOD (ImageNet features)
+
+
+def cnn_name(arch: str) -> str:
+    """A CNN's name in the roster, responses and files: `cnn` for the ResNet-18 (the name every
+    bundle has used for it), `cnn_<arch>` for the others."""
+    return CNN if arch == "resnet18" else f"{CNN}_{arch}"
+
+
+def graph_files(name: str) -> tuple[str, str]:
+    """A CNN's fp32 and int8 graph files: the same names in its run folder and in the bundle."""
+    return f"{name}.onnx", f"{name}.int8.onnx"
+
 
 PRESETS: dict[str, dict] = {
     # about a minute on the 2,118-image sample on 2 CPU cores: for tests, proves the plumbing
@@ -45,7 +58,22 @@ class RunConfig(BaseModel):
     lr: float = Field(2e-3, gt=0, description="AdamW learning rate")
     weight_decay: float = Field(1e-4, ge=0, description="AdamW weight decay")
     label_smoothing: float = Field(0.05, ge=0, lt=1, description="cross-entropy label smoothing")
-    weights: str = Field("none", description="imagenet | none | PATH to a resnet18 state dict")
+    arch: list[str] = Field(
+        DEFAULT_ARCHS,
+        description=f"comma-separated CNNs from {','.join(ALL_ARCHS)}, each trained per fold and feeding the boosters, "
+        "soft vote and stack; the first draws the heatmaps and scores out-of-distribution images",
+    )
+    weights: str = Field(
+        "auto",
+        description="auto (ImageNet where it installs offline: efficientnet_lite0; resnet18 from scratch) | "
+        "imagenet (resnet18: torchvision's download) | none | PATH to a state dict (one --arch)",
+    )
+    backbone_lr_scale: float = Field(
+        0.1, gt=0, le=1, description="a pretrained CNN's backbone learns at lr times this, its new head at lr"
+    )
+    freeze_stages: int = Field(
+        0, ge=0, description="a pretrained CNN's first stages kept frozen (no backward pass through them)"
+    )
     precision: Literal["bf16", "fp32"] = Field(
         "bf16",
         description="training autocast; auto: bf16 where the hardware has it natively, else fp32. Evaluation is fp32",
@@ -99,10 +127,26 @@ class RunConfig(BaseModel):
             )
         return [b for b in ALL_BOOSTERS if b in names]  # one canonical order
 
+    @field_validator("arch", mode="before")
+    @classmethod
+    def _known_archs(cls, v: object) -> list[str]:
+        names = [s.strip() for s in v.split(",")] if isinstance(v, str) else list(v)  # type: ignore[call-overload]
+        unknown = [n for n in names if n not in ALL_ARCHS]
+        if unknown or not names or len(set(names)) < len(names):
+            raise ValueError(f"arch must list distinct CNNs from {', '.join(ALL_ARCHS)}; got {names}")
+        return names  # in the order given: the first is the lead CNN
+
+    @field_validator("weights")
+    @classmethod
+    def _weights_fit_archs(cls, v: str, info: ValidationInfo) -> str:
+        if v not in ("auto", "imagenet", "none") and len(info.data.get("arch", [])) > 1:
+            raise ValueError("a weights file fits one architecture: give one --arch with it")
+        return v
+
     @field_validator("served")
     @classmethod
     def _known_served(cls, v: str, info: ValidationInfo) -> str:
-        names = [CNN, *info.data.get("boosters", []), SOFT_VOTE, STACK]
+        names = [*map(cnn_name, info.data.get("arch", [])), *info.data.get("boosters", []), SOFT_VOTE, STACK]
         if v != "auto" and v not in names:
             raise ValueError(f"the served combiner must be auto or one of {', '.join(names)}; got {v!r}")
         return v
@@ -121,9 +165,14 @@ class RunConfig(BaseModel):
         return ImageSpec(width=self.image_size, height=self.image_height)
 
     @property
+    def cnns(self) -> list[str]:
+        """The CNNs' names, in `arch` order: the first is the lead (heatmaps, OOD score)."""
+        return [cnn_name(a) for a in self.arch]
+
+    @property
     def level1(self) -> list[str]:
         """Models the soft vote averages and the stack stacks, in order."""
-        return [CNN, *self.boosters]
+        return [*self.cnns, *self.boosters]
 
     @property
     def components(self) -> list[str]:
@@ -167,6 +216,8 @@ def saved_config(run_dir: Path, **overrides) -> RunConfig:
     saved = json.loads((run_dir / "config.json").read_text())
     saved.setdefault("served_cnn", "ensemble")
     saved.setdefault("int8", False)
+    saved.setdefault("arch", ["resnet18"])  # runs before the backbone choice trained a ResNet-18 alone
+    saved.setdefault("weights", "none")
     try:
         return RunConfig(**{**saved, **{k: v for k, v in overrides.items() if v is not None}})
     except ValidationError as exc:

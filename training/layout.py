@@ -9,10 +9,12 @@ RUN_DIR/
   artifacts/selection-<served>.json   the served combiner and the lesion rule, chosen out-of-fold
                                (<served>: the --served the run asked for, auto by default)
   artifacts/report.{json,md}, artifacts/plots/*.png, artifacts/reference_predictions.json
-  cnn/fold<k>.{pt,json}, cnn/oof_fold<k>.csv   fold models, their histories, their held-out rows
-  cnn/refit.pt, cnn/cnn.onnx   the served CNN (refit on all rows, or the fold ensemble) in ONNX
-  cnn/cnn.int8.onnx, cnn/quantization.json   the int8 graph and its out-of-fold gate
-  cnn/ood.json                 the out-of-distribution checks' out-of-fold thresholds
+  artifacts/ood.json           the out-of-distribution checks' out-of-fold thresholds (lead CNN)
+  <cnn>/                       one folder per CNN, named as the roster names it (cnn: the ResNet-18,
+                               cnn_efficientnet_lite0, ...):
+  <cnn>/fold<k>.{pt,json}, <cnn>/oof_fold<k>.csv   fold models, their histories, their held-out rows
+  <cnn>/refit.pt, <cnn>/<cnn>.onnx   the served CNN (refit on all rows, or the fold ensemble) in ONNX
+  <cnn>/<cnn>.int8.onnx, <cnn>/quantization.json   the int8 graph and its out-of-fold gate
   models/<name>.pkl            level-2 models refit on all rows
   models/fold<k>/<name>.pkl    level-2 models of outer fold k (trained without it): the int8 gate's
                                served pipeline, out-of-fold
@@ -24,7 +26,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from training.config import FP32_GRAPH, INT8_GRAPH
+from training.config import graph_files
 
 
 @dataclass(frozen=True)
@@ -65,38 +67,13 @@ class RunLayout:
     def reference_predictions(self) -> Path:
         return self.artifacts / "reference_predictions.json"
 
-    @property
-    def cnn(self) -> Path:
-        return self.dir / "cnn"
-
-    def fold_model(self, k: int) -> Path:
-        return self.cnn / f"fold{k}.pt"
-
-    def fold_summary(self, k: int) -> Path:
-        return self.cnn / f"fold{k}.json"
-
-    def fold_oof(self, k: int) -> Path:
-        return self.cnn / f"oof_fold{k}.csv"
-
-    @property
-    def refit(self) -> Path:
-        return self.cnn / "refit.pt"
-
-    @property
-    def fp32_graph(self) -> Path:
-        return self.cnn / FP32_GRAPH
-
-    @property
-    def int8_graph(self) -> Path:
-        return self.cnn / INT8_GRAPH
-
-    @property
-    def quantization(self) -> Path:
-        return self.cnn / "quantization.json"
+    def cnn(self, name: str) -> CnnLayout:
+        """The folder of the CNN `name` (training.config.cnn_name)."""
+        return CnnLayout(self.dir / name, name)
 
     @property
     def ood_spec(self) -> Path:
-        return self.cnn / "ood.json"
+        return self.artifacts / "ood.json"
 
     @property
     def models(self) -> Path:
@@ -111,3 +88,36 @@ class RunLayout:
     @property
     def bundle(self) -> Path:
         return self.dir / "bundle"
+
+
+@dataclass(frozen=True)
+class CnnLayout:
+    """One CNN's folder of a run: its fold models, refit model, graphs and int8 gate."""
+
+    dir: Path
+    name: str
+
+    def fold_model(self, k: int) -> Path:
+        return self.dir / f"fold{k}.pt"
+
+    def fold_summary(self, k: int) -> Path:
+        return self.dir / f"fold{k}.json"
+
+    def fold_oof(self, k: int) -> Path:
+        return self.dir / f"oof_fold{k}.csv"
+
+    @property
+    def refit(self) -> Path:
+        return self.dir / "refit.pt"
+
+    @property
+    def fp32_graph(self) -> Path:
+        return self.dir / graph_files(self.name)[0]
+
+    @property
+    def int8_graph(self) -> Path:
+        return self.dir / graph_files(self.name)[1]
+
+    @property
+    def quantization(self) -> Path:
+        return self.dir / "quantization.json"

@@ -13,7 +13,7 @@ from service.api.logs import printable
 from service.api.settings import Settings
 from service.core.explain import COLOUR_SCALE
 from service.core.lesions import combine_by_group
-from service.core.manifest import Manifest, without_paths
+from service.core.manifest import CnnModel, Manifest, without_paths
 from service.core.metadata import MetadataError
 from service.core.ood import IMAGE_CHECK
 from service.core.predictor import Explanation, Prediction, Predictor
@@ -344,6 +344,22 @@ def problem_responses(codes: dict[int, str]) -> dict[int | str, dict]:
     }
 
 
+def cnn_info(predictor: Predictor, cnn: CnnModel) -> dict:
+    """One CNN as GET /model shows it."""
+    return {
+        "name": cnn.name,
+        "architecture": cnn.architecture,
+        "weights": cnn.weights,
+        "weights_source": cnn.weights_source,
+        "weights_sha256": cnn.weights_sha256,
+        "file": predictor.cnn_files[cnn.name],
+        "precision": predictor.cnn_precision(cnn),
+        "members": cnn.members,
+        "tta": cnn.tta,
+        "quantization": cnn.quantization.model_dump() if cnn.quantization else None,
+    }
+
+
 class ModelInfo(BaseModel):
     bundle_id: str
     created_at: str
@@ -361,7 +377,11 @@ class ModelInfo(BaseModel):
     )
     lesion_rule: str = Field(description="how /predict/batch combines a lesion's images (lesion_ids): mean or log_mean")
     lesion_rule_choice: dict | None = Field(description="how the lesion rule was chosen, out-of-fold")
-    cnn: dict = Field(description="the CNN graph this worker runs: file, precision, fold models, TTA, the int8 gate")
+    cnn: dict = Field(description="the lead CNN (heatmaps, OOD score): as each of `cnns`")
+    cnns: list[dict] = Field(
+        description="every CNN graph this worker runs: name, architecture, initial weights (source, sha256), file, "
+        "precision, fold models, TTA, the int8 gate"
+    )
     metrics: dict = Field(description="cross-validated (out-of-fold) metrics per model")
     metric_intervals: dict = Field(description="their 95% lesion-bootstrap intervals, [low, high]")
     training: dict
@@ -389,13 +409,8 @@ class ModelInfo(BaseModel):
             served_choice=m.served_choice.model_dump() if m.served_choice else None,
             lesion_rule=m.lesion_rule,
             lesion_rule_choice=m.lesion_rule_choice.model_dump() if m.lesion_rule_choice else None,
-            cnn={
-                "file": predictor.cnn_file,
-                "precision": predictor.cnn_precision,
-                "members": m.cnn.members,
-                "tta": m.cnn.tta,
-                "quantization": m.cnn.quantization.model_dump() if m.cnn.quantization else None,
-            },
+            cnn=cnn_info(predictor, m.cnn),
+            cnns=[cnn_info(predictor, c) for c in m.cnns],
             metrics=m.metrics,
             metric_intervals=m.metric_intervals,
             training=without_paths(m.training),

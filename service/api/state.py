@@ -71,7 +71,7 @@ class ModelState:
         log.info(
             "model %s loaded and warmed up (%s, threads: %s)",
             bundle_id,
-            predictor.cnn_file,
+            ", ".join(predictor.cnn_files.values()),
             budget,
             extra={"bundle_id": bundle_id},
         )

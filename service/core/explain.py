@@ -18,7 +18,7 @@ from PIL import Image
 
 from service.core.features import FeatureSpec
 
-GROUPS = {"cnn_p_": "image", "age": "age", "sex_": "sex", "site_": "site", "img_": "colour"}  # image: the CNN
+GROUPS = {"cnn": "image", "age": "age", "sex_": "sex", "site_": "site", "img_": "colour"}  # image: every CNN
 
 
 def feature_groups(spec: FeatureSpec) -> list[str]:

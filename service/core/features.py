@@ -21,8 +21,10 @@ EPS = 1e-6
 
 
 class FeatureSpec(BaseModel):
-    """The saved encoder: category lists, the accepted age range and the resulting column order."""
+    """The saved encoder: the CNNs whose probabilities come first, category lists, the accepted age
+    range and the resulting column order."""
 
+    cnns: list[str] = Field(["cnn"], min_length=1, description="the CNNs whose probabilities are features, in order")
     classes: list[str] = Field(labels.CLASSES, min_length=2)
     sexes: list[str] = Field(labels.SEXES, min_length=1)
     sites: list[str] = Field(labels.SITES, min_length=1)
@@ -33,7 +35,7 @@ class FeatureSpec(BaseModel):
     def _consistent(self) -> FeatureSpec:
         if self.age_min > self.age_max:
             raise ValueError(f"age_min {self.age_min} is above age_max {self.age_max}")
-        for name in ("classes", "sexes", "sites"):
+        for name in ("cnns", "classes", "sexes", "sites"):
             values = getattr(self, name)
             if len(set(values)) != len(values):
                 raise ValueError(f"{name} repeat: {values}")
@@ -42,7 +44,7 @@ class FeatureSpec(BaseModel):
     @property
     def names(self) -> list[str]:
         return (
-            [f"cnn_p_{c}" for c in self.classes]
+            [f"{cnn}_p_{c}" for cnn in self.cnns for c in self.classes]
             + ["age"]
             + [f"sex_{s}" for s in self.sexes]
             + [f"site_{s.replace(' ', '_')}" for s in self.sites]
@@ -78,12 +80,16 @@ def encode_metadata(meta: Sequence[ClinicalMetadata], spec: FeatureSpec) -> np.n
 
 
 def build_features(
-    cnn_probs: np.ndarray, meta: Sequence[ClinicalMetadata], stats: np.ndarray, spec: FeatureSpec
+    cnn_probs: Mapping[str, np.ndarray], meta: Sequence[ClinicalMetadata], stats: np.ndarray, spec: FeatureSpec
 ) -> np.ndarray:
-    """The boosters' input, columns in `spec.names` order."""
-    if cnn_probs.shape[1] != len(spec.classes):
-        raise ValueError(f"CNN gives {cnn_probs.shape[1]} classes, the feature encoder expects {len(spec.classes)}")
-    return np.concatenate([cnn_probs.astype(np.float32), encode_metadata(meta, spec), stats.astype(np.float32)], axis=1)
+    """The boosters' input, columns in `spec.names` order: each CNN's probabilities (by name)."""
+    for name in spec.cnns:
+        if cnn_probs[name].shape[1] != len(spec.classes):
+            raise ValueError(
+                f"CNN {name} gives {cnn_probs[name].shape[1]} classes, the feature encoder expects {len(spec.classes)}"
+            )
+    blocks = [cnn_probs[name].astype(np.float32) for name in spec.cnns]
+    return np.concatenate([*blocks, encode_metadata(meta, spec), stats.astype(np.float32)], axis=1)
 
 
 def stack_inputs(probs: Mapping[str, np.ndarray], level1: Sequence[str]) -> np.ndarray:

@@ -21,8 +21,8 @@ from service.core.signing import MANIFEST_NAME, SIGNATURE_NAME
 
 TRAINING_IMAGES = "training_images.csv"  # the bundle's list of its training images (image_id, lesion_id)
 
-FORMAT_VERSION = 4  # 4: explanation outputs, OOD score, class prior and temperature, model card
-READABLE_VERSIONS = (2, 3, 4)  # older manifests are valid version 4 ones (no explanations, OOD score or card)
+FORMAT_VERSION = 5  # 5: several CNNs (`cnns`); 4: explanation outputs, OOD score, class prior and temperature, card
+READABLE_VERSIONS = (2, 3, 4, 5)  # older manifests name one `cnn` (and may lack explanations, OOD score or card)
 MODEL_CARD = "MODEL_CARD.md"
 
 
@@ -107,6 +107,9 @@ class CnnModel(ModelFile):
     output_name: str = Field(description="ONNX output: class probabilities")
     members: int = Field(ge=1, description="models averaged inside the graph (1: the refit model)")
     architecture: str
+    weights: str | None = Field(None, description="its initialisation: imagenet, none, or a weights file's name")
+    weights_source: str | None = Field(None, description="where the initial weights came from, in words")
+    weights_sha256: str | None = Field(None, description="sha256 of the initial weights file, when there was one")
     training_precision: str = Field(description="autocast used while training")
     precision: Literal["fp32", "int8"] = Field("fp32", description="weights and activations of `file`")
     fp32_file: str | None = Field(None, description="the fp32 graph, when an int8 `file` is served beside it")
@@ -150,7 +153,9 @@ class Manifest(BaseModel):
     malignant_classes: list[str]
     preprocessing: ImageSpec
     features: FeatureSpec = Field(description="the feature encoder; also the metadata a request may carry")
-    cnn: CnnModel
+    cnns: list[CnnModel] = Field(
+        min_length=1, description="the CNNs, each a level-1 model; the first (the lead) draws heatmaps and scores OOD"
+    )
     boosters: list[ModelFile] = Field(description="level-1 models on features, in the order the stack reads them")
     soft_vote: str = Field(description="name of the level-1 models' average")
     stack: ModelFile = Field(description="the meta-learner over the level-1 models' log-probabilities")
@@ -183,10 +188,23 @@ class Manifest(BaseModel):
     )
     training: dict = Field(default_factory=dict, description="run configuration and data summary")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _one_cnn_before_version_5(cls, data: object) -> object:
+        """Bundles before version 5 name their one CNN `cnn`."""
+        if isinstance(data, dict) and "cnn" in data and "cnns" not in data:
+            data = {k: v for k, v in data.items() if k != "cnn"} | {"cnns": [data["cnn"]]}
+        return data
+
+    @property
+    def cnn(self) -> CnnModel:
+        """The lead CNN: its graph draws the heatmaps and gives the out-of-distribution score."""
+        return self.cnns[0]
+
     @property
     def level1(self) -> list[str]:
         """Models whose probabilities the soft vote averages and the stack stacks, in order."""
-        return [self.cnn.name] + [b.name for b in self.boosters]
+        return [c.name for c in self.cnns] + [b.name for b in self.boosters]
 
     @property
     def components(self) -> list[str]:
@@ -195,7 +213,7 @@ class Manifest(BaseModel):
 
     @property
     def model_files(self) -> list[ModelFile]:
-        return [self.cnn, *self.boosters, self.stack]
+        return [*self.cnns, *self.boosters, self.stack]
 
     @property
     def required_libraries(self) -> list[str]:
@@ -205,6 +223,8 @@ class Manifest(BaseModel):
     def _classes_are_consistent(self) -> Manifest:
         if self.features.classes != self.classes:
             raise ValueError(f"features.classes {self.features.classes} differ from classes {self.classes}")
+        if self.features.cnns != [c.name for c in self.cnns]:
+            raise ValueError(f"features.cnns {self.features.cnns} differ from the CNNs {[c.name for c in self.cnns]}")
         if sorted(set(self.classes) - set(self.class_names)):
             raise ValueError(f"class_names lacks {sorted(set(self.classes) - set(self.class_names))}")
         if not set(self.malignant_classes) <= set(self.classes):
@@ -230,18 +250,19 @@ class Manifest(BaseModel):
         for f in self.files:
             if not f or f in (".", "..") or any(c in f for c in "/\\\x00") or f in (MANIFEST_NAME, SIGNATURE_NAME):
                 raise ValueError(f"file name {f!r} is not a plain name inside the bundle")
-        used = [m.file for m in self.model_files] + self.cnn.files[1:]
+        used = [m.file for m in self.model_files] + [f for c in self.cnns for f in c.files[1:]]
         extras = [self.training_images, self.model_card, *([self.ood.file, self.ood.image_file] if self.ood else [])]
         listed = used + [f for f in extras if f]
         for f in listed:
             if f not in self.files:
                 raise ValueError(f"bundle file {f!r} is not among the hashed files")
-        if self.cnn.fp32_file and self.cnn.precision != "int8":
-            raise ValueError("cnn.fp32_file is only for an int8 cnn.file")
+        for cnn in self.cnns:
+            if cnn.fp32_file and cnn.precision != "int8":
+                raise ValueError(f"{cnn.name}: fp32_file is only for an int8 file")
+            if cnn.precision == "int8" and not (cnn.quantization and cnn.quantization.passed):
+                raise ValueError(f"{cnn.name}: an int8 file needs a passed quantization gate in the manifest")
         if len(set(used)) != len(used):
             raise ValueError(f"model files repeat: {used}")
-        if self.cnn.precision == "int8" and not (self.cnn.quantization and self.cnn.quantization.passed):
-            raise ValueError("an int8 cnn.file needs a passed quantization gate in the manifest")
         unused = sorted(set(self.files) - set(listed))
         if unused:
             raise ValueError(f"hashed files {unused} belong to no model: the roster and the file list must agree")

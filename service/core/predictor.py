@@ -20,7 +20,7 @@ from service.core.errors import PriorError
 from service.core.explain import feature_groups, group_attributions, heatmap_pngs, tree_shap
 from service.core.features import build_features, image_stats, soft_vote, stack_inputs
 from service.core.graph import CAM, EMBEDDING, LOGITS, OOD_OUTPUTS
-from service.core.manifest import Manifest
+from service.core.manifest import CnnModel, Manifest
 from service.core.metadata import ClinicalMetadata, validate_metadata
 from service.core.ood import GaussianFit, image_statistics, mahalanobis, scores
 from service.core.preprocess import to_model_input
@@ -63,17 +63,35 @@ def read_fit(bundle_dir: Path, manifest: Manifest, file: str, n_classes: int) ->
         raise BundleError(f"{file} is not a valid out-of-distribution fit: {exc}") from None
 
 
-def cnn_graph(manifest: Manifest, precision: str) -> str:
+def cnn_graph(cnn: CnnModel, precision: str) -> str:
     """The bundle file of the CNN graph to serve."""
-    cnn = manifest.cnn
     if precision == "auto" or cnn.precision == "fp32":
         return cnn.file
     if cnn.fp32_file is None:
         raise BundleError(
-            "fp32 CNN asked for, but this bundle carries only its int8 graph "
+            f"fp32 CNN asked for, but this bundle carries only the int8 graph of {cnn.name} "
             "(train with --keep-fp32 to bundle both, or serve with cnn precision auto)"
         )
     return cnn.fp32_file
+
+
+def cnn_session(bundle_dir: Path, manifest: Manifest, cnn: CnnModel, file: str, opts: Any) -> Any:
+    """An onnxruntime session of one CNN graph, from the bytes whose sha256 was just checked, with
+    the inputs and outputs the manifest promises."""
+    import onnxruntime as ort
+
+    try:
+        session = ort.InferenceSession(
+            read_verified(bundle_dir, manifest, file), opts, providers=["CPUExecutionProvider"]
+        )
+    except Exception as exc:  # onnxruntime raises its own exception types
+        raise BundleError(f"cannot load {file}: {exc}") from None
+    names = {i.name for i in session.get_inputs()}, {o.name for o in session.get_outputs()}
+    if cnn.input_name not in names[0] or cnn.output_name not in names[1]:
+        raise BundleError(f"{file} has no input {cnn.input_name!r} / output {cnn.output_name!r}")
+    if set(cnn.explain_outputs) - names[1]:
+        raise BundleError(f"{file} lacks the outputs {sorted(set(cnn.explain_outputs) - names[1])}")
+    return session
 
 
 def probability_fn(model: Any, threads: int) -> Callable[[np.ndarray], np.ndarray]:
@@ -124,9 +142,9 @@ class Predictor:
         self,
         bundle_dir: Path,
         manifest: Manifest,
-        session: Any,
+        sessions: dict[str, Any],
         models: dict[str, Any],
-        cnn_file: str,
+        cnn_files: dict[str, str],
         model_threads: int = 1,
         gaussian: GaussianFit | None = None,
         model_card: str | None = None,
@@ -134,9 +152,9 @@ class Predictor:
     ) -> None:
         self.bundle_dir = bundle_dir
         self.manifest = manifest
-        self.session = session
+        self.sessions = sessions  # CNN name -> its onnxruntime session
         self.models = models
-        self.cnn_file = cnn_file  # the graph `session` runs
+        self.cnn_files = cnn_files  # CNN name -> the graph its session runs
         self.probabilities = {name: probability_fn(model, model_threads) for name, model in models.items()}
         self.gaussian = gaussian  # the Mahalanobis score's class means and precision
         self.image_fit = image_fit  # the image statistics' mean and precision
@@ -148,10 +166,9 @@ class Predictor:
             except PriorError:  # an unusable training prevalence: asking for it stays an error
                 pass
 
-    @property
-    def cnn_precision(self) -> str:
-        """Of the graph `session` runs: the manifest's CNN, or its fp32 graph."""
-        return self.manifest.cnn.precision if self.cnn_file == self.manifest.cnn.file else "fp32"
+    def cnn_precision(self, cnn: CnnModel) -> str:
+        """Of the graph a CNN's session runs: the manifest's file, or its fp32 graph."""
+        return cnn.precision if self.cnn_files[cnn.name] == cnn.file else "fp32"
 
     @classmethod
     def load(
@@ -175,26 +192,14 @@ class Predictor:
         bundle_dir = Path(bundle_dir).resolve()  # once: a `current` link switched mid-load cannot mix two bundles
         manifest = read_manifest(bundle_dir, public_key_pem)
         check_libraries(manifest)
-        cnn_file = cnn_graph(manifest, cnn_precision)
+        cnn_files = {c.name: cnn_graph(c, cnn_precision) for c in manifest.cnns}
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = intra_op_threads
         opts.inter_op_num_threads = inter_op_threads
         # no busy-waiting between runs: the CNN's idle threads spun on the cores that decode the next
         # requests (sample cpu bundle, 2 cores, hey: 8 clients 122 -> 140 requests/s, p50 at 1 client 12.2 -> 11.1 ms)
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        try:
-            session = ort.InferenceSession(
-                read_verified(bundle_dir, manifest, cnn_file), opts, providers=["CPUExecutionProvider"]
-            )
-        except Exception as exc:  # onnxruntime raises its own exception types
-            raise BundleError(f"cannot load {cnn_file}: {exc}") from None
-        names = {i.name for i in session.get_inputs()}, {o.name for o in session.get_outputs()}
-        if manifest.cnn.input_name not in names[0] or manifest.cnn.output_name not in names[1]:
-            raise BundleError(
-                f"{cnn_file} has no input {manifest.cnn.input_name!r} / output {manifest.cnn.output_name!r}"
-            )
-        if set(manifest.cnn.explain_outputs) - names[1]:
-            raise BundleError(f"{cnn_file} lacks the outputs {sorted(set(manifest.cnn.explain_outputs) - names[1])}")
+        sessions = {c.name: cnn_session(bundle_dir, manifest, c, cnn_files[c.name], opts) for c in manifest.cnns}
         ood = manifest.ood
         gaussian = image_fit = None
         if ood is not None and ood.method == "mahalanobis":
@@ -206,7 +211,7 @@ class Predictor:
             for m in [*manifest.boosters, manifest.stack]
         }
         card = read_verified(bundle_dir, manifest, manifest.model_card).decode() if manifest.model_card else None
-        return cls(bundle_dir, manifest, session, models, cnn_file, model_threads, gaussian, card, image_fit)
+        return cls(bundle_dir, manifest, sessions, models, cnn_files, model_threads, gaussian, card, image_fit)
 
     def warm_up(self) -> None:
         """One prediction on a grey image, checked: every model gives one finite probability per
@@ -229,16 +234,25 @@ class Predictor:
         if self.image_fit is not None and not (pred.image_ood_score is not None and np.isfinite(pred.image_ood_score)):
             raise BundleError("the image-statistics out-of-distribution score is not a finite number")
 
-    def cnn_outputs(self, images: np.ndarray, extra: Sequence[str] = ()) -> dict[str, np.ndarray]:
-        """uint8 images (N,H,W,3) -> the graph's 'probabilities' (N,C) and the `extra` outputs asked for."""
-        cnn = self.manifest.cnn
+    def cnn_outputs(
+        self, images: np.ndarray, extra: Sequence[str] = ()
+    ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+        """uint8 images (N,H,W,3) -> each CNN's class probabilities (N,C) by name, and the lead CNN's
+        `extra` outputs asked for (heatmaps, embedding, logits) by output name. Each graph runs once,
+        on one copy of the model input."""
         x = to_model_input(images, self.manifest.preprocessing)
-        names = [cnn.output_name, *extra]
-        return {n: v.astype(np.float64) for n, v in zip(names, self.session.run(names, {cnn.input_name: x}))}
+        probs: dict[str, np.ndarray] = {}
+        lead: dict[str, np.ndarray] = {}
+        for i, cnn in enumerate(self.manifest.cnns):
+            names = [cnn.output_name, *(extra if i == 0 else ())]
+            out = self.sessions[cnn.name].run(names, {cnn.input_name: x})
+            probs[cnn.name] = out[0].astype(np.float64)
+            lead = {n: v.astype(np.float64) for n, v in zip(names[1:], out[1:])} if i == 0 else lead
+        return probs, lead
 
-    def cnn_probs(self, images: np.ndarray) -> np.ndarray:
-        """uint8 images (N,H,W,3) -> the CNN's class probabilities (N,C)."""
-        return self.cnn_outputs(images)[self.manifest.cnn.output_name]
+    def cnn_probs(self, images: np.ndarray) -> dict[str, np.ndarray]:
+        """uint8 images (N,H,W,3) -> each CNN's class probabilities (N,C), by name."""
+        return self.cnn_outputs(images)[0]
 
     def prior(self, prior: str | Mapping[str, float] | None) -> tuple[np.ndarray, float] | None:
         """A request's prior (None: the bundle's default) -> (prior vector, temperature), or None when
@@ -252,7 +266,10 @@ class Predictor:
         return None if np.allclose(vec, 1.0 / len(vec)) else (vec, m.temperature)
 
     def predict_components(
-        self, images: np.ndarray, metadata: Sequence[MetadataLike], cnn_probs: np.ndarray | None = None
+        self,
+        images: np.ndarray,
+        metadata: Sequence[MetadataLike],
+        cnn_probs: Mapping[str, np.ndarray] | None = None,
     ) -> dict[str, np.ndarray]:
         """Every model's probabilities for a batch: name -> (N,C). Raises MetadataError for bad metadata."""
         m = self.manifest
@@ -262,7 +279,7 @@ class Predictor:
         if cnn_probs is None:
             cnn_probs = self.cnn_probs(images)
         feats = build_features(cnn_probs, meta, image_stats(images), m.features)
-        probs = {m.cnn.name: cnn_probs}
+        probs = dict(cnn_probs)
         for booster in m.boosters:
             probs[booster.name] = self.probabilities[booster.name](feats).astype(np.float64)
         probs[m.soft_vote] = soft_vote(probs, m.level1)
@@ -272,8 +289,8 @@ class Predictor:
     def predict(self, images: np.ndarray, metadata: Sequence[MetadataLike]) -> list[Prediction]:
         """Every model's probabilities as trained (balanced prior) and the OOD score, per image."""
         ood = self.manifest.ood
-        outs = self.cnn_outputs(images, OOD_OUTPUTS if ood else ())
-        comps = self.predict_components(images, metadata, outs[self.manifest.cnn.output_name])
+        cnn_probs, outs = self.cnn_outputs(images, OOD_OUTPUTS if ood else ())
+        comps = self.predict_components(images, metadata, cnn_probs)
         none = [None] * len(images)
         score = scores(ood.method, outs[EMBEDDING], outs[LOGITS], self.gaussian) if ood else none
         image_score = none if self.image_fit is None else mahalanobis(image_statistics(images), self.image_fit)
@@ -293,9 +310,9 @@ class Predictor:
         m = self.manifest
         if not m.cnn.can_explain:
             raise BundleError("this bundle's CNN graph has no class activation maps; export it again to explain")
-        outs = self.cnn_outputs(images, [CAM])
+        cnn_probs, outs = self.cnn_outputs(images, [CAM])
         meta = [validate_metadata(v, m.features) for v in metadata]
-        feats = build_features(outs[m.cnn.output_name], meta, image_stats(images), m.features)
+        feats = build_features(cnn_probs, meta, image_stats(images), m.features)
         groups = feature_groups(m.features)
         shap = {b.name: tree_shap(self.models[b.name], feats) for b in m.boosters}
         out = []

@@ -1,4 +1,4 @@
-"""Stage 2: ResNet-18 per fold -> out-of-fold probabilities; the fold models become the served CNN.
+"""Stage 2: each CNN per fold -> out-of-fold probabilities; the fold models become the served CNN.
 
 Each fold trains on the other folds' lesions with augmentations for a fixed number of epochs and
 keeps the last one, as the refit model does. Its OOF probabilities come from that model, which
@@ -17,6 +17,7 @@ import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -29,11 +30,11 @@ from service.core import labels
 from service.core.preprocess import ImageSpec
 from training.cnn import distributed
 from training.cnn.batches import TrainBatches, augment_batch, eval_batch, normalise, train_augmentation
-from training.cnn.models import FoldEnsemble, build_resnet18
-from training.config import CNN, RunConfig
+from training.cnn.models import FoldEnsemble, build_model, freeze_stages, parameter_groups, resolve_weights
+from training.config import RunConfig, cnn_name
 from training.data.io import PROB_COLUMNS, atomic_write, atomic_write_csv, atomic_write_text, write_oof
 from training.errors import RunError
-from training.layout import RunLayout
+from training.layout import CnnLayout, RunLayout
 from training.run import Run
 
 
@@ -79,15 +80,26 @@ class FoldTraining:
     augment: nn.Module
     device: torch.device
     amp_dtype: torch.dtype | None
+    frozen: list[nn.Module] = field(default_factory=list)  # stages kept in eval mode with their weights
     state: dict = field(default_factory=lambda: {"epoch": 0, "history": []})
 
 
-def build_fold(k: int, cfg: RunConfig, images: np.ndarray, y: np.ndarray, train_rows: np.ndarray) -> FoldTraining:
-    """Model, weighted loss, AdamW, the training rows' batches on the device, one-cycle schedule."""
+def build_fold(
+    k: int, cfg: RunConfig, arch: str, images: np.ndarray, y: np.ndarray, train_rows: np.ndarray
+) -> FoldTraining:
+    """Model, weighted loss, AdamW, the training rows' batches on the device, one-cycle schedule.
+
+    A pretrained model is fine-tuned: its first `cfg.freeze_stages` stages frozen, its backbone at
+    `cfg.backbone_lr_scale` times the head's learning rate (one-cycle warms both up)."""
     device, amp_dtype = device_and_dtype(cfg.precision)
     torch.manual_seed(cfg.seed + k)
     n_classes = len(labels.CLASSES)
-    model = build_resnet18(n_classes, cfg.weights).to(device).to(memory_format=torch.channels_last)
+    model = build_model(arch, n_classes, cfg.weights).to(device).to(memory_format=torch.channels_last)
+    frozen: list[nn.Module] = []
+    groups: list[dict[str, Any]] = [{"params": list(model.parameters()), "lr": cfg.lr}]
+    if resolve_weights(arch, cfg.weights) != "none":
+        frozen = freeze_stages(model, cfg.freeze_stages)
+        groups = parameter_groups(model, cfg.lr, cfg.backbone_lr_scale)
     if cfg.compile:
         model.compile()  # in place: state_dict keys, checkpoints and export stay those of the plain model
     net, rank, world = model, distributed.rank(), distributed.world_size()
@@ -97,12 +109,13 @@ def build_fold(k: int, cfg: RunConfig, images: np.ndarray, y: np.ndarray, train_
     loss_fn = nn.CrossEntropyLoss(
         weight=class_weights(y[train_rows], n_classes).to(device), label_smoothing=cfg.label_smoothing
     )
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    opt = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
     batches = TrainBatches(images[train_rows], y[train_rows], cfg.batch_size, device, cfg.seed + k, rank, world)
     steps = cfg.epochs * len(batches)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=steps, pct_start=0.2)
+    max_lr = [float(g["lr"]) for g in groups]
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=max_lr, total_steps=steps, pct_start=0.2)
     augment = train_augmentation().to(device)
-    return FoldTraining(k, model, net, loss_fn, opt, sched, batches, augment, device, amp_dtype)
+    return FoldTraining(k, model, net, loss_fn, opt, sched, batches, augment, device, amp_dtype, frozen)
 
 
 def save_checkpoint(t: FoldTraining, path: Path) -> None:
@@ -139,6 +152,8 @@ def train_one_epoch(t: FoldTraining, spec: ImageSpec, desc: str) -> tuple[float,
     The loss is summed on the device and read every 20 steps: reading it each step would make a
     GPU wait for every batch."""
     t.net.train()
+    for module in t.frozen:  # frozen stages keep their batch-norm statistics too
+        module.eval()
     start, seen, total_loss = time.perf_counter(), 0, torch.zeros((), device=t.device)
     bar = tqdm(t.batches, desc=desc, unit="batch", leave=False, disable=None)
     for step, (xb, yb) in enumerate(bar):
@@ -168,7 +183,7 @@ def evaluate(
 
 
 def write_fold_outputs(
-    t: FoldTraining, images: np.ndarray, val_rows: np.ndarray, spec: ImageSpec, tta: bool, paths: RunLayout
+    t: FoldTraining, images: np.ndarray, val_rows: np.ndarray, spec: ImageSpec, tta: bool, paths: CnnLayout
 ) -> dict:
     """The last epoch's OOF rows, the fold summary, and its weights last (fold<k>.pt marks the fold done)."""
     k, state = t.k, t.state
@@ -188,25 +203,32 @@ def write_fold_outputs(
 
 
 def train_fold(
-    k: int, cfg: RunConfig, images: np.ndarray, y: np.ndarray, fold: np.ndarray, paths: RunLayout, log=print
+    k: int,
+    cfg: RunConfig,
+    arch: str,
+    images: np.ndarray,
+    y: np.ndarray,
+    fold: np.ndarray,
+    paths: CnnLayout,
+    log=print,
 ) -> dict:
     """Train fold k on the other folds, keep its last epoch, write its OOF rows; returns its summary."""
     spec = cfg.image_spec()
     train_rows, val_rows = np.flatnonzero(fold != k), np.flatnonzero(fold == k)
-    t = build_fold(k, cfg, images, y, train_rows)
+    t = build_fold(k, cfg, arch, images, y, train_rows)
     val_images = torch.from_numpy(images[val_rows]).to(t.device).permute(0, 3, 1, 2)
     ckpt_path = paths.fold_model(k).with_suffix(".ckpt")
     if ckpt_path.exists():
         load_checkpoint(t, ckpt_path)
         log(f"fold {k}: resuming after epoch {t.state['epoch']}")
     for epoch in range(t.state["epoch"] + 1, cfg.epochs + 1):
-        train_loss, ips = train_one_epoch(t, spec, desc=f"fold {k} epoch {epoch}/{cfg.epochs}")
+        train_loss, ips = train_one_epoch(t, spec, desc=f"{paths.name} fold {k} epoch {epoch}/{cfg.epochs}")
         bmca, vloss = evaluate(t.model, val_images, y[val_rows], spec, cfg.tta)
         t.state["history"].append(
             dict(epoch=epoch, train_loss=train_loss, val_bmca=bmca, val_log_loss=vloss, train_images_per_s=ips)
         )
         log(
-            f"fold {k} epoch {epoch}: train loss {train_loss:.3f}, val BMCA {bmca:.3f}, "
+            f"{paths.name} fold {k} epoch {epoch}: train loss {train_loss:.3f}, val BMCA {bmca:.3f}, "
             f"val log loss {vloss:.3f}, {ips:.0f} train img/s"
         )
         t.state["epoch"] = epoch
@@ -222,44 +244,54 @@ def train_fold(
     return summary
 
 
-def train_refit(cfg: RunConfig, images: np.ndarray, y: np.ndarray, rows: np.ndarray, log=print) -> nn.Module:
+def train_refit(cfg: RunConfig, arch: str, images: np.ndarray, y: np.ndarray, rows: np.ndarray, log=print) -> nn.Module:
     """One model on all `rows` with the folds' recipe (cfg.epochs, the same one-cycle schedule),
     keeping the last epoch, as the fold models do."""
     spec = cfg.image_spec()
-    t = build_fold(cfg.folds, cfg, images, y, rows)  # seed cfg.seed + folds: unlike any fold model's
+    t = build_fold(cfg.folds, cfg, arch, images, y, rows)  # seed cfg.seed + folds: unlike any fold model's
     for epoch in range(1, cfg.epochs + 1):
-        loss, ips = train_one_epoch(t, spec, desc=f"refit epoch {epoch}/{cfg.epochs}")
-        log(f"refit epoch {epoch}: train loss {loss:.3f}, {ips:.0f} train img/s")
+        loss, ips = train_one_epoch(t, spec, desc=f"{cnn_name(arch)} refit epoch {epoch}/{cfg.epochs}")
+        log(f"{cnn_name(arch)} refit epoch {epoch}: train loss {loss:.3f}, {ips:.0f} train img/s")
     return t.model.float().eval().cpu()
 
 
-def served_members(run: Run) -> list[nn.Module]:
+def served_members(run: Run, arch: str) -> list[nn.Module]:
     """The CNN the bundle serves, loaded: the model refit on every row (cnn/refit.pt, which the
     export stage trains), or with --served-cnn ensemble the fold models, averaged in the graph. The
     fold models always give the out-of-fold predictions the boosters and the report use."""
+    paths = run.paths.cnn(cnn_name(arch))
     if run.cfg.served_cnn == "ensemble":
-        return [load_fold_model(run.paths, k) for k in range(run.cfg.folds)]
-    path = run.paths.refit
-    if not path.exists():
-        raise RunError(f"{path} is missing: run the export stage again (delete {run.paths.fp32_graph})")
-    model = build_resnet18(len(labels.CLASSES), "none")
+        return [load_fold_model(paths, arch, k) for k in range(run.cfg.folds)]
+    if not paths.refit.exists():
+        raise RunError(f"{paths.refit} is missing: run the export stage again (delete {paths.fp32_graph})")
+    return [load_model(arch, paths.refit)]
+
+
+def load_model(arch: str, path: Path) -> nn.Module:
+    model = build_model(arch, len(labels.CLASSES), "none")
     model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
-    return [model.eval()]
-
-
-def load_fold_model(paths: RunLayout, k: int) -> nn.Module:
-    model = build_resnet18(len(labels.CLASSES), "none")
-    model.load_state_dict(torch.load(paths.fold_model(k), map_location="cpu", weights_only=True))
     return model.eval()
 
 
+def load_fold_model(paths: CnnLayout, arch: str, k: int) -> nn.Module:
+    return load_model(arch, paths.fold_model(k))
+
+
 def run_cnn(
-    cfg: RunConfig, paths: RunLayout, table: pd.DataFrame, images: np.ndarray, log=print, only: int | None = None
+    cfg: RunConfig,
+    arch: str,
+    run_paths: RunLayout,
+    table: pd.DataFrame,
+    images: np.ndarray,
+    log=print,
+    only: int | None = None,
 ) -> pd.DataFrame | None:
-    """Train every unfinished fold (or only fold `only`), then, once every fold is done, write
-    artifacts/oof_cnn.csv and return the OOF table. Folds trained by separate processes (one per
-    pod of a cluster job) meet in the same run directory; the last one to finish writes the table."""
-    cnn_dir = paths.cnn
+    """Train every unfinished fold of CNN `arch` (or only fold `only`), then, once every fold is
+    done, write artifacts/oof_<cnn>.csv and return the OOF table. Folds trained by separate
+    processes (one per pod of a cluster job) meet in the same run directory; the last one to finish
+    writes the table."""
+    paths = run_paths.cnn(cnn_name(arch))
+    cnn_dir = paths.dir
     cnn_dir.mkdir(parents=True, exist_ok=True)
     y, fold = table.label.to_numpy(), table.fold.to_numpy()
     log = log if distributed.is_main() else (lambda m: None)
@@ -267,23 +299,23 @@ def run_cnn(
         log(f"torchrun: {distributed.world_size()} processes train each fold together")
     for k in range(cfg.folds) if only is None else [only]:
         if paths.fold_model(k).exists():
-            log(f"fold {k}: already trained, skipping")
+            log(f"{paths.name} fold {k}: already trained, skipping")
             if kept_best_epoch(paths, k):
                 log(f"warning: fold {k} {OLD_RULE}; delete {cnn_dir} to retrain it with the last epoch kept")
             continue
-        train_fold(k, cfg, images, y, fold, paths, log)
+        train_fold(k, cfg, arch, images, y, fold, paths, log)
     distributed.stop()  # not on an error: torchrun ends the other processes, a barrier could hang them
     if not distributed.is_main():
         return None
     waiting = [k for k in range(cfg.folds) if not paths.fold_model(k).exists()]
     if waiting:
-        log(f"fold {only} done; folds {', '.join(map(str, waiting))} still to train")
+        log(f"{paths.name} fold {only} done; folds {', '.join(map(str, waiting))} still to train")
         return None
 
     oof = pd.concat([pd.read_csv(paths.fold_oof(k)) for k in range(cfg.folds)]).sort_values("row")
     if len(oof) != len(table) or not (oof.row.to_numpy() == np.arange(len(table))).all():
         raise RunError(f"{cnn_dir}: the folds' OOF rows do not cover the dataset once; delete {cnn_dir} and rerun")
-    path = paths.oof(CNN)
+    path = run_paths.oof(paths.name)
     write_oof(path, table, oof[PROB_COLUMNS].to_numpy())
     return pd.read_csv(path)
 
@@ -291,7 +323,7 @@ def run_cnn(
 OLD_RULE = "was trained before fold models kept their last epoch: its OOF rows come from its best validation epoch"
 
 
-def kept_best_epoch(paths: RunLayout, k: int) -> bool:
+def kept_best_epoch(paths: CnnLayout, k: int) -> bool:
     """True for a fold trained by an older version, which kept the epoch that scored best on the fold
     itself (its out-of-fold figures are slightly optimistic)."""
     return "best_epoch" in json.loads(paths.fold_summary(k).read_text())

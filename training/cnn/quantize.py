@@ -61,14 +61,20 @@ def first_convolution(graph: onnx.GraphProto) -> list[str]:
     return [next(n.name for n in graph.node if n.op_type == "Conv")]
 
 
+# how exported node names show a stage (its pattern, and its name given the number): torchvision's
+# ResNet, timm's EfficientNet
+STAGE_NAMES = ((r"/layer(\d+)/", "/layer{}/"), (r"/blocks\.(\d+)/", "/blocks.{}/"))
+
+
 def last_block(graph: onnx.GraphProto) -> list[str]:
-    """The nodes of the last residual stage (torchvision's ResNet names them /layer4/...) and the
-    pooling that reads it; the last convolution when the graph has no such stages."""
-    stages = {int(m.group(1)) for n in graph.node if (m := re.search(r"/layer(\d+)/", n.name))}
-    if not stages:
-        return [[n.name for n in graph.node if n.op_type == "Conv"][-1]]
-    last = f"/layer{max(stages)}/"
-    return [n.name for n in graph.node if last in n.name or n.op_type == "GlobalAveragePool"]
+    """The nodes of the last stage (torchvision's ResNet names them /layer4/..., timm's EfficientNet
+    /blocks.6/...) and the pooling that reads it; the last convolution when the graph has no such stages."""
+    for pattern, name in STAGE_NAMES:
+        stages = {int(m.group(1)) for n in graph.node if (m := re.search(pattern, n.name))}
+        if stages:
+            last = name.format(max(stages))
+            return [n.name for n in graph.node if last in n.name or n.op_type == "GlobalAveragePool"]
+    return [[n.name for n in graph.node if n.op_type == "Conv"][-1]]
 
 
 @dataclass(frozen=True)

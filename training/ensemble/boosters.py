@@ -9,7 +9,7 @@ The served boosters are refit on every row with the mean chosen number of rounds
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,7 +19,6 @@ from tqdm import tqdm
 
 from service.core import labels
 from service.core.features import FeatureSpec, build_features, image_stats
-from training.config import CNN
 from training.data.io import PROB_COLUMNS
 from training.errors import DataError
 from training.run import Run
@@ -156,12 +155,22 @@ BOOSTERS: dict[str, Booster] = {
 }
 
 
-def feature_matrix(run: Run, cnn_probs: np.ndarray | None = None) -> np.ndarray:
-    """The boosters' input for every row through the service's feature code: the CNN's out-of-fold
+def feature_spec(run: Run) -> FeatureSpec:
+    """The run's feature encoder: its CNNs' probabilities, then metadata and colour statistics."""
+    return FeatureSpec(cnns=run.cfg.cnns)
+
+
+def oof_cnn_probs(run: Run) -> dict[str, np.ndarray]:
+    """Every CNN's out-of-fold probabilities, by name."""
+    return {name: run.oof(name)[PROB_COLUMNS].to_numpy() for name in run.cfg.cnns}
+
+
+def feature_matrix(run: Run, cnn_probs: Mapping[str, np.ndarray] | None = None) -> np.ndarray:
+    """The boosters' input for every row through the service's feature code: the CNNs' out-of-fold
     probabilities (the training input), or the given ones (the int8 gate's)."""
     if cnn_probs is None:
-        cnn_probs = run.oof(CNN)[PROB_COLUMNS].to_numpy()
-    return build_features(cnn_probs, run.dataset.metadata(), image_stats(run.images), FeatureSpec())
+        cnn_probs = oof_cnn_probs(run)
+    return build_features(cnn_probs, run.dataset.metadata(), image_stats(run.images), feature_spec(run))
 
 
 def inner_split(fold: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:

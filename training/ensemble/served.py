@@ -17,16 +17,21 @@ from typing import Any
 import numpy as np
 
 from service.core.features import soft_vote, stack_inputs
-from training.config import CNN, SOFT_VOTE, STACK
+from training.config import SOFT_VOTE, STACK
+from training.data.io import PROB_COLUMNS
 from training.ensemble.boosters import feature_matrix
 from training.run import Run
 
 
 def level2_answers(
-    features: np.ndarray, cnn_probs: np.ndarray, boosters: Mapping[str, Any], stack: Any, level1: Sequence[str]
+    features: np.ndarray,
+    cnn_probs: Mapping[str, np.ndarray],
+    boosters: Mapping[str, Any],
+    stack: Any,
+    level1: Sequence[str],
 ) -> dict[str, np.ndarray]:
-    """Every model's probabilities for rows with these booster features and CNN probabilities."""
-    probs = {CNN: cnn_probs, **{name: model.predict_proba(features) for name, model in boosters.items()}}
+    """Every model's probabilities for rows with these booster features and CNNs' probabilities."""
+    probs = {**cnn_probs, **{name: model.predict_proba(features) for name, model in boosters.items()}}
     probs[SOFT_VOTE] = soft_vote(probs, level1)
     probs[STACK] = stack.predict_proba(stack_inputs(probs, level1))
     return probs
@@ -36,24 +41,28 @@ def load(path: Path) -> Any:
     return pickle.loads(path.read_bytes())
 
 
-def oof_answers(run: Run, cnn_probs: np.ndarray) -> dict[str, np.ndarray]:
+def oof_answers(run: Run, cnn_probs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Each row's answers from the level-2 models of the outer fold that never saw its lesion.
 
-    Given the CNN's out-of-fold probabilities, this reproduces artifacts/oof_<model>.csv."""
+    Given the CNNs' out-of-fold probabilities (by name), this reproduces artifacts/oof_<model>.csv."""
     x, fold = feature_matrix(run, cnn_probs), run.table.fold.to_numpy()
-    out = {m: np.zeros_like(cnn_probs) for m in run.cfg.components}
+    out = {m: np.zeros((len(fold), len(PROB_COLUMNS))) for m in run.cfg.components}
     for k in range(run.cfg.folds):
         rows = fold == k
         boosters = {b: load(run.paths.fold_level2(b, k)) for b in run.cfg.boosters}
         stack = load(run.paths.fold_level2(STACK, k))
-        for m, p in level2_answers(x[rows], cnn_probs[rows], boosters, stack, run.cfg.level1).items():
+        cnns = {name: p[rows] for name, p in cnn_probs.items()}
+        for m, p in level2_answers(x[rows], cnns, boosters, stack, run.cfg.level1).items():
             out[m][rows] = p
     return out
 
 
-def refit_answers(run: Run, cnn_probs: np.ndarray, rows: np.ndarray | None = None) -> dict[str, np.ndarray]:
+def refit_answers(
+    run: Run, cnn_probs: Mapping[str, np.ndarray], rows: np.ndarray | None = None
+) -> dict[str, np.ndarray]:
     """The served level-2 models' answers for `rows` (default: all) given every row's CNN probabilities."""
     x = feature_matrix(run, cnn_probs)
     pick = slice(None) if rows is None else rows
     boosters = {b: load(run.paths.model(b)) for b in run.cfg.boosters}
-    return level2_answers(x[pick], cnn_probs[pick], boosters, load(run.paths.model(STACK)), run.cfg.level1)
+    cnns = {name: p[pick] for name, p in cnn_probs.items()}
+    return level2_answers(x[pick], cnns, boosters, load(run.paths.model(STACK)), run.cfg.level1)

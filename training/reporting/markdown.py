@@ -148,14 +148,13 @@ def markdown(report: dict) -> str:
     tta = " (8 dihedral views averaged, in validation, out-of-fold predictions and the served graph)"
     lines += [
         "",
-        f"The CNN row is the fold models' out-of-fold predictions{tta if report['config'].get('tta') else ''}; "
-        f"the bundle serves the {served} CNN.",
+        f"Each CNN row is its fold models' out-of-fold predictions{tta if report['config'].get('tta') else ''}; "
+        f"the bundle serves the {served} model of each.",
     ]
     if "selection" in report:
         lines += ["", *selection_lines(report)]
-    gate = report.get("int8_gate")
-    if gate:
-        lines += ["", *gate_lines(gate)]
+    for name, gate in report.get("int8_gates", {}).items():
+        lines += ["", f"`{name}`: " + gate_lines(gate)[0], *gate_lines(gate)[1:]]
     if "lesion_level" in report:
         lines += ["", *lesion_lines(report)]
     if "per_class" in report:

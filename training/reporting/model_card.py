@@ -21,12 +21,27 @@ from training.run import Run
 SERVED_NAMES = {"stack": "the stacked meta-learner", "soft_vote": "the soft vote (the level-1 models' mean)"}
 
 
-def model_card(run: Run, cnn: CnnModel, boosters: list[ModelFile]) -> str:
+ARCH_NAMES = {"resnet18": "ResNet-18", "efficientnet_lite0": "EfficientNet-Lite0"}
+
+
+def cnn_line(cnn: CnnModel) -> str:
+    """One CNN in words: architecture, initial weights and their source, served precision."""
+    sha = f" (sha256 `{cnn.weights_sha256[:16]}…`)" if cnn.weights_sha256 else ""
+    return (
+        f"- `{cnn.name}`: {ARCH_NAMES.get(cnn.architecture, cnn.architecture)}, initialised from "
+        f"{cnn.weights_source or cnn.weights or 'an unrecorded source'}{sha}; served {cnn.precision}"
+        + (", 8-view test-time augmentation" if cnn.tta else "")
+    )
+
+
+def model_card(run: Run, cnns: list[CnnModel], boosters: list[ModelFile]) -> str:
     report = json.loads(run.paths.report_json.read_text())
     data, cfg = report["data"], run.cfg
     synthetic = bool(data.get("synthetic"))
     counts = ", ".join(f"{c} {n}" for c, n in data["class_counts"].items())
-    lines = ["# Model card: skin-lesion classifier (ResNet-18 + boosters + soft vote and stacked meta-learner)", ""]
+    archs = " + ".join(ARCH_NAMES.get(c.architecture, c.architecture) for c in cnns)
+    cnn = cnns[0]  # the lead: heatmaps and the OOD score
+    lines = [f"# Model card: skin-lesion classifier ({archs} + boosters + soft vote and stacked meta-learner)", ""]
     if synthetic:
         lines += [
             "> **DEMO MODEL, trained on synthetic images.** It shows the plumbing; its answers say nothing about "
@@ -56,10 +71,13 @@ def model_card(run: Run, cnn: CnnModel, boosters: list[ModelFile]) -> str:
         "",
         "## Models",
         "",
-        f"ResNet-18 trained from the `{PurePath(cfg.weights).name}` initialisation at {cfg.image_size}x{cfg.image_height} for "
-        f"{cfg.epochs} epochs; served: the {cfg.served_cnn} CNN, {cnn.precision}"
-        + (", 8-view test-time augmentation" if cnn.tta else "")
-        + f". Boosters on CNN probabilities, age, sex, site and colour statistics: {', '.join(b.name for b in boosters)}. "
+        f"CNNs trained at {cfg.image_size}x{cfg.image_height} for {cfg.epochs} epochs (pretrained ones fine-tuned: "
+        f"backbone at {cfg.backbone_lr_scale:g}x the head's learning rate, {cfg.freeze_stages} first stages frozen); "
+        f"served: the {cfg.served_cnn} model of each:",
+        "",
+        *map(cnn_line, cnns),
+        "",
+        f"Boosters on every CNN's probabilities, age, sex, site and colour statistics: {', '.join(b.name for b in boosters)}. "
         f"Served answer: {SERVED_NAMES.get(report['served'], report['served'])}. Every model is trained with "
         "balanced class weights.",
         "",
@@ -85,7 +103,7 @@ def model_card(run: Run, cnn: CnnModel, boosters: list[ModelFile]) -> str:
         "## Out-of-distribution flag and image checks",
         "",
         (
-            f"Each answer carries an out-of-distribution score ({cfg.ood_method}, from the CNN's embedding or "
+            f"Each answer carries an out-of-distribution score ({cfg.ood_method}, from the `{cnn.name}` CNN's embedding or "
             f"logits); its threshold flags {cfg.ood_share:.0%} of held-out real training images by design. "
             if cnn.has_ood_outputs
             else "This bundle's CNN graph has no embedding output, so its answers carry no out-of-distribution score. "
@@ -94,8 +112,8 @@ def model_card(run: Run, cnn: CnnModel, boosters: list[ModelFile]) -> str:
         "",
         "## Known limits",
         "",
-        "- From-scratch training on one public dataset: accuracy is well below dermatologists' and the best "
-        "pretrained ISIC models; see the metrics above.",
+        "- Small CNNs at low resolution, trained on a CPU budget on one public dataset: accuracy is below "
+        "dermatologists' and the best ISIC models; see the metrics above.",
         "- Subgroups with few images have wide intervals; skin types and ages rare in HAM10000 are not measured.",
         "- Heatmaps are class activation maps at the CNN's last feature-map resolution (1/32 of the input): coarse, "
         "and they show what drove the CNN, not what is medically relevant.",

@@ -1,7 +1,7 @@
 """Stage 9, bundle: RUN_DIR/bundle/, the only thing the service loads.
 
 Written into a temporary folder and renamed into place, so a crash never leaves a half bundle.
-Its manifest is the roster of the run's models (the CNN, the chosen boosters, the soft vote and
+Its manifest is the roster of the run's models (the CNNs, the chosen boosters, the soft vote and
 the stack). Also writes artifacts/reference_predictions.json: what training itself computes for
 a few images (the fold ensemble in torch; the refit level-2 models on training's own feature
 rows), which the tests compare with the torch-free Predictor reading the bundle.
@@ -19,7 +19,6 @@ import numpy as np
 
 from service.core import labels
 from service.core.bundle import library_versions, sha256_file
-from service.core.features import FeatureSpec
 from service.core.graph import INPUT_NAME, OUTPUT_NAME
 from service.core.manifest import (
     MANIFEST_NAME,
@@ -36,9 +35,9 @@ from service.core.manifest import (
 from service.core.ood import OodSpec, fit_image_gaussian, image_statistics
 from service.core.predictor import Predictor
 from service.core.preprocess import to_model_input
-from training.config import CNN, FP32_GRAPH, INT8_GRAPH, SOFT_VOTE, STACK
+from training.config import SOFT_VOTE, STACK
 from training.data.io import PROB_COLUMNS, atomic_write_text
-from training.ensemble.boosters import BOOSTERS
+from training.ensemble.boosters import BOOSTERS, feature_spec, oof_cnn_probs
 from training.reporting.model_card import model_card
 from training.run import Run
 from training.stages import select
@@ -48,33 +47,45 @@ def outputs(run: Run) -> list[Path]:
     return [run.paths.bundle / MANIFEST_NAME]
 
 
-def roster(run: Run) -> tuple[CnnModel, list[ModelFile], ModelFile]:
-    """The run's models as the manifest lists them: CNN, boosters in stacking order, stack.
+def cnn_model(run: Run, arch: str, name: str) -> CnnModel:
+    """One CNN as the manifest lists it: its int8 graph when its out-of-fold gate passed (the fp32
+    graph rides along with --keep-fp32), else the fp32 graph; the gate's figures are recorded
+    either way, and where its initial weights came from."""
+    from training.cnn.models import weights_source
 
-    The CNN is the int8 graph when its out-of-fold gate passed (the fp32 graph rides along with
-    --keep-fp32), else the fp32 graph; the gate's figures are recorded either way."""
+    paths = run.paths.cnn(name)
     gate = None
     if run.cfg.int8:
-        gate = QuantizationGate.model_validate_json(run.paths.quantization.read_text())
+        gate = QuantizationGate.model_validate_json(paths.quantization.read_text())
     int8 = gate is not None and gate.passed
-    cnn = CnnModel(
-        name=CNN,
-        file=INT8_GRAPH if int8 else FP32_GRAPH,
+    source = weights_source(arch, run.cfg.weights)
+    return CnnModel(
+        name=name,
+        file=(paths.int8_graph if int8 else paths.fp32_graph).name,
         libraries=["numpy", "onnxruntime"],
         input_name=INPUT_NAME,
         output_name=OUTPUT_NAME,
         members=run.cfg.folds if run.cfg.served_cnn == "ensemble" else 1,
-        architecture="resnet18",
+        architecture=arch,
+        weights=source.weights,
+        weights_source=source.source,
+        weights_sha256=source.sha256,
         training_precision=run.cfg.precision,
         precision="int8" if int8 else "fp32",
-        fp32_file=FP32_GRAPH if int8 and run.cfg.keep_fp32 else None,
+        fp32_file=paths.fp32_graph.name if int8 and run.cfg.keep_fp32 else None,
         quantization=gate,
         tta=run.cfg.tta,
-        explain_outputs=graph_outputs(run.paths.int8_graph if int8 else run.paths.fp32_graph)[1:],
+        explain_outputs=graph_outputs(paths.int8_graph if int8 else paths.fp32_graph)[1:],
     )
+
+
+def roster(run: Run) -> tuple[list[CnnModel], list[ModelFile], ModelFile]:
+    """The run's models as the manifest lists them: the CNNs (the lead first), boosters in stacking
+    order, stack."""
+    cnns = [cnn_model(run, arch, name) for arch, name in zip(run.cfg.arch, run.cfg.cnns)]
     boosters = [ModelFile(name=b, file=f"{b}.pkl", libraries=list(BOOSTERS[b].libraries)) for b in run.cfg.boosters]
     stack = ModelFile(name=STACK, file=f"{STACK}.pkl", libraries=["numpy", "scikit-learn"])
-    return cnn, boosters, stack
+    return cnns, boosters, stack
 
 
 def graph_outputs(path: Path) -> list[str]:
@@ -83,7 +94,9 @@ def graph_outputs(path: Path) -> list[str]:
     return [o.name for o in onnx.load(str(path), load_external_data=False).graph.output]
 
 
-def build_manifest(run: Run, folder: Path, cnn: CnnModel, boosters: list[ModelFile], stack: ModelFile) -> Manifest:
+def build_manifest(
+    run: Run, folder: Path, cnns: list[CnnModel], boosters: list[ModelFile], stack: ModelFile
+) -> Manifest:
     report = json.loads(run.paths.report_json.read_text())
     selection = select.load(run)
     ood = OodSpec.model_validate_json(run.paths.ood_spec.read_text())
@@ -91,8 +104,10 @@ def build_manifest(run: Run, folder: Path, cnn: CnnModel, boosters: list[ModelFi
     files = {p.name: sha256_file(p) for p in sorted(folder.iterdir())}
     created = dt.datetime.now(dt.timezone.utc).replace(microsecond=0)
     synthetic = bool(report["data"].get("synthetic", False))
+    cnn = cnns[0]
+    archs = "-".join(run.cfg.arch)
     return Manifest(
-        bundle_id=f"{'demo-synthetic' if synthetic else 'ham'}-resnet18-{created:%Y%m%dT%H%M%SZ}-{files[cnn.file][:8]}",
+        bundle_id=f"{'demo-synthetic' if synthetic else 'ham'}-{archs}-{created:%Y%m%dT%H%M%SZ}-{files[cnn.file][:8]}",
         synthetic_data=synthetic,
         training_images=TRAINING_IMAGES,
         model_card=MODEL_CARD,
@@ -105,8 +120,8 @@ def build_manifest(run: Run, folder: Path, cnn: CnnModel, boosters: list[ModelFi
         class_names=labels.CLASS_NAMES,
         malignant_classes=labels.MALIGNANT_CLASSES,
         preprocessing=run.cfg.image_spec(),
-        features=FeatureSpec(),
-        cnn=cnn,
+        features=feature_spec(run),
+        cnns=cnns,
         boosters=boosters,
         soft_vote=SOFT_VOTE,
         stack=stack,
@@ -115,7 +130,7 @@ def build_manifest(run: Run, folder: Path, cnn: CnnModel, boosters: list[ModelFi
         lesion_rule=selection.lesion_rule.chosen,
         lesion_rule_choice=selection.lesion_rule,
         files=files,
-        library_versions=library_versions(libraries_of([cnn, *boosters, stack])),
+        library_versions=library_versions(libraries_of([*cnns, *boosters, stack])),
         monitoring=monitoring_reference(run, selection.combiner.chosen, ood.method if cnn.has_ood_outputs else None),
         metrics={m: {k: v["value"] for k, v in r.items()} for m, r in report["models"].items()},
         metric_intervals={m: {k: v["ci95"] for k, v in r.items()} for m, r in report["models"].items()},
@@ -149,11 +164,13 @@ def reference_predictions(run: Run, n: int = 8) -> dict:
     from training.ensemble.served import refit_answers
 
     idx = np.linspace(0, len(run.table) - 1, n).astype(int)
-    members = served_members(run)
     x = torch.from_numpy(to_model_input(run.images[idx], run.cfg.image_spec()))
+    cnn_torch = {}
     with torch.no_grad():
-        cnn_torch = FoldEnsemble(members, run.cfg.tta)(x).numpy().astype(np.float64)
-    probs = refit_answers(run, run.oof(CNN)[PROB_COLUMNS].to_numpy(), idx)
+        for arch, name in zip(run.cfg.arch, run.cfg.cnns):
+            net = FoldEnsemble(served_members(run, arch), run.cfg.tta)
+            cnn_torch[name] = net(x).numpy().astype(np.float64).tolist()
+    probs = refit_answers(run, oof_cnn_probs(run), idx)
     rows = run.table.iloc[idx]
     return {
         "image_ids": rows.image_id.tolist(),
@@ -162,7 +179,7 @@ def reference_predictions(run: Run, n: int = 8) -> dict:
             {"age": None if np.isnan(a) else float(a), "sex": s, "localization": site}
             for a, s, site in zip(rows.age, rows.sex, rows.localization)
         ],
-        "cnn_torch": cnn_torch.tolist(),
+        "cnn_torch": cnn_torch,
         "probabilities_given_oof_cnn": {k: np.asarray(v).tolist() for k, v in probs.items()},
     }
 
@@ -173,21 +190,23 @@ def run(run: Run) -> None:
     final = run.paths.bundle
     tmp = Path(tempfile.mkdtemp(dir=run.dir, prefix=".bundle-"))
     try:
-        cnn, boosters, stack = roster(run)
-        for name in cnn.files:
-            shutil.copy2(run.paths.cnn / name, tmp / name)
+        cnns, boosters, stack = roster(run)
+        cnn = cnns[0]  # the lead: its graph scores out-of-distribution images
+        for c in cnns:
+            for name in c.files:
+                shutil.copy2(run.paths.cnn(c.name).dir / name, tmp / name)
         for m in [*boosters, stack]:
             shutil.copy2(run.paths.model(m.name), tmp / m.file)
         run.table[["image_id", "lesion_id"]].to_csv(tmp / TRAINING_IMAGES, index=False)
         if cnn.has_ood_outputs:  # a joined int8 fold ensemble has no explanation outputs
             y, spec = run.table.label.to_numpy(), run.cfg.image_spec()
-            fit = served_gaussian(run.paths.cnn / cnn.file, run.images, y, spec)
+            fit = served_gaussian(run.paths.cnn(cnn.name).dir / cnn.file, run.images, y, spec)
             (tmp / OOD_FILE).write_bytes(fit.to_npz())
             image_file = OodSpec.model_validate_json(run.paths.ood_spec.read_text()).image_file  # None: older runs
             if image_file:
                 (tmp / image_file).write_bytes(fit_image_gaussian(image_statistics(run.images)).to_npz())
-        (tmp / MODEL_CARD).write_text(model_card(run, cnn, boosters))
-        manifest = build_manifest(run, tmp, cnn, boosters, stack)
+        (tmp / MODEL_CARD).write_text(model_card(run, cnns, boosters))
+        manifest = build_manifest(run, tmp, cnns, boosters, stack)
         (tmp / MANIFEST_NAME).write_text(manifest.model_dump_json(indent=2))
         tmp.chmod(0o755)
         Predictor.load(tmp)  # the bundle must load before it is published

@@ -1,9 +1,12 @@
-"""Stage 3, export: the served CNN in one ONNX graph and the out-of-distribution checks' thresholds.
-(Its int8 graph is made by the quantize stage, which needs the level-2 models.)"""
+"""Stage 3, export: each served CNN in one ONNX graph, and the out-of-distribution checks'
+thresholds (fitted on the lead CNN). (The int8 graphs are made by the quantize stage, which needs
+the level-2 models.)"""
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -11,31 +14,38 @@ from training.run import Run
 
 
 def outputs(run: Run) -> list[Path]:
-    p = run.paths
-    refit = [p.refit] if run.cfg.served_cnn == "refit" else []
-    return [*refit, p.fp32_graph, p.ood_spec]
+    cnns = [run.paths.cnn(name) for name in run.cfg.cnns]
+    refit = [c.refit for c in cnns] if run.cfg.served_cnn == "refit" else []
+    return [*refit, *(c.fp32_graph for c in cnns), run.paths.ood_spec]
+
+
+def save_state(model: Any, path: Path) -> None:
+    import torch
+
+    torch.save(model.state_dict(), path)
 
 
 def run(run: Run) -> None:
-    """The served CNN in one ONNX graph (the fold models averaged, or the refit model):
-    cnn/cnn.onnx, parity-checked on real images, with the explanation outputs (CAM, embedding,
-    logits). Its out-of-distribution thresholds, fitted out-of-fold: cnn/ood.json."""
-    import torch
-
+    """Each served CNN in one ONNX graph (the fold models averaged, or the refit model):
+    <cnn>/<cnn>.onnx, parity-checked on real images, with the explanation outputs (CAM, embedding,
+    logits). The out-of-distribution thresholds of the lead CNN, fitted out-of-fold: artifacts/ood.json."""
     from training.cnn.loop import load_fold_model, served_members, train_refit
     from training.cnn.onnx import export_onnx
     from training.cnn.ood import fit_ood
     from training.data.io import atomic_write
 
-    if run.cfg.served_cnn == "refit" and not run.paths.refit.exists():  # trained here, once
-        y = run.table.label.to_numpy()
-        model = train_refit(run.cfg, run.images, y, np.arange(len(y)), run.log)
-        atomic_write(run.paths.refit, lambda p: torch.save(model.state_dict(), p))
-    served = served_members(run)
+    y = run.table.label.to_numpy()
     rng = np.random.default_rng(run.cfg.seed)
     idx = np.sort(rng.choice(len(run.table), size=min(32, len(run.table)), replace=False))
-    spec = run.cfg.image_spec()
-    export_onnx(served, spec, run.images[idx], run.paths.fp32_graph, run.cfg.tta, log=run.log, explain=True)
-    refit = run.cfg.served_cnn == "refit"
-    folds = [load_fold_model(run.paths, k) for k in range(run.cfg.folds)] if refit else served
+    for arch, name in zip(run.cfg.arch, run.cfg.cnns):
+        paths = run.paths.cnn(name)
+        trained = run.cfg.served_cnn == "refit" and not paths.refit.exists()
+        if trained:  # trained here, once
+            refit = train_refit(run.cfg, arch, run.images, y, np.arange(len(y)), run.log)
+            atomic_write(paths.refit, functools.partial(save_state, refit))
+        if trained or not paths.fp32_graph.exists():
+            served = served_members(run, arch)
+            export_onnx(served, run.cfg.image_spec(), run.images[idx], paths.fp32_graph, run.cfg.tta, run.log, True)
+    lead, lead_paths = run.cfg.arch[0], run.paths.cnn(run.cfg.cnns[0])
+    folds = [load_fold_model(lead_paths, lead, k) for k in range(run.cfg.folds)]
     fit_ood(run, folds, run.cfg.ood_method, run.cfg.ood_share)

@@ -11,7 +11,6 @@ from pathlib import Path
 import numpy as np
 
 from service.core import labels
-from training.config import CNN
 from training.data.io import PROB_COLUMNS, atomic_write_text
 from training.run import Run
 from training.stages import select
@@ -21,11 +20,12 @@ def outputs(run: Run) -> list[Path]:
     return [run.paths.report_json, run.paths.report_md]
 
 
-def training_throughput(run: Run) -> float:
-    """Mean training images/s over every epoch of every fold, from the fold summaries."""
+def training_throughput(run: Run, name: str) -> float:
+    """A CNN's mean training images/s over every epoch of every fold, from the fold summaries."""
     rates = []
     for k in range(run.cfg.folds):
-        rates += [h["train_images_per_s"] for h in json.loads(run.paths.fold_summary(k).read_text())["history"]]
+        summary = json.loads(run.paths.cnn(name).fold_summary(k).read_text())
+        rates += [h["train_images_per_s"] for h in summary["history"]]
     return float(np.mean(rates)) if rates else math.nan
 
 
@@ -42,7 +42,8 @@ def run(run: Run) -> None:
     model_probs = {m: run.oof(m)[PROB_COLUMNS].to_numpy() for m in run.cfg.components}
     chosen = select.saved_outcome(run, model_probs)
     served, rule = chosen.selection.combiner.chosen, chosen.selection.lesion_rule.chosen
-    report = with_intervals(y, model_probs, lesions, n_boot, seed, paired=(served, CNN))
+    lead = run.cfg.cnns[0]
+    report = with_intervals(y, model_probs, lesions, n_boot, seed, paired=(served, lead))
     report["data"] = {
         "data_dir": run.cfg.data_dir,
         "images": len(y),
@@ -54,12 +55,12 @@ def run(run: Run) -> None:
     }
     report["config"] = run.cfg.model_dump()
     report["machine"] = machine_description()
-    report["cnn_train_images_per_s"] = training_throughput(run)
+    report["cnn_train_images_per_s"] = {name: training_throughput(run, name) for name in run.cfg.cnns}
     report["served_cnn"] = run.cfg.served_cnn
-    gate = run.paths.quantization
-    report["int8_gate"] = json.loads(gate.read_text()) if run.cfg.int8 and gate.exists() else None
+    gates = {name: run.paths.cnn(name).quantization for name in run.cfg.cnns}
+    report["int8_gates"] = {n: json.loads(g.read_text()) for n, g in gates.items() if run.cfg.int8 and g.exists()}
     report["served"] = served
-    report["lesion_level"] = lesion_level(y, lesions, model_probs, rule, n_boot, seed, paired=(served, CNN))
+    report["lesion_level"] = lesion_level(y, lesions, model_probs, rule, n_boot, seed, paired=(served, lead))
     report["lesion_gain"] = lesion_gain(y, lesions, model_probs[served], rule, n_boot, seed)
     ids, y_lesion, _ = lesion_rows(y, fold, lesions)
     report["selection"] = {
@@ -76,7 +77,8 @@ def run(run: Run) -> None:
     atomic_write_text(run.paths.report_md, markdown(report))
     plots = run.paths.plots
     plot_roc(y, model_probs[served], f"ROC per class: {served} (OOF)", plots / "roc_served.png")
-    plot_roc(y, model_probs[CNN], "ROC per class: CNN (OOF)", plots / "roc_cnn.png")
+    for name in run.cfg.cnns:
+        plot_roc(y, model_probs[name], f"ROC per class: {name} (OOF)", plots / f"roc_{name}.png")
     plot_confusion(y, model_probs[served], f"Confusion (row-normalised): {served}", plots / "confusion_served.png")
     plot_reliability(y, model_probs, plots / "reliability.png")
     run.log(run.paths.report_md.read_text())
