@@ -90,10 +90,14 @@ def test_offline_predictor_reports_bad_metadata_for_people(predictor):
         (lambda m: m["boosters"].append(m["boosters"][0]), "model names repeat"),
         (lambda m: m.pop("stack"), "stack: Field required"),
         (lambda m: m.update(format_version=1), "format_version 1 is not supported"),
-        (lambda m: m["cnn"].update(precision="int8", quantization=None), "needs a passed quantization gate"),
-        (lambda m: m["cnn"].update(members=0), "greater than or equal to 1"),
-        (lambda m: m["cnn"].update(precision="int8", fp32_file=m["cnn"]["file"]), "model files repeat"),
-        (lambda m: m["cnn"].update(precision="int8", fp32_file=m["stack"]["file"]), "model files repeat"),
+        (lambda m: m["cnns"][0].update(precision="int8", quantization=None), "needs a passed quantization gate"),
+        (lambda m: m["cnns"][0].update(members=0), "greater than or equal to 1"),
+        (lambda m: m["cnns"][0].update(precision="int8", fp32_file=m["cnns"][0]["file"]), "model files repeat"),
+        (lambda m: m["cnns"][0].update(precision="int8", fp32_file=m["stack"]["file"]), "model files repeat"),
+        (lambda m: m["cnns"][-1].update(precision="int8", quantization=None), "needs a passed quantization gate"),
+        (lambda m: m["cnns"][-1].update(file=m["cnns"][0]["file"]), "model files repeat"),
+        (lambda m: m["features"]["cnns"].reverse(), "differ from the CNNs"),
+        (lambda m: m.update(cnns=[]), "at least 1 item"),
     ],
 )
 def test_the_manifest_roster_must_be_consistent(tiny_run, tmp_path, edit, words):
@@ -104,6 +108,22 @@ def test_the_manifest_roster_must_be_consistent(tiny_run, tmp_path, edit, words)
     (bundle / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(BundleError, match=re.escape(words)):
         read_manifest(bundle)
+
+
+def test_a_manifest_before_version_5_names_its_one_cnn(tiny_run, tmp_path):
+    """Bundles written before several CNNs (format 4: one `cnn`, features without `cnns`) still load."""
+    bundle = tmp_path / "b"
+    shutil.copytree(tiny_run / "bundle", bundle)
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    assert manifest["features"]["cnns"] == [c["name"] for c in manifest["cnns"]] and len(manifest["cnns"]) == 2
+    resnet = next(c for c in manifest.pop("cnns") if c["architecture"] == "resnet18")
+    manifest.update(format_version=4, cnn=resnet)
+    del manifest["features"]["cnns"]
+    manifest["files"] = {f: h for f, h in manifest["files"].items() if not f.startswith("cnn_efficientnet_lite0")}
+    (bundle / "manifest.json").write_text(json.dumps(manifest))
+    old = read_manifest(bundle)
+    assert [c.name for c in old.cnns] == ["cnn"] and old.cnn.architecture == "resnet18"
+    assert old.level1[0] == "cnn" and old.features.names[0] == "cnn_p_akiec"
 
 
 def test_core_imports_without_fastapi_or_torch():

@@ -37,11 +37,11 @@ def test_onnx_class_activation_maps_match_torch(tmp_path):
 
     from service.core.graph import EXPLAIN_OUTPUTS, OUTPUT_NAME
     from service.core.preprocess import ImageSpec, to_model_input
-    from training.cnn.models import build_resnet18
+    from training.cnn.models import build_model
     from training.cnn.onnx import export_onnx
 
     torch.manual_seed(0)
-    members = [build_resnet18(7).eval(), build_resnet18(7).eval()]
+    members = [build_model("resnet18", 7).eval(), build_model("resnet18", 7).eval()]
     for m in members:  # non-trivial batch-norm statistics, so the maps are not all alike
         for bn in (x for x in m.modules() if isinstance(x, torch.nn.BatchNorm2d)):
             bn.running_mean.uniform_(-0.5, 0.5)

@@ -63,16 +63,16 @@ def test_imagenet_weights_download_and_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
     monkeypatch.setattr(models, "IMAGENET_URL", server.url + name)
     try:
-        model = models.build_resnet18(7, "imagenet")
+        model = models.build_model("resnet18", 7, "imagenet")
     finally:
         server.close()
     assert torch.equal(model.conv1.weight, reference.conv1.weight) and model.fc.out_features == 7
     assert (tmp_path / "torch" / "hub" / "checkpoints" / name.lstrip("/")).exists()
-    model2 = models.build_resnet18(7, "imagenet")  # server gone: served from the cache
+    model2 = models.build_model("resnet18", 7, "imagenet")  # server gone: served from the cache
     assert torch.equal(model2.layer1[0].conv1.weight, reference.layer1[0].conv1.weight)
     path = tmp_path / "w.pth"
     torch.save(reference.state_dict(), path)
-    assert torch.equal(models.build_resnet18(7, str(path)).conv1.weight, reference.conv1.weight)
+    assert torch.equal(models.build_model("resnet18", 7, str(path)).conv1.weight, reference.conv1.weight)
 
 
 def test_imagenet_weights_offline_names_the_alternatives(tmp_path, monkeypatch):
@@ -80,10 +80,10 @@ def test_imagenet_weights_offline_names_the_alternatives(tmp_path, monkeypatch):
     url = closed_port_url() + "/resnet18-f37072fd.pth"
     monkeypatch.setattr(models, "IMAGENET_URL", url)
     with pytest.raises(models.WeightsError) as err:
-        models.build_resnet18(7, "imagenet")
+        models.build_model("resnet18", 7, "imagenet")
     assert "--weights none" in str(err.value) and "--weights PATH" in str(err.value)
     with pytest.raises(models.WeightsError, match="no such file"):
-        models.build_resnet18(7, str(tmp_path / "missing.pth"))
+        models.build_model("resnet18", 7, str(tmp_path / "missing.pth"))
 
 
 def fake_dataverse(tmp_path: Path, corrupt: bool = False) -> dict[str, bytes]:

@@ -377,7 +377,7 @@ def test_training_packages_import_only_downward():
                 assert target in allowed, f"training/{package}/{f.name} imports {name}"
     floor_imports = {n.split(".")[1] for f in FLOOR for n in imported_training_modules(root / f"{f}.py")}
     assert floor_imports <= FLOOR | {"data"}, floor_imports  # a run reads its data; nothing above
-    for stage in ("folds", "cnn", "export", "boosters", "stack", "select", "quantize", "report", "bundle"):
+    for stage in ("folds", "cnn", "export", "boosters", "stack", "select", "quantize", "baseline", "report", "bundle"):
         assert (root / "stages" / f"{stage}.py").exists()
     code = BLOCK.format(names=["torch", "torchvision"])
     code += (

@@ -13,7 +13,7 @@ from service.core.predictor import Predictor
 from service.core.preprocess import ImageSpec, load_for_model, to_model_input
 from tests.helpers import TINY, train
 from training.cnn.loop import predict_probs
-from training.cnn.models import FoldEnsemble, build_resnet18
+from training.cnn.models import FoldEnsemble, build_model
 from training.cnn.onnx import export_onnx
 
 SPEC = ImageSpec(width=32, height=24)
@@ -30,7 +30,7 @@ def run(path, x: np.ndarray) -> np.ndarray:
 
 def test_tta_is_the_mean_over_the_eight_views(sample_dir):
     torch.manual_seed(0)
-    model = build_resnet18(7).eval()
+    model = build_model("resnet18", 7).eval()
     images = real_images(sample_dir)
     x = torch.from_numpy(to_model_input(images, SPEC))
     t = x.transpose(2, 3)
@@ -43,7 +43,7 @@ def test_tta_is_the_mean_over_the_eight_views(sample_dir):
 
 def test_tta_graph_matches_torch_and_ignores_orientation(sample_dir, tmp_path):
     torch.manual_seed(0)
-    members = [build_resnet18(7).eval() for _ in range(2)]
+    members = [build_model("resnet18", 7).eval() for _ in range(2)]
     images = real_images(sample_dir)
     x = to_model_input(images, SPEC)
     export_onnx(members, SPEC, images, tmp_path / "tta.onnx", tta=True, log=lambda m: None)

@@ -62,7 +62,11 @@ class EfficientNetLite0(nn.Module):
         import timm
 
         super().__init__()
-        self.net: Any = timm.create_model("tf_efficientnet_lite0", pretrained=False, num_classes=num_classes)
+        net: Any = timm.create_model("tf_efficientnet_lite0", pretrained=False, num_classes=num_classes)
+        # PyTorch's default init for the head, as torchvision's ResNet has: timm's TensorFlow-style init
+        # scales by the 7 outputs and starts with logits of about +-10 (an initial loss near 4, not ln 7)
+        net.classifier = nn.Linear(net.num_features, num_classes)
+        self.net: Any = net
         spec = spec or ImageSpec(width=1, height=1)
         std, mean = torch.tensor(spec.std), torch.tensor(spec.mean)
         # x = (p/255 - mean) / std  =>  (p - 127) / 128 = x * 255 std / 128 + (255 mean - 127) / 128

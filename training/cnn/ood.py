@@ -1,11 +1,13 @@
-"""Part of the export stage: fit the out-of-distribution score (service.core.ood) and its thresholds.
+"""Part of the baseline stage: fit the out-of-distribution score (service.core.ood) and its thresholds.
 
-Out-of-fold, as every figure of a run: fold model k embeds every image; its Gaussian is fitted on
-the lesions it trained on and scores the lesions of fold k, which it never saw. The thresholds are
-quantiles of those held-out scores, so by design they flag `share` of real images like the
-training ones. The image-statistics check is fitted the same way (on each fold's training images,
-scoring its held-out ones), and the two thresholds are set together, at one quantile, so that
-either check together flags `share`. Writes cnn/ood.json (the OodSpec) and artifacts/oof_ood.csv
+Out-of-fold, as every figure of a run, and through the graphs the bundle serves: the lead CNN's
+fold model k, exported as the service runs it (int8 with its gate's configuration when the gate
+passed, else fp32), embeds every image; its Gaussian is fitted on the lesions it trained on and
+scores the lesions of fold k, which it never saw. The thresholds are quantiles of those held-out
+scores, so by design they flag `share` of real images like the training ones, at the precision
+served. The image-statistics check is fitted the same way (on each fold's training images, scoring
+its held-out ones), and the two thresholds are set together, at one quantile, so that either check
+together flags `share`. Writes artifacts/ood.json (the OodSpec) and artifacts/oof_ood.csv
 (image_id, fold, and each score held out).
 
 The served CNN's own Gaussian is fitted when the bundle is written (`served_gaussian`), on its
@@ -18,11 +20,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import torch
-from torch import nn
 
 from service.core import labels
-from service.core.graph import EMBEDDING, INPUT_NAME
+from service.core.graph import EMBEDDING, INPUT_NAME, LOGITS
 from service.core.ood import (
     IMAGE_CHECK,
     METHODS,
@@ -35,37 +35,35 @@ from service.core.ood import (
     mahalanobis,
 )
 from service.core.preprocess import ImageSpec, to_model_input
-from training.cnn.batches import eval_batch
-from training.cnn.models import FoldEnsemble
 from training.data.io import atomic_write_csv, atomic_write_text
 from training.run import Run
 
 OOD_FILE, IMAGE_OOD_FILE = "ood.npz", "ood_image.npz"
 
 
-@torch.no_grad()
-def embed(members: list[nn.Module], images: np.ndarray, spec: ImageSpec, batch_size: int = 256):
-    """(embeddings (N,512), logits (N,C)) of the image as given, averaged over `members`, float32
-    evaluation transform: what the exported graph's 'embedding' and 'logits' outputs give."""
-    net = FoldEnsemble([m.float().eval() for m in members], explain=True).eval()
-    device = next(net.parameters()).device
-    emb, logits = [], []
-    for start in range(0, len(images), batch_size):
-        _, _, e, z = net(eval_batch(images[start : start + batch_size], spec, device))
-        emb.append(e.cpu().numpy())
-        logits.append(z.cpu().numpy())
-    return np.concatenate(emb), np.concatenate(logits)
+def graph_embeddings(graph: Path, images: np.ndarray, spec: ImageSpec, batch_size: int = 256):
+    """(embeddings (N,D), logits (N,C)) of the images as given, through an exported graph with the
+    explanation outputs (onnxruntime, the service's own input transform)."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(graph), providers=["CPUExecutionProvider"])
+    out = [
+        session.run([EMBEDDING, LOGITS], {INPUT_NAME: to_model_input(images[s : s + batch_size], spec)})
+        for s in range(0, len(images), batch_size)
+    ]
+    return np.concatenate([e for e, _ in out]), np.concatenate([z for _, z in out])
 
 
-def fit_ood(run: Run, fold_models: list[nn.Module], method: str, share: float) -> OodSpec:
+def fit_ood(run: Run, fold_graphs: list[Path], method: str, share: float) -> OodSpec:
+    """The thresholds from held-out scores: fold k's graph (`fold_graphs[k]`) scores fold k."""
     spec, images = run.cfg.image_spec(), run.images
     y, fold = run.table.label.to_numpy(), run.table.fold.to_numpy()
     n_classes = len(labels.CLASSES)
     held_out = {m: np.zeros(len(y)) for m in [*METHODS, IMAGE_CHECK]}
     stats = image_statistics(images)
-    for k, model in enumerate(fold_models):
+    for k, graph in enumerate(fold_graphs):
         train, val = fold != k, fold == k
-        emb, logits = embed([model], images, spec)
+        emb, logits = graph_embeddings(graph, images, spec)
         held_out["mahalanobis"][val] = mahalanobis(emb[val], fit_gaussian(emb[train], y[train], n_classes))
         held_out["energy"][val] = energy(logits[val])
         held_out[IMAGE_CHECK][val] = mahalanobis(stats[val], fit_image_gaussian(stats[train]))
@@ -83,8 +81,8 @@ def fit_ood(run: Run, fold_models: list[nn.Module], method: str, share: float) -
     )
     atomic_write_text(run.paths.ood_spec, ood.model_dump_json(indent=2))
     run.log(
-        f"ood: {method} score and image statistics fitted; thresholds flagging {share:.0%} of held-out real "
-        f"images together: {thresholds}, image {ood.image_threshold:.4g}"
+        f"ood: {method} score and image statistics fitted through the served fold graphs; thresholds flagging "
+        f"{share:.0%} of held-out real images together: {thresholds}, image {ood.image_threshold:.4g}"
     )
     return ood
 
@@ -100,16 +98,6 @@ def joint_quantile(a: np.ndarray, b: np.ndarray, share: float) -> float:
     return hi
 
 
-def served_gaussian(
-    graph: Path, images: np.ndarray, y: np.ndarray, spec: ImageSpec, batch_size: int = 256
-) -> GaussianFit:
-    """Class means and shared precision of the served graph's embeddings of the training images
-    (onnxruntime, the service's own input transform)."""
-    import onnxruntime as ort
-
-    session = ort.InferenceSession(str(graph), providers=["CPUExecutionProvider"])
-    emb = [
-        session.run([EMBEDDING], {INPUT_NAME: to_model_input(images[s : s + batch_size], spec)})[0]
-        for s in range(0, len(images), batch_size)
-    ]
-    return fit_gaussian(np.concatenate(emb), y, len(labels.CLASSES))
+def served_gaussian(graph: Path, images: np.ndarray, y: np.ndarray, spec: ImageSpec) -> GaussianFit:
+    """Class means and shared precision of the served graph's embeddings of the training images."""
+    return fit_gaussian(graph_embeddings(graph, images, spec)[0], y, len(labels.CLASSES))

@@ -136,7 +136,7 @@ def calibration_rows(rows: np.ndarray, seed: int) -> np.ndarray:
 
 class FoldGraphs:
     """The fold models exported one by one into `folder`, with their fp32 out-of-fold probabilities;
-    `quantize(rung)` gives the int8 ones of a configuration."""
+    `quantize(rung)` gives the int8 ones of a configuration, `served(gate)` the graphs the gate serves."""
 
     def __init__(
         self,
@@ -153,7 +153,8 @@ class FoldGraphs:
         self.fp32 = np.zeros((len(images), 0))
         for k, member in enumerate(members):
             path = self.fp32_path(k)
-            export_onnx([member], spec, images[self.calibration[k][:16]], path, tta, log=lambda m: None)
+            # with the explanation outputs, as the served graph has them: the OOD fit reads them too
+            export_onnx([member], spec, images[self.calibration[k][:16]], path, tta, log=lambda m: None, explain=True)
             probs = run_graph(path, images[fold == k], spec)
             if k == 0:
                 self.fp32 = np.zeros((len(images), probs.shape[1]))
@@ -161,6 +162,15 @@ class FoldGraphs:
 
     def fp32_path(self, k: int) -> Path:
         return self.folder / f"fold{k}.onnx"
+
+    def served(self, gate: QuantizationGate | None) -> tuple[np.ndarray, list[Path]]:
+        """The fold graphs at the precision the bundle serves (the gate's passing configuration, else
+        fp32), and their out-of-fold probabilities."""
+        if gate is None or not gate.passed:
+            return self.fp32, [self.fp32_path(k) for k in range(len(self.calibration))]
+        index = next(i for i, rung in enumerate(LADDER) if rung.name == gate.config)
+        int8, paths, _ = self.quantize(LADDER[index], index)
+        return int8, paths
 
     def quantize(self, rung: Rung, index: int) -> tuple[np.ndarray, list[Path], list[str]]:
         """Every fold model quantized with `rung`: their out-of-fold probabilities, graphs, fp32 nodes."""

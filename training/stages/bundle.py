@@ -1,4 +1,4 @@
-"""Stage 9, bundle: RUN_DIR/bundle/, the only thing the service loads.
+"""Stage 10, bundle: RUN_DIR/bundle/, the only thing the service loads.
 
 Written into a temporary folder and renamed into place, so a crash never leaves a half bundle.
 Its manifest is the roster of the run's models (the CNNs, the chosen boosters, the soft vote and
@@ -141,10 +141,11 @@ def build_manifest(
 
 
 def monitoring_reference(run: Run, served: str, ood_method: str | None) -> MonitoringReference:
-    """The served model's out-of-fold top-1 shares and the deciles of the out-of-fold OOD score."""
+    """The served answer's out-of-fold top-1 shares and the deciles of the out-of-fold OOD score, both
+    through the fold graphs at the precision served (the baseline stage)."""
     import pandas as pd
 
-    top1 = run.oof(served)[PROB_COLUMNS].to_numpy().argmax(1)
+    top1 = run.oof("served_graphs")[PROB_COLUMNS].to_numpy().argmax(1)  # through the graphs the bundle serves
     shares = {c: float(np.mean(top1 == i)) for i, c in enumerate(labels.CLASSES)}
     edges: list[float] = []
     if ood_method is not None and run.paths.oof("ood").exists():

@@ -1,6 +1,6 @@
-"""Stage 3, export: each served CNN in one ONNX graph, and the out-of-distribution checks'
-thresholds (fitted on the lead CNN). (The int8 graphs are made by the quantize stage, which needs
-the level-2 models.)"""
+"""Stage 3, export: each served CNN in one ONNX graph. (The int8 graphs are made by the quantize
+stage, which needs the level-2 models; the OOD thresholds by the baseline stage, through the
+graphs the bundle serves.)"""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from training.run import Run
 def outputs(run: Run) -> list[Path]:
     cnns = [run.paths.cnn(name) for name in run.cfg.cnns]
     refit = [c.refit for c in cnns] if run.cfg.served_cnn == "refit" else []
-    return [*refit, *(c.fp32_graph for c in cnns), run.paths.ood_spec]
+    return [*refit, *(c.fp32_graph for c in cnns)]
 
 
 def save_state(model: Any, path: Path) -> None:
@@ -28,10 +28,9 @@ def save_state(model: Any, path: Path) -> None:
 def run(run: Run) -> None:
     """Each served CNN in one ONNX graph (the fold models averaged, or the refit model):
     <cnn>/<cnn>.onnx, parity-checked on real images, with the explanation outputs (CAM, embedding,
-    logits). The out-of-distribution thresholds of the lead CNN, fitted out-of-fold: artifacts/ood.json."""
-    from training.cnn.loop import load_fold_model, served_members, train_refit
+    logits)."""
+    from training.cnn.loop import served_members, train_refit
     from training.cnn.onnx import export_onnx
-    from training.cnn.ood import fit_ood
     from training.data.io import atomic_write
 
     y = run.table.label.to_numpy()
@@ -46,6 +45,3 @@ def run(run: Run) -> None:
         if trained or not paths.fp32_graph.exists():
             served = served_members(run, arch)
             export_onnx(served, run.cfg.image_spec(), run.images[idx], paths.fp32_graph, run.cfg.tta, run.log, True)
-    lead, lead_paths = run.cfg.arch[0], run.paths.cnn(run.cfg.cnns[0])
-    folds = [load_fold_model(lead_paths, lead, k) for k in range(run.cfg.folds)]
-    fit_ood(run, folds, run.cfg.ood_method, run.cfg.ood_share)

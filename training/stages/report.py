@@ -1,4 +1,4 @@
-"""Stage 8, report: artifacts/report.json, report.md and plots, every number out-of-fold (lesion-
+"""Stage 9, report: artifacts/report.json, report.md and plots, every number out-of-fold (lesion-
 bootstrap intervals; per class, per subgroup; log loss and ECE under two class priors; per image and
 per lesion; the served choice and the nested pipeline's figures)."""
 
