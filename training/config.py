@@ -34,9 +34,13 @@ def graph_files(name: str) -> tuple[str, str]:
 
 
 PRESETS: dict[str, dict] = {
-    # about a minute on the 2,118-image sample on 2 CPU cores: for tests, proves the plumbing
-    "smoke": dict(folds=3, epochs=2, image_size=64, batch_size=64, lr=2e-3, booster_rounds=60, bootstrap=30),
-    # the realistic CPU recipe (from-scratch or ImageNet weights)
+    # a few minutes on the 2,118-image sample on 2 CPU cores: for tests, proves the plumbing (the
+    # pretrained CNN's first 4 stages frozen: half its cost, and the frozen path exercised)
+    "smoke": dict(
+        folds=3, epochs=2, image_size=64, batch_size=64, lr=2e-3, freeze_stages=4, booster_rounds=60, bootstrap=30
+    ),
+    # the realistic CPU recipe: EfficientNet-Lite0 fine-tuned (backbone at 0.25x the head's lr) beside
+    # the ResNet-18 from scratch (python -m benchmarks.compare_finetuning, docs/results.md)
     "cpu": dict(folds=5, epochs=8, image_size=128, batch_size=64, lr=2e-3, booster_rounds=600, bootstrap=200),
     # a CUDA machine: larger images, more epochs
     "gpu": dict(folds=5, epochs=25, image_size=256, batch_size=128, lr=1e-3, booster_rounds=1000, bootstrap=1000),
@@ -69,7 +73,7 @@ class RunConfig(BaseModel):
         "imagenet (resnet18: torchvision's download) | none | PATH to a state dict (one --arch)",
     )
     backbone_lr_scale: float = Field(
-        0.1, gt=0, le=1, description="a pretrained CNN's backbone learns at lr times this, its new head at lr"
+        0.25, gt=0, le=1, description="a pretrained CNN's backbone learns at lr times this, its new head at lr"
     )
     freeze_stages: int = Field(
         0, ge=0, description="a pretrained CNN's first stages kept frozen (no backward pass through them)"

@@ -18,12 +18,13 @@ from PIL import Image
 
 from service.core.features import FeatureSpec
 
-GROUPS = {"cnn": "image", "age": "age", "sex_": "sex", "site_": "site", "img_": "colour"}  # image: every CNN
+GROUPS = {"age": "age", "sex_": "sex", "site_": "site", "img_": "colour"}  # and "image": every CNN's probabilities
 
 
 def feature_groups(spec: FeatureSpec) -> list[str]:
     """The input group of each feature column, in `spec.names` order."""
-    return [next(g for prefix, g in GROUPS.items() if name.startswith(prefix)) for name in spec.names]
+    groups = {**{f"{cnn}_p_": "image" for cnn in spec.cnns}, **GROUPS}
+    return [next(g for prefix, g in groups.items() if name.startswith(prefix)) for name in spec.names]
 
 
 def tree_shap(model: Any, features: np.ndarray) -> np.ndarray:

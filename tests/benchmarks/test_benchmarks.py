@@ -115,17 +115,18 @@ def test_bench_explain_prints_the_cost_ratio(tiny_run, tiny_data):
 def test_compare_recipes_pairs_runs_on_the_same_folds_and_refuses_others(tiny_run, tmp_path):
     """A second "recipe" whose OOF rows lean toward the true class must come out paired and ahead."""
     better = tmp_path / "better"
-    for part in ("config.json", "artifacts/folds.csv", "artifacts/oof_cnn.csv", "cnn"):
+    lead = saved_config(tiny_run).cnns[0]  # the CNN a recipe comparison compares
+    for part in ("config.json", "artifacts/folds.csv", f"artifacts/oof_{lead}.csv", lead):
         dst = better / part
         dst.parent.mkdir(parents=True, exist_ok=True)
         (shutil.copytree if (tiny_run / part).is_dir() else shutil.copy)(tiny_run / part, dst)
     config = json.loads((better / "config.json").read_text())
     (better / "config.json").write_text(json.dumps({**config, "lr": config["lr"] / 2}))
-    oof = pd.read_csv(better / "artifacts" / "oof_cnn.csv")
+    oof = pd.read_csv(better / "artifacts" / f"oof_{lead}.csv")
     onehot = np.eye(len(CLASSES))[Run(saved_config(tiny_run), tiny_run, log=lambda m: None).table.label.to_numpy()]
     probs = oof.filter(like="p_").to_numpy()
     oof[[f"p_{c}" for c in CLASSES]] = 0.5 * probs + 0.5 * onehot
-    oof.to_csv(better / "artifacts" / "oof_cnn.csv", index=False)
+    oof.to_csv(better / "artifacts" / f"oof_{lead}.csv", index=False)
 
     text = compare([tiny_run, better], bootstrap=20)
     assert f"| lr | {config['lr']} | {config['lr'] / 2} |" in text

@@ -329,15 +329,16 @@ def test_out_of_fold_stages_run_where_the_cnn_was_not_exported(tiny_run, tmp_pat
     from training.pipeline import run_pipeline
 
     run = tmp_path / "run"
-    for rel in ["config.json", "artifacts/folds.csv", "artifacts/oof_cnn.csv"]:
+    cfg = RunConfig.model_validate_json((tiny_run / "config.json").read_text())
+    for rel in ["config.json", "artifacts/folds.csv", *(f"artifacts/oof_{name}.csv" for name in cfg.cnns)]:
         (run / rel).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(tiny_run / rel, run / rel)
-    (run / "cnn").mkdir()
-    for f in (tiny_run / "cnn").glob("fold*.json"):
-        shutil.copy(f, run / "cnn" / f.name)
-    cfg = RunConfig.model_validate_json((run / "config.json").read_text())
+    for name in cfg.cnns:
+        (run / name).mkdir()
+        for f in (tiny_run / name).glob("fold*.json"):
+            shutil.copy(f, run / name / f.name)
     run_pipeline(cfg, run, ["boosters", "stack", "select", "report"], log=lambda m: None)
-    assert not (run / "cnn" / "cnn.onnx").exists()
+    assert not list(run.glob("*/*.onnx"))
     a, b = pd.read_csv(run / "artifacts" / "oof_stack.csv"), pd.read_csv(tiny_run / "artifacts" / "oof_stack.csv")
     pd.testing.assert_frame_equal(a, b, atol=1e-6)
 

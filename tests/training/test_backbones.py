@@ -180,3 +180,21 @@ def test_a_new_head_starts_near_chance(arch, weights):
         logits = model(torch.randn(32, 3, 96, 128))
     loss = torch.nn.functional.cross_entropy(logits, torch.arange(32) % 7)
     assert abs(float(loss) - np.log(7)) < 0.3
+
+
+def test_the_backbone_settings_are_checked_before_anything_runs():
+    from training.config import make_config
+    from training.errors import ConfigMismatch
+
+    cfg = make_config("smoke", "d")
+    assert cfg.arch == ["efficientnet_lite0", "resnet18"] and cfg.cnns == ["cnn_efficientnet_lite0", "cnn"]
+    assert cfg.level1[:2] == cfg.cnns and cfg.weights == "auto"  # the lead first; both feed the stack
+    assert make_config("smoke", "d", arch="resnet18").cnns == ["cnn"]  # the ResNet-18 keeps its historic name
+    for arch, words in [("vgg16", "distinct CNNs"), ("resnet18,resnet18", "distinct CNNs"), ("", "distinct CNNs")]:
+        with pytest.raises(ConfigMismatch, match=f"--arch: .*{words}"):
+            make_config("smoke", "d", arch=arch)
+    with pytest.raises(ConfigMismatch, match="--weights: a weights file fits one architecture"):
+        make_config("smoke", "d", weights="/tmp/w.pth")
+    assert make_config("smoke", "d", arch="resnet18", weights="/tmp/w.pth").weights == "/tmp/w.pth"
+    with pytest.raises(ConfigMismatch, match="--served: .*cnn_efficientnet_lite0"):
+        make_config("smoke", "d", served="nope")

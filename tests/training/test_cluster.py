@@ -41,9 +41,11 @@ def test_folds_in_separate_processes_make_the_same_run(tiny_run, tiny_data, tmp_
     cli("run", *args)
     names = lambda d: sorted(p.relative_to(d).as_posix() for p in d.rglob("*") if p.is_file())  # noqa: E731
     assert names(run / "bundle") == names(tiny_run / "bundle")
-    assert names(run / "cnn") == names(tiny_run / "cnn")
-    a, b = pd.read_csv(run / "artifacts" / "oof_cnn.csv"), pd.read_csv(tiny_run / "artifacts" / "oof_cnn.csv")
-    pd.testing.assert_frame_equal(a, b, atol=1e-5)
+    for cnn in ("cnn", "cnn_efficientnet_lite0"):  # every CNN of the run
+        assert names(run / cnn) == names(tiny_run / cnn)
+        oof = f"oof_{cnn}.csv"
+        a, b = pd.read_csv(run / "artifacts" / oof), pd.read_csv(tiny_run / "artifacts" / oof)
+        pd.testing.assert_frame_equal(a, b, atol=1e-5)
     with pytest.raises(AssertionError, match="this run has folds 0 to 2"):
         cli("cnn", *args, "--fold", "3")
 
@@ -54,7 +56,7 @@ def test_torchrun_trains_one_fold_on_two_processes(tiny_data, tmp_path):
     the processes augment differently and their batch-norm statistics come from half batches, so the
     runs are not identical; 0.35 in log loss on 14 held-out images after 2 epochs."""
     one, two = tmp_path / "one", tmp_path / "two"
-    args = ["--data-dir", str(tiny_data), *TINY, "--epochs", "2"]
+    args = ["--data-dir", str(tiny_data), *TINY, "--epochs", "2", "--arch", "resnet18"]
     cli("cnn", *args, "--out", str(one), "--fold", "0")
     out = cli("cnn", *args, "--out", str(two), "--fold", "0", torchrun=2)
     assert "torchrun: 2 processes train each fold together" in out.stdout

@@ -111,8 +111,15 @@ class Toy(torch.nn.Module):
             self.fc.weight[:] = 8 * mu
             self.fc.bias[:] = -4 * (mu * mu).sum(1)
 
+    def feature_maps(self, x: torch.Tensor) -> torch.Tensor:  # the backbones' handles (training.cnn.models)
+        return self.layer4(self.relu(self.conv1(x)))
+
+    @property
+    def head(self) -> torch.nn.Linear:
+        return self.fc
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(torch.flatten(self.avgpool(self.layer4(self.relu(self.conv1(x)))), 1))
+        return self.fc(torch.flatten(self.avgpool(self.feature_maps(x)), 1))
 
 
 def colour_data(spec: ImageSpec, per_class: int = 30) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -138,12 +145,25 @@ def test_fallback_keeps_the_sensitive_layer_in_fp32_and_records_it(tmp_path):
     assert [a.config for a in attempts] == [r.name for r in quantize.LADDER]
     assert [a.passed for a in attempts] == [False, False, True]  # layer4 int8 fails, with or without conv1
     assert attempts[0].folds.metrics["bmca"].int8 < 0.3  # it forgot the image
-    assert "/members.0/conv1/Conv" in attempts[1].fp32_nodes and not any("layer4" in n for n in attempts[1].fp32_nodes)
+    assert attempts[1].fp32_nodes == ["/conv1/Conv"]  # the graph has the explanation outputs, as served
     assert any("/layer4/" in n for n in attempts[2].fp32_nodes)
     gate = quantize.gate_of(attempts, "fold ensemble", "cnn")
     assert gate.passed and gate.config == quantize.LADDER[2].name and gate.fp32_nodes == attempts[2].fp32_nodes
     assert len(fold_graphs[2]) == 3 and all(p.exists() for p in fold_graphs[2])
     assert len(logged) == 3 and "passed" in logged[-1]
+    int8, paths = graphs.served(gate)  # what the baseline stage measures the OOD fit and drift baseline on
+    assert [p.name for p in paths] == [f"fold{k}.rung2.int8.onnx" for k in range(3)]
+    assert (int8.argmax(1) == y).mean() > 0.95
+    failed = gate.model_copy(update={"passed": False})
+    assert graphs.served(failed)[1] == [graphs.fp32_path(k) for k in range(3)] and graphs.served(None)[0] is graphs.fp32
+    from training.cnn.ood import graph_embeddings
+
+    every_conv = gate.model_copy(update={"config": quantize.LADDER[0].name})  # as if that configuration had passed
+    int8, paths = graphs.served(every_conv)
+    assert paths[0].name == "fold0.rung0.int8.onnx" and (int8.argmax(1) == y).mean() < 0.3
+    emb_int8, _ = graph_embeddings(paths[0], images, spec)
+    emb_fp32, _ = graph_embeddings(graphs.fp32_path(0), images, spec)
+    assert emb_int8.shape == emb_fp32.shape == (len(y), 3) and np.abs(emb_int8 - emb_fp32).max() > 0.5
 
 
 def test_no_passing_configuration_serves_fp32(tmp_path):
@@ -171,8 +191,9 @@ def int8_run(tiny_data, tmp_path_factory):
     return train(tiny_data, tmp_path_factory.mktemp("int8") / "run", *TINY, "--int8", "--keep-fp32")
 
 
-def test_quantize_stage_gates_the_served_answer_on_every_image_out_of_fold(int8_run):
-    gate = QuantizationGate.model_validate_json((int8_run / "cnn" / "quantization.json").read_text())
+@pytest.mark.parametrize("cnn", ["cnn", "cnn_efficientnet_lite0"])
+def test_quantize_stage_gates_the_served_answer_on_every_image_out_of_fold(int8_run, cnn):
+    gate = QuantizationGate.model_validate_json((int8_run / cnn / "quantization.json").read_text())
     table = pd.read_csv(int8_run / "artifacts" / "folds.csv")
     served = json.loads((int8_run / "artifacts" / "selection-auto.json").read_text())["combiner"]["chosen"]
     assert gate.images == len(table) and gate.answer == served and gate.served_model == "refit"
@@ -191,21 +212,25 @@ def test_the_gates_fp32_pipeline_reproduces_the_reported_out_of_fold_answers(int
     out-of-fold tables the report scored: the fold boosters and meta-learners are the ones kept."""
     from training.config import saved_config
     from training.data.io import PROB_COLUMNS
+    from training.ensemble.boosters import oof_cnn_probs
     from training.ensemble.served import oof_answers
     from training.run import Run
 
     run = Run(saved_config(int8_run), int8_run, log=lambda m: None)
-    answers = oof_answers(run, run.oof("cnn")[PROB_COLUMNS].to_numpy())
+    assert run.cfg.cnns == ["cnn_efficientnet_lite0", "cnn"]
+    answers = oof_answers(run, oof_cnn_probs(run))
     for model in run.cfg.components:
         assert np.allclose(answers[model], run.oof(model)[PROB_COLUMNS].to_numpy(), atol=1e-6), model
 
 
 def rebundle(run, tmp_path, passed: bool, keep_fp32: bool):
-    """A copy of `run` whose gate says `passed`, bundled again."""
+    """A copy of `run` whose gates say `passed`, bundled again."""
     copy = tmp_path / f"run-{passed}-{keep_fp32}"
     shutil.copytree(run, copy, ignore=shutil.ignore_patterns("bundle"))
-    gate_path = copy / "cnn" / "quantization.json"
-    gate_path.write_text(json.dumps(dict(json.loads(gate_path.read_text()), passed=passed)))
+    for gate_path in copy.glob("*/quantization.json"):  # every CNN's
+        gate = json.loads(gate_path.read_text())
+        config = gate["attempts"][-1]["config"]  # the graph kept: the last configuration tried
+        gate_path.write_text(json.dumps(dict(gate, passed=passed, config=config)))
     data_dir = json.loads((copy / "config.json").read_text())["data_dir"]
     return train(data_dir, copy, *TINY, "--int8", *(["--keep-fp32"] if keep_fp32 else [])) / "bundle"
 
@@ -215,25 +240,29 @@ def test_bundle_serves_int8_only_when_the_gate_passed(int8_run, tmp_path, passed
     bundle = rebundle(int8_run, tmp_path, passed, keep_fp32)
     m = read_manifest(bundle)
     files = {p.name for p in bundle.iterdir()}
-    assert m.cnn.quantization is not None and m.cnn.quantization.passed == passed
-    if passed:
-        assert m.cnn.precision == "int8" and m.cnn.file == "cnn.int8.onnx"
-        assert ("cnn.onnx" in files) == keep_fp32 == (m.cnn.fp32_file == "cnn.onnx")
-    else:
-        assert m.cnn.precision == "fp32" and m.cnn.file == "cnn.onnx" and "cnn.int8.onnx" not in files
     served = Predictor.load(bundle)
-    assert served.cnn_file == m.cnn.file
+    assert [c.name for c in m.cnns] == ["cnn_efficientnet_lite0", "cnn"]
+    for c in m.cnns:  # each CNN by its own gate
+        fp32_file, int8_file = f"{c.name}.onnx", f"{c.name}.int8.onnx"
+        assert c.quantization is not None and c.quantization.passed == passed
+        if passed:
+            assert c.precision == "int8" and c.file == int8_file
+            assert (fp32_file in files) == keep_fp32 == (c.fp32_file == fp32_file)
+        else:
+            assert c.precision == "fp32" and c.file == fp32_file and int8_file not in files
+        assert served.cnn_files[c.name] == c.file
     if passed and not keep_fp32:
-        with pytest.raises(BundleError, match="only its int8 graph"):
+        with pytest.raises(BundleError, match="only the int8 graph of cnn_efficientnet_lite0"):
             Predictor.load(bundle, cnn_precision="fp32")
         return
     fp32 = Predictor.load(bundle, cnn_precision="fp32")
-    assert fp32.cnn_file == "cnn.onnx"
+    assert fp32.cnn_files == {c.name: f"{c.name}.onnx" for c in m.cnns}
     spec = m.preprocessing
     images = np.stack([load_for_model(p.read_bytes(), spec) for p in sorted((sample_dir / "images").iterdir())[:32]])
     a, b = fp32.cnn_probs(images), served.cnn_probs(images)
-    assert a.shape == b.shape == (32, len(m.classes))
-    assert np.abs(a - b).mean() < 0.02  # int8 is an approximation of the same ensemble, not another model
+    for name in a:
+        assert a[name].shape == b[name].shape == (32, len(m.classes))
+        assert np.abs(a[name] - b[name]).mean() < 0.02  # int8 approximates the same model, not another one
 
 
 def test_int8_ensemble_tracks_fp32_on_real_images(int8_run, sample_dir):
@@ -241,6 +270,6 @@ def test_int8_ensemble_tracks_fp32_on_real_images(int8_run, sample_dir):
     spec = ImageSpec.model_validate(read_manifest(int8_run / "bundle").preprocessing.model_dump())
     images = np.stack([load_for_model(p.read_bytes(), spec) for p in sorted((sample_dir / "images").iterdir())[-64:]])
     x = to_model_input(images, spec)
-    a = quantize.session(int8_run / "cnn" / "cnn.onnx").run(None, {"image": x})[0]
-    b = quantize.session(int8_run / "cnn" / "cnn.int8.onnx").run(None, {"image": x})[0]
+    a = quantize.session(int8_run / "cnn" / "cnn.onnx").run(["probabilities"], {"image": x})[0]
+    b = quantize.session(int8_run / "cnn" / "cnn.int8.onnx").run(["probabilities"], {"image": x})[0]
     assert np.allclose(b.sum(1), 1, atol=1e-3) and np.abs(a - b).max() < 0.1

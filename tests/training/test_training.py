@@ -79,7 +79,7 @@ def test_fold_model_never_trains_on_its_own_fold(tmp_path, subset, monkeypatch):
         return real(imgs, labels, *args, **kwargs)
 
     monkeypatch.setattr(cnn_module, "TrainBatches", spy)
-    oof = cnn_module.run_cnn(cfg, RunLayout(tmp_path / "run"), table, images, log=lambda m: None)
+    oof = cnn_module.run_cnn(cfg, "resnet18", RunLayout(tmp_path / "run"), table, images, log=lambda m: None)
     ident = {(int(a), int(b)): i for i, (a, b) in enumerate(images[:, 0, 0, :2])}
     assert len(seen) == cfg.folds
     for k, train_ids in enumerate(seen):
@@ -102,7 +102,7 @@ def test_held_out_labels_never_choose_the_fold_model(tmp_path, subset, monkeypat
         scores = iter([1.0 if e == peak else 0.1 * e for _ in range(cfg.folds) for e in range(1, cfg.epochs + 1)])
         monkeypatch.setattr(cnn_module, "evaluate", lambda *a, s=scores, **kw: (next(s), 1.0))
         run_dir = tmp_path / f"peak{peak}"
-        oof = cnn_module.run_cnn(cfg, RunLayout(run_dir), table, images, log=lambda m: None)
+        oof = cnn_module.run_cnn(cfg, "resnet18", RunLayout(run_dir), table, images, log=lambda m: None)
         summary = json.loads((run_dir / "cnn" / "fold0.json").read_text())
         assert summary["epochs"] == cfg.epochs and len(summary["history"]) == cfg.epochs
         assert summary["val_bmca"] == summary["history"][-1]["val_bmca"]
@@ -117,16 +117,17 @@ def test_onnx_matches_torch_on_real_images(smoke_run, sample_dir):
     spec = cfg.image_spec()
     paths = sorted((sample_dir / "images").iterdir())[:16]
     images = np.stack([load_for_model(p.read_bytes(), spec) for p in paths])
-    members = cnn_module.served_members(Run(cfg, smoke_run))  # loads cnn/refit.pt (the export stage trained it)
     x = to_model_input(images, spec)
-    with torch.no_grad():
-        expected = FoldEnsemble(members)(torch.from_numpy(x)).numpy()
     manifest = read_manifest(smoke_run / "bundle")
-    fp32_graph = smoke_run / "cnn" / "cnn.onnx"  # what the bundle serves or, if int8 passed, carries beside it
-    session = ort.InferenceSession(str(fp32_graph), providers=["CPUExecutionProvider"])
-    got = session.run([manifest.cnn.output_name], {manifest.cnn.input_name: x})[0]
-    assert np.abs(got - expected).max() <= 1e-4
-    assert session.get_inputs()[0].shape[0] == "batch"  # dynamic batch axis
+    for arch, name in zip(cfg.arch, cfg.cnns):
+        members = cnn_module.served_members(Run(cfg, smoke_run), arch)  # <cnn>/refit.pt (the export stage trained it)
+        with torch.no_grad():
+            expected = FoldEnsemble(members)(torch.from_numpy(x)).numpy()
+        fp32_graph = smoke_run / name / f"{name}.onnx"  # what the bundle serves or, if int8 passed, carries beside it
+        session = ort.InferenceSession(str(fp32_graph), providers=["CPUExecutionProvider"])
+        got = session.run([manifest.cnn.output_name], {manifest.cnn.input_name: x})[0]
+        assert np.abs(got - expected).max() <= 1e-4, name
+        assert session.get_inputs()[0].shape[0] == "batch"  # dynamic batch axis
 
 
 def test_export_fails_the_run_when_parity_breaks(tmp_path, monkeypatch):
@@ -146,7 +147,7 @@ def test_killed_run_resumes(tmp_path, subset):
     d = subset(8)
     run_dir = tmp_path / "run"
     cmd = [sys.executable, "-m", "training", "cnn", "--data-dir", str(d), "--out", str(run_dir)]
-    cmd += ["--preset", "smoke", "--folds", "3", "--epochs", "2", "--image-size", "32"]
+    cmd += ["--preset", "smoke", "--folds", "3", "--epochs", "2", "--image-size", "32", "--arch", "resnet18"]
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
@@ -204,7 +205,7 @@ def test_report_has_every_model_and_metric(smoke_run, sample_dir):
     served = report["served"]
     assert served == report["selection"]["combiner"]["chosen"] == read_manifest(smoke_run / "bundle").served
     assert 0 <= report["models"][served]["malignant_pauc"]["value"] <= 0.2
-    assert report["paired_difference"]["models"] == f"{served} - cnn"
+    assert report["paired_difference"]["models"] == f"{served} - cnn_efficientnet_lite0"  # the lead CNN
     lesions = report["lesion_level"]
     assert list(lesions["models"]) == components and lesions["lesions"] == report["data"]["lesions"]
     assert set(report["lesion_gain"]) == {"all_images", "multi_image_lesions"}
@@ -214,13 +215,21 @@ def test_report_has_every_model_and_metric(smoke_run, sample_dir):
         present
     )
     assert report["config"]["precision"] == native_precision()  # no --precision given: auto
-    gate = json.loads((smoke_run / "cnn" / "quantization.json").read_text())
-    assert report["int8_gate"] == gate and report["served_cnn"] == "refit"
-    assert (
-        f"int8 gate {'passed with' if gate['passed'] else 'failed'}"
-        in (smoke_run / "artifacts" / "report.md").read_text()
+    assert report["served_cnn"] == "refit" and list(report["int8_gates"]) == ["cnn_efficientnet_lite0", "cnn"]
+    for name, gate in report["int8_gates"].items():  # one gate per CNN
+        assert gate == json.loads((smoke_run / name / "quantization.json").read_text())
+        assert (
+            f"`{name}`: int8 gate {'passed with' if gate['passed'] else 'failed'}"
+            in (smoke_run / "artifacts" / "report.md").read_text()
+        )
+    plots = (
+        "roc_served.png",
+        "roc_cnn.png",
+        "roc_cnn_efficientnet_lite0.png",
+        "confusion_served.png",
+        "reliability.png",
     )
-    for plot in ("roc_served.png", "confusion_served.png", "reliability.png"):
+    for plot in plots:
         assert (smoke_run / "artifacts" / "plots" / plot).read_bytes()[:4] == b"\x89PNG"
 
 
@@ -234,14 +243,20 @@ def test_bundle_reproduces_what_training_computed(smoke_run):
         manifest.cnn.training_precision == run_config(smoke_run).precision
         and manifest.metrics[manifest.served]["bmca"] > 0
     )
-    assert manifest.cnn.members == 1 and (smoke_run / "cnn" / "refit.pt").exists()  # the default: one refit model
+    assert [c.architecture for c in manifest.cnns] == ["efficientnet_lite0", "resnet18"]  # the default: both
+    for c in manifest.cnns:  # the default: one refit model each
+        assert c.members == 1 and (smoke_run / c.name / "refit.pt").exists()
     ref = json.loads((smoke_run / "artifacts" / "reference_predictions.json").read_text())
     predictor = Predictor.load(bundle, cnn_precision="fp32")  # torch computed fp32 (int8 is gated apart)
     images = np.stack([load_for_model(Path(p).read_bytes(), manifest.preprocessing) for p in ref["paths"]])
-    assert np.abs(predictor.cnn_probs(images) - np.array(ref["cnn_torch"])).max() <= 1e-4
+    cnn_probs = predictor.cnn_probs(images)
+    assert list(cnn_probs) == list(ref["cnn_torch"]) == [c.name for c in manifest.cnns]
+    for name, probs in cnn_probs.items():  # each graph against torch
+        assert np.abs(probs - np.array(ref["cnn_torch"][name])).max() <= 1e-4, name
     expected = ref["probabilities_given_oof_cnn"]
     # metadata exactly as the CSV has it (`localization`), validated by the core like a request
-    got = predictor.predict_components(images, ref["metadata"], cnn_probs=np.array(expected[manifest.cnn.name]))
+    oof_cnns = {c.name: np.array(expected[c.name]) for c in manifest.cnns}
+    got = predictor.predict_components(images, ref["metadata"], cnn_probs=oof_cnns)
     assert list(got) == manifest.components == list(expected)
     for name in manifest.components:
         assert np.abs(got[name] - np.array(expected[name])).max() <= 1e-5, name
@@ -249,7 +264,7 @@ def test_bundle_reproduces_what_training_computed(smoke_run):
 
 
 def test_bundle_with_chosen_boosters_serves_exactly_them(tiny_data, tmp_path, app_factory, sample_dir):
-    extra = ["--boosters", "lightgbm,xgboost", "--no-int8", "--served-cnn", "ensemble"]
+    extra = ["--boosters", "lightgbm,xgboost", "--no-int8", "--served-cnn", "ensemble", "--arch", "resnet18"]
     run_dir = train(tiny_data, tmp_path / "run", *TINY, *extra)
     bundle = run_dir / "bundle"
     manifest = read_manifest(bundle)
@@ -309,11 +324,11 @@ def test_a_fold_trained_under_the_best_epoch_rule_is_named_when_resumed(tmp_path
     table = folded(d)
     cfg = make_config("smoke", str(d), folds=3, epochs=1, image_size=32, precision="fp32")
     images = np.random.default_rng(0).integers(0, 256, (len(table), 24, 32, 3), dtype=np.uint8)
-    cnn_module.run_cnn(cfg, RunLayout(tmp_path), table, images, log=lambda m: None)
+    cnn_module.run_cnn(cfg, "resnet18", RunLayout(tmp_path), table, images, log=lambda m: None)
     summary = tmp_path / "cnn" / "fold1.json"
     summary.write_text(json.dumps({**json.loads(summary.read_text()), "best_epoch": 1}))  # as older versions wrote
     logged: list[str] = []
-    cnn_module.run_cnn(cfg, RunLayout(tmp_path), table, images, log=logged.append)
+    cnn_module.run_cnn(cfg, "resnet18", RunLayout(tmp_path), table, images, log=logged.append)
     warnings = [m for m in logged if m.startswith("warning:")]
     assert len(warnings) == 1 and "fold 1 was trained before fold models kept their last epoch" in warnings[0]
 

@@ -67,5 +67,7 @@ def test_a_tta_run_records_it_and_serves_the_tta_graph(tiny_data, tmp_path, samp
     predictor = Predictor.load(run_dir / "bundle")
     spec = manifest.preprocessing
     images = np.stack([load_for_model(p.read_bytes(), spec) for p in sorted((sample_dir / "images").iterdir())[:6]])
-    probs = predictor.cnn_probs(images)
-    assert np.abs(predictor.cnn_probs(np.ascontiguousarray(images[:, ::-1])) - probs).max() <= 1e-5
+    probs, flipped = predictor.cnn_probs(images), predictor.cnn_probs(np.ascontiguousarray(images[:, ::-1]))
+    assert all(c.tta for c in manifest.cnns)
+    for name in probs:  # every CNN's graph averages the flips
+        assert np.abs(flipped[name] - probs[name]).max() <= 1e-5, name
