@@ -51,6 +51,9 @@ class OodSpec(BaseModel):
         None, description="image-statistics scores above it are flagged (None: bundles before it have no such check)"
     )
     image_file: str | None = Field(None, description="bundle file (.npz): the image statistics' mean and precision")
+    fitted_on: str | None = Field(
+        None, description="the fold graphs whose held-out scores set the thresholds: the CNN and the precision served"
+    )
 
     @model_validator(mode="after")
     def _served_method_has_a_finite_threshold(self) -> OodSpec:

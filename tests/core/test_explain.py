@@ -264,6 +264,9 @@ def test_ood_threshold_and_served_score_match_training(smoke_run, sample_dir, ap
         held["image_statistics"] > ood["image_threshold"]
     )
     assert either.mean() == pytest.approx(ood["flag_share"], abs=0.01)  # the two checks together
+    lead = manifest["cnns"][0]  # its fold graphs at the precision the bundle serves scored the held-out images
+    served = f"int8 ({lead['quantization']['config']})" if lead["precision"] == "int8" else "fp32"
+    assert ood["fitted_on"] == f"{lead['name']} fold graphs, {served}"
     predictor = Predictor.load(smoke_run / "bundle")
     client = app_factory(smoke_run / "bundle")
     rng = np.random.default_rng(1)

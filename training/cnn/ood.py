@@ -54,8 +54,9 @@ def graph_embeddings(graph: Path, images: np.ndarray, spec: ImageSpec, batch_siz
     return np.concatenate([e for e, _ in out]), np.concatenate([z for _, z in out])
 
 
-def fit_ood(run: Run, fold_graphs: list[Path], method: str, share: float) -> OodSpec:
-    """The thresholds from held-out scores: fold k's graph (`fold_graphs[k]`) scores fold k."""
+def fit_ood(run: Run, fold_graphs: list[Path], method: str, share: float, fitted_on: str | None = None) -> OodSpec:
+    """The thresholds from held-out scores: fold k's graph (`fold_graphs[k]`, described by
+    `fitted_on`) scores fold k."""
     spec, images = run.cfg.image_spec(), run.images
     y, fold = run.table.label.to_numpy(), run.table.fold.to_numpy()
     n_classes = len(labels.CLASSES)
@@ -78,10 +79,11 @@ def fit_ood(run: Run, fold_graphs: list[Path], method: str, share: float) -> Ood
         file=OOD_FILE,
         image_threshold=float(np.quantile(held_out[IMAGE_CHECK], q)),
         image_file=IMAGE_OOD_FILE,
+        fitted_on=fitted_on,
     )
     atomic_write_text(run.paths.ood_spec, ood.model_dump_json(indent=2))
     run.log(
-        f"ood: {method} score and image statistics fitted through the served fold graphs; thresholds flagging "
+        f"ood: {method} score and image statistics fitted through the {fitted_on}; thresholds flagging "
         f"{share:.0%} of held-out real images together: {thresholds}, image {ood.image_threshold:.4g}"
     )
     return ood

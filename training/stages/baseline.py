@@ -31,7 +31,7 @@ def run(run: Run) -> None:
 
     served = select.load(run).combiner.chosen
     fold, spec = run.table.fold.to_numpy(), run.cfg.image_spec()
-    probs, lead_graphs = {}, []
+    probs, lead_graphs, lead_precision = {}, [], ""
     with tempfile.TemporaryDirectory() as tmp:
         for arch, name in zip(run.cfg.arch, run.cfg.cnns):
             paths = run.paths.cnn(name)
@@ -46,6 +46,7 @@ def run(run: Run) -> None:
             precision = f"int8 ({gate.config})" if gate and gate.passed else "fp32"
             run.log(f"baseline: {name} fold graphs served {precision}")
             if name == run.cfg.cnns[0]:
-                lead_graphs = fold_graphs
-        fit_ood(run, lead_graphs, run.cfg.ood_method, run.cfg.ood_share)
+                lead_graphs, lead_precision = fold_graphs, precision
+        fitted_on = f"{run.cfg.cnns[0]} fold graphs, {lead_precision}"
+        fit_ood(run, lead_graphs, run.cfg.ood_method, run.cfg.ood_share, fitted_on)
     write_oof(run.paths.oof("served_graphs"), run.table, oof_answers(run, probs)[served])
