@@ -24,7 +24,7 @@ class FeatureSpec(BaseModel):
     """The saved encoder: the CNNs whose probabilities come first, category lists, the accepted age
     range and the resulting column order."""
 
-    cnns: list[str] = Field(["cnn"], min_length=1, description="the CNNs whose probabilities are features, in order")
+    cnns: list[str] = Field(default_factory=list, description="the CNNs whose probabilities are features, in order")
     classes: list[str] = Field(labels.CLASSES, min_length=2)
     sexes: list[str] = Field(labels.SEXES, min_length=1)
     sites: list[str] = Field(labels.SITES, min_length=1)
@@ -86,7 +86,7 @@ def build_features(
     for name in spec.cnns:
         if cnn_probs[name].shape[1] != len(spec.classes):
             raise ValueError(
-                f"CNN {name} gives {cnn_probs[name].shape[1]} classes, the feature encoder expects {len(spec.classes)}"
+                f"the CNN {name} gives {cnn_probs[name].shape[1]} classes, the feature encoder expects {len(spec.classes)}"
             )
     blocks = [cnn_probs[name].astype(np.float32) for name in spec.cnns]
     return np.concatenate([*blocks, encode_metadata(meta, spec), stats.astype(np.float32)], axis=1)

@@ -191,9 +191,12 @@ class Manifest(BaseModel):
     @model_validator(mode="before")
     @classmethod
     def _one_cnn_before_version_5(cls, data: object) -> object:
-        """Bundles before version 5 name their one CNN `cnn`."""
+        """Bundles before version 5 name their one CNN `cnn`, whose probabilities are its features' first."""
         if isinstance(data, dict) and "cnn" in data and "cnns" not in data:
-            data = {k: v for k, v in data.items() if k != "cnn"} | {"cnns": [data["cnn"]]}
+            cnn, features = data["cnn"], data.get("features")
+            data = {k: v for k, v in data.items() if k != "cnn"} | {"cnns": [cnn]}
+            if isinstance(features, dict) and isinstance(cnn, dict) and "cnns" not in features and "name" in cnn:
+                data["features"] = features | {"cnns": [cnn["name"]]}
         return data
 
     @property

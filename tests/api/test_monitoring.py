@@ -23,6 +23,10 @@ def test_psi_is_zero_for_the_same_shares_and_grows_with_the_shift():
     assert psi(e, e) == 0
     small, large = np.array([0.2, 0.1, 0.1, 0.1, 0.2, 0.2, 0.1]), np.eye(7)[0]
     assert 0 < psi(small, e) < 0.25 < psi(large, e)
+    # by hand: (a - e) ln(a / e) summed; for two bins 0.5/0.5 -> 0.7/0.3: 0.2 ln(1.4) + (-0.2) ln(0.6)
+    assert psi(np.array([0.7, 0.3]), np.array([0.5, 0.5])) == pytest.approx(0.2 * np.log(1.4) - 0.2 * np.log(0.6))
+    # asymmetric shares tell the PSI from KL divergence (sum a ln(a/e) = 0.0823 here, the PSI 0.1677)
+    assert psi(np.array([0.7, 0.3]), np.array([0.5, 0.5])) != pytest.approx(0.7 * np.log(1.4) + 0.3 * np.log(0.6))
 
 
 def test_the_window_keeps_the_last_answers_and_waits_for_enough(tiny_run):
@@ -119,3 +123,20 @@ def test_static_routes_have_their_own_labels(api):
     assert 'lesion_http_requests_total{route="/openapi.json",status="200"}' in text
     assert 'lesion_http_requests_total{route="/docs-assets/{path}",status="200"}' in text
     assert 'lesion_http_requests_total{route="unmatched",status="404"}' in text
+
+
+def test_the_baseline_is_the_served_graphs_out_of_fold_answers(tiny_run):
+    """The drift baseline: the top-1 shares of the served answer out-of-fold through the fold graphs at
+    the precision served, and the deciles of the held-out OOD score (the baseline stage's tables)."""
+    import pandas as pd
+
+    from service.core.bundle import read_manifest
+
+    manifest = read_manifest(tiny_run / "bundle")
+    served = pd.read_csv(tiny_run / "artifacts" / "oof_served_graphs.csv")
+    top1 = served.filter(like="p_").to_numpy().argmax(1)
+    expected = {c: float(np.mean(top1 == i)) for i, c in enumerate(manifest.classes)}
+    assert manifest.monitoring is not None and manifest.monitoring.label_shares == pytest.approx(expected)
+    assert manifest.ood is not None
+    held = pd.read_csv(tiny_run / "artifacts" / "oof_ood.csv")[manifest.ood.method].to_numpy()
+    assert manifest.monitoring.ood_score_edges == pytest.approx(np.quantile(held, np.arange(1, 10) / 10).tolist())

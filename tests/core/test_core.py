@@ -161,8 +161,10 @@ def test_no_model_name_is_spelled_in_the_serving_code():
     names = {CNN, SOFT_VOTE, STACK, *ALL_BOOSTERS}
     py = sorted((REPO / "service").rglob("*.py"))
     assert len(py) > 10
+    schema_keys = {"service/core/manifest.py": {CNN}}  # the field of the one CNN of manifests before version 5
     for path in py:
-        assert not string_literals(path) & names, f"{path.relative_to(REPO)} spells {string_literals(path) & names}"
+        spelled = string_literals(path) & names - schema_keys.get(path.relative_to(REPO).as_posix(), set())
+        assert not spelled, f"{path.relative_to(REPO)} spells {spelled}"
     for path in (REPO / "service").rglob("*.html"):
         quoted = set(re.findall(r"[\"'`]([a-z_]+)[\"'`]", path.read_text().lower()))
         assert not quoted & names, f"{path.relative_to(REPO)} spells {quoted & names}"

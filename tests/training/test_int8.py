@@ -273,3 +273,27 @@ def test_int8_ensemble_tracks_fp32_on_real_images(int8_run, sample_dir):
     a = quantize.session(int8_run / "cnn" / "cnn.onnx").run(["probabilities"], {"image": x})[0]
     b = quantize.session(int8_run / "cnn" / "cnn.int8.onnx").run(["probabilities"], {"image": x})[0]
     assert np.allclose(b.sum(1), 1, atol=1e-3) and np.abs(a - b).max() < 0.1
+
+
+@pytest.mark.parametrize("figure", quantize.GATED)
+@pytest.mark.parametrize("loss, passes", [(0.009, True), (0.011, False), (-0.05, True)])
+def test_each_gated_figure_may_lose_at_most_one_percent(monkeypatch, figure, loss, passes):
+    """The rule at its boundary, one figure at a time: 0.9 % lost passes, 1.1 % fails, a gain passes,
+    whichever of BMCA, malignant AUC and pAUC it is (the others unchanged)."""
+    assert quantize.MAX_RELATIVE_LOSS == 0.01 and set(quantize.GATED) == {"bmca", "malignant_auc", "malignant_pauc"}
+    fp32 = {"bmca": 0.6, "malignant_auc": 0.85, "malignant_pauc": 0.12}
+    int8 = {k: v * (1 - loss) if k == figure else v for k, v in fp32.items()}
+
+    def figures(y, probs, lesions, n_boot, seed, paired):  # the metric code is tested elsewhere: the rule here
+        models = {
+            name: {k: {"value": v, "ci95": [v, v]} for k, v in d.items()}
+            for name, d in (("fp32", fp32), ("int8", int8))
+        }
+        return {"models": models, "paired_difference": {k: {"value": int8[k] - fp32[k], "ci95": [0, 0]} for k in fp32}}
+
+    monkeypatch.setattr(quantize, "with_intervals", figures)
+    y, p = oof_like(70)
+    gate = check(y, p, p, p, p)
+    assert gate.passed == passes
+    assert gate.metrics[figure].relative_loss == pytest.approx(loss)
+    assert all(m.relative_loss == 0 for k, m in gate.metrics.items() if k != figure)

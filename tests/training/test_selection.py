@@ -75,6 +75,20 @@ def test_each_fold_is_scored_with_the_pick_made_without_it():
     np.testing.assert_array_equal(nested[fold == 0], steady[fold == 0])
 
 
+def test_a_candidate_that_wins_overall_only_through_one_fold_is_not_picked_for_that_fold():
+    """The overall pick and the nested one differ: "spiky" wins on every row only because of fold 0,
+    so fold 0, chosen without its own labels, is scored with "steady" and the other folds with
+    "spiky". A choice made once on every row (the leak nesting prevents) would give fold 0 "spiky"."""
+    rng, y, lesions, fold = dataset(n=1000, seed=3)
+    spiky = informative(rng, y, 0.6)
+    spiky[fold == 0] = informative(rng, y[fold == 0], 10.0)
+    steady = informative(rng, y, 0.9)
+    choice, nested = nested_choice(y, fold, {"steady": steady, "spiky": spiky})
+    assert choice.picked == "spiky" and choice.fold_picks == ["steady", "spiky", "spiky", "spiky", "spiky"]
+    np.testing.assert_array_equal(nested[fold == 0], steady[fold == 0])
+    np.testing.assert_array_equal(nested[fold != 0], spiky[fold != 0])
+
+
 def test_scores_are_the_isic_pauc_and_bmca():
     rng, y, _, _ = dataset()
     p = informative(rng, y, 2.0)

@@ -241,7 +241,7 @@ def test_bundle_reproduces_what_training_computed(smoke_run):
     assert set(manifest.files) == {p.name for p in bundle.iterdir()} - {"manifest.json"}
     assert (
         manifest.cnn.training_precision == run_config(smoke_run).precision
-        and manifest.metrics[manifest.served]["bmca"] > 0
+        and manifest.metrics[manifest.served]["bmca"] > 0.35  # it learns: chance is 1/7; the smoke run reaches ~0.5
     )
     assert [c.architecture for c in manifest.cnns] == ["efficientnet_lite0", "resnet18"]  # the default: both
     for c in manifest.cnns:  # the default: one refit model each
