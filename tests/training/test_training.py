@@ -205,7 +205,7 @@ def test_report_has_every_model_and_metric(smoke_run, sample_dir):
     served = report["served"]
     assert served == report["selection"]["combiner"]["chosen"] == read_manifest(smoke_run / "bundle").served
     assert 0 <= report["models"][served]["malignant_pauc"]["value"] <= 0.2
-    assert report["paired_difference"]["models"] == f"{served} - cnn_efficientnet_lite0"  # the lead CNN
+    assert report["paired_difference"]["models"] == f"{served} - cnn"  # the lead CNN
     lesions = report["lesion_level"]
     assert list(lesions["models"]) == components and lesions["lesions"] == report["data"]["lesions"]
     assert set(report["lesion_gain"]) == {"all_images", "multi_image_lesions"}
@@ -215,7 +215,7 @@ def test_report_has_every_model_and_metric(smoke_run, sample_dir):
         present
     )
     assert report["config"]["precision"] == native_precision()  # no --precision given: auto
-    assert report["served_cnn"] == "refit" and list(report["int8_gates"]) == ["cnn_efficientnet_lite0", "cnn"]
+    assert report["served_cnn"] == "refit" and list(report["int8_gates"]) == ["cnn", "cnn_efficientnet_lite0"]
     for name, gate in report["int8_gates"].items():  # one gate per CNN
         assert gate == json.loads((smoke_run / name / "quantization.json").read_text())
         assert (
@@ -243,7 +243,7 @@ def test_bundle_reproduces_what_training_computed(smoke_run):
         manifest.cnn.training_precision == run_config(smoke_run).precision
         and manifest.metrics[manifest.served]["bmca"] > 0.35  # it learns: chance is 1/7; the smoke run reaches ~0.5
     )
-    assert [c.architecture for c in manifest.cnns] == ["efficientnet_lite0", "resnet18"]  # the default: both
+    assert [c.architecture for c in manifest.cnns] == ["resnet18", "efficientnet_lite0"]  # the default: both
     for c in manifest.cnns:  # the default: one refit model each
         assert c.members == 1 and (smoke_run / c.name / "refit.pt").exists()
     ref = json.loads((smoke_run / "artifacts" / "reference_predictions.json").read_text())
