@@ -47,15 +47,19 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=20, help="batches timed in each measurement")
     p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"])
     p.add_argument("--compile", action="store_true", help="torch.compile the model (both measurements)")
+    p.add_argument("--arch", default="resnet18,efficientnet_lite0", help="CNNs measured side by side, in turn")
+    p.add_argument("--freeze-stages", type=int, default=0, help="a pretrained CNN's first stages frozen")
     args = p.parse_args()
     print(machine_header(), flush=True)
     cfg = make_config(
         "cpu",
         args.data_dir,
+        arch=args.arch,
         image_size=args.image_size,
         batch_size=args.batch_size,
         precision=args.precision,
         compile=args.compile,
+        freeze_stages=args.freeze_stages,
         epochs=2,
     )
     spec = cfg.image_spec()
@@ -64,20 +68,26 @@ def main() -> None:
     images = decode_all(list(table.path[:n]), spec)
     y = table.label.to_numpy()[:n]
     rows = np.arange(n)
-
-    t = build_fold(0, cfg, cfg.arch[0], images, y, rows)
-    train_one_epoch(t, spec, desc="warm-up")  # warms the kernels (and compiles, with --compile)
-    _, pipeline = train_one_epoch(t, spec, desc="pipeline")
-
-    x = eval_batch(images[: cfg.batch_size], spec, t.device)
-    limit = model_only(t, x, torch.from_numpy(y[: cfg.batch_size].copy()).to(t.device), args.steps)
-
-    device = torch.cuda.get_device_name() if t.device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
-    print(f"device: {device}; {spec.width}x{spec.height}, batch {cfg.batch_size}, {cfg.precision}, {n} real images")
-    compiled = ", torch.compile" if cfg.compile else ""
-    print(f"pipeline (train_one_epoch: batches augmented on the device{compiled}): {pipeline:.1f} images/s")
-    print(f"model only (forward + backward + step, data on the device): {limit:.1f} images/s")
-    print(f"ratio pipeline / model only: {pipeline / limit:.2f}")
+    speeds = {}
+    for arch in cfg.arch:
+        t = build_fold(0, cfg, arch, images, y, rows)
+        train_one_epoch(t, spec, desc="warm-up")  # warms the kernels (and compiles, with --compile)
+        _, pipeline = train_one_epoch(t, spec, desc="pipeline")
+        x = eval_batch(images[: cfg.batch_size], spec, t.device)
+        limit = model_only(t, x, torch.from_numpy(y[: cfg.batch_size].copy()).to(t.device), args.steps)
+        device = torch.cuda.get_device_name() if t.device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+        frozen = f", {len(t.frozen)} stages frozen" if t.frozen else ""
+        print(
+            f"{arch}{frozen}: {device}; {spec.width}x{spec.height}, batch {cfg.batch_size}, {cfg.precision}, {n} real images"
+        )
+        compiled = ", torch.compile" if cfg.compile else ""
+        print(f"  pipeline (train_one_epoch: batches augmented on the device{compiled}): {pipeline:.1f} images/s")
+        print(f"  model only (forward + backward + step, data on the device): {limit:.1f} images/s")
+        print(f"  ratio pipeline / model only: {pipeline / limit:.2f}")
+        speeds[arch] = pipeline
+    first, *others = cfg.arch
+    for arch in others:
+        print(f"ratio {arch} / {first} (pipeline images/s): {speeds[arch] / speeds[first]:.2f}")
 
 
 if __name__ == "__main__":

@@ -66,8 +66,10 @@ def test_bench_serving_runs_and_prints_every_ratio_beside_bentoml(tiny_run, samp
 def test_bench_training_prints_the_pipeline_and_model_only_speeds(tiny_data):
     args = ["--data-dir", str(tiny_data), "--image-size", "32", "--batch-size", "8", "--steps", "2"]
     stdout = bench("bench_training", *args, "--precision", "fp32")
-    ratio = [line for line in stdout.splitlines() if line.startswith("ratio pipeline / model only: ")]
-    assert len(ratio) == 1 and float(ratio[0].split(": ")[1]) > 0, stdout
+    ratio = [line for line in stdout.splitlines() if line.strip().startswith("ratio pipeline / model only: ")]
+    assert len(ratio) == 2 and all(float(r.split(": ")[1]) > 0 for r in ratio), stdout  # each CNN
+    side = [line for line in stdout.splitlines() if line.startswith("ratio efficientnet_lite0 / resnet18")]
+    assert len(side) == 1 and float(side[0].split(": ")[1]) > 0, stdout
 
 
 @pytest.mark.scenario
