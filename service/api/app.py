@@ -68,6 +68,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings.for_worker()
     HeaderDeadlineProtocol.header_timeout_s = settings.header_timeout_s  # this process's connections
     HeaderDeadlineProtocol.close_linger_s = settings.close_linger_s
+    HeaderDeadlineProtocol.linger_max_bytes = settings.largest_body_bytes()
     logging.captureWarnings(True)  # a library's warning is a log line in the service's format, not raw stderr
     # Keep uploads in memory: the request guard stops a body before it outgrows the spool size.
     forms.install(spool_bytes=settings.largest_request_bytes() + 1)

@@ -7,8 +7,10 @@ worker answers a scrape reports the whole server's traffic, summed over the work
 
 from __future__ import annotations
 
+import hashlib
 import os
 
+import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, multiprocess
 
 from service.api.monitoring import DriftWindow
@@ -16,6 +18,11 @@ from service.core.manifest import Manifest
 from service.core.predictor import Prediction
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+
+
+def image_key(image: np.ndarray) -> bytes:
+    """A digest of one model input: equal for the same pixels, whatever file they came in."""
+    return hashlib.blake2b(np.ascontiguousarray(image).tobytes(), digest_size=16).digest()
 
 
 def multiprocess_mode() -> bool:
@@ -104,8 +111,15 @@ class Metrics:
         self.batch_size.observe(images)
         self.images.inc(images)
 
-    def observe_answers(self, manifest: Manifest, preds: list[Prediction], quality: list[list[str]]) -> None:
-        """Count what the model answered and move the drift window (on the event loop: no lock)."""
+    def observe_answers(
+        self,
+        manifest: Manifest,
+        preds: list[Prediction],
+        quality: list[list[str]],
+        images: np.ndarray | None = None,
+    ) -> None:
+        """Count what the model answered and move the drift window (on the event loop: no lock); the
+        drift window counts each of `images` (the model's inputs) once while it holds it."""
         bundle = manifest.bundle_id
         window = self.windows.get(bundle)
         if window is None:  # the first answer of this bundle in this worker
@@ -115,7 +129,8 @@ class Metrics:
             if manifest.ood is not None:
                 self.ood_design_share.labels(bundle).set(manifest.ood.flag_share)
         malignant = [manifest.classes.index(c) for c in manifest.malignant_classes]
-        for pred, warned in zip(preds, quality):
+        keys = [None] * len(preds) if images is None else [image_key(image) for image in images]
+        for pred, warned, key in zip(preds, quality, keys):
             top = int(pred.probabilities.argmax())
             self.answers.labels(bundle, manifest.classes[top]).inc()
             self.malignant.labels(bundle).observe(float(pred.probabilities[malignant].sum()))
@@ -124,7 +139,7 @@ class Metrics:
             if manifest.ood is not None and pred.ood_score is not None:
                 if manifest.ood.flagged_by(pred.ood_score, pred.image_ood_score):
                     self.ood_flagged.labels(bundle).inc()
-            window.add(top, pred.ood_score)
+            window.add(top, pred.ood_score, key)
         for signal, value in (("label", window.label_psi()), ("ood_score", window.ood_psi())):
             if value is not None:
                 self.drift.labels(bundle, signal).set(value)

@@ -25,7 +25,7 @@ from service.api.auth import access_refusal, route_path
 from service.api.errors import BUSY, CLOSE, ApiError, error_response
 from service.api.forms import PART_LIMITS, PartLimits
 from service.api.metrics import Metrics
-from service.api.settings import Settings
+from service.api.settings import BINARY_HEADER, Settings
 from service.api.state import ModelState
 
 log = logging.getLogger("service.requests")
@@ -39,7 +39,8 @@ Send = Callable[[Message], Awaitable[None]]
 
 def byte_count(header: str | None) -> int | None:
     """A Content-Length value as a number, or None when absent or not one."""
-    return int(header) if header is not None and header.isascii() and header.isdigit() else None
+    ok = header is not None and header.isascii() and header.isdigit() and len(header) <= 18
+    return int(header) if ok else None  # type: ignore[arg-type]
 
 
 def route_label(scope: Scope, path: str) -> str:
@@ -67,7 +68,7 @@ class RequestGuard:
         self.app, self.settings, self.metrics, self.state = app, settings, metrics, state
         self.security_headers = security_headers
         self.inflight_requests = 0  # requests with a body this worker holds (one event loop: no lock)
-        self.inflight_bytes = 0  # the body bytes they have sent so far
+        self.inflight_bytes = 0  # what the bodies they sent so far cost in memory (bytes x Settings.body_cost)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -89,7 +90,8 @@ class RequestGuard:
             await send(message)
 
         limit = self.settings.max_request_bytes(scope["path"])
-        body = Body(self, headers, limit)
+        binary = BINARY_HEADER.lower() in headers  # the protocol's binary extension
+        body = Body(self, headers, limit, self.settings.body_cost(scope["path"], binary))
         parts = PART_LIMITS.set(PartLimits(self.settings.max_upload_bytes, self.settings.max_metadata_bytes))
         try:
             refusal = self.refusal(scope, headers, limit)
@@ -114,7 +116,7 @@ class RequestGuard:
         s = self.settings
         if self.inflight_requests >= s.max_inflight_requests:
             return 503, "busy", f"this worker is busy ({s.max_inflight_requests} requests in flight); retry shortly"
-        if self.inflight_bytes + body.declared > s.max_inflight_bytes:
+        if self.inflight_bytes + body.declared * body.cost > s.max_inflight_bytes:
             return (
                 503,
                 "busy",
@@ -164,8 +166,8 @@ class Body:
     """One request's body as the guard sees it: its bytes counted against the request's limit and
     the worker's in-flight bound as they arrive, under the gap and total deadlines."""
 
-    def __init__(self, guard: RequestGuard, headers: Headers, limit: int) -> None:
-        self.guard, self.limit = guard, limit
+    def __init__(self, guard: RequestGuard, headers: Headers, limit: int, cost: int = 1) -> None:
+        self.guard, self.limit, self.cost = guard, limit, cost  # cost: memory per body byte (Settings.body_cost)
         self.declared = byte_count(headers.get("content-length")) or 0
         self.expected = self.declared > 0 or "transfer-encoding" in headers
         self.admitted = False
@@ -202,14 +204,14 @@ class Body:
         if self.received + n > self.limit:
             raise ApiError(413, "body-too-large", f"request body is over the {self.limit} byte limit", CLOSE)
         guard = self.guard
-        if self.admitted and guard.inflight_bytes + n > guard.settings.max_inflight_bytes:
+        if self.admitted and guard.inflight_bytes + n * self.cost > guard.settings.max_inflight_bytes:
             raise ApiError(503, "busy", "this worker is busy (request bodies in flight); retry shortly", BUSY)
         self.received += n
         if self.admitted:
-            guard.inflight_bytes += n
+            guard.inflight_bytes += n * self.cost
 
     def release(self) -> None:
         if self.admitted:
             self.guard.inflight_requests -= 1
-            self.guard.inflight_bytes -= self.received
+            self.guard.inflight_bytes -= self.received * self.cost
             self.admitted = False

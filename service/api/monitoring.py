@@ -7,11 +7,17 @@ classes (or over 10 equal-share bins of the OOD score), once the window is full.
 read as stable, 0.1-0.25 as a moderate shift, above 0.25 as a large one. A load balancer gives every worker a sample of the
 same traffic, so each worker's gauge estimates the same drift; Prometheus keeps one series per live
 worker (`pid`) and the alert takes their maximum (deploy/prometheus/alerts.yml).
+
+What one client can do to it: an image already in the window (the same pixels at the model's input)
+is not counted again, so resending one image, or a batch of copies, moves nothing. A client sending
+many *different* images (new files, or one image re-encoded or slightly altered) still fills the
+window with them: it can raise the gauge or dilute a real shift. Limit what one client may send at
+the gateway (per-key rate limits) where that matters; the gauge reads the traffic, not the clinic.
 """
 
 from __future__ import annotations
 
-from collections import deque
+from collections import Counter, deque
 
 import numpy as np
 
@@ -38,11 +44,26 @@ class DriftWindow:
         self.min_answers = size
         self.labels: deque[int] = deque(maxlen=size)
         self.scores: deque[float] = deque(maxlen=size)
+        self.keys: deque[bytes] = deque(maxlen=size)  # the images in the window, by digest
+        self.held: Counter[bytes] = Counter()
 
-    def add(self, label: int, ood_score: float | None) -> None:
+    def add(self, label: int, ood_score: float | None, key: bytes | None = None) -> bool:
+        """Count one answer, unless its image (`key`: a digest of the model's input) is in the window
+        already: a client resending one image cannot move the gauges. Returns whether it counted."""
+        if key is not None:
+            if self.held[key]:
+                return False
+            if len(self.keys) == self.keys.maxlen:
+                gone = self.keys[0]
+                self.held[gone] -= 1
+                if not self.held[gone]:
+                    del self.held[gone]
+            self.keys.append(key)
+            self.held[key] += 1
         self.labels.append(label)
         if ood_score is not None:
             self.scores.append(ood_score)
+        return True
 
     def label_psi(self) -> float | None:
         if self.expected is None or len(self.labels) < self.min_answers:

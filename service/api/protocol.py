@@ -12,8 +12,10 @@ An answer that closes the connection before the request's body is in (a 408, a 4
 upload) would often never reach the client: closing a socket with unread bytes makes the kernel
 send a reset, and the client's kernel then drops the answer it had buffered. Like nginx's
 lingering close, the connection is half-closed after the answer and what the client still sends
-is read and dropped for `close_linger_s` (or until it closes its end, or has sent
-`LINGER_MAX_BYTES` more), then closed: draining stays bounded in time and in bytes.
+is read and dropped for `close_linger_s` (or until it closes its end, or has sent as much as the
+largest body any route accepts), then closed: draining stays bounded in time and in bytes. A client
+that writes its whole body before it reads (Python's http.client, curl) thus reads the answer
+whenever its body arrives within `close_linger_s`; past that it sees the connection reset.
 """
 
 from __future__ import annotations
@@ -30,8 +32,6 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 from service.api.errors import PROBLEM_JSON, problem_body
 from service.api.settings import Settings
 
-LINGER_MAX_BYTES = 4 * 2**20  # a client still sending past this after the answer is cut off
-
 
 class LingeringTransport:
     """The connection's transport, whose close() while the client is still sending a body
@@ -44,8 +44,10 @@ class LingeringTransport:
         loop: asyncio.AbstractEventLoop,
         linger_s: float,
         sending: Callable[[], bool],
+        max_bytes: int,
     ) -> None:
         self._transport, self._loop, self._linger_s, self._sending = transport, loop, linger_s, sending
+        self._max_bytes = max_bytes  # a client still sending past this after the answer is cut off
         self.active = False  # the answer is sent and the client's bytes are being dropped
         self._dropped = 0  # bytes read and dropped since
         self._timer: asyncio.TimerHandle | None = None
@@ -75,9 +77,9 @@ class LingeringTransport:
             self._transport.close()
 
     def drop(self, n: int) -> None:
-        """Count `n` more bytes read and dropped; past `LINGER_MAX_BYTES`, close."""
+        """Count `n` more bytes read and dropped; past the most a body may hold, close."""
         self._dropped += n
-        if self._dropped > LINGER_MAX_BYTES:
+        if self._dropped > self._max_bytes:
             self.close_now()
 
     def pause_reading(self) -> None:
@@ -88,9 +90,12 @@ class LingeringTransport:
 class HeaderDeadlineProtocol(H11Protocol):
     header_timeout_s = Settings.model_fields["header_timeout_s"].default  # create_app sets the worker's own
     close_linger_s = Settings.model_fields["close_linger_s"].default
+    linger_max_bytes = Settings.model_construct().largest_body_bytes()
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-        self.linger = LingeringTransport(transport, asyncio.get_running_loop(), self.close_linger_s, self._sending_body)
+        self.linger = LingeringTransport(
+            transport, asyncio.get_running_loop(), self.close_linger_s, self._sending_body, self.linger_max_bytes
+        )
         super().connection_made(self.linger)  # type: ignore[arg-type]
         self._deadline: asyncio.TimerHandle | None = None
         self._arm()  # the first request's headers

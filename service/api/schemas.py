@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import unicodedata
 from typing import Self
 
 import numpy as np
@@ -217,17 +218,20 @@ def lesion_ids_from_json(raw: str | None, n: int) -> list[str | None] | None:
         return None
     try:
         value = json.loads(raw)
-    except ValueError:
+    except (ValueError, RecursionError):  # not JSON, a number of thousands of digits, nesting too deep
         value = None
     ok = isinstance(value, list) and len(value) == n
-    if not ok or not all(v is None or (isinstance(v, str) and 0 < len(v) <= MAX_LESION_ID) for v in value):
+    if not ok or not all(
+        v is None or (isinstance(v, str) and 0 < len(v) <= MAX_LESION_ID and v.isprintable()) for v in value
+    ):
         raise ApiError(
             422,
             "lesion-ids-invalid",
             f"lesion_ids must be a JSON list with one lesion id per image ({n} images): a string of 1 to "
-            f"{MAX_LESION_ID} characters, or null for an image of no lesion named",
+            f"{MAX_LESION_ID} printable characters, or null for an image of no lesion named",
         )
-    return value
+    # canonically equivalent spellings (NFC) are one lesion; case still matters ("L1" is not "l1")
+    return [None if v is None else unicodedata.normalize("NFC", v) for v in value]
 
 
 class LesionAnswer(BaseModel):

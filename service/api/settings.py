@@ -12,6 +12,15 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from service.core.preprocess import DEFAULT_MAX_PIXELS
 
 BATCH_ROUTE = "/predict/batch"
+BODY_ROUTES = (BATCH_ROUTE, "/predict", "/v2/models/lesion/infer")  # the routes that take a body
+BINARY_HEADER = "Inference-Header-Content-Length"  # the Open Inference Protocol's binary extension
+
+
+def is_infer_route(path: str) -> bool:
+    """The Open Inference Protocol's infer route (routes/inference.py), versioned or not."""
+    return path.startswith("/v2/models/") and path.endswith("/infer")
+
+
 WORKER_SETTINGS_ENV = "LESION_WORKER_SETTINGS"  # the resolved Settings, as JSON, for uvicorn's worker processes
 
 
@@ -45,9 +54,10 @@ class Settings(BaseSettings):
         description="requests with a body that one worker holds at once (reading, queued, predicting); more get 503",
     )
     max_inflight_bytes: int = Field(
-        192 * 1024 * 1024,
+        256 * 1024 * 1024,
         ge=1,
-        description="request body bytes one worker holds at once; more get 503 (worst-case memory: docs in the README)",
+        description="memory one worker's request bodies may take at once (body bytes x the route's cost, "
+        "Settings.body_cost); more get 503 (worst-case memory: docs/deployment.md)",
     )
     batch_max_size: int = Field(16, ge=1, description="micro-batching: most images in one model call")
     batch_max_wait_ms: float = Field(
@@ -98,23 +108,39 @@ class Settings(BaseSettings):
     def max_request_bytes(self, path: str = BATCH_ROUTE) -> int:
         """The largest body a route accepts: its images plus the form's other fields (the protocol's
         infer route: a metadata entry per image)."""
-        infer = path.startswith("/v2/models/") and path.endswith("/infer")
+        infer = is_infer_route(path)
         images = None
         if path == BATCH_ROUTE or infer:
             images = min(self.max_batch * self.max_upload_bytes, self.max_batch_bytes)
         fields = (self.max_batch if infer else 2) * self.max_metadata_bytes
         return (images or self.max_upload_bytes) + fields + 64 * 1024
 
-    def largest_request_bytes(self) -> int:
+    @staticmethod
+    def body_cost(path: str, binary: bool = False) -> int:
+        """Bytes of worker memory one body byte may cost before its images are decoded, counted
+        against max_inflight_bytes (measured in tests/api/test_reliability.py): a form's files are
+        read once from the parser's spooled copies (1); the protocol's infer body is held while its
+        images are copied out (binary extension: 2) or while its JSON is parsed, which makes each
+        string twice before the body is freed (JSON: 3)."""
+        if not is_infer_route(path):
+            return 1
+        return 2 if binary else 3
+
+    def largest_body_bytes(self) -> int:
         """The largest body any route accepts."""
-        return max(self.max_request_bytes(p) for p in (BATCH_ROUTE, "/predict", "/v2/models/lesion/infer"))
+        return max(self.max_request_bytes(p) for p in BODY_ROUTES)
+
+    def largest_request_bytes(self) -> int:
+        """The most in-flight memory one request of any route may cost (its largest body, weighted)."""
+        return max(self.max_request_bytes(p) * self.body_cost(p) for p in BODY_ROUTES)
 
     @model_validator(mode="after")
     def _one_request_fits_in_flight(self) -> Settings:
         if self.largest_request_bytes() > self.max_inflight_bytes:
             raise ValueError(
                 f"max_inflight_bytes ({self.max_inflight_bytes}) must hold one largest request "
-                f"({self.largest_request_bytes()} bytes): raise it or lower max_batch_bytes / max_upload_bytes"
+                f"({self.largest_request_bytes()} bytes as held, Settings.body_cost): raise it or lower "
+                "max_batch_bytes / max_upload_bytes"
             )
         return self
 

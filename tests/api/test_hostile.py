@@ -318,13 +318,16 @@ class Inner:
         await send({"type": "http.response.body", "body": b"ok"})
 
 
+INFER = "/v2/models/lesion/infer"
+
+
 def guard_for(inner, **settings):
     from service.api.metrics import Metrics
     from service.api.middleware import RequestGuard
     from service.api.settings import Settings
     from service.api.state import ModelState
 
-    limits = dict(max_upload_bytes=50_000, max_batch_bytes=100_000, max_metadata_bytes=100, max_inflight_bytes=500_000)
+    limits = dict(max_upload_bytes=50_000, max_batch_bytes=100_000, max_metadata_bytes=100, max_inflight_bytes=600_000)
     return RequestGuard(inner, Settings(**{**limits, **settings}), Metrics(), ModelState(), {})
 
 
@@ -333,7 +336,9 @@ def http_scope(headers: dict[str, str], path: str = "/predict/batch") -> dict:
     return {"type": "http", "method": "POST", "path": path, "headers": raw, "query_string": b""}
 
 
-async def call(guard, headers: dict[str, str], chunks: list[bytes], gap: float = 0.0) -> tuple[int, dict]:
+async def call(
+    guard, headers: dict[str, str], chunks: list[bytes], gap: float = 0.0, path: str = "/predict/batch"
+) -> tuple[int, dict]:
     """Send a request through the guard; returns its status and headers (or an HTTPException's)."""
     from starlette.exceptions import HTTPException
 
@@ -352,7 +357,7 @@ async def call(guard, headers: dict[str, str], chunks: list[bytes], gap: float =
             out["status"], out["headers"] = message["status"], dict(message["headers"])
 
     try:
-        await guard(http_scope(headers), receive, send)
+        await guard(http_scope(headers, path), receive, send)
     except HTTPException as exc:  # raised by the guard's receive, as the app's error handler would see it
         return exc.status_code, dict(exc.headers or {})
     return out["status"], out["headers"]
@@ -370,20 +375,25 @@ def test_admission_bounds_requests_and_bytes_in_flight_with_503_and_retry_after(
         inner.release.set()
         assert [s for s, _ in await asyncio.gather(*held)] == [200, 200]
         assert (guard.inflight_requests, guard.inflight_bytes) == (0, 0)  # released
-        # bytes: a request that has sent 150,000 of a 300,000 bound leaves room for 150,000 more
+        # bytes: a request that holds 300,000 of a 600,000 bound leaves room for 300,000 more; a JSON
+        # infer body costs 3 bytes a byte (Settings.body_cost), a binary one 2, a form 1
         inner = Inner()
-        guard = guard_for(inner, max_inflight_bytes=300_000)
+        guard = guard_for(inner, max_inflight_bytes=600_000)
         first = asyncio.create_task(call(guard, {"content-length": "150000"}, [b"x" * 150_000]))
-        await asyncio.sleep(0.05)
-        assert (await call(guard, {"content-length": "150001"}, [b"x" * 150_001]))[0] == 503
-        fits = asyncio.create_task(call(guard, {"content-length": "150000"}, [b"x" * 150_000]))
+        json_infer = asyncio.create_task(call(guard, {"content-length": "50000"}, [b"x" * 50_000], path=INFER))
         await asyncio.sleep(0.05)
         assert guard.inflight_bytes == 300_000
+        assert (await call(guard, {"content-length": "100001"}, [b"x" * 100_001], path=INFER))[0] == 503
+        binary = {"content-length": "150000", "inference-header-content-length": "10"}
+        fits = asyncio.create_task(call(guard, binary, [b"x" * 150_000], path=INFER))
+        await asyncio.sleep(0.05)
+        assert guard.inflight_bytes == 600_000
         inner.release.set()
-        assert [s for s, _ in await asyncio.gather(first, fits)] == [200, 200]
+        assert [s for s, _ in await asyncio.gather(first, json_infer, fits)] == [200, 200, 200]
+        assert guard.inflight_bytes == 0
         # what a slow sender only declares is not held for it: it cannot starve the others
         inner = Inner()
-        guard = guard_for(inner, max_inflight_bytes=300_000)
+        guard = guard_for(inner, max_inflight_bytes=600_000)
         slow = [asyncio.create_task(call(guard, {"content-length": "150000"}, [b"x"] * 10, gap=1.0)) for _ in range(3)]
         await asyncio.sleep(0.05)
         assert guard.inflight_requests == 3 and guard.inflight_bytes < 10
@@ -420,11 +430,11 @@ def test_chunked_bytes_count_against_the_bound_as_they_arrive():
     async def scenario():
         inner = Inner()
         inner.release.set()
-        guard = guard_for(inner, max_inflight_bytes=200_000)
-        guard.inflight_bytes = 150_000  # what other requests hold
+        guard = guard_for(inner, max_inflight_bytes=600_000)
+        guard.inflight_bytes = 550_000  # what other requests hold
         status, headers = await call(guard, {"transfer-encoding": "chunked"}, [b"x" * 30_000, b"x" * 30_000])
         assert status == 503 and headers["Retry-After"] == "1"
-        assert (guard.inflight_requests, guard.inflight_bytes) == (0, 150_000)  # its own bytes released
+        assert (guard.inflight_requests, guard.inflight_bytes) == (0, 550_000)  # its own bytes released
         guard.inflight_bytes = 0
         assert (await call(guard, {"transfer-encoding": "chunked"}, [b"x" * 30_000, b"x" * 30_000]))[0] == 200
 
@@ -625,6 +635,27 @@ def test_a_refused_swap_keeps_the_old_bundle_serving_and_says_why(app_factory, t
     assert client.get("/model").json()["bundle_id"] == before
     jpeg = sample_images(sample_dir)[0].read_bytes()
     assert client.post("/predict", files={"image": jpeg}).status_code == 200
+
+
+def test_the_swap_loads_the_path_it_checked(tiny_run, tmp_path):
+    """A link under the bundles root is resolved once; what loads is the resolved folder, so a link
+    re-pointed after the check (outside the root) changes nothing."""
+    from service.api.errors import ApiError
+    from service.api.routes.admin import allowed_bundle
+    from service.api.settings import Settings
+
+    root = tmp_path / "bundles"
+    target = copy_bundle(tiny_run / "bundle", root / "real")
+    (root / "link").symlink_to(target)
+    settings = Settings(bundle=tiny_run / "bundle", bundles_root=root)
+    assert allowed_bundle(root / "link", settings) == target.resolve()
+    assert allowed_bundle(None, settings) == (tiny_run / "bundle").resolve()
+    (tmp_path / "outside").symlink_to(tiny_run / "bundle")
+    assert allowed_bundle(tmp_path / "outside", settings) == (tiny_run / "bundle").resolve()  # the configured one
+    (root / "escape").symlink_to(tmp_path)
+    with pytest.raises(ApiError) as refused:
+        allowed_bundle(root / "escape", settings)
+    assert refused.value.status_code == 403
 
 
 # ---- logs: one event, one line, no request data in a traceback ----------------------------------

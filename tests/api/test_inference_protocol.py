@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 import struct
 
 import httpx
@@ -230,7 +231,7 @@ def test_the_bounds_hold_before_any_element_is_read(v2, sample_dir):
     image = sample_images(sample_dir, 1)[0].read_bytes()
     body, headers = binary_request({"image": [image]})
     r = v2.post("/v2/models/lesion/infer", content=body + struct.pack("<I", 0) * 1000, headers=headers)
-    assert r.status_code == 200  # bytes past the last tensor's binary_data_size are not read
+    assert r.status_code == 400 and "4000 bytes of binary data follow" in r.json()["error"]  # nothing ignored
     head = json.loads(body[: int(headers["Inference-Header-Content-Length"])])
     head["inputs"][0]["parameters"]["binary_data_size"] += 4000
     header = json.dumps(head).encode()
@@ -246,7 +247,8 @@ def test_the_bounds_hold_before_any_element_is_read(v2, sample_dir):
         "parameters": {"prior": "x" * 20_000},
         "inputs": [{"name": "image", "shape": [1], "datatype": "BYTES", "data": [base64.b64encode(image).decode()]}],
     }
-    assert v2.post("/v2/models/lesion/infer", json=big_prior).status_code == 413
+    r = v2.post("/v2/models/lesion/infer", json=big_prior)
+    assert r.status_code == 400 and "parameters.prior" in r.json()["error"]
     unknown = dict(big_prior, parameters={}, outputs=[{"name": "heatmap"}])
     assert v2.post("/v2/models/lesion/infer", json=unknown).status_code == 400
     assert v2.get("/metrics").text.count("lesion_answers_total{") == before  # no model work was done
@@ -260,3 +262,83 @@ def test_the_output_list_is_the_metadata_and_the_answer(v2, sample_dir):
     body, headers = binary_request({"image": [sample_images(sample_dir, 1)[0].read_bytes()]})
     names = [o["name"] for o in v2.post("/v2/models/lesion/infer", content=body, headers=headers).json()["outputs"]]
     assert names == OUTPUT_NAMES
+
+
+def image_tensor(image: bytes, n: int = 1) -> dict:
+    return {"name": "image", "shape": [n], "datatype": "BYTES", "data": [base64.b64encode(image).decode()] * n}
+
+
+def answers_counted(client) -> float:
+    return sum(float(v) for v in re.findall(r"lesion_answers_total\{[^}]*\} (\S+)", client.get("/metrics").text))
+
+
+@pytest.mark.parametrize(
+    "body,status,words",
+    [
+        # a body of small JSON values: refused by counting them, before any is parsed
+        (lambda img: b'{"inputs": [], "id": [' + b"0," * 70_000 + b"0]}", 413, "JSON values"),
+        (lambda img: b'{"parameters": {"a": "' + b"," * 70_000 + b'"}}', 413, "JSON values"),
+        # nothing nests below what the protocol defines: parameters, outputs' parameters, elements
+        (lambda img: {"parameters": {"prior": [[0.1] * 7]}, "inputs": [image_tensor(img)]}, 400, "parameters.prior"),
+        (lambda img: {"parameters": {"x": {"y": {"z": 1}}}, "inputs": [image_tensor(img)]}, 400, "parameters.x"),
+        (
+            lambda img: {"inputs": [image_tensor(img)], "outputs": [{"name": "label", "parameters": {"a": [1, 2]}}]},
+            400,
+            "outputs.0.parameters",
+        ),
+        (
+            lambda img: {"inputs": [dict(image_tensor(img), data=[[["aGk="]]])]},
+            400,
+            "inputs.0.data.0",
+        ),
+        (lambda img: b'{"inputs": ' + b"[" * 5000 + b"]" * 5000 + b"}", 400, "not valid JSON"),
+        # a prior that is neither a name nor prevalences is not the default
+        (lambda img: {"parameters": {"prior": 0}, "inputs": [image_tensor(img)]}, 400, "prior"),
+        (lambda img: {"parameters": {"prior": False}, "inputs": [image_tensor(img)]}, 400, "prior"),
+        (lambda img: {"parameters": {"prior": {}}, "inputs": [image_tensor(img)]}, 400, "prior"),
+        # an output named twice
+        (lambda img: {"inputs": [image_tensor(img)], "outputs": [{"name": "label"}, {"name": "label"}]}, 400, "twice"),
+    ],
+)
+def test_what_a_json_body_can_hold_is_bounded(v2, sample_dir, body, status, words):
+    made = body(sample_images(sample_dir, 1)[0].read_bytes())
+    before = answers_counted(v2)
+    content = made if isinstance(made, bytes) else json.dumps(made).encode()
+    r = v2.post("/v2/models/lesion/infer", content=content, headers={"Content-Type": "application/json"})
+    assert r.status_code == status and words in r.json()["error"], r.text
+    assert answers_counted(v2) == before  # refused before the model
+
+
+def test_the_value_count_is_checked_before_parsing():
+    """70,000 small values are refused by counting, not by parsing them: the parser never runs."""
+    from unittest import mock
+
+    from service.api.errors import ApiError
+    from service.api.routes import inference
+
+    with mock.patch.object(inference.InferRequest, "model_validate_json") as parse:
+        with pytest.raises(ApiError) as refused:
+            inference.split_body(bytearray(b'{"id": [' + b"0," * 70_000 + b"0]}"), None)
+    assert refused.value.status_code == 413 and not parse.called
+    small = bytearray(json.dumps({"inputs": [image_tensor(b"x")]}).encode())
+    assert inference.split_body(small, None)[0].inputs[0].name == "image"
+
+
+def test_a_byte_count_of_thousands_of_digits_is_a_400(v2, sample_dir):
+    body, _ = binary_request({"image": [sample_images(sample_dir, 1)[0].read_bytes()]})
+    r = v2.post("/v2/models/lesion/infer", content=body, headers={"Inference-Header-Content-Length": "9" * 5000})
+    assert r.status_code == 400 and "byte count" in r.json()["error"]
+    from service.api.middleware import byte_count
+
+    assert byte_count("9" * 5000) is None and byte_count("123") == 123
+
+
+def test_a_json_prior_object_is_used(v2, sample_dir):
+    image = sample_images(sample_dir, 1)[0].read_bytes()
+    classes = v2.get("/model").json()["classes"]
+    prior = {c: (0.94 if c == "nv" else 0.01) for c in classes}
+    r = v2.post("/v2/models/lesion/infer", json={"parameters": {"prior": prior}, "inputs": [image_tensor(image)]})
+    answer = v2.post("/predict", files={"image": image}, data={"prior": json.dumps(prior)}).json()
+    assert r.status_code == 200, r.text
+    got = r.json()["outputs"][0]["data"]
+    assert np.allclose(got, [answer["probabilities"][c] for c in classes], atol=1e-6)

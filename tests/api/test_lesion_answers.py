@@ -4,6 +4,7 @@ images' answers as returned, with every image's flags and warnings kept."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 
 import numpy as np
@@ -75,13 +76,39 @@ def test_warnings_and_unreadable_images_reach_the_lesion(api, sample_dir):
 
 @pytest.mark.parametrize(
     "value",
-    ['["a"]', '["a", "b", "c"]', '{"a": 1}', '["a", 3]', '["", "b"]', json.dumps(["x" * 129, "b"]), "not json"],
+    [
+        '["a"]',
+        '["a", "b", "c"]',
+        '{"a": 1}',
+        '["a", 3]',
+        '["", "b"]',
+        json.dumps(["x" * 129, "b"]),
+        "not json",
+        '["\\ud800", "b"]',  # a lone surrogate: once an error after the model ran
+        '["a\\u0000", "b"]',
+        "[" * 5000 + "]" * 5000,  # nesting deeper than the parser recurses
+        '["a", 1' + "0" * 5000 + "]",  # an integer of thousands of digits
+    ],
 )
 def test_bad_lesion_ids_are_a_422(api, sample_dir, value):
     jpeg = sample_images(sample_dir, 1)[0].read_bytes()
     files = [("images", ("a.jpg", jpeg, "image/jpeg"))] * 2
+    before = re.findall(r"lesion_images_predicted_total (\S+)", api.get("/metrics").text)
     r = api.post("/predict/batch", files=files, data={"lesion_ids": value})
     assert r.status_code == 422 and r.json()["code"] == "lesion-ids-invalid", r.text
+    assert re.findall(r"lesion_images_predicted_total (\S+)", api.get("/metrics").text) == before  # no model work
+
+
+def test_ids_spelled_alike_are_one_lesion_and_case_matters(api, sample_dir):
+    """Canonically equivalent spellings (NFC: "é" composed or as "e" + accent) are one lesion; ids
+    that differ in case are two (docs/api.md)."""
+    jpeg = sample_images(sample_dir, 1)[0].read_bytes()
+    files = [("images", ("a.jpg", jpeg, "image/jpeg"))] * 4
+    ids = ["l\u00e9sion", "le\u0301sion", "L1", "l1"]
+    r = api.post("/predict/batch", files=files, data={"lesion_ids": json.dumps(ids)})
+    assert r.status_code == 200, r.text
+    lesions = {one["lesion_id"]: one["images"] for one in r.json()["lesions"]}
+    assert lesions == {"l\u00e9sion": [0, 1], "L1": [2], "l1": [3]}
 
 
 def test_without_lesion_ids_there_is_no_lesion_answer(api, sample_dir):

@@ -62,12 +62,43 @@ def test_a_skewed_stream_moves_the_drift_gauges(app_factory, tiny_run, sample_di
     assert answers == 40 and 'lesion_malignant_probability_count{bundle_id="' in text
     share = client.get("/model").json()["ood"]["flag_share"]
     assert re.search(rf'lesion_ood_design_share\{{bundle_id="[^"]+"\}} {share}', text), text
-    one = sample_images(sample_dir, 1)[0].read_bytes()
-    for _ in range(40):  # the same image, again and again: one class, one OOD score bin
-        client.post("/predict", files={"image": one})
+    for _ in range(40):  # an image already in the window, again and again: counted, but not as drift
+        assert client.post("/predict", files={"image": varied[0]}).status_code == 200
+    text = client.get("/metrics").text
+    assert (gauge(text, "label"), gauge(text, "ood_score")) == before
+    assert sum(float(v) for v in re.findall(r"lesion_answers_total\{[^}]*\} (\S+)", text)) == 80
+    for variant in variants(sample_images(sample_dir, 1)[0], 40):  # one image, altered: one class, one OOD bin
+        assert client.post("/predict", files={"image": variant}).status_code == 200
     text = client.get("/metrics").text
     after = gauge(text, "label"), gauge(text, "ood_score")
     assert after[0] > max(before[0], 0.25) and after[1] > max(before[1], 0.25), (before, after)
+
+
+def variants(path, n: int) -> list[bytes]:
+    """n different files of one image: a 4x4 corner patch of a different shade in each (other pixels
+    at the model's input, much the same answer)."""
+    import io
+
+    from PIL import Image
+
+    base = np.asarray(Image.open(path).convert("RGB")).copy()
+    out = []
+    for i in range(n):
+        base[:4, :4] = 6 * i
+        buf = io.BytesIO()
+        Image.fromarray(base).save(buf, "PNG")
+        out.append(buf.getvalue())
+    return out
+
+
+def test_an_image_counts_once_while_it_is_in_the_window(tiny_run):
+    from service.core.bundle import read_manifest
+
+    window = DriftWindow(read_manifest(tiny_run / "bundle"), size=3)
+    assert window.add(0, 1.0, b"a") and not window.add(0, 1.0, b"a")  # a resend moves nothing
+    assert window.add(1, 1.0, b"b") and window.add(2, 1.0, b"c") and list(window.labels) == [0, 1, 2]
+    assert window.add(3, 1.0, b"d") and list(window.labels) == [1, 2, 3]  # "a" left the window
+    assert window.add(0, 1.0, b"a") and not window.add(0, 1.0, b"d")  # "a" counts again, "d" still held
 
 
 def test_flagged_and_warned_answers_are_counted(app_factory, tiny_run):

@@ -10,6 +10,7 @@ import sys
 import httpx
 import pytest
 
+from service.core.bundle import read_manifest
 from tests.helpers import ARTIFACTS, REPO, sample_images, start_server
 
 pytestmark = pytest.mark.scenario
@@ -84,7 +85,7 @@ def check_layout(browser, state: str) -> None:
 
 
 @pytest.mark.parametrize("width", [1280, 390])
-def test_layout_and_result_at_desktop_and_phone_width(browser, server, sample_dir, width):
+def test_layout_and_result_at_desktop_and_phone_width(browser, server, smoke_run, sample_dir, width):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
@@ -102,14 +103,10 @@ def test_layout_and_result_at_desktop_and_phone_width(browser, server, sample_di
     panels = browser.find_elements(By.CSS_SELECTOR, ".model")
     served = browser.execute_script("return document.querySelector('.model.served').dataset.model")
     assert panels[0].get_attribute("data-model") == served  # the served answer first
-    assert {p.get_attribute("data-model") for p in panels} == {
-        "cnn",
-        "xgboost",
-        "lightgbm",
-        "catboost",
-        "soft_vote",
-        "stack",
-    }
+    # a panel for every model of the bundle: each CNN, each booster and both combiners
+    components = set(read_manifest(smoke_run / "bundle").components)
+    assert {p.get_attribute("data-model") for p in panels} == components
+    assert {"cnn", "cnn_efficientnet_lite0", "xgboost", "lightgbm", "catboost", "soft_vote", "stack"} <= components
     classes = ["akiec", "bcc", "bkl", "df", "mel", "nv", "vasc"]
     for panel in panels:  # one class order everywhere, each bar a labelled meter
         bars = panel.find_elements(By.CSS_SELECTOR, ".bar")

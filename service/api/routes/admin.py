@@ -22,12 +22,14 @@ log = logging.getLogger("service")
 
 
 def allowed_bundle(requested: Path | None, settings: Settings) -> Path:
-    """The configured bundle, or one under LESION_BUNDLES_ROOT: no other folder of the server is loaded."""
+    """The configured bundle, or one under LESION_BUNDLES_ROOT: no other folder of the server is
+    loaded. The path is resolved once and that resolved path is what loads (a link changed after
+    the check changes nothing)."""
     try:
-        if requested is None or requested.resolve() == settings.bundle.resolve():
-            return settings.bundle
+        configured = settings.bundle.resolve()
+        resolved = configured if requested is None else requested.resolve()
         root = settings.bundles_root
-        inside = root is not None and requested.resolve().is_relative_to(root.resolve())
+        inside = resolved == configured or (root is not None and resolved.is_relative_to(root.resolve()))
     except (OSError, RuntimeError) as exc:  # a name too long, a link loop
         raise ApiError(
             422, "bundle-path-invalid", f"bundle: the path cannot be resolved ({type(exc).__name__})"
@@ -38,7 +40,7 @@ def allowed_bundle(requested: Path | None, settings: Settings) -> Path:
             "bundle-forbidden",
             "bundle: only the configured bundle, or one under LESION_BUNDLES_ROOT, may be loaded",
         )
-    return requested
+    return resolved
 
 
 router = APIRouter(

@@ -29,7 +29,8 @@ import numpy as np
 from fastapi import APIRouter, Depends, Request, Security
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, Response
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import BaseModel, Field, StrictBool, StrictFloat, StrictInt, StringConstraints, ValidationError
+from pydantic.types import Strict
 
 from service.api.auth import api_key_header
 from service.api.dependencies import get_metrics, get_predictor, get_settings, get_state
@@ -37,13 +38,12 @@ from service.api.errors import ApiError
 from service.api.metrics import Metrics
 from service.api.routes.predictions import answered, parse_prior, predict_uploads
 from service.api.schemas import PredictionFields
-from service.api.settings import Settings
+from service.api.settings import BINARY_HEADER, Settings
 from service.api.state import ModelState
 from service.core.metadata import metadata_from_json
 from service.core.predictor import Predictor
 
 MODEL_NAME = "lesion"
-BINARY_HEADER = "Inference-Header-Content-Length"
 EXTENSIONS = ["binary_tensor_data"]
 router = APIRouter(prefix="/v2", tags=["open inference protocol"])
 
@@ -54,24 +54,41 @@ MetricsDep = Annotated[Metrics, Depends(get_metrics)]
 
 
 MAX_ELEMENTS = 1024  # elements of one JSON tensor, checked while parsing (LESION_MAX_BATCH bounds the images)
+# JSON values a request may hold: each value after the first follows a ',', ':' or '[', so counting
+# those bytes (strings included: an over-count) bounds the parse before it starts. Each value costs
+# far more memory parsed than in the body (35x for a body of small numbers); the images are a few
+# long base64 strings, and a metadata object a dozen values.
+MAX_JSON_VALUES = 64 * MAX_ELEMENTS
+MAX_DIGITS = 18  # of a byte count in a header: int() of thousands of digits is slow, then refused
+
+Name = Annotated[str, StringConstraints(max_length=64)]
+Text = Annotated[str, StringConstraints(max_length=256)]
+Scalar = StrictBool | StrictInt | StrictFloat | Text | None
+Prevalences = Annotated[dict[Name, StrictInt | StrictFloat], Field(max_length=64)]
+Parameters = Annotated[dict[Name, Scalar | Prevalences], Field(max_length=16)]
+Atom = Annotated[str, Strict()] | StrictBool | StrictInt | StrictFloat
+Element = Atom | Annotated[list[Atom], Field(max_length=MAX_ELEMENTS)]
 
 
 class TensorIn(BaseModel):
-    name: str = Field(max_length=64)
-    shape: list[int] = Field(min_length=1, max_length=2)
-    datatype: str = Field(max_length=16)
-    parameters: dict[str, Any] = Field(default_factory=dict, max_length=16)
-    data: list[Any] | None = Field(None, max_length=MAX_ELEMENTS)
+    """An input tensor: its elements as values ([N]) or one-value rows ([N, 1]); nothing nests deeper
+    (the route then takes BYTES only: strings)."""
+
+    name: Name
+    shape: list[StrictInt] = Field(min_length=1, max_length=2)
+    datatype: Annotated[str, StringConstraints(max_length=16)]
+    parameters: Parameters = Field(default_factory=dict)
+    data: list[Element] | None = Field(None, max_length=MAX_ELEMENTS)
 
 
 class OutputWanted(BaseModel):
-    name: str
-    parameters: dict[str, Any] = Field(default_factory=dict)
+    name: Name
+    parameters: Annotated[dict[Name, Scalar], Field(max_length=4)] = Field(default_factory=dict)
 
 
 class InferRequest(BaseModel):
     id: str | None = Field(None, max_length=256)
-    parameters: dict[str, Any] = Field(default_factory=dict, max_length=16)
+    parameters: Parameters = Field(default_factory=dict)
     inputs: list[TensorIn] = Field(min_length=1, max_length=8)
     outputs: list[OutputWanted] | None = Field(None, max_length=16)
 
@@ -108,18 +125,22 @@ def the_model(name: str, version: str | None, predictor: Predictor) -> None:
         )
 
 
-def split_body(body: bytes, header: str | None) -> tuple[InferRequest, memoryview]:
+def split_body(body: bytearray, header: str | None) -> tuple[InferRequest, memoryview]:
     """The JSON inference header and the binary tensor data after it (the binary extension; a view,
-    not a copy of the body)."""
+    not a copy of the body). The header's JSON values are counted before it is parsed."""
     view = memoryview(body)
-    if header is None:
-        head, rest = view, view[len(body) :]
+    if header is None:  # plain JSON: nothing refers to the body once parsed
+        head: bytes | bytearray = body
+        rest = memoryview(b"")
     else:
-        if not (header.isascii() and header.isdigit() and int(header) <= len(body)):
+        if not (header.isascii() and header.isdigit() and len(header) <= MAX_DIGITS and int(header) <= len(body)):
             raise bad(f"{BINARY_HEADER} must be a byte count no larger than the body ({len(body)} bytes)")
-        head, rest = view[: int(header)], view[int(header) :]
+        head, rest = bytes(view[: int(header)]), view[int(header) :]  # the JSON header: small
+    values = 1 + sum(head.count(c) for c in (b",", b":", b"["))
+    if values > MAX_JSON_VALUES:
+        raise bad(f"the inference request holds over {MAX_JSON_VALUES} JSON values; images go in few long strings", 413)
     try:
-        return InferRequest.model_validate_json(bytes(head)), rest
+        return InferRequest.model_validate_json(head), rest
     except ValidationError as exc:
         e = exc.errors()[0]
         where = ".".join(str(p) for p in e["loc"]) or "request"
@@ -165,14 +186,18 @@ def bytes_elements(tensor: TensorIn, binary: memoryview, offset: int, limit: int
             raise bad(f"input {tensor.name!r}: binary_data_size {size} holds more than its {count} elements")
         offset += size
     elif tensor.data is not None:
-        rows, tensor.data = tensor.data, None  # the strings are freed as soon as they are decoded
+        rows, tensor.data = tensor.data, None
         if len(rows) != count:
             raise bad(f"input {tensor.name!r} has shape {tensor.shape} but {len(rows)} elements")
         flat = [v for row in rows for v in (row if isinstance(row, list) else [row])]
+        del rows
         if len(flat) != count or not all(isinstance(v, str) for v in flat):
             raise bad(f"input {tensor.name!r}: BYTES data in JSON must be {count} strings, as its shape says")
+        flat.reverse()
         try:
-            out = [base64.b64decode(v, validate=True) if tensor.name == "image" else v.encode() for v in flat]
+            while flat:  # each string is freed as soon as it is decoded
+                v = flat.pop()
+                out.append(base64.b64decode(v, validate=True) if tensor.name == "image" else v.encode())
         except (binascii.Error, ValueError):
             raise bad("input 'image': in a JSON request each image is a base64 string") from None
         except UnicodeEncodeError:
@@ -194,6 +219,8 @@ def read_inputs(request: InferRequest, binary: memoryview, settings: Settings) -
         tensors[tensor.name], offset = bytes_elements(tensor, binary, offset, settings.max_batch)
     if "image" not in tensors:
         raise bad("the request has no 'image' input")
+    if offset != len(binary):
+        raise bad(f"{len(binary) - offset} bytes of binary data follow the last tensor's binary_data_size")
     images = tensors["image"]
     for i, data in enumerate(images):
         if len(data) > settings.max_upload_bytes:
@@ -212,20 +239,34 @@ def read_inputs(request: InferRequest, binary: memoryview, settings: Settings) -
     return images, texts
 
 
-def parse_request(
-    body: bytes, header: str | None, settings: Settings
-) -> tuple[InferRequest, list[bytes], list[str | None]]:
-    """The request, its images and metadata; refuses unknown outputs and oversized parameters before
-    any model work."""
-    request, binary = split_body(body, header)
-    unknown = [o.name for o in request.outputs or [] if o.name not in OUTPUT_NAMES]
+def read_request(request: InferRequest, binary: memoryview, settings: Settings) -> tuple[list[bytes], list[str | None]]:
+    """The request's images and metadata; refuses unknown or repeated outputs before any model work."""
+    wanted = [o.name for o in request.outputs or []]
+    unknown = [name for name in wanted if name not in OUTPUT_NAMES]
     if unknown:
         raise bad(f"unknown outputs {unknown}: this model gives {', '.join(OUTPUT_NAMES)}")
+    if len(set(wanted)) != len(wanted):
+        raise bad(f"outputs {wanted} name one output twice")
+    return read_inputs(request, binary, settings)
+
+
+def prior_text(request: InferRequest) -> str | None:
+    """The `prior` parameter as /predict's field takes it: a name, or a JSON object of prevalences."""
     prior = request.parameters.get("prior")
-    if prior is not None and len(json.dumps(prior)) > settings.max_metadata_bytes:
-        raise bad(f"the prior parameter is over the {settings.max_metadata_bytes} byte limit", 413)
-    images, texts = read_inputs(request, binary, settings)
-    return request, images, texts
+    if prior is None or isinstance(prior, str):
+        return prior
+    if isinstance(prior, dict):
+        return json.dumps(prior)
+    raise bad(f"the prior parameter must be a name (balanced, training) or an object of prevalences, not {prior!r}")
+
+
+async def read_body(request: Request) -> bytearray:
+    """The body in one buffer this route alone holds (Request.body() would keep another reference in
+    the request, so the buffer would outlive its parsing)."""
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+    return body
 
 
 def tensors_out(answers: list[PredictionFields], predictor: Predictor) -> dict[str, tuple[str, np.ndarray]]:
@@ -354,13 +395,14 @@ async def infer(
     version: str | None = None,
 ) -> Response:
     the_model(name, version, predictor)
-    body, header = await request.body(), request.headers.get(BINARY_HEADER)
-    infer_request, images, texts = await run_in_threadpool(parse_request, body, header, settings)
-    del body
+    body = await read_body(request)
+    infer_request, binary = await run_in_threadpool(split_body, body, request.headers.get(BINARY_HEADER))
+    del body  # a JSON body is freed here, before its base64 strings are decoded
+    images, texts = await run_in_threadpool(read_request, infer_request, binary, settings)
+    del binary  # the binary extension's body is freed here: its images are copies
     features = predictor.manifest.features
     metas = [metadata_from_json(t, features) for t in texts]  # MetadataError: 400 in this protocol
-    prior = infer_request.parameters.get("prior")
-    chosen = parse_prior(prior if isinstance(prior, str) else json.dumps(prior) if prior else None, predictor)
+    chosen = parse_prior(prior_text(infer_request), predictor)
     uploads: list[tuple[bytes, str | None]] = [(data, f"image[{i}]") for i, data in enumerate(images)]
     preds, decoded = await predict_uploads(uploads, metas, predictor, state, settings, metrics)
     answers = [

@@ -199,7 +199,7 @@ async def predict_uploads(
     if not decoded.positions:
         return [], decoded
     preds = await state.batcher.submit(predictor, decoded.images, [metas[i] for i in decoded.positions])
-    metrics.observe_answers(predictor.manifest, preds, decoded.quality)
+    metrics.observe_answers(predictor.manifest, preds, decoded.quality, decoded.images)
     return preds, decoded
 
 
