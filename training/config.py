@@ -35,7 +35,7 @@ def graph_files(name: str) -> tuple[str, str]:
 
 PRESETS: dict[str, dict] = {
     # a few minutes on the 2,118-image sample on 2 CPU cores: for tests, proves the plumbing
-    "smoke": dict(folds=3, epochs=2, image_size=64, batch_size=64, lr=2e-3, booster_rounds=60, bootstrap=30),
+    "smoke": dict(folds=3, epochs=1, image_size=64, batch_size=64, lr=2e-3, booster_rounds=60, bootstrap=30),
     # the realistic CPU recipe: EfficientNet-Lite0 fine-tuned (backbone at 0.25x the head's lr) beside
     # the ResNet-18 from scratch (python -m benchmarks.compare_finetuning, docs/results.md)
     "cpu": dict(folds=5, epochs=8, image_size=128, batch_size=64, lr=2e-3, booster_rounds=600, bootstrap=200),

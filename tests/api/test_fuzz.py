@@ -9,7 +9,9 @@ examples are derandomised: CI runs the same ones every time, in about a minute.
 
 from __future__ import annotations
 
+import base64
 import json
+import struct
 
 import pytest
 from hypothesis import HealthCheck, example, given, settings
@@ -152,12 +154,20 @@ def test_predict_batch_never_answers_5xx(api, images):
         meta=st.one_of(st.none(), st.lists(metadata_objects, max_size=5).map(json.dumps), metadata),
         prior=st.one_of(st.none(), priors),
         charset=CHARSETS,
+        lesion_ids=st.one_of(
+            st.none(),
+            st.lists(st.one_of(st.none(), st.text(max_size=6), json_values), max_size=5).map(json.dumps),
+            hostile_text,
+            st.sampled_from(['["\\ud800"]', '["a", "A"]', '["e\\u0301"]', "[" * 5000, '["a", 1' + "0" * 5000 + "]"]),
+        ),
     )
-    @example([(0, b"a.jpg")], '[{"sex": "\\ud800"}]', None, "")  # 500s before this round's fixes
-    @example([(0, b"+2AA-.jpg")], None, None, "; charset=utf-7")  # a file name decoded to a lone surrogate
-    def run(files, meta, prior, charset):
+    @example([(0, b"a.jpg")], '[{"sex": "\\ud800"}]', None, "", None)  # 500s before earlier fixes
+    @example([(0, b"+2AA-.jpg")], None, None, "; charset=utf-7", None)  # a file name decoded to a lone surrogate
+    @example([(0, b"a.jpg")], None, None, "", '["\\ud800"]')  # 500s before this round's fixes
+    @example([(0, b"a.jpg")], None, None, "", "[" * 5000)
+    def run(files, meta, prior, charset, lesion_ids):
         parts = [(b"images", name, images[data] if isinstance(data, int) else data) for data, name in files]
-        for name, value in (("metadata", meta), ("prior", prior)):
+        for name, value in (("metadata", meta), ("prior", prior), ("lesion_ids", lesion_ids)):
             if value is not None:
                 parts.append((name.encode(), None, text_field(value)))
         check(post_form(api, "/predict/batch", parts, charset=charset))
@@ -192,3 +202,92 @@ def test_admin_swap_never_answers_5xx(app_factory, tiny_run, tmp_path_factory):
 
     run()
     assert client.get("/health/ready").status_code == 200
+
+
+def v2_tensor(name: str, values: list) -> dict:
+    return {"name": name, "shape": [len(values)], "datatype": "BYTES", "data": values}
+
+
+def test_inference_json_never_answers_5xx(api, images):
+    """The Open Inference Protocol's JSON body: any shape of JSON anywhere (parameters, outputs,
+    elements, the prior), images and metadata as strings; a 2xx or the protocol's 4xx {"error"}."""
+    b64 = [base64.b64encode(data).decode() for data in images]
+    element = st.one_of(st.sampled_from(range(len(b64))), st.text(max_size=20), json_values)
+    request = st.fixed_dictionaries(
+        {
+            "inputs": st.lists(
+                st.one_of(st.builds(v2_tensor, st.just("image"), st.lists(element, max_size=3)), json_values),
+                max_size=3,
+            )
+        },
+        optional={
+            "id": json_values,
+            "parameters": st.one_of(st.fixed_dictionaries({"prior": st.one_of(json_values, priors)}), json_values),
+            "outputs": st.lists(
+                st.fixed_dictionaries({"name": st.text(max_size=25)}, optional={"parameters": json_values}), max_size=3
+            ),
+        },
+    )
+
+    def resolve(value):  # an integer element of an image tensor: one of the images, base64
+        if isinstance(value, dict) and value.get("name") == "image" and isinstance(value.get("data"), list):
+            return dict(value, data=[b64[v] if isinstance(v, int) and 0 <= v < len(b64) else v for v in value["data"]])
+        return value
+
+    @FUZZ
+    @given(body=request, metas=st.one_of(st.none(), st.lists(metadata, min_size=1, max_size=3)))
+    @example({"inputs": [v2_tensor("image", [0])], "parameters": {"prior": 0}}, None)  # the default, once
+    @example({"inputs": [v2_tensor("image", [0])], "id": [[[[0]]]]}, ['{"sex": "\\ud800"}'])
+    def run(body, metas):
+        body = dict(body, inputs=[resolve(t) for t in body["inputs"]])
+        if metas is not None:
+            body["inputs"].append(v2_tensor("metadata", metas))
+        content = json.dumps(body).encode("ascii", "backslashreplace")
+        r = api.post("/v2/models/lesion/infer", content=content, headers={"Content-Type": "application/json"})
+        check_v2(r)
+
+    run()
+    for hostile in (b"[" * 100_000, b'{"inputs": ' + b"0," * 100_000, b'{"id": 1' + b"0" * 5000 + b"}", b"\xff\xfe"):
+        check_v2(api.post("/v2/models/lesion/infer", content=hostile, headers={"Content-Type": "application/json"}))
+    assert api.get("/health/ready").status_code == 200
+
+
+def test_inference_binary_never_answers_5xx(api, images):
+    """The binary tensor data extension: any header value, any binary_data_size, any bytes after."""
+
+    @FUZZ
+    @given(
+        values=st.lists(image_bytes(images), min_size=1, max_size=3),
+        size_delta=st.integers(-8, 8),
+        tail=st.binary(max_size=16),
+        header=st.one_of(st.none(), st.sampled_from(["", "-1", "9" * 5000, "1e3", " 12", "0x10", "+5"])),
+        shape=st.one_of(st.none(), st.lists(st.integers(-2, 2**40), min_size=1, max_size=3)),
+    )
+    @example([0], 0, b"", None, None)
+    def run(values, size_delta, tail, header, shape):
+        values = [images[v] if isinstance(v, int) else v for v in values]
+        data = b"".join(struct.pack("<I", len(v)) + v for v in values)
+        tensor = {
+            "name": "image",
+            "shape": shape if shape is not None else [len(values)],
+            "datatype": "BYTES",
+            "parameters": {"binary_data_size": len(data) + size_delta},
+        }
+        head = json.dumps({"inputs": [tensor]}).encode()
+        count = str(len(head)) if header is None else header
+        r = api.post(
+            "/v2/models/lesion/infer",
+            content=head + data + tail,
+            headers={"Inference-Header-Content-Length": count},
+        )
+        check_v2(r)
+        if header is None and shape is None and size_delta == 0 and not tail and all(v in images[:3] for v in values):
+            assert r.status_code == 200, r.text  # a well-formed request of readable images is answered
+
+    run()
+
+
+def check_v2(r) -> None:
+    assert r.status_code < 500, (r.status_code, r.text[:500])
+    if r.status_code >= 400:
+        assert list(r.json()) == ["error"] and r.json()["error"], r.text

@@ -72,8 +72,8 @@ def raw(url: str, data: bytes, read_timeout: float = 10) -> tuple[bytes, float]:
 def test_key_is_checked_before_the_body_is_read(guarded):
     _, url = guarded
     head = b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=b\r\n"
-    out, took = raw(url, head + b"Content-Length: 500000000\r\n\r\n")
-    assert out.startswith(b"HTTP/1.1 401") and took < 2, out[:200]
+    out, _ = raw(url, head + b"Content-Length: 500000000\r\n\r\n")  # headers only: no body byte is sent
+    assert out.startswith(b"HTTP/1.1 401"), out[:200]  # answered without the body (else a 408 at its deadline)
 
 
 @pytest.mark.parametrize("route, field", [("/predict", "image"), ("/predict/batch", "images")])
@@ -131,12 +131,11 @@ def test_conflicting_length_headers_and_slow_clients(guarded):
     assert out.startswith(b"HTTP/1.1 400"), out[:200]
     # a body that stalls: 408 after the 2 s deadline
     head = b"POST /predict HTTP/1.1\r\nHost: x\r\nX-API-Key: k3y\r\nContent-Type: multipart/form-data; boundary=b\r\n"
-    out, took = raw(url, head + b"Content-Length: 1000\r\n\r\n--b\r\n")
-    assert out.startswith(b"HTTP/1.1 408") and took < 6, out[:200]
+    out, _ = raw(url, head + b"Content-Length: 1000\r\n\r\n--b\r\n")
+    assert out.startswith(b"HTTP/1.1 408") and b"stalled for over 2 s" in out, out[:300]
     # headers that never finish: the connection is closed after the 2 s deadline
     host, port = url.removeprefix("http://").split(":")
     s = socket.create_connection((host, int(port)), timeout=10)
-    t = time.perf_counter()
     s.sendall(b"GET /health/live HTTP/1.1\r\n")
     closed = False
     for _ in range(8):  # a header byte every 0.5 s
@@ -152,7 +151,7 @@ def test_conflicting_length_headers_and_slow_clients(guarded):
             break
         time.sleep(0.5)
     s.close()
-    assert closed and time.perf_counter() - t < 6
+    assert closed  # within the loop's 8 bytes: the header deadline, not the client, ended it
     # a body trickled a byte every 0.5 s (under the 2 s gap) meets the 3 s total deadline
     s = socket.create_connection((host, int(port)), timeout=10)
     t = time.perf_counter()
@@ -176,7 +175,7 @@ def test_conflicting_length_headers_and_slow_clients(guarded):
     print(
         f"FIGURE trickle: a body sent at 2 bytes/s answered {answer[:12].decode(errors='replace')!r} after {took:.1f} s"
     )
-    assert answer.startswith(b"HTTP/1.1 408") and b"within 3 s" in answer and took < 8, answer[:300]
+    assert answer.startswith(b"HTTP/1.1 408") and b"within 3 s" in answer, answer[:300]  # the total deadline
 
 
 def test_an_answer_before_the_body_is_read_ends_the_connection_without_a_reset(guarded):
@@ -212,6 +211,37 @@ def test_an_answer_before_the_body_is_read_ends_the_connection_without_a_reset(g
         time.sleep(0.01)
     s.close()
     assert reset is None and answer.startswith(b"HTTP/1.1 413") and ended, (reset, answer[:200])
+
+
+@pytest.mark.parametrize("path, status", [("/predict", 413), ("/predict/batch", 503)])
+def test_a_client_that_writes_its_whole_body_first_reads_the_refusal(guarded, sample_dir, path, status):
+    """Python's http.client writes a 20 MiB body before it reads: refused at once (a /predict body
+    over its limit: 413; a batch while the worker is full: 503), it still reads the problem, because
+    the server drains the body (up to the largest a route takes) before it closes."""
+    import http.client
+
+    _, url = guarded
+    host, port = url.removeprefix("http://").split(":")
+    held = []
+    if status == 503:  # three requests still sending fill the worker (LESION_MAX_INFLIGHT_REQUESTS=3)
+        for _ in range(3):
+            s = socket.create_connection((host, int(port)), timeout=10)
+            s.sendall(
+                b"POST /predict HTTP/1.1\r\nHost: x\r\nX-API-Key: k3y\r\nContent-Length: 1000\r\n"
+                b"Content-Type: multipart/form-data; boundary=b\r\n\r\n--b\r\n"
+            )
+            held.append(s)
+        time.sleep(0.3)
+    try:
+        conn = http.client.HTTPConnection(host, int(port), timeout=30)
+        headers = {"X-API-Key": "k3y", "Content-Type": "multipart/form-data; boundary=b"}
+        conn.request("POST", path, body=b"x" * (20 * MiB), headers=headers)  # the whole body, then read
+        r = conn.getresponse()
+        assert r.status == status and json.loads(r.read())["code"] in ("body-too-large", "busy")
+        conn.close()
+    finally:
+        for s in held:
+            s.close()
 
 
 def test_admission_answers_503_past_its_bound_and_health_keeps_answering(guarded, sample_dir):
@@ -354,6 +384,80 @@ def test_memory_under_eight_concurrent_max_size_batch_bodies(smoke_run):
         assert set(codes) <= {200, 503} and codes.count(200) >= 2
         assert peak < 1500 and after - idle < 200
         assert httpx.get(url + "/health/ready").status_code == 200
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def noise_pngs(n: int, side: int) -> list[bytes]:
+    out = []
+    for i in range(n):
+        buf = io.BytesIO()
+        Image.fromarray(np.random.default_rng(i).integers(0, 255, (side, side, 3), np.uint8)).save(
+            buf, "PNG", compress_level=0
+        )
+        out.append(buf.getvalue())
+    return out
+
+
+def infer_body(images: list[bytes], binary: bool) -> tuple[bytes, dict[str, str]]:
+    """One /v2 infer request for the images: JSON with base64 strings, or the binary extension."""
+    import base64
+    import struct
+
+    tensor = {"name": "image", "shape": [len(images)], "datatype": "BYTES"}
+    if not binary:
+        tensor["data"] = [base64.b64encode(i).decode() for i in images]
+        return json.dumps({"inputs": [tensor]}).encode(), {"Content-Type": "application/json"}
+    data = b"".join(struct.pack("<I", len(i)) + i for i in images)
+    tensor["parameters"] = {"binary_data_size": len(data)}
+    head = json.dumps({"inputs": [tensor]}).encode()
+    return head + data, {"Inference-Header-Content-Length": str(len(head))}
+
+
+@pytest.mark.parametrize("binary", [False, True], ids=["json", "binary"])
+def test_memory_and_liveness_under_eight_concurrent_large_infer_bodies(smoke_run, binary):
+    """8 clients each send a large /v2 infer body (JSON: 5 noise PNGs as base64, 55 MiB; binary: 6
+    PNGs, 50 MiB), twice: admission weighs each body by what it costs until decoded (3x JSON, 2x
+    binary, Settings.body_cost), the peak RSS stays under 1.5 GB, and /health/live answers within a
+    second throughout (a kubelet's default probe timeout)."""
+    proc, url = start_server(smoke_run / "bundle")  # default limits
+    try:
+        body, headers = infer_body(noise_pngs(5 if not binary else 6, 1700), binary)
+        assert 45 * MiB < len(body) < 64 * MiB
+        idle = rss_mb(proc.pid)
+        live: list[float] = []
+        done = False
+
+        def probe() -> None:
+            with httpx.Client(timeout=30) as c:
+                while not done:
+                    t = time.perf_counter()
+                    assert c.get(url + "/health/live").status_code == 200
+                    live.append(time.perf_counter() - t)
+                    time.sleep(0.1)
+
+        def call(_):
+            r = httpx.post(url + "/v2/models/lesion/infer", content=body, headers=headers, timeout=300)
+            assert r.status_code in (200, 503), r.text[:300]
+            return r.status_code
+
+        codes = []
+        with ThreadPoolExecutor(1) as watcher:
+            watching = watcher.submit(probe)
+            for _ in range(2):
+                with ThreadPoolExecutor(8) as pool:
+                    codes += list(pool.map(call, range(8)))
+            done = True
+            watching.result()
+        peak, after = rss_mb(proc.pid, "VmHWM"), rss_mb(proc.pid)
+        print(
+            f"FIGURE /v2 {'binary' if binary else 'JSON'} bodies of {len(body) / MiB:.0f} MiB, 16 from 8 clients: "
+            f"{codes.count(200)} answered, {codes.count(503)} refused 503; RSS idle {idle:.0f} MB, peak {peak:.0f} MB, "
+            f"after {after:.0f} MB; /health/live slowest {max(live):.2f} s of {len(live)}"
+        )
+        assert codes.count(200) >= 2 and peak < 1500 and after - idle < 200
+        assert max(live) < 1.0  # a kubelet's probe timeout is 1 s by default
     finally:
         proc.terminate()
         proc.wait(10)

@@ -189,10 +189,12 @@ def bytes_elements(tensor: TensorIn, binary: memoryview, offset: int, limit: int
         rows, tensor.data = tensor.data, None
         if len(rows) != count:
             raise bad(f"input {tensor.name!r} has shape {tensor.shape} but {len(rows)} elements")
-        flat = [v for row in rows for v in (row if isinstance(row, list) else [row])]
+        values = [v for row in rows for v in (row if isinstance(row, list) else [row])]
         del rows
-        if len(flat) != count or not all(isinstance(v, str) for v in flat):
+        flat = [v for v in values if isinstance(v, str)]
+        if len(flat) != count or len(values) != count:
             raise bad(f"input {tensor.name!r}: BYTES data in JSON must be {count} strings, as its shape says")
+        del values
         flat.reverse()
         try:
             while flat:  # each string is freed as soon as it is decoded
