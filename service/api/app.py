@@ -71,7 +71,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     HeaderDeadlineProtocol.linger_max_bytes = settings.largest_body_bytes()
     logging.captureWarnings(True)  # a library's warning is a log line in the service's format, not raw stderr
     # Keep uploads in memory: the request guard stops a body before it outgrows the spool size.
-    forms.install(spool_bytes=settings.largest_request_bytes() + 1)
+    forms.install(spool_bytes=settings.largest_body_bytes() + 1)
     state, metrics = ModelState(), Metrics(settings.drift_window)
 
     @asynccontextmanager

@@ -7,6 +7,8 @@ thread pool, and those hops were about half of a /predict request's time outside
 
 from __future__ import annotations
 
+from typing import Annotated
+
 from fastapi import Depends, Request
 
 from service.api.errors import ApiError
@@ -28,9 +30,23 @@ async def get_metrics(request: Request) -> Metrics:
     return request.app.state.metrics
 
 
-async def get_predictor(state: ModelState = Depends(get_state)) -> Predictor:
+def not_serving(state: ModelState) -> str | None:
+    """Why this worker cannot answer a prediction now; None when it can (the one readiness test)."""
     if state.predictor is None:
-        raise ApiError(503, "not-ready", "model is still loading")
-    if state.batcher is not None and not state.batcher.running:
-        raise ApiError(503, "not-ready", "the model's batcher has stopped; this worker is not serving")
+        return "model is still loading"
+    if state.batcher is None or not state.batcher.running:
+        return "the model's batcher has stopped; this worker is not serving"
+    return None
+
+
+async def get_predictor(state: Annotated[ModelState, Depends(get_state)]) -> Predictor:
+    reason = not_serving(state)
+    if reason is not None or state.predictor is None:
+        raise ApiError(503, "not-ready", reason or "model is still loading")
     return state.predictor
+
+
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+StateDep = Annotated[ModelState, Depends(get_state)]
+MetricsDep = Annotated[Metrics, Depends(get_metrics)]
+PredictorDep = Annotated[Predictor, Depends(get_predictor)]

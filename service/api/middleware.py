@@ -116,7 +116,7 @@ class RequestGuard:
         s = self.settings
         if self.inflight_requests >= s.max_inflight_requests:
             return 503, "busy", f"this worker is busy ({s.max_inflight_requests} requests in flight); retry shortly"
-        if self.inflight_bytes + body.declared * body.cost > s.max_inflight_bytes:
+        if self.inflight_bytes + int(body.declared * body.cost) > s.max_inflight_bytes:
             return (
                 503,
                 "busy",
@@ -166,12 +166,13 @@ class Body:
     """One request's body as the guard sees it: its bytes counted against the request's limit and
     the worker's in-flight bound as they arrive, under the gap and total deadlines."""
 
-    def __init__(self, guard: RequestGuard, headers: Headers, limit: int, cost: int = 1) -> None:
+    def __init__(self, guard: RequestGuard, headers: Headers, limit: int, cost: float = 1) -> None:
         self.guard, self.limit, self.cost = guard, limit, cost  # cost: memory per body byte (Settings.body_cost)
         self.declared = byte_count(headers.get("content-length")) or 0
         self.expected = self.declared > 0 or "transfer-encoding" in headers
         self.admitted = False
-        self.received = 0  # body bytes so far, all counted in the guard's in-flight total once admitted
+        self.received = 0  # body bytes so far
+        self.held = 0  # what they cost (received x cost), counted in the guard's in-flight total once admitted
 
     def receiver(self, receive: Receive) -> Receive:
         settings = self.guard.settings
@@ -204,14 +205,16 @@ class Body:
         if self.received + n > self.limit:
             raise ApiError(413, "body-too-large", f"request body is over the {self.limit} byte limit", CLOSE)
         guard = self.guard
-        if self.admitted and guard.inflight_bytes + n * self.cost > guard.settings.max_inflight_bytes:
+        cost = int((self.received + n) * self.cost) - self.held
+        if self.admitted and guard.inflight_bytes + cost > guard.settings.max_inflight_bytes:
             raise ApiError(503, "busy", "this worker is busy (request bodies in flight); retry shortly", BUSY)
         self.received += n
         if self.admitted:
-            guard.inflight_bytes += n * self.cost
+            self.held += cost
+            guard.inflight_bytes += cost
 
     def release(self) -> None:
         if self.admitted:
             self.guard.inflight_requests -= 1
-            self.guard.inflight_bytes -= self.received * self.cost
+            self.guard.inflight_bytes -= self.held
             self.admitted = False

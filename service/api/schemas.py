@@ -231,7 +231,12 @@ def lesion_ids_from_json(raw: str | None, n: int) -> list[str | None] | None:
             f"{MAX_LESION_ID} printable characters, or null for an image of no lesion named",
         )
     # canonically equivalent spellings (NFC) are one lesion; case still matters ("L1" is not "l1")
-    return [None if v is None else unicodedata.normalize("NFC", v) for v in value]
+    ids = [None if v is None else unicodedata.normalize("NFC", v) for v in value]
+    if any(v is not None and len(v) > MAX_LESION_ID for v in ids):
+        raise ApiError(
+            422, "lesion-ids-invalid", f"lesion_ids: an id is over {MAX_LESION_ID} characters once normalised"
+        )
+    return ids
 
 
 class LesionAnswer(BaseModel):

@@ -375,19 +375,19 @@ def test_admission_bounds_requests_and_bytes_in_flight_with_503_and_retry_after(
         inner.release.set()
         assert [s for s, _ in await asyncio.gather(*held)] == [200, 200]
         assert (guard.inflight_requests, guard.inflight_bytes) == (0, 0)  # released
-        # bytes: a request that holds 300,000 of a 600,000 bound leaves room for 300,000 more; a JSON
-        # infer body costs 3 bytes a byte (Settings.body_cost), a binary one 2, a form 1
+        # bytes: requests that hold 290,000 of a 600,000 bound leave room for 310,000 more; a JSON
+        # infer body costs 3.25 bytes a byte (Settings.body_cost), a binary one 2, a form 1
         inner = Inner()
         guard = guard_for(inner, max_inflight_bytes=600_000)
-        first = asyncio.create_task(call(guard, {"content-length": "150000"}, [b"x" * 150_000]))
-        json_infer = asyncio.create_task(call(guard, {"content-length": "50000"}, [b"x" * 50_000], path=INFER))
+        first = asyncio.create_task(call(guard, {"content-length": "160000"}, [b"x" * 160_000]))
+        json_infer = asyncio.create_task(call(guard, {"content-length": "40000"}, [b"x" * 40_000], path=INFER))
         await asyncio.sleep(0.05)
-        assert guard.inflight_bytes == 300_000
-        assert (await call(guard, {"content-length": "100001"}, [b"x" * 100_001], path=INFER))[0] == 503
+        assert guard.inflight_bytes == 160_000 + 130_000
+        assert (await call(guard, {"content-length": "95385"}, [b"x" * 95_385], path=INFER))[0] == 503
         binary = {"content-length": "150000", "inference-header-content-length": "10"}
         fits = asyncio.create_task(call(guard, binary, [b"x" * 150_000], path=INFER))
         await asyncio.sleep(0.05)
-        assert guard.inflight_bytes == 600_000
+        assert guard.inflight_bytes == 590_000
         inner.release.set()
         assert [s for s, _ in await asyncio.gather(first, json_infer, fits)] == [200, 200, 200]
         assert guard.inflight_bytes == 0

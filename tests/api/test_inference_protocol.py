@@ -248,7 +248,7 @@ def test_the_bounds_hold_before_any_element_is_read(v2, sample_dir):
         "inputs": [{"name": "image", "shape": [1], "datatype": "BYTES", "data": [base64.b64encode(image).decode()]}],
     }
     r = v2.post("/v2/models/lesion/infer", json=big_prior)
-    assert r.status_code == 400 and "parameters.prior" in r.json()["error"]
+    assert r.status_code == 413 and "prior parameter is over" in r.json()["error"]
     unknown = dict(big_prior, parameters={}, outputs=[{"name": "heatmap"}])
     assert v2.post("/v2/models/lesion/infer", json=unknown).status_code == 400
     assert v2.get("/metrics").text.count("lesion_answers_total{") == before  # no model work was done
@@ -310,27 +310,70 @@ def test_what_a_json_body_can_hold_is_bounded(v2, sample_dir, body, status, word
 
 
 def test_the_value_count_is_checked_before_parsing():
-    """70,000 small values are refused by counting, not by parsing them: the parser never runs."""
+    """Small values are refused by counting, not by parsing them: the parser never runs past the
+    bound (65,536 values), and runs at it."""
     from unittest import mock
 
     from service.api.errors import ApiError
     from service.api.routes import inference
+    from service.api.settings import Settings
 
+    def values(n: int) -> bytearray:  # a JSON document of exactly n values
+        return bytearray(b'{"id": [' + b"0," * (n - 3) + b"0]}")
+
+    settings = Settings()
     with mock.patch.object(inference.InferRequest, "model_validate_json") as parse:
         with pytest.raises(ApiError) as refused:
-            inference.split_body(bytearray(b'{"id": [' + b"0," * 70_000 + b"0]}"), None)
-    assert refused.value.status_code == 413 and not parse.called
+            inference.split_body(values(inference.MAX_JSON_VALUES + 1), None, settings)
+        assert refused.value.status_code == 413 and not parse.called
+        inference.split_body(values(inference.MAX_JSON_VALUES), None, settings)
+        assert parse.called
     small = bytearray(json.dumps({"inputs": [image_tensor(b"x")]}).encode())
-    assert inference.split_body(small, None)[0].inputs[0].name == "image"
+    assert inference.split_body(small, None, settings)[0].inputs[0].name == "image"
+
+
+def test_the_body_is_released_once_parsed():
+    """Nothing keeps a view of a JSON body once it is parsed (so dropping it frees it), nor of a
+    binary one once its images are copied out: a bytearray with a live view cannot grow."""
+    from service.api.routes import inference
+    from service.api.settings import Settings
+
+    settings = Settings()
+    body = bytearray(json.dumps({"inputs": [image_tensor(b"an image")]}).encode())
+    request, binary = inference.split_body(body, None, settings)
+    body.extend(b" ")  # BufferError if a view of it were left
+    assert inference.read_request(request, binary, settings)[0] == [b"an image"]
+    payload, headers = binary_request({"image": [b"an image"]})
+    body = bytearray(payload)
+    request, binary = inference.split_body(body, headers["Inference-Header-Content-Length"], settings)
+    images, _ = inference.read_request(request, binary, settings)
+    binary.release()
+    body.extend(b" ")
+    assert images == [b"an image"]
+
+
+def test_a_binary_requests_json_header_holds_no_image(v2, sample_dir):
+    """With the binary extension the JSON header is bounded as metadata: base64 images in it would
+    be charged as binary and cost what JSON costs."""
+    image = sample_images(sample_dir, 1)[0].read_bytes() + bytes(300_000)  # 400 kB of base64
+    head = json.dumps({"inputs": [image_tensor(image)]}).encode()
+    r = v2.post("/v2/models/lesion/infer", content=head, headers={"Inference-Header-Content-Length": str(len(head))})
+    assert len(head) > 2 * 4 * 16 * 1024 + 64 * 1024 and r.status_code == 413 and "JSON header" in r.json()["error"]
+    assert (
+        v2.post("/v2/models/lesion/infer", content=head, headers={"Content-Type": "application/json"}).status_code
+        == 200
+    )
 
 
 def test_a_byte_count_of_thousands_of_digits_is_a_400(v2, sample_dir):
     body, _ = binary_request({"image": [sample_images(sample_dir, 1)[0].read_bytes()]})
-    r = v2.post("/v2/models/lesion/infer", content=body, headers={"Inference-Header-Content-Length": "9" * 5000})
-    assert r.status_code == 400 and "byte count" in r.json()["error"]
+    for count in ("9" * 5000, "0" * 18 + "1"):  # 19 digits: over the bound, whatever their value
+        r = v2.post("/v2/models/lesion/infer", content=body, headers={"Inference-Header-Content-Length": count})
+        assert r.status_code == 400 and "byte count" in r.json()["error"]
     from service.api.middleware import byte_count
 
-    assert byte_count("9" * 5000) is None and byte_count("123") == 123
+    assert byte_count("9" * 5000) is None and byte_count("0" * 18 + "1") is None
+    assert byte_count("123") == 123 and byte_count("9" * 18) == 10**18 - 1
 
 
 def test_a_json_prior_object_is_used(v2, sample_dir):

@@ -5,17 +5,15 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from fastapi import APIRouter, Depends, Security
+from fastapi import APIRouter, Security
 from pydantic import BaseModel, Field, field_validator
 
 from service.api.auth import ADMIN_PREFIX, admin_key_header, api_key_header
-from service.api.dependencies import get_metrics, get_settings, get_state
+from service.api.dependencies import MetricsDep, SettingsDep, StateDep
 from service.api.errors import ApiError
 from service.api.logs import printable
-from service.api.metrics import Metrics
 from service.api.schemas import problem_responses
 from service.api.settings import Settings
-from service.api.state import ModelState
 from service.core.bundle import BundleError
 
 log = logging.getLogger("service")
@@ -79,9 +77,9 @@ class SwapResponse(BaseModel):
 @router.post("/bundle", response_model=SwapResponse)
 async def swap_bundle(
     body: SwapRequest,
-    state: ModelState = Depends(get_state),
-    settings: Settings = Depends(get_settings),
-    metrics: Metrics = Depends(get_metrics),
+    state: StateDep,
+    settings: SettingsDep,
+    metrics: MetricsDep,
 ) -> SwapResponse:
     """Load, verify and warm the bundle beside the served one, then switch to it atomically (set
     LESION_PUBLIC_KEY too, so that only signed bundles load). Requests

@@ -26,31 +26,24 @@ import struct
 from typing import Annotated, Any
 
 import numpy as np
-from fastapi import APIRouter, Depends, Request, Security
+from fastapi import APIRouter, Request, Security
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, Field, StrictBool, StrictFloat, StrictInt, StringConstraints, ValidationError
 from pydantic.types import Strict
 
 from service.api.auth import api_key_header
-from service.api.dependencies import get_metrics, get_predictor, get_settings, get_state
+from service.api.dependencies import MetricsDep, PredictorDep, SettingsDep, StateDep, not_serving
 from service.api.errors import ApiError
-from service.api.metrics import Metrics
 from service.api.routes.predictions import answered, parse_prior, predict_uploads
 from service.api.schemas import PredictionFields
 from service.api.settings import BINARY_HEADER, Settings
-from service.api.state import ModelState
 from service.core.metadata import metadata_from_json
 from service.core.predictor import Predictor
 
 MODEL_NAME = "lesion"
 EXTENSIONS = ["binary_tensor_data"]
 router = APIRouter(prefix="/v2", tags=["open inference protocol"])
-
-PredictorDep = Annotated[Predictor, Depends(get_predictor)]
-StateDep = Annotated[ModelState, Depends(get_state)]
-SettingsDep = Annotated[Settings, Depends(get_settings)]
-MetricsDep = Annotated[Metrics, Depends(get_metrics)]
 
 
 MAX_ELEMENTS = 1024  # elements of one JSON tensor, checked while parsing (LESION_MAX_BATCH bounds the images)
@@ -62,7 +55,8 @@ MAX_JSON_VALUES = 64 * MAX_ELEMENTS
 MAX_DIGITS = 18  # of a byte count in a header: int() of thousands of digits is slow, then refused
 
 Name = Annotated[str, StringConstraints(max_length=64)]
-Text = Annotated[str, StringConstraints(max_length=256)]
+# a parameter's text; a prior's own bound, LESION_MAX_METADATA_BYTES, is checked with its 413
+Text = Annotated[str, StringConstraints(max_length=64 * 1024)]
 Scalar = StrictBool | StrictInt | StrictFloat | Text | None
 Prevalences = Annotated[dict[Name, StrictInt | StrictFloat], Field(max_length=64)]
 Parameters = Annotated[dict[Name, Scalar | Prevalences], Field(max_length=16)]
@@ -93,19 +87,25 @@ class InferRequest(BaseModel):
     outputs: list[OutputWanted] | None = Field(None, max_length=16)
 
 
+OUTPUT_TYPES = {  # the one declaration of what the model answers: name -> datatype, each [N] ("probabilities": [N, C])
+    "probabilities": "FP32",
+    "label": "BYTES",
+    "malignant_probability": "FP32",
+    "ood_score": "FP32",
+    "ood_flagged": "BOOL",
+    "warnings": "BYTES",
+}
+OUTPUT_NAMES = list(OUTPUT_TYPES)
+
+
 def outputs_of(predictor: Predictor) -> list[dict]:
     n = len(predictor.manifest.classes)
     return [
-        {"name": "probabilities", "datatype": "FP32", "shape": [-1, n]},
-        {"name": "label", "datatype": "BYTES", "shape": [-1]},
-        {"name": "malignant_probability", "datatype": "FP32", "shape": [-1]},
-        {"name": "ood_score", "datatype": "FP32", "shape": [-1]},
-        {"name": "ood_flagged", "datatype": "BOOL", "shape": [-1]},
-        {"name": "warnings", "datatype": "BYTES", "shape": [-1]},
+        {"name": name, "datatype": datatype, "shape": [-1, n] if name == "probabilities" else [-1]}
+        for name, datatype in OUTPUT_TYPES.items()
     ]
 
 
-OUTPUT_NAMES = ["probabilities", "label", "malignant_probability", "ood_score", "ood_flagged", "warnings"]
 INPUTS = [
     {"name": "image", "datatype": "BYTES", "shape": [-1]},
     {"name": "metadata", "datatype": "BYTES", "shape": [-1], "optional": True},
@@ -125,9 +125,10 @@ def the_model(name: str, version: str | None, predictor: Predictor) -> None:
         )
 
 
-def split_body(body: bytearray, header: str | None) -> tuple[InferRequest, memoryview]:
+def split_body(body: bytearray, header: str | None, settings: Settings) -> tuple[InferRequest, memoryview]:
     """The JSON inference header and the binary tensor data after it (the binary extension; a view,
-    not a copy of the body). The header's JSON values are counted before it is parsed."""
+    not a copy of the body). The header's JSON values are counted before it is parsed; with the
+    binary extension the header holds no image, so it is bounded as metadata (and its copy small)."""
     view = memoryview(body)
     if header is None:  # plain JSON: nothing refers to the body once parsed
         head: bytes | bytearray = body
@@ -135,6 +136,8 @@ def split_body(body: bytearray, header: str | None) -> tuple[InferRequest, memor
     else:
         if not (header.isascii() and header.isdigit() and len(header) <= MAX_DIGITS and int(header) <= len(body)):
             raise bad(f"{BINARY_HEADER} must be a byte count no larger than the body ({len(body)} bytes)")
+        if int(header) > header_limit(settings):
+            raise bad(f"the JSON header is over {header_limit(settings)} bytes: images go in the binary data", 413)
         head, rest = bytes(view[: int(header)]), view[int(header) :]  # the JSON header: small
     values = 1 + sum(head.count(c) for c in (b",", b":", b"["))
     if values > MAX_JSON_VALUES:
@@ -252,9 +255,16 @@ def read_request(request: InferRequest, binary: memoryview, settings: Settings) 
     return read_inputs(request, binary, settings)
 
 
-def prior_text(request: InferRequest) -> str | None:
+def header_limit(settings: Settings) -> int:
+    """The largest JSON header of a binary-extension request: metadata, parameters, no image."""
+    return 2 * settings.max_batch * settings.max_metadata_bytes + 64 * 1024
+
+
+def prior_text(request: InferRequest, settings: Settings) -> str | None:
     """The `prior` parameter as /predict's field takes it: a name, or a JSON object of prevalences."""
     prior = request.parameters.get("prior")
+    if isinstance(prior, str) and len(prior.encode()) > settings.max_metadata_bytes:
+        raise bad(f"the prior parameter is over the {settings.max_metadata_bytes} byte limit", 413)
     if prior is None or isinstance(prior, str):
         return prior
     if isinstance(prior, dict):
@@ -275,14 +285,15 @@ def tensors_out(answers: list[PredictionFields], predictor: Predictor) -> dict[s
     """Output name -> (datatype, array)."""
     classes = predictor.manifest.classes
     ood = [a.ood for a in answers]
-    return {
-        "probabilities": ("FP32", np.array([[a.probabilities[c] for c in classes] for a in answers], np.float32)),
-        "label": ("BYTES", np.array([a.label.encode() for a in answers], object)),
-        "malignant_probability": ("FP32", np.array([a.malignant_probability for a in answers], np.float32)),
-        "ood_score": ("FP32", np.array([o.score if o else math.nan for o in ood], np.float32)),
-        "ood_flagged": ("BOOL", np.array([bool(o and o.flagged) for o in ood], bool)),
-        "warnings": ("BYTES", np.array([json.dumps(a.warnings).encode() for a in answers], object)),
+    arrays = {
+        "probabilities": np.array([[a.probabilities[c] for c in classes] for a in answers], np.float32),
+        "label": np.array([a.label.encode() for a in answers], object),
+        "malignant_probability": np.array([a.malignant_probability for a in answers], np.float32),
+        "ood_score": np.array([o.score if o else math.nan for o in ood], np.float32),
+        "ood_flagged": np.array([bool(o and o.flagged) for o in ood], bool),
+        "warnings": np.array([json.dumps(a.warnings).encode() for a in answers], object),
     }
+    return {name: (datatype, arrays[name]) for name, datatype in OUTPUT_TYPES.items()}
 
 
 def serialize(datatype: str, array: np.ndarray) -> bytes:
@@ -337,7 +348,7 @@ async def live() -> dict:
 
 @router.get("/health/ready", summary="a model is loaded and serving", responses={503: {"description": "not ready"}})
 async def ready(state: StateDep) -> JSONResponse:
-    up = state.predictor is not None and state.batcher is not None and state.batcher.running
+    up = not_serving(state) is None
     return JSONResponse({"ready": up}, status_code=200 if up else 503)
 
 
@@ -398,13 +409,13 @@ async def infer(
 ) -> Response:
     the_model(name, version, predictor)
     body = await read_body(request)
-    infer_request, binary = await run_in_threadpool(split_body, body, request.headers.get(BINARY_HEADER))
+    infer_request, binary = await run_in_threadpool(split_body, body, request.headers.get(BINARY_HEADER), settings)
     del body  # a JSON body is freed here, before its base64 strings are decoded
     images, texts = await run_in_threadpool(read_request, infer_request, binary, settings)
     del binary  # the binary extension's body is freed here: its images are copies
     features = predictor.manifest.features
     metas = [metadata_from_json(t, features) for t in texts]  # MetadataError: 400 in this protocol
-    chosen = parse_prior(prior_text(infer_request), predictor)
+    chosen = parse_prior(prior_text(infer_request, settings), predictor)
     uploads: list[tuple[bytes, str | None]] = [(data, f"image[{i}]") for i, data in enumerate(images)]
     preds, decoded = await predict_uploads(uploads, metas, predictor, state, settings, metrics)
     answers = [

@@ -7,19 +7,16 @@ from pathlib import Path
 from typing import Literal
 
 import swagger_ui
-from fastapi import APIRouter, Depends, FastAPI, Query, Request, Security
+from fastapi import APIRouter, FastAPI, Query, Request, Security
 from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import HTMLResponse, Response
 from markdown_it import MarkdownIt
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from service.api.auth import api_key_header
-from service.api.dependencies import get_metrics, get_predictor, get_settings
+from service.api.dependencies import MetricsDep, PredictorDep, SettingsDep
 from service.api.errors import ApiError
-from service.api.metrics import Metrics
 from service.api.schemas import ModelInfo, problem_responses
-from service.api.settings import Settings
-from service.core.predictor import Predictor
 
 STATIC = Path(__file__).parents[1] / "static"
 SWAGGER_UI = Path(swagger_ui.__file__).parent / "static"  # swagger-ui-py ships Swagger UI 5
@@ -62,16 +59,14 @@ async def live() -> dict:
 
 
 @router.get("/health/ready", tags=["health"], responses=problem_responses({503: "not-ready"}))
-async def ready(predictor: Predictor = Depends(get_predictor)) -> dict:
+async def ready(predictor: PredictorDep) -> dict:
     return {"status": "ready", "bundle_id": predictor.manifest.bundle_id}
 
 
 @router.get(
     "/model", response_model=ModelInfo, tags=["model"], dependencies=[Security(api_key_header)], responses=KEYED
 )
-async def model_info(
-    predictor: Predictor = Depends(get_predictor), settings: Settings = Depends(get_settings)
-) -> ModelInfo:
+async def model_info(predictor: PredictorDep, settings: SettingsDep) -> ModelInfo:
     return ModelInfo.of(predictor, settings)
 
 
@@ -92,7 +87,7 @@ CARD_RENDERER = MarkdownIt("js-default")
     },
 )
 async def model_card(
-    predictor: Predictor = Depends(get_predictor),
+    predictor: PredictorDep,
     format: Literal["markdown", "html"] = Query("markdown", description="html: rendered in safe mode"),
 ) -> Response:
     """The bundle's model card: intended use, data, metrics with intervals, subgroups, limits."""
@@ -106,5 +101,5 @@ async def model_card(
 @router.get(
     "/metrics", tags=["health"], response_class=Response, dependencies=[Security(api_key_header)], responses=KEYED
 )
-async def prometheus(metrics: Metrics = Depends(get_metrics)) -> Response:
+async def prometheus(metrics: MetricsDep) -> Response:
     return Response(metrics.exposition(), media_type=CONTENT_TYPE_LATEST)

@@ -8,12 +8,12 @@ from dataclasses import dataclass
 from threading import Semaphore
 
 import numpy as np
-from fastapi import APIRouter, Depends, File, Form, Query, Request, Security, UploadFile
+from fastapi import APIRouter, File, Form, Query, Request, Security, UploadFile
 from fastapi.concurrency import run_in_threadpool
 from PIL import Image
 
 from service.api.auth import api_key_header
-from service.api.dependencies import get_metrics, get_predictor, get_settings, get_state
+from service.api.dependencies import MetricsDep, PredictorDep, SettingsDep, StateDep
 from service.api.errors import ApiError
 from service.api.logs import printable
 from service.api.metrics import Metrics
@@ -228,6 +228,10 @@ METADATA_DOC = {  # the metadata field is JSON text: its schema (no contentMedia
 @router.post("/predict", response_model=PredictResponse)
 async def predict(
     request: Request,
+    predictor: PredictorDep,
+    state: StateDep,
+    settings: SettingsDep,
+    metrics: MetricsDep,
     image: UploadFile = File(..., description="JPEG or PNG dermoscopy image"),
     metadata: str | None = Form(
         None,
@@ -237,10 +241,6 @@ async def predict(
     prior: str = Form("", description=PRIOR_HELP),
     explain: bool = Form(False, description="add a heatmap and metadata attributions (costs a second model pass)"),
     explain_query: bool = Query(False, alias="explain", description="the same as the form field"),
-    predictor: Predictor = Depends(get_predictor),
-    state: ModelState = Depends(get_state),
-    settings: Settings = Depends(get_settings),
-    metrics: Metrics = Depends(get_metrics),
 ) -> PredictResponse:
     check_metadata_size(metadata, settings)
     check_metadata_size(prior, settings, "prior")
@@ -274,6 +274,10 @@ async def predict(
 @router.post(BATCH_ROUTE, response_model=BatchResponse)
 async def predict_batch(
     request: Request,
+    predictor: PredictorDep,
+    state: StateDep,
+    settings: SettingsDep,
+    metrics: MetricsDep,
     images: list[UploadFile] = File(
         ...,
         description="several JPEG or PNG images; one that cannot be read gets its own error entry, the others an answer",
@@ -293,13 +297,9 @@ async def predict_batch(
         "also get one combined answer in `lesions` (the bundle's lesion rule, GET /model)",
         json_schema_extra={"example": '["lesion-1", "lesion-1", null]'},
     ),
-    predictor: Predictor = Depends(get_predictor),
-    state: ModelState = Depends(get_state),
-    settings: Settings = Depends(get_settings),
-    metrics: Metrics = Depends(get_metrics),
 ) -> BatchResponse:
     check_metadata_size(metadata, settings)
-    check_metadata_size(prior, settings)
+    check_metadata_size(prior, settings, "prior")
     check_metadata_size(lesion_ids, settings, "lesion_ids")
     ids = lesion_ids_from_json(lesion_ids, len(images))
     uploads = [(await read_upload(f, settings), printable(f.filename or "", 300) or None) for f in images]
