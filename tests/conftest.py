@@ -67,7 +67,7 @@ def demo_run(tmp_path_factory) -> Path:
 
     root = tmp_path_factory.mktemp("demo")
     write_demo_dataset(root / "data", n_images=400, seed=0)  # every class in every inner fold
-    return train(root / "data", root / "run", *TINY)
+    return train(root / "data", root / "run", *TINY, "--arch", "resnet18")  # plumbing: one CNN is enough
 
 
 @pytest.fixture(scope="session")

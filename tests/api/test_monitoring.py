@@ -10,7 +10,7 @@ import pytest
 
 from service.api.monitoring import DriftWindow, psi
 from service.core.manifest import MonitoringReference
-from tests.helpers import sample_images
+from tests.helpers import sample_images, variants
 
 
 def gauge(text: str, signal: str) -> float | None:
@@ -72,23 +72,6 @@ def test_a_skewed_stream_moves_the_drift_gauges(app_factory, tiny_run, sample_di
     text = client.get("/metrics").text
     after = gauge(text, "label"), gauge(text, "ood_score")
     assert after[0] > max(before[0], 0.25) and after[1] > max(before[1], 0.25), (before, after)
-
-
-def variants(path, n: int) -> list[bytes]:
-    """n different files of one image: a 4x4 corner patch of a different shade in each (other pixels
-    at the model's input, much the same answer)."""
-    import io
-
-    from PIL import Image
-
-    base = np.asarray(Image.open(path).convert("RGB")).copy()
-    out = []
-    for i in range(n):
-        base[:4, :4] = 6 * i
-        buf = io.BytesIO()
-        Image.fromarray(base).save(buf, "PNG")
-        out.append(buf.getvalue())
-    return out
 
 
 def test_an_image_counts_once_while_it_is_in_the_window(tiny_run):

@@ -229,14 +229,14 @@ def test_two_workers_report_all_traffic_in_one_scrape(smoke_run, sample_dir):
 
     import httpx
 
-    from tests.helpers import sample_images, start_server
+    from tests.helpers import sample_images, start_server, variants
 
     proc, url = start_server(smoke_run / "bundle", env={"LESION_WORKERS": "2", "LESION_DRIFT_WINDOW": "10"})
-    image = sample_images(sample_dir, 1)[0].read_bytes()
+    n = 40
+    images = variants(sample_images(sample_dir, 1)[0], n)  # one image, altered: one class (drift counts a copy once)
     try:
         with httpx.Client() as http:
-            n = 40
-            for _ in range(n):
+            for image in images:
                 with httpx.Client() as fresh:  # one connection per request: the kernel spreads them over workers
                     assert fresh.get(url + "/model").status_code == 200
                     assert fresh.post(url + "/predict", files={"image": image}).status_code == 200
