@@ -17,7 +17,7 @@ the gateway (per-key rate limits) where that matters; the gauge reads the traffi
 
 from __future__ import annotations
 
-from collections import Counter, deque
+from collections import deque
 
 import numpy as np
 
@@ -44,22 +44,19 @@ class DriftWindow:
         self.min_answers = size
         self.labels: deque[int] = deque(maxlen=size)
         self.scores: deque[float] = deque(maxlen=size)
-        self.keys: deque[bytes] = deque(maxlen=size)  # the images in the window, by digest
-        self.held: Counter[bytes] = Counter()
+        self.keys: deque[bytes] = deque(maxlen=size)  # the images in the window, by digest, in order
+        self.held: set[bytes] = set()  # the same digests, to look up (never a key twice: a copy is refused)
 
     def add(self, label: int, ood_score: float | None, key: bytes | None = None) -> bool:
         """Count one answer, unless its image (`key`: a digest of the model's input) is in the window
         already: a client resending one image cannot move the gauges. Returns whether it counted."""
         if key is not None:
-            if self.held[key]:
+            if key in self.held:
                 return False
             if len(self.keys) == self.keys.maxlen:
-                gone = self.keys[0]
-                self.held[gone] -= 1
-                if not self.held[gone]:
-                    del self.held[gone]
+                self.held.discard(self.keys[0])  # about to leave the window
             self.keys.append(key)
-            self.held[key] += 1
+            self.held.add(key)
         self.labels.append(label)
         if ood_score is not None:
             self.scores.append(ood_score)

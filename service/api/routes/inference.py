@@ -35,6 +35,7 @@ from pydantic.types import Strict
 from service.api.auth import api_key_header
 from service.api.dependencies import MetricsDep, PredictorDep, SettingsDep, StateDep, not_serving
 from service.api.errors import ApiError
+from service.api.middleware import byte_count
 from service.api.routes.predictions import answered, parse_prior, predict_uploads
 from service.api.schemas import PredictionFields
 from service.api.settings import BINARY_HEADER, Settings
@@ -52,7 +53,6 @@ MAX_ELEMENTS = 1024  # elements of one JSON tensor, checked while parsing (LESIO
 # far more memory parsed than in the body (35x for a body of small numbers); the images are a few
 # long base64 strings, and a metadata object a dozen values.
 MAX_JSON_VALUES = 64 * MAX_ELEMENTS
-MAX_DIGITS = 18  # of a byte count in a header: int() of thousands of digits is slow, then refused
 
 Name = Annotated[str, StringConstraints(max_length=64)]
 # a parameter's text; a prior's own bound, LESION_MAX_METADATA_BYTES, is checked with its 413
@@ -134,11 +134,12 @@ def split_body(body: bytearray, header: str | None, settings: Settings) -> tuple
         head: bytes | bytearray = body
         rest = memoryview(b"")
     else:
-        if not (header.isascii() and header.isdigit() and len(header) <= MAX_DIGITS and int(header) <= len(body)):
+        size = byte_count(header)
+        if size is None or size > len(body):
             raise bad(f"{BINARY_HEADER} must be a byte count no larger than the body ({len(body)} bytes)")
-        if int(header) > header_limit(settings):
+        if size > header_limit(settings):
             raise bad(f"the JSON header is over {header_limit(settings)} bytes: images go in the binary data", 413)
-        head, rest = bytes(view[: int(header)]), view[int(header) :]  # the JSON header: small
+        head, rest = bytes(view[:size]), view[size:]  # the JSON header: small
     values = 1 + sum(head.count(c) for c in (b",", b":", b"["))
     if values > MAX_JSON_VALUES:
         raise bad(f"the inference request holds over {MAX_JSON_VALUES} JSON values; images go in few long strings", 413)
