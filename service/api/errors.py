@@ -20,7 +20,7 @@ from starlette.exceptions import HTTPException
 from service.api.auth import route_path
 from service.api.batching import BatcherStopped
 from service.api.logs import exception_summary, printable
-from service.core.metadata import MetadataError
+from service.core.errors import LesionIdsError, MetadataError
 from service.core.preprocess import ImageError, ImageShapeError, ImageTooLargeError, UnsupportedImageError
 
 log = logging.getLogger("service")
@@ -94,10 +94,12 @@ def path_of(request: Request) -> str:
     return route_path(request.scope)
 
 
-def input_problem(exc: ImageError | MetadataError) -> tuple[int, str]:
-    """(HTTP status, stable code) of an image or metadata a client sent that cannot be used."""
+def input_problem(exc: ImageError | MetadataError | LesionIdsError) -> tuple[int, str]:
+    """(HTTP status, stable code) of an image, metadata or lesion ids a client sent that cannot be used."""
     if isinstance(exc, MetadataError):
         return 422, "metadata-invalid"
+    if isinstance(exc, LesionIdsError):
+        return 422, "lesion-ids-invalid"
     if isinstance(exc, UnsupportedImageError):
         return 415, "image-unsupported"
     if isinstance(exc, ImageTooLargeError):
@@ -114,6 +116,7 @@ def install_error_handlers(app: FastAPI) -> None:
         headers = dict(exc.headers) if exc.headers else None
         return error_response(exc.status_code, str(exc.detail), request_id(request), headers, code, path_of(request))
 
+    @app.exception_handler(LesionIdsError)
     @app.exception_handler(MetadataError)
     @app.exception_handler(ImageError)
     async def input_error(request: Request, exc: Exception) -> JSONResponse:

@@ -14,6 +14,7 @@ import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, multiprocess
 
 from service.api.monitoring import DriftWindow
+from service.core.answers import malignant_probability, ood_verdict, top_label
 from service.core.manifest import Manifest
 from service.core.predictor import Prediction
 
@@ -128,18 +129,16 @@ class Metrics:
                 del self.windows[old]
             if manifest.ood is not None:
                 self.ood_design_share.labels(bundle).set(manifest.ood.flag_share)
-        malignant = [manifest.classes.index(c) for c in manifest.malignant_classes]
         keys = [None] * len(preds) if images is None else [image_key(image) for image in images]
         for pred, warned, key in zip(preds, quality, keys):
-            top = int(pred.probabilities.argmax())
-            self.answers.labels(bundle, manifest.classes[top]).inc()
-            self.malignant.labels(bundle).observe(float(pred.probabilities[malignant].sum()))
+            label = top_label(manifest, pred.probabilities)
+            self.answers.labels(bundle, label).inc()
+            self.malignant.labels(bundle).observe(malignant_probability(manifest, pred.probabilities))
             if warned:
                 self.quality_warned.labels(bundle).inc()
-            if manifest.ood is not None and pred.ood_score is not None:
-                if manifest.ood.flagged_by(pred.ood_score, pred.image_ood_score):
-                    self.ood_flagged.labels(bundle).inc()
-            window.add(top, pred.ood_score, key)
+            if (verdict := ood_verdict(manifest, pred)) is not None and verdict.flagged:
+                self.ood_flagged.labels(bundle).inc()
+            window.add(manifest.classes.index(label), pred.ood_score, key)
         for signal, value in (("label", window.label_psi()), ("ood_score", window.ood_psi())):
             if value is not None:
                 self.drift.labels(bundle, signal).set(value)

@@ -2,22 +2,20 @@
 
 from __future__ import annotations
 
-import json
-import unicodedata
-from typing import Self
+from typing import Any, Self
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from service.api.errors import MAX_DETAIL, ApiError, input_problem
+from service.api.errors import MAX_DETAIL, input_problem
 from service.api.logs import printable
 from service.api.settings import Settings
+from service.core.answers import Answer, OodVerdict, lesion_verdict
 from service.core.explain import COLOUR_SCALE
-from service.core.lesions import combine_by_group
 from service.core.manifest import CnnModel, Manifest, without_paths
 from service.core.metadata import MetadataError
 from service.core.ood import IMAGE_CHECK
-from service.core.predictor import Explanation, Prediction, Predictor
+from service.core.predictor import Explanation, Predictor
 from service.core.preprocess import ImageError
 
 NOTICE = (
@@ -57,30 +55,23 @@ class OodResult(BaseModel):
         description=f"which checks flag it: the method (its score from the CNN), {IMAGE_CHECK} (colour and texture)",
     )
 
-
-def image_warnings(pred: Prediction, manifest: Manifest, quality: list[str]) -> list[str]:
-    """The image-quality warnings (`service.core.quality`), then the out-of-distribution flag, as
-    sentences for a person."""
-    out = list(quality)
-    ood = manifest.ood
-    if ood is None or pred.ood_score is None:
-        return out
-    by = ood.flagged_by(pred.ood_score, pred.image_ood_score)
-    why = []
-    if ood.method in by:
-        why.append(f"to the CNN: {ood.method} score {pred.ood_score:.3g} > {ood.threshold:.3g}")
-    if IMAGE_CHECK in by:
-        why.append(f"in colour and texture: image score {pred.image_ood_score:.3g} > {ood.image_threshold:.3g}")
-    if why:
-        out.append(
-            "out of distribution: this image is unlike the dermoscopy images the model was trained on "
-            f"({'; '.join(why)}); the answer may be meaningless"
+    @classmethod
+    def of(cls, verdict: OodVerdict) -> OodResult:
+        spec = verdict.spec
+        return cls(
+            method=spec.method,
+            score=verdict.score,
+            threshold=spec.threshold,
+            flag_share=spec.flag_share,
+            image_score=verdict.image_score,
+            image_threshold=spec.image_threshold,
+            flagged=verdict.flagged,
+            flagged_by=verdict.flagged_by,
         )
-    return out
 
 
 class PredictionFields(BaseModel):
-    label: str = Field(description="predicted class (dx code), argmax of the served model")
+    label: str = Field(description="predicted class (dx code): the served model's most probable")
     label_name: str
     probabilities: dict[str, float] = Field(description="class -> probability, from the served model")
     malignant_probability: float = Field(description="sum of the malignant classes' probabilities")
@@ -95,34 +86,20 @@ class PredictionFields(BaseModel):
     warnings: list[str] = Field(default_factory=list, description="image quality and out-of-distribution warnings")
 
     @classmethod
-    def from_prediction(cls, pred: Prediction, manifest: Manifest, **extra) -> Self:
-        classes = manifest.classes
-
+    def of(cls, answer: Answer, manifest: Manifest, **extra: Any) -> Self:
         def as_dict(p: np.ndarray) -> dict[str, float]:
-            return {c: float(v) for c, v in zip(classes, p)}
+            return {c: float(v) for c, v in zip(manifest.classes, p)}
 
-        probs = as_dict(pred.probabilities)
-        label = classes[int(np.argmax(pred.probabilities))]
-        ood = manifest.ood
-        if ood is not None and pred.ood_score is not None:
-            by = ood.flagged_by(pred.ood_score, pred.image_ood_score)
-            extra["ood"] = OodResult(
-                method=ood.method,
-                score=pred.ood_score,
-                threshold=ood.threshold,
-                flag_share=ood.flag_share,
-                image_score=pred.image_ood_score,
-                image_threshold=ood.image_threshold,
-                flagged=bool(by),
-                flagged_by=by,
-            )
         return cls(
-            label=label,
-            label_name=manifest.class_names[label],
-            probabilities=probs,
-            malignant_probability=float(sum(probs[c] for c in manifest.malignant_classes)),
-            served_by=pred.served,
-            components={name: as_dict(pred.components[name]) for name in manifest.components},
+            label=answer.label,
+            label_name=manifest.class_names[answer.label],
+            probabilities=as_dict(answer.probabilities),
+            malignant_probability=answer.malignant_probability,
+            served_by=answer.prediction.served,
+            components={name: as_dict(answer.prediction.components[name]) for name in manifest.components},
+            prior=answer.prior,
+            ood=None if answer.ood is None else OodResult.of(answer.ood),
+            warnings=answer.warnings,
             **extra,
         )
 
@@ -209,36 +186,6 @@ class BatchItemError(BaseModel):
         return cls(filename=filename, error=ItemError(status=status, code=code, detail=printable(str(exc), MAX_DETAIL)))
 
 
-MAX_LESION_ID = 128  # characters of one lesion id
-
-
-def lesion_ids_from_json(raw: str | None, n: int) -> list[str | None] | None:
-    """The `lesion_ids` field: a JSON list with one id (a string, or null: not grouped) per image."""
-    if raw is None or not raw.strip():
-        return None
-    try:
-        value = json.loads(raw)
-    except (ValueError, RecursionError):  # not JSON, a number of thousands of digits, nesting too deep
-        value = None
-    ok = isinstance(value, list) and len(value) == n
-    if not ok or not all(
-        v is None or (isinstance(v, str) and 0 < len(v) <= MAX_LESION_ID and v.isprintable()) for v in value
-    ):
-        raise ApiError(
-            422,
-            "lesion-ids-invalid",
-            f"lesion_ids must be a JSON list with one lesion id per image ({n} images): a string of 1 to "
-            f"{MAX_LESION_ID} printable characters, or null for an image of no lesion named",
-        )
-    # canonically equivalent spellings (NFC) are one lesion; case still matters ("L1" is not "l1")
-    ids = [None if v is None else unicodedata.normalize("NFC", v) for v in value]
-    if any(v is not None and len(v) > MAX_LESION_ID for v in ids):
-        raise ApiError(
-            422, "lesion-ids-invalid", f"lesion_ids: an id is over {MAX_LESION_ID} characters once normalised"
-        )
-    return ids
-
-
 class LesionAnswer(BaseModel):
     """One answer for a lesion: its answered images' served probabilities combined by the bundle's
     lesion rule, with every image's out-of-distribution flag and warnings kept."""
@@ -259,14 +206,13 @@ class LesionAnswer(BaseModel):
     warnings: list[str] = Field(description="every image's warnings, each naming its image; and what is missing")
 
     @classmethod
-    def of(cls, lesion_id: str, answers: dict[int, BatchItem], unanswered: list[int], manifest: Manifest) -> Self:
-        classes, positions = manifest.classes, sorted(answers)
-        probs = np.array([[answers[i].probabilities[c] for c in classes] for i in positions])
-        combined = combine_by_group(probs, np.zeros(len(positions), np.int64), manifest.lesion_rule)[0]
-        label = classes[int(np.argmax(combined))]
-        warnings = [
-            f"image {i} ({answers[i].filename or 'unnamed'}): {w}" for i in positions for w in answers[i].warnings
-        ]
+    def of(
+        cls, lesion_id: str, answers: dict[int, Answer], names: list[str | None], unanswered: list[int], m: Manifest
+    ) -> Self:
+        """`answers`: position -> answer of this lesion's answered images; `names`: every upload's file name."""
+        positions = sorted(answers)
+        verdict = lesion_verdict(m, [answers[i] for i in positions])
+        warnings = [f"image {i} ({names[i] or 'unnamed'}): {w}" for i in positions for w in answers[i].warnings]
         if unanswered:
             warnings.append(
                 f"answered from {len(positions)} of its {len(positions) + len(unanswered)} images: images "
@@ -277,14 +223,14 @@ class LesionAnswer(BaseModel):
             lesion_id=lesion_id,
             images=positions,
             unanswered=unanswered,
-            combined_by=manifest.lesion_rule,
-            label=label,
-            label_name=manifest.class_names[label],
-            probabilities={c: float(v) for c, v in zip(classes, combined)},
-            malignant_probability=float(sum(combined[classes.index(c)] for c in manifest.malignant_classes)),
-            served_by=first.served_by,
+            combined_by=m.lesion_rule,
+            label=verdict.label,
+            label_name=m.class_names[verdict.label],
+            probabilities={c: float(v) for c, v in zip(m.classes, verdict.probabilities)},
+            malignant_probability=verdict.malignant_probability,
+            served_by=first.prediction.served,
             prior=first.prior,
-            ood_flagged=[i for i in positions if (ood := answers[i].ood) is not None and ood.flagged],
+            ood_flagged=[i for i in positions if answers[i].ood_flagged],
             warnings=warnings,
         )
 
@@ -298,19 +244,20 @@ class LesionUnanswered(BaseModel):
 
 
 def lesion_answers(
-    ids: list[str | None], items: list[BatchItem | BatchItemError], manifest: Manifest
+    ids: list[str | None], answers: dict[int, Answer], names: list[str | None], manifest: Manifest
 ) -> list[LesionAnswer | LesionUnanswered]:
-    """One entry per distinct lesion id, in order of first appearance."""
+    """One entry per distinct lesion id, in order of first appearance (`answers`: upload position ->
+    its answer, for the uploads that got one)."""
     groups: dict[str, list[int]] = {}
     for i, lesion in enumerate(ids):
         if lesion is not None:
             groups.setdefault(lesion, []).append(i)
     out: list[LesionAnswer | LesionUnanswered] = []
     for lesion, positions in groups.items():
-        answers = {i: item for i in positions if isinstance(item := items[i], BatchItem)}
+        answered = {i: answers[i] for i in positions if i in answers}
         missing = [i for i in positions if i not in answers]
-        if answers:
-            out.append(LesionAnswer.of(lesion, answers, missing, manifest))
+        if answered:
+            out.append(LesionAnswer.of(lesion, answered, names, missing, manifest))
         else:
             detail = "none of this lesion's images could be answered (see their entries)"
             out.append(

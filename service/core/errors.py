@@ -32,3 +32,7 @@ class MetadataError(ValueError):
 
 class PriorError(ValueError):
     """A prior a caller gave cannot be used; the message says why."""
+
+
+class LesionIdsError(ValueError):
+    """A request's lesion ids cannot be read; the message says why."""

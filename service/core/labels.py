@@ -4,6 +4,12 @@ Training validates its CSV against these and writes them into the bundle's manif
 the service validates requests against the manifest's copy, so a bundle carries its own schema.
 """
 
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
 CLASSES: list[str] = ["akiec", "bcc", "bkl", "df", "mel", "nv", "vasc"]
 
 CLASS_NAMES: dict[str, str] = {
@@ -39,3 +45,12 @@ SITES: list[str] = [
 ]
 
 AGE_RANGE: tuple[float, float] = (0.0, 120.0)
+
+
+def malignant_scores(
+    probs: np.ndarray, classes: Sequence[str] = CLASSES, malignant: Sequence[str] = MALIGNANT_CLASSES
+) -> np.ndarray:
+    """(..., C) class probabilities -> (...) the malignant classes' probabilities summed: the one
+    malignant score of training's figures, the service's answers and their metrics."""
+    idx = [list(classes).index(c) for c in malignant]
+    return np.asarray(probs, np.float64)[..., idx].sum(-1)

@@ -8,10 +8,14 @@ and named in the manifest; the service and training's lesion-level figures both 
 
 from __future__ import annotations
 
+import json
+import unicodedata
 from collections.abc import Sequence
 from typing import Literal
 
 import numpy as np
+
+from service.core.errors import LesionIdsError
 
 LesionRule = Literal["mean", "log_mean"]
 LESION_RULES: tuple[LesionRule, ...] = ("mean", "log_mean")
@@ -20,6 +24,7 @@ RULE_TEXT = {
     "log_mean": "the mean of the images' log-probabilities, renormalised (a geometric mean)",
 }
 EPS = 1e-12
+MAX_LESION_ID = 128  # characters of one lesion id
 
 
 def group_codes(lesion_ids: Sequence[str] | np.ndarray) -> tuple[list[str], np.ndarray]:
@@ -50,3 +55,27 @@ def by_lesion(probs: np.ndarray, lesion_ids: Sequence[str] | np.ndarray, rule: s
     """The distinct lesion ids (first-appearance order) and each one's combined probabilities."""
     ids, codes = group_codes(lesion_ids)
     return ids, combine_by_group(probs, codes, rule)
+
+
+def lesion_ids_from_json(raw: str | None, n: int) -> list[str | None] | None:
+    """A request's lesion ids: a JSON list with one id (a string, or null: not grouped) per image
+    (None or blank: no grouping). Canonically equivalent spellings (NFC) are one lesion; case still
+    matters ("L1" is not "l1"). Raises LesionIdsError."""
+    if raw is None or not raw.strip():
+        return None
+    try:
+        value = json.loads(raw)
+    except (ValueError, RecursionError):  # not JSON, a number of thousands of digits, nesting too deep
+        value = None
+    ok = isinstance(value, list) and len(value) == n
+    if not ok or not all(
+        v is None or (isinstance(v, str) and 0 < len(v) <= MAX_LESION_ID and v.isprintable()) for v in value
+    ):
+        raise LesionIdsError(
+            f"lesion_ids must be a JSON list with one lesion id per image ({n} images): a string of 1 to "
+            f"{MAX_LESION_ID} printable characters, or null for an image of no lesion named"
+        )
+    ids = [None if v is None else unicodedata.normalize("NFC", v) for v in value]
+    if any(v is not None and len(v) > MAX_LESION_ID for v in ids):
+        raise LesionIdsError(f"lesion_ids: an id is over {MAX_LESION_ID} characters once normalised")
+    return ids

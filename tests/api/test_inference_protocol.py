@@ -255,13 +255,13 @@ def test_the_bounds_hold_before_any_element_is_read(v2, sample_dir):
 
 
 def test_the_output_list_is_the_metadata_and_the_answer(v2, sample_dir):
-    from service.api.routes.inference import OUTPUT_NAMES
+    from service.api.tensors import OUTPUTS
 
     meta = v2.get("/v2/models/lesion").json()
-    assert [o["name"] for o in meta["outputs"]] == OUTPUT_NAMES
+    assert [o["name"] for o in meta["outputs"]] == list(OUTPUTS)
     body, headers = binary_request({"image": [sample_images(sample_dir, 1)[0].read_bytes()]})
     names = [o["name"] for o in v2.post("/v2/models/lesion/infer", content=body, headers=headers).json()["outputs"]]
-    assert names == OUTPUT_NAMES
+    assert names == list(OUTPUTS)
 
 
 def image_tensor(image: bytes, n: int = 1) -> dict:
@@ -314,39 +314,39 @@ def test_the_value_count_is_checked_before_parsing():
     bound (65,536 values), and runs at it."""
     from unittest import mock
 
+    from service.api import tensors
     from service.api.errors import ApiError
-    from service.api.routes import inference
     from service.api.settings import Settings
 
     def values(n: int) -> bytearray:  # a JSON document of exactly n values
         return bytearray(b'{"id": [' + b"0," * (n - 3) + b"0]}")
 
     settings = Settings()
-    with mock.patch.object(inference.InferRequest, "model_validate_json") as parse:
+    with mock.patch.object(tensors.InferRequest, "model_validate_json") as parse:
         with pytest.raises(ApiError) as refused:
-            inference.split_body(values(inference.MAX_JSON_VALUES + 1), None, settings)
+            tensors.split_body(values(tensors.MAX_JSON_VALUES + 1), None, settings)
         assert refused.value.status_code == 413 and not parse.called
-        inference.split_body(values(inference.MAX_JSON_VALUES), None, settings)
+        tensors.split_body(values(tensors.MAX_JSON_VALUES), None, settings)
         assert parse.called
     small = bytearray(json.dumps({"inputs": [image_tensor(b"x")]}).encode())
-    assert inference.split_body(small, None, settings)[0].inputs[0].name == "image"
+    assert tensors.split_body(small, None, settings)[0].inputs[0].name == "image"
 
 
 def test_the_body_is_released_once_parsed():
     """Nothing keeps a view of a JSON body once it is parsed (so dropping it frees it), nor of a
     binary one once its images are copied out: a bytearray with a live view cannot grow."""
-    from service.api.routes import inference
+    from service.api import tensors
     from service.api.settings import Settings
 
     settings = Settings()
     body = bytearray(json.dumps({"inputs": [image_tensor(b"an image")]}).encode())
-    request, binary = inference.split_body(body, None, settings)
+    request, binary = tensors.split_body(body, None, settings)
     body.extend(b" ")  # BufferError if a view of it were left
-    assert inference.read_request(request, binary, settings)[0] == [b"an image"]
+    assert tensors.read_request(request, binary, settings)[0] == [b"an image"]
     payload, headers = binary_request({"image": [b"an image"]})
     body = bytearray(payload)
-    request, binary = inference.split_body(body, headers["Inference-Header-Content-Length"], settings)
-    images, _ = inference.read_request(request, binary, settings)
+    request, binary = tensors.split_body(body, headers["Inference-Header-Content-Length"], settings)
+    images, _ = tensors.read_request(request, binary, settings)
     binary.release()
     body.extend(b" ")
     assert images == [b"an image"]

@@ -58,7 +58,7 @@ def ece(y_true: np.ndarray, probs: np.ndarray, n_bins: int = 15, sample_weight=N
 
 
 def malignant_score(probs: np.ndarray) -> np.ndarray:
-    return probs[:, MALIGNANT_IDX].sum(1)
+    return labels.malignant_scores(probs)
 
 
 def all_metrics(y: np.ndarray, probs: np.ndarray, sample_weight=None) -> dict[str, float]:

@@ -2,21 +2,14 @@
 
 from __future__ import annotations
 
-import ctypes
-import sys
-from dataclasses import dataclass
-from threading import Semaphore
-
-import numpy as np
 from fastapi import APIRouter, File, Form, Query, Request, Security, UploadFile
 from fastapi.concurrency import run_in_threadpool
-from PIL import Image
 
+from service.api.answering import answer_uploads, parse_prior
 from service.api.auth import api_key_header
 from service.api.dependencies import MetricsDep, PredictorDep, SettingsDep, StateDep
 from service.api.errors import ApiError
 from service.api.logs import printable
-from service.api.metrics import Metrics
 from service.api.schemas import (
     BatchItem,
     BatchItemError,
@@ -24,15 +17,13 @@ from service.api.schemas import (
     ExplanationOut,
     ModelRef,
     PredictResponse,
-    image_warnings,
     lesion_answers,
-    lesion_ids_from_json,
     notice_for,
     problem_responses,
 )
-from service.api.settings import BATCH_ROUTE, Settings
-from service.api.state import ModelState
+from service.api.settings import BATCH_ROUTE
 from service.core.features import FeatureSpec
+from service.core.lesions import lesion_ids_from_json
 from service.core.metadata import (
     EXAMPLE,
     ClinicalMetadata,
@@ -40,21 +31,9 @@ from service.core.metadata import (
     metadata_from_json,
     metadata_json_schema,
     metadata_objects_from_json,
-    parse_json,
     validate_metadata,
 )
-from service.core.predictor import Prediction, Predictor
-from service.core.preprocess import (
-    ImageError,
-    ImageSpec,
-    ImageTooLargeError,
-    decode_opened,
-    decoded_pixels,
-    open_image,
-    resize_for_model,
-)
-from service.core.priors import PriorError
-from service.core.quality import quality_warnings
+from service.core.preprocess import ImageError
 
 ERRORS = problem_responses(
     {
@@ -68,149 +47,15 @@ ERRORS = problem_responses(
     }
 )
 
-LARGE_DECODE = 4_000_000  # decoded pixels in a request above which freed memory is handed back
-try:  # glibc's malloc_trim; absent elsewhere (musl, macOS), where nothing is trimmed
-    LIBC: ctypes.CDLL | None = ctypes.CDLL("libc.so.6") if sys.platform == "linux" else None
-    LIBC.malloc_trim  # type: ignore[union-attr]  # noqa: B018
-except (OSError, AttributeError):
-    LIBC = None
-
 router = APIRouter(tags=["predict"], responses=ERRORS, dependencies=[Security(api_key_header)])
 
 
-async def read_upload(upload: UploadFile, settings: Settings) -> bytes:
-    """The file's bytes; the parser's buffer is freed at once (one copy of each upload, not two)."""
-    data = await upload.read(settings.max_upload_bytes + 1)
+async def read_upload(upload: UploadFile) -> bytes:
+    """The file's bytes (the multipart parser has refused one over the size limit, service/api/forms.py);
+    the parser's buffer is freed at once (one copy of each upload, not two)."""
+    data = await upload.read()
     await upload.close()
-    if len(data) > settings.max_upload_bytes:
-        raise ApiError(
-            413, "image-too-large", f"image file {upload.filename!r} is over the {settings.max_upload_bytes} byte limit"
-        )
     return data
-
-
-def named(name: str | None, exc: ImageError) -> ImageError:
-    return type(exc)(f"image '{name}': {exc}")
-
-
-@dataclass
-class Decoded:
-    """A request's uploads, ready for the model: the images that decoded, and why the others did not."""
-
-    images: np.ndarray  # (K,H,W,3) uint8 at the model's input size, the decoded uploads in order
-    quality: list[list[str]]  # each decoded image's quality warnings (these read the sizes as sent)
-    positions: list[int]  # each decoded image's position among the uploads
-    refused: dict[int, ImageError]  # position -> why that upload is not an image the model can read
-
-
-def decode_all(
-    uploads: list[tuple[bytes, str | None]], spec: ImageSpec, slots: Semaphore, settings: Settings, each: bool = False
-) -> Decoded:
-    """Headers first: every image's decoded pixels are counted against the per-image and per-request
-    budgets before any is decoded. Then one image at a time, at most `decode_slots` at once per worker,
-    and the quality checks on the whole request (here, in the thread pool, not on the event loop).
-
-    A bad upload raises its ImageError, or with `each` (a batch) is set aside in `refused` while
-    the others go on; the per-request pixel budget always holds for the whole request."""
-    opened: dict[int, Image.Image] = {}
-    refused: dict[int, ImageError] = {}
-
-    def refuse(i: int, exc: ImageError) -> None:
-        if not each:
-            raise named(uploads[i][1], exc) from None
-        refused[i] = exc
-
-    for i, (data, _) in enumerate(uploads):
-        try:
-            opened[i] = open_image(data, spec, settings.max_pixels)
-        except ImageError as exc:
-            refuse(i, exc)
-    sizes = {i: img.size for i, img in opened.items()}
-    total = sum(decoded_pixels(img) for img in opened.values())
-    if total > settings.max_request_pixels:
-        raise ImageTooLargeError(
-            f"the images decode to {total} pixels, over the per-request limit of {settings.max_request_pixels}"
-        )
-    decoded: dict[int, np.ndarray] = {}
-    try:
-        for i in list(opened):
-            with slots:
-                try:
-                    decoded[i] = resize_for_model(decode_opened(opened.pop(i)), spec)  # the full image freed at once
-                except ImageError as exc:
-                    refuse(i, exc)
-    finally:
-        if total > LARGE_DECODE:
-            opened.clear()
-            release_freed_memory()  # refused or not
-    positions = sorted(decoded)
-    out = (
-        np.stack([decoded[i] for i in positions]) if positions else np.empty((0, spec.height, spec.width, 3), np.uint8)
-    )
-    quality = quality_warnings(out, [sizes[i] for i in positions], (spec.width, spec.height)) if positions else []
-    return Decoded(out, quality, positions, refused)
-
-
-def release_freed_memory() -> None:
-    """Give freed heap memory back to the OS (glibc keeps it otherwise, and RSS stays at the burst's peak)."""
-    if LIBC is not None:
-        LIBC.malloc_trim(0)
-
-
-def check_metadata_size(raw: str | None, settings: Settings, name: str = "metadata") -> None:
-    if raw is not None and len(raw.encode()) > settings.max_metadata_bytes:
-        raise ApiError(413, "field-too-large", f"the {name} field is over the {settings.max_metadata_bytes} byte limit")
-
-
-def parse_prior(raw: str | None, predictor: Predictor) -> tuple[str, tuple[np.ndarray, float] | None]:
-    """The `prior` field: balanced, training, or a JSON object of class prevalences (None: the bundle's
-    default). Returns its name for the response and what `Prediction.under_prior` takes."""
-    name = predictor.manifest.default_prior if raw is None or not raw.strip() else raw.strip()
-    prior: str | dict = name
-    if name.startswith("{"):
-        try:
-            prior = parse_json(name, "prior", '{"akiec": 0.03, "bcc": 0.05, ...}')
-        except MetadataError as exc:
-            raise ApiError(422, "prior-invalid", str(exc)) from None
-        if not isinstance(prior, dict):
-            raise ApiError(422, "prior-invalid", "prior: give a JSON object of class prevalences")
-        name = "custom"
-    try:
-        return name, predictor.prior(prior)
-    except PriorError as exc:
-        raise ApiError(422, "prior-invalid", f"prior: {exc}") from None
-
-
-async def predict_uploads(
-    uploads: list[tuple[bytes, str | None]],
-    metas: list[ClinicalMetadata],
-    predictor: Predictor,
-    state: ModelState,
-    settings: Settings,
-    metrics: Metrics,
-    each: bool = False,
-) -> tuple[list[Prediction], Decoded]:
-    """Decode the uploads in the thread pool, then queue the decoded ones for the micro-batcher's
-    next model call on `predictor` (the bundle this request started with answers it, even across a
-    swap). Their predictions come back in `decoded.positions` order, counted by the monitoring metrics."""
-    assert state.batcher is not None
-    spec = predictor.manifest.preprocessing
-    decoded = await run_in_threadpool(decode_all, uploads, spec, state.decode_slots, settings, each)
-    if not decoded.positions:
-        return [], decoded
-    preds = await state.batcher.submit(predictor, decoded.images, [metas[i] for i in decoded.positions])
-    metrics.observe_answers(predictor.manifest, preds, decoded.quality, decoded.images)
-    return preds, decoded
-
-
-def answered(
-    pred: Prediction, prior: tuple[str, tuple[np.ndarray, float] | None], predictor: Predictor, quality: list[str]
-) -> dict:
-    """A prediction under the request's prior, with its warnings: the fields every answer shares."""
-    name, adjust = prior
-    m = predictor.manifest
-    moved = pred if adjust is None else pred.under_prior(*adjust)
-    return dict(pred=moved, manifest=m, prior=name, warnings=image_warnings(pred, m, quality))
 
 
 PRIOR_HELP = (
@@ -242,28 +87,26 @@ async def predict(
     explain: bool = Form(False, description="add a heatmap and metadata attributions (costs a second model pass)"),
     explain_query: bool = Query(False, alias="explain", description="the same as the form field"),
 ) -> PredictResponse:
-    check_metadata_size(metadata, settings)
-    check_metadata_size(prior, settings, "prior")
-    data = await read_upload(image, settings)
-    meta = metadata_from_json(metadata, predictor.manifest.features)
+    data = await read_upload(image)
+    m = predictor.manifest
+    meta = metadata_from_json(metadata, m.features)
     chosen = parse_prior(prior, predictor)
     explain = explain or explain_query
-    if explain and not predictor.manifest.cnn.can_explain:
+    if explain and not m.cnn.can_explain:
         raise ApiError(
             422,
             "explain-unavailable",
             "explain: this bundle's CNN graph has no heatmap output (retrain or re-export it)",
         )
-    (pred,), decoded = await predict_uploads([(data, image.filename)], [meta], predictor, state, settings, metrics)
-    m = predictor.manifest
-    fields = answered(pred, chosen, predictor, decoded.quality[0])
+    got = await answer_uploads([(data, image.filename)], [meta], chosen, predictor, state, settings, metrics)
+    answer = got.answers[0]
     explanation = None
-    if explain:
-        label = m.classes[int(np.argmax(fields["pred"].probabilities))]  # the answer as returned (under its prior)
-        (e,) = await run_in_threadpool(predictor.explain, decoded.images, [meta], [label])
+    if explain:  # the answer as returned (under its prior) is the class explained
+        (e,) = await run_in_threadpool(predictor.explain, got.images, [meta], [answer.label])
         explanation = ExplanationOut.of(e)
-    return PredictResponse.from_prediction(
-        **fields,
+    return PredictResponse.of(
+        answer,
+        m,
         explanation=explanation,
         model=ModelRef.of(m),
         request_id=request.state.request_id,
@@ -298,39 +141,33 @@ async def predict_batch(
         json_schema_extra={"example": '["lesion-1", "lesion-1", null]'},
     ),
 ) -> BatchResponse:
-    check_metadata_size(metadata, settings)
-    check_metadata_size(prior, settings, "prior")
-    check_metadata_size(lesion_ids, settings, "lesion_ids")
     ids = lesion_ids_from_json(lesion_ids, len(images))
-    uploads = [(await read_upload(f, settings), printable(f.filename or "", 300) or None) for f in images]
-    features = predictor.manifest.features
+    uploads = [(await read_upload(f), printable(f.filename or "", 300) or None) for f in images]
+    m = predictor.manifest
     metas = metadata_objects_from_json(metadata, len(images))
     chosen = parse_prior(prior, predictor)
     refused: dict[int, ImageError | MetadataError] = {}
     valid: list[ClinicalMetadata] = []
     for i, value in enumerate(metas):
         try:
-            valid.append(validate_metadata(value, features))
+            valid.append(validate_metadata(value, m.features))
         except MetadataError as exc:
             refused[i] = exc
             valid.append(ClinicalMetadata())
     usable = [i for i in range(len(uploads)) if i not in refused]
-    preds, decoded = await predict_uploads(
-        [uploads[i] for i in usable], [valid[i] for i in usable], predictor, state, settings, metrics, each=True
+    got = await answer_uploads(
+        [uploads[i] for i in usable], [valid[i] for i in usable], chosen, predictor, state, settings, metrics, each=True
     )
-    refused.update({usable[j]: exc for j, exc in decoded.refused.items()})
-    answers = {usable[j]: (p, q) for j, p, q in zip(decoded.positions, preds, decoded.quality)}
-    m = predictor.manifest
-    items: list[BatchItem | BatchItemError] = []
-    for i, (_, name) in enumerate(uploads):
-        if i in refused:
-            items.append(BatchItemError.of(name, refused[i]))
-        else:
-            pred, quality = answers[i]
-            items.append(BatchItem.from_prediction(**answered(pred, chosen, predictor, quality), filename=name))
+    refused.update({usable[j]: exc for j, exc in got.refused.items()})
+    answers = {usable[j]: a for j, a in got.answers.items()}
+    names = [name for _, name in uploads]
+    items: list[BatchItem | BatchItemError] = [
+        BatchItemError.of(name, refused[i]) if i in refused else BatchItem.of(answers[i], m, filename=name)
+        for i, name in enumerate(names)
+    ]
     return BatchResponse(
         predictions=items,
-        lesions=None if ids is None else lesion_answers(ids, items, m),
+        lesions=None if ids is None else lesion_answers(ids, answers, names, m),
         model=ModelRef.of(m),
         request_id=request.state.request_id,
         notice=notice_for(m),
