@@ -52,7 +52,7 @@ def serve(settings: Settings) -> None:
         host=settings.host,
         port=settings.port,
         workers=settings.workers,
-        http=HeaderDeadlineProtocol,
+        http=HeaderDeadlineProtocol,  # each connection: the limits of its worker's app (Settings.for_worker)
         log_config=log_config(settings),
         access_log=False,  # the request guard logs one line per request, without client address or query
         timeout_keep_alive=settings.keepalive_timeout_s,

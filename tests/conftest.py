@@ -54,10 +54,12 @@ def tiny_run(tiny_data, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def smoke_run(sample_dir, tmp_path_factory) -> Path:
-    """One smoke-preset training run on the whole real sample."""
+    """One smoke-preset training run on the whole real sample, fp32: the int8 gate is proven on a
+    tiny run of its own (tests/training/test_int8.py), and here it cost a third of the run (3.5 of 10
+    minutes: EfficientNet-Lite0 tries every configuration and fails each)."""
     # LESION_TEST_RUN_DIR reuses (resumes) one run across pytest sessions while developing
     run_dir = Path(os.environ.get("LESION_TEST_RUN_DIR") or tmp_path_factory.mktemp("smoke") / "run")
-    return train(sample_dir, run_dir, "--preset", "smoke", "--keep-fp32")
+    return train(sample_dir, run_dir, "--preset", "smoke", "--no-int8")
 
 
 @pytest.fixture(scope="session")

@@ -36,7 +36,7 @@ def add_run_args(p: argparse.ArgumentParser) -> None:
             PRESET if any(name in preset for preset in PRESETS.values()) else extra.get("cli_default", field.default)
         )
         if isinstance(default, list):
-            default = ",".join(default)
+            default = ",".join(map(str, default))
         kwargs: dict[str, Any] = {"help": f"{field.description} (default: {default})"}
         if kind is bool:
             kwargs["action"] = argparse.BooleanOptionalAction

@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, Field, ValidationError, ValidationInfo, field_validator
+from pydantic import BaseModel, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from service.core.preprocess import ImageSpec
 from training.data.io import atomic_write_text
@@ -110,6 +110,17 @@ class RunConfig(BaseModel):
         "or training (the training data's class shares)",
     )
     keep_fp32: bool = Field(False, description="bundle the fp32 CNN beside the int8 one (serving can then pick it)")
+    triage: list[float] = Field(
+        [0.90, 0.95, 0.98],
+        description="comma-separated target sensitivities for malignancy: each a triage operating point whose "
+        "threshold is chosen out-of-fold on the served answer (refer when its malignant probability reaches it)",
+    )
+    triage_default: float = Field(
+        0.95,
+        gt=0,
+        lt=1,
+        description="the triage point an answer uses unless the request names another (one of --triage)",
+    )
     booster_rounds: int = Field(
         600, ge=1, description="most boosting rounds (each booster picks its own on an inner fold)"
     )
@@ -136,6 +147,23 @@ class RunConfig(BaseModel):
         if unknown or not names or len(set(names)) < len(names):
             raise ValueError(f"arch must list distinct CNNs from {', '.join(ALL_ARCHS)}; got {names}")
         return names  # in the order given: the first is the lead CNN
+
+    @field_validator("triage", mode="before")
+    @classmethod
+    def _sensitivities(cls, v: object) -> list[float]:
+        try:
+            targets = sorted({float(s) for s in (v.split(",") if isinstance(v, str) else v)})  # type: ignore[attr-defined]
+        except (TypeError, ValueError):
+            targets = []
+        if not targets or not all(0 < t < 1 for t in targets):
+            raise ValueError(f"triage must list target sensitivities between 0 and 1, such as 0.9,0.95; got {v!r}")
+        return targets
+
+    @model_validator(mode="after")
+    def _default_is_a_target(self) -> RunConfig:
+        if self.triage_default not in self.triage:
+            raise ValueError(f"triage_default {self.triage_default} must be one of the --triage targets {self.triage}")
+        return self
 
     @field_validator("weights")
     @classmethod
@@ -208,8 +236,9 @@ def make_config(preset: str, data_dir: str, **overrides) -> RunConfig:
         return RunConfig(**values)
     except ValidationError as exc:
         e = exc.errors()[0]
+        message = e["msg"].removeprefix("Value error, ")
         option = "--" + "-".join(str(p) for p in e["loc"]).replace("_", "-")
-        raise ConfigMismatch(f"{option}: {e['msg'].removeprefix('Value error, ')}") from None
+        raise ConfigMismatch(f"{option}: {message}" if e["loc"] else message) from None
 
 
 def saved_config(run_dir: Path, **overrides) -> RunConfig:

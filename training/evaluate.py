@@ -21,6 +21,7 @@ from tqdm import tqdm
 from service.core import labels
 from service.core.bundle import read_verified
 from service.core.lesions import combine_by_group, group_codes
+from service.core.manifest import Manifest
 from service.core.predictor import Predictor
 from training.config import CNN
 from training.data.ham10000 import decode_all, load_dataset
@@ -28,6 +29,7 @@ from training.data.io import PROB_COLUMNS, atomic_write_csv, atomic_write_text
 from training.errors import DataError
 from training.evaluation.lesions import lesion_gain, lesion_level
 from training.evaluation.metrics import with_intervals
+from training.evaluation.triage import check_lines, check_points
 from training.reporting.markdown import MALIGNANT_NOTE, lesion_lines, machine_description, metrics_table
 from training.reporting.plots import plot_confusion, plot_reliability, plot_roc
 
@@ -63,6 +65,16 @@ def overlap_sentence(o: dict) -> str:
     return f"{o['images']} image(s) overlap the bundle's training data (same image or same lesion), {where}."
 
 
+def triage_sections(report: dict) -> list[str]:
+    if "triage" not in report:
+        return []
+    t = report["triage"]
+    lines = check_lines("Triage operating points on these images (the bundle's thresholds)", t["images"]) + [""]
+    if "lesions" in t:
+        lines += check_lines("Triage operating points on these lesions", t["lesions"]) + [""]
+    return lines
+
+
 def markdown(report: dict) -> str:
     d = report["data"]
     return "\n".join(
@@ -80,12 +92,31 @@ def markdown(report: dict) -> str:
             "",
             *lesion_lines(report),
             "",
+            *triage_sections(report),
             MALIGNANT_NOTE,
             "",
             "![ROC](plots/roc_served.png) ![confusion](plots/confusion_served.png) ![reliability](plots/reliability.png)",
             "",
         ]
     )
+
+
+def check_triage(
+    probs: np.ndarray, malignant: np.ndarray, lesions: np.ndarray, m: Manifest, n_boot: int, seed: int
+) -> dict:
+    """Each triage point's threshold on these images (the served answer as trained) and on these
+    lesions (their images combined by the bundle's rule), against what it promised."""
+    assert m.triage is not None
+    scores = labels.malignant_scores(probs, m.classes, m.malignant_classes)
+    out = {"images": check_points(scores, malignant, lesions, m.triage.points, n_boot, seed)}
+    if m.triage.lesion_points:
+        ids, codes = group_codes(lesions)
+        first = np.unique(codes, return_index=True)[1]
+        combined = labels.malignant_scores(
+            combine_by_group(probs, codes, m.lesion_rule), m.classes, m.malignant_classes
+        )
+        out["lesions"] = check_points(combined, malignant[first], np.asarray(ids), m.triage.lesion_points, n_boot, seed)
+    return out
 
 
 def evaluate_bundle(
@@ -129,6 +160,8 @@ def evaluate_bundle(
     report = with_intervals(y, probs, lesions, bootstrap, seed, paired=(m.served, CNN))
     report["lesion_level"] = lesion_level(y, lesions, probs, m.lesion_rule, bootstrap, seed, paired=(m.served, CNN))
     report["lesion_gain"] = lesion_gain(y, lesions, probs[m.served], m.lesion_rule, bootstrap, seed)
+    if m.triage is not None:  # each operating point's promise, checked on this data
+        report["triage"] = check_triage(probs[m.served], malignant, lesions, m, bootstrap, seed)
     report.update(
         bundle_id=m.bundle_id,
         served=m.served,

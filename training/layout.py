@@ -76,6 +76,10 @@ class RunLayout:
         return self.artifacts / "ood.json"
 
     @property
+    def triage(self) -> Path:
+        return self.artifacts / "triage.json"
+
+    @property
     def models(self) -> Path:
         return self.dir / "models"
 

@@ -11,7 +11,7 @@ from types import ModuleType
 from training.config import RunConfig, save_or_check
 from training.errors import ConfigMismatch
 from training.run import Run
-from training.stages import baseline, boosters, bundle, cnn, export, folds, quantize, report, select, stack
+from training.stages import baseline, boosters, bundle, cnn, export, folds, quantize, report, select, stack, triage
 
 
 @dataclass(frozen=True)
@@ -38,8 +38,13 @@ STAGES: list[Stage] = [
     Stage("select", select, needs=("cnn", "boosters", "stack")),
     Stage("quantize", quantize, needs=("cnn", "export", "boosters", "stack", "select")),
     Stage("baseline", baseline, needs=("cnn", "boosters", "stack", "select"), reads=("quantize",)),
-    Stage("report", report, needs=("cnn", "boosters", "stack", "select"), reads=("quantize",)),  # the int8 gate
-    Stage("bundle", bundle, needs=("cnn", "export", "boosters", "stack", "select", "quantize", "baseline", "report")),
+    Stage("triage", triage, needs=("baseline",)),
+    Stage("report", report, needs=("cnn", "boosters", "stack", "select"), reads=("quantize", "triage")),
+    Stage(
+        "bundle",
+        bundle,
+        needs=("cnn", "export", "boosters", "stack", "select", "quantize", "baseline", "triage", "report"),
+    ),
 ]
 STAGE_NAMES = [s.name for s in STAGES]
 

@@ -11,6 +11,7 @@ from lesion_client.results import (
     ModelRef,
     Ood,
     Prediction,
+    Triage,
 )
 
 __all__ = [
@@ -28,4 +29,5 @@ __all__ = [
     "ModelRef",
     "Ood",
     "Prediction",
+    "Triage",
 ]

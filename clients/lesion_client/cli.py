@@ -1,6 +1,7 @@
 """`lesion-client` (or `python -m lesion_client`): predict a few images, score many, show the model.
 
-  lesion-client predict IMAGE [IMAGE ...] [--age N] [--sex S] [--site S] [--prior P] [--explain] [--json]
+  lesion-client predict IMAGE [IMAGE ...] [--age N] [--sex S] [--site S] [--prior P] [--triage-point P]
+                       [--explain] [--json]   (each answer leads with its triage: refer or routine)
   lesion-client predict VIEW [VIEW ...] --lesion ID [...]   (the images are views of one lesion: one answer)
   lesion-client score FOLDER_OR_METADATA_CSV --out OUT.csv [--in-flight 4] [--prior P]
                        (a CSV with a lesion_id column also gets each lesion's combined answer)
@@ -24,7 +25,7 @@ from tqdm import tqdm
 
 from lesion_client.client import AsyncLesionClient, LesionClient
 from lesion_client.errors import LesionAPIError, LesionError
-from lesion_client.results import LesionFailed, Prediction
+from lesion_client.results import LesionFailed, Prediction, Triage
 from lesion_client.scoring import Summary, score
 
 
@@ -42,8 +43,19 @@ def caveats(p: Prediction) -> list[str]:
     return lines
 
 
+def triage_line(t: Triage | None) -> list[str]:
+    """The decision first, in words: what to do, and what the point promises."""
+    if t is None:
+        return []
+    head = {"refer": "REFER", "routine": "routine", "not-triaged": "NOT TRIAGED"}.get(t.decision, t.decision)
+    return [
+        f"  triage: {head} at {t.point} (catches {t.sensitivity:.0%} of malignant lesions and clears "
+        f"{t.specificity:.0%} of benign ones, out-of-fold): {t.reason}"
+    ]
+
+
 def table(name: str, p: Prediction) -> str:
-    lines = [f"{name}:", *caveats(p)]
+    lines = [f"{name}:", *triage_line(p.triage), *caveats(p)]
     lines.append(f"  {p.label} ({p.label_name}), malignant probability {p.malignant_probability:.1%}, prior {p.prior}")
     models = list(p.components)
     lines.append("  class  " + "".join(f"{m:>10}" for m in models))
@@ -67,7 +79,9 @@ def predict_lesion(args: argparse.Namespace) -> int:
     meta = {k: v for k, v in dict(age=args.age, sex=args.sex, site=args.site).items() if v is not None}
     with LesionClient(args.url, args.api_key, timeout=args.timeout) as client:
         n = len(args.images)
-        out = client.predict_lesions(args.images, [args.lesion] * n, [meta] * n, parse_prior(args.prior))
+        out = client.predict_lesions(
+            args.images, [args.lesion] * n, [meta] * n, parse_prior(args.prior), args.triage_point
+        )
     lesion = out.lesions[args.lesion]
     if args.json:
         print(
@@ -87,6 +101,7 @@ def predict_lesion(args: argparse.Namespace) -> int:
     lines = [
         f"lesion {args.lesion}: {lesion.label} ({lesion.label_name}) from {len(lesion.images)} image(s), {lesion.combined_by}"
     ]
+    lines += triage_line(lesion.triage)
     lines += [f"  malignant (mel + bcc + akiec): {lesion.malignant_probability:.3f}"]
     lines += [f"  {c}: {v:.3f}" for c, v in sorted(lesion.probabilities.items(), key=lambda kv: -kv[1])]
     lines += [f"  warning: {w}" for w in lesion.warnings]
@@ -102,7 +117,9 @@ def predict(args: argparse.Namespace) -> int:
         return predict_lesion(args)
     with LesionClient(args.url, args.api_key, timeout=args.timeout) as client:
         results = {
-            str(img): client.predict(img, args.age, args.sex, args.site, parse_prior(args.prior), args.explain)
+            str(img): client.predict(
+                img, args.age, args.sex, args.site, parse_prior(args.prior), args.explain, args.triage_point
+            )
             for img in args.images
         }
     heatmaps = {}
@@ -199,6 +216,11 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--sex")
     pr.add_argument("--site")
     pr.add_argument("--prior", help=PRIOR_HELP)
+    pr.add_argument(
+        "--triage-point",
+        help="the operating point to decide refer/routine at, such as sensitivity-0.98 (default: the bundle's; "
+        "`lesion-client model` lists them)",
+    )
     pr.add_argument(
         "--explain", action="store_true", help="add the heatmap (saved as IMAGE-STEM.heatmap.png) and attributions"
     )

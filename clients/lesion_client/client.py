@@ -51,10 +51,12 @@ def image_bytes(image: Image) -> int:
 Prior = str | dict[str, float] | None  # balanced, training, {class: prevalence}, or None: the bundle's default
 
 
-def prior_field(prior: Prior) -> dict[str, str]:
-    if prior is None:
-        return {}
-    return {"prior": prior if isinstance(prior, str) else json.dumps(prior)}
+def answer_fields(prior: Prior, triage_point: str | None = None) -> dict[str, str]:
+    """The form fields that shape every answer: its class prior and the triage point decided at."""
+    out = {} if triage_point is None else {"triage_point": triage_point}
+    if prior is not None:
+        out["prior"] = prior if isinstance(prior, str) else json.dumps(prior)
+    return out
 
 
 def metadata_of(age: float | None, sex: str | None, site: str | None) -> dict:
@@ -113,9 +115,15 @@ class _Base:
 
     @staticmethod
     def predict_request(
-        image: Image, age: float | None, sex: str | None, site: str | None, prior: Prior, explain: bool
+        image: Image,
+        age: float | None,
+        sex: str | None,
+        site: str | None,
+        prior: Prior,
+        explain: bool,
+        triage_point: str | None = None,
     ) -> dict:
-        data = {"metadata": json.dumps(metadata_of(age, sex, site)), **prior_field(prior)}
+        data = {"metadata": json.dumps(metadata_of(age, sex, site)), **answer_fields(prior, triage_point)}
         if explain:
             data["explain"] = "true"
         return dict(files=[image_part(image, "image")], data=data)
@@ -127,13 +135,14 @@ class _Base:
         prior: Prior,
         rows: Sequence[int],
         lesion_ids: Sequence[str | None] | None = None,
+        triage_point: str | None = None,
     ) -> dict:
         """The multipart body for the images at `rows`."""
         files = [image_part(images[i], "images", i) for i in rows]
         data = {"metadata": json.dumps([metadata[i] for i in rows])} if metadata is not None else {}
         if lesion_ids is not None:
             data["lesion_ids"] = json.dumps([lesion_ids[i] for i in rows])
-        return dict(files=files, data={**data, **prior_field(prior)})
+        return dict(files=files, data={**data, **answer_fields(prior, triage_point)})
 
     @staticmethod
     def chunks(
@@ -209,21 +218,29 @@ class LesionClient(_Base):
         site: str | None = None,
         prior: Prior = None,
         explain: bool = False,
+        triage_point: str | None = None,
     ) -> Prediction:
         """One image; `prior` moves the probabilities to a population's class shares, `explain`
-        adds the heatmap and attributions (a second model pass)."""
-        body = self.request("POST", "/predict", **self.predict_request(image, age, sex, site, prior, explain))
+        adds the heatmap and attributions (a second model pass), `triage_point` names the operating
+        point `Prediction.triage` decides at (None: the bundle's default; GET /model lists them)."""
+        request = self.predict_request(image, age, sex, site, prior, explain, triage_point)
+        body = self.request("POST", "/predict", **request)
         return Prediction.from_json(body, body)
 
     def predict_batch(
-        self, images: Sequence[Image], metadata: Sequence[dict] | None = None, prior: Prior = None
+        self,
+        images: Sequence[Image],
+        metadata: Sequence[dict] | None = None,
+        prior: Prior = None,
+        triage_point: str | None = None,
     ) -> list[Prediction | Failed]:
         """Paths or bytes, in order; sent in requests within the server's batch limits (images and
         bytes). An image the server could not use comes back as `Failed` (status, code, detail) in
         its place; the others are answered."""
         out: list[Prediction | Failed] = []
         for rows in self.chunks(images, metadata, self.limits()):
-            body = self.request("POST", "/predict/batch", **self.batch_request(images, metadata, prior, rows))
+            request = self.batch_request(images, metadata, prior, rows, triage_point=triage_point)
+            body = self.request("POST", "/predict/batch", **request)
             out += self.batch_results(body)
         return out
 
@@ -233,12 +250,13 @@ class LesionClient(_Base):
         lesion_ids: Sequence[str | None],
         metadata: Sequence[dict] | None = None,
         prior: Prior = None,
+        triage_point: str | None = None,
     ) -> LesionResults:
         """As `predict_batch`, and one answer per lesion id from all of its images (the server's
         lesion rule); None as an id: that image belongs to no named lesion."""
         out = LesionResults([None] * len(images), {})  # every slot is filled below
         for rows in self.chunks(images, metadata, self.limits(), lesion_ids):
-            request = self.batch_request(images, metadata, prior, rows, lesion_ids)
+            request = self.batch_request(images, metadata, prior, rows, lesion_ids, triage_point)
             out.add(self.request("POST", "/predict/batch", **request), rows)
         return out
 
@@ -291,16 +309,23 @@ class AsyncLesionClient(_Base):
         site: str | None = None,
         prior: Prior = None,
         explain: bool = False,
+        triage_point: str | None = None,
     ) -> Prediction:
-        body = await self.request("POST", "/predict", **self.predict_request(image, age, sex, site, prior, explain))
+        request = self.predict_request(image, age, sex, site, prior, explain, triage_point)
+        body = await self.request("POST", "/predict", **request)
         return Prediction.from_json(body, body)
 
     async def predict_batch(
-        self, images: Sequence[Image], metadata: Sequence[dict] | None = None, prior: Prior = None
+        self,
+        images: Sequence[Image],
+        metadata: Sequence[dict] | None = None,
+        prior: Prior = None,
+        triage_point: str | None = None,
     ) -> list[Prediction | Failed]:
         out: list[Prediction | Failed] = []
         for rows in self.chunks(images, metadata, await self.limits()):
-            body = await self.request("POST", "/predict/batch", **self.batch_request(images, metadata, prior, rows))
+            request = self.batch_request(images, metadata, prior, rows, triage_point=triage_point)
+            body = await self.request("POST", "/predict/batch", **request)
             out += self.batch_results(body)
         return out
 
@@ -310,10 +335,11 @@ class AsyncLesionClient(_Base):
         lesion_ids: Sequence[str | None],
         metadata: Sequence[dict] | None = None,
         prior: Prior = None,
+        triage_point: str | None = None,
     ) -> LesionResults:
         out = LesionResults([None] * len(images), {})  # every slot is filled below
         for rows in self.chunks(images, metadata, await self.limits(), lesion_ids):
-            request = self.batch_request(images, metadata, prior, rows, lesion_ids)
+            request = self.batch_request(images, metadata, prior, rows, lesion_ids, triage_point)
             out.add(await self.request("POST", "/predict/batch", **request), rows)
         return out
 

@@ -52,6 +52,40 @@ class Ood:
 
 
 @dataclass(frozen=True)
+class Triage:
+    """Refer or routine at one of the bundle's operating points: `decision` is refer, routine or
+    not-triaged (the image has a warning); `sensitivity` and `specificity` are what the point
+    promises, measured out-of-fold; `score` (the malignant probability as trained) was compared
+    with `threshold`; `reason` says it in words."""
+
+    decision: str
+    point: str
+    score: float
+    threshold: float
+    sensitivity: float
+    specificity: float
+    reason: str
+
+    @property
+    def refer(self) -> bool:
+        return self.decision == "refer"
+
+    @classmethod
+    def from_json(cls, d: dict | None) -> Triage | None:
+        if d is None:
+            return None
+        return cls(
+            str(d["decision"]),
+            str(d["point"]),
+            float(d["score"]),
+            float(d["threshold"]),
+            float(d["sensitivity"]),
+            float(d["specificity"]),
+            str(d["reason"]),
+        )
+
+
+@dataclass(frozen=True)
 class Explanation:
     """Why the answer: the heatmap (a PNG's bytes) and each booster's attributions per input group."""
 
@@ -87,6 +121,7 @@ class Prediction:
     ood: Ood | None = None
     warnings: list[str] = field(default_factory=list)
     explanation: Explanation | None = None
+    triage: Triage | None = None  # None: a server or bundle without triage operating points
 
     @property
     def flagged(self) -> bool:
@@ -111,6 +146,7 @@ class Prediction:
             ood=Ood.from_json(item.get("ood")),
             warnings=list(item.get("warnings", [])),
             explanation=Explanation.from_json(item.get("explanation")),
+            triage=Triage.from_json(item.get("triage")),
         )
 
 
@@ -152,6 +188,7 @@ class LesionPrediction:
     unanswered: tuple[int, ...] = ()
     ood_flagged: tuple[int, ...] = ()
     warnings: list[str] = field(default_factory=list)
+    triage: Triage | None = None  # at the point chosen on lesions; None: no lesion operating points
 
     @property
     def flagged(self) -> bool:
@@ -187,6 +224,7 @@ def lesion_item(item: dict, envelope: dict, rows: Sequence[int]) -> LesionPredic
         unanswered=at(item.get("unanswered", [])),
         ood_flagged=at(item.get("ood_flagged", [])),
         warnings=list(item.get("warnings", [])),
+        triage=Triage.from_json(item.get("triage")),
     )
 
 

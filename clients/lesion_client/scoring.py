@@ -23,7 +23,7 @@ from pathlib import Path
 
 from lesion_client.client import AsyncLesionClient, Prior
 from lesion_client.errors import LesionAPIError, LesionConnectionError, LesionError, LesionTimeout
-from lesion_client.results import Failed, LesionFailed, LesionPrediction, Prediction
+from lesion_client.results import Failed, LesionFailed, LesionPrediction, Prediction, Triage
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png"}
 
@@ -109,10 +109,10 @@ class ResultsFile:
         self.path, self.key = path, source.key_column
         self.columns = [*source.input_columns, "label", "malignant_probability"]
         self.columns += [f"p_{c}" for c in classes] + ["served_by", "prior", "ood_flagged", "ood_score"]
-        self.columns += ["ood_image_score", "warnings"]
+        self.columns += ["ood_image_score", "warnings", "triage", "triage_point", "triage_reason"]
         if source.by_lesion:
             self.columns += ["lesion_label", "lesion_malignant_probability", *(f"lesion_p_{c}" for c in classes)]
-            self.columns += ["lesion_images", "lesion_warnings"]
+            self.columns += ["lesion_images", "lesion_warnings", "lesion_triage"]
         self.columns += ["bundle_id", "request_id", "error"]
         self.done: set[str] = set()
         try:
@@ -193,7 +193,15 @@ def lesion_fields(lesion: LesionPrediction | LesionFailed | str | None) -> dict:
         **{f"lesion_p_{c}": v for c, v in lesion.probabilities.items()},
         "lesion_images": len(lesion.images),
         "lesion_warnings": " | ".join(lesion.warnings),
+        "lesion_triage": "" if lesion.triage is None else lesion.triage.decision,
     }
+
+
+def triage_fields(t: Triage | None) -> dict:
+    """refer, routine or not-triaged at the bundle's default point (empty: a bundle without points)."""
+    if t is None:
+        return {}
+    return {"triage": t.decision, "triage_point": t.point, "triage_reason": t.reason}
 
 
 def answer_row(job: Job, p: Prediction | Failed, lesion: LesionPrediction | LesionFailed | str | None = None) -> dict:
@@ -212,6 +220,7 @@ def answer_row(job: Job, p: Prediction | Failed, lesion: LesionPrediction | Lesi
         "ood_score": "" if p.ood is None else p.ood.score,
         "ood_image_score": "" if p.ood is None or p.ood.image_score is None else p.ood.image_score,
         "warnings": " | ".join(p.warnings),
+        **triage_fields(p.triage),
         "bundle_id": p.model.bundle_id,
         "request_id": p.request_id,
         "error": "",

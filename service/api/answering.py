@@ -74,6 +74,23 @@ def parse_prior(raw: str | None, predictor: Predictor) -> Prior:
         raise ApiError(422, "prior-invalid", f"prior: {exc}") from None
 
 
+def parse_triage_point(raw: str | None, predictor: Predictor) -> str | None:
+    """The `triage_point` a request names (None or blank: the bundle's default); a name the bundle
+    does not have is a 422 that lists the ones it has."""
+    name = None if raw is None or not raw.strip() else raw.strip()
+    triage = predictor.manifest.triage
+    if name is None:
+        return None
+    if triage is None:
+        raise ApiError(422, "triage-point-invalid", "triage_point: this bundle has no triage operating points")
+    if name not in triage.names:
+        allowed = ", ".join(triage.names)
+        raise ApiError(
+            422, "triage-point-invalid", f"triage_point {name[:64]!r} is not one of this bundle's: {allowed}"
+        )
+    return name
+
+
 def named(name: str | None, exc: ImageError) -> ImageError:
     return type(exc)(f"image '{name}': {exc}")
 
@@ -159,6 +176,7 @@ async def answer_uploads(
     uploads: Sequence[tuple[bytes, str | None]],
     metas: Sequence[ClinicalMetadata],
     prior: Prior,
+    point: str | None,
     predictor: Predictor,
     state: ModelState,
     settings: Settings,
@@ -168,7 +186,8 @@ async def answer_uploads(
     """Decode the uploads in the thread pool (a bad one raises its ImageError, or with `each` is set
     aside), queue the decoded ones for the micro-batcher's next model call on `predictor` (the bundle
     this request started with answers it, even across a swap), count them in the monitoring metrics
-    (as trained, whatever the prior), and answer each under `prior`."""
+    (as trained, whatever the prior), and answer each under `prior`, triaged at `point` (None: the
+    bundle's default; `parse_triage_point` checked it)."""
     assert state.batcher is not None
     m = predictor.manifest
     decoded = await run_in_threadpool(decode_all, uploads, m.preprocessing, state.decode_slots, settings, each)
@@ -177,6 +196,8 @@ async def answer_uploads(
     preds = await state.batcher.submit(predictor, decoded.images, [metas[i] for i in decoded.positions])
     metrics.observe_answers(m, preds, decoded.quality, decoded.images)
     answers = {
-        i: answer(m, p, prior.name, prior.adjust, q) for i, p, q in zip(decoded.positions, preds, decoded.quality)
+        i: answer(m, p, prior.name, prior.adjust, q, point)
+        for i, p, q in zip(decoded.positions, preds, decoded.quality)
     }
+    metrics.observe_triage(m, answers.values())
     return Answers(answers, decoded.refused, decoded.images)

@@ -24,7 +24,6 @@ from service.api import forms
 from service.api.errors import install_error_handlers
 from service.api.metrics import Metrics
 from service.api.middleware import RequestGuard
-from service.api.protocol import HeaderDeadlineProtocol
 from service.api.routes import admin, inference, operations, predictions
 from service.api.settings import Settings
 from service.api.state import ModelState
@@ -65,13 +64,13 @@ def reload_on_sighup(state: ModelState, settings: Settings, metrics: Metrics) ->
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
+    """The app for `settings`, which stay its own: nothing here is written process-wide per app.
+    The connection limits (header deadline, lingering close) are read from `app.state.settings` by
+    the protocol serving it (protocol.py), the multipart part limits and spool size from the request
+    guard's per-request limits (forms.py)."""
     settings = settings or Settings.for_worker()
-    HeaderDeadlineProtocol.header_timeout_s = settings.header_timeout_s  # this process's connections
-    HeaderDeadlineProtocol.close_linger_s = settings.close_linger_s
-    HeaderDeadlineProtocol.linger_max_bytes = settings.largest_body_bytes()
     logging.captureWarnings(True)  # a library's warning is a log line in the service's format, not raw stderr
-    # Keep uploads in memory: the request guard stops a body before it outgrows the spool size.
-    forms.install(spool_bytes=settings.largest_body_bytes() + 1)
+    forms.install()  # the bounded multipart parser; the same for every app
     state, metrics = ModelState(), Metrics(settings.drift_window)
 
     @asynccontextmanager

@@ -5,12 +5,15 @@ part of any size (up to the body limit) before a route can look at it. This subc
 part's bytes as the parser hands them over and stops at the per-image (file) or per-field limit
 with a 413. The limits are the serving app's settings, set per request by the request guard
 (a context variable: several apps with their own settings may share one process, as in tests).
+The spool each uploaded file is written to is sized from the same limits, so every part stays in
+memory; nothing here is written per app, and a request no guard set limits for (another app in the
+process) is parsed exactly as by Starlette's own parser.
 """
 
 from __future__ import annotations
 
 from contextvars import ContextVar
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import starlette.requests
 from starlette.formparsers import MultiPartParser
@@ -27,12 +30,19 @@ PART_LIMITS: ContextVar[PartLimits | None] = ContextVar("part_limits", default=N
 
 
 class BoundedMultiPartParser(MultiPartParser):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.limits = PART_LIMITS.get()  # the request's, from the app that serves it (None: no guard)
+        if self.limits is not None:
+            # a file part is refused before it outgrows file_bytes: a spool that size keeps it in memory
+            self.spool_max_size = self.limits.file_bytes
+
     def on_part_begin(self) -> None:
         super().on_part_begin()
         self._part_bytes = 0
 
     def on_part_data(self, data: bytes, start: int, end: int) -> None:
-        limits = PART_LIMITS.get()
+        limits = self.limits
         if limits is not None:
             self._part_bytes += end - start
             is_file = self._current_part.file is not None
@@ -52,8 +62,7 @@ class BoundedMultiPartParser(MultiPartParser):
         super().on_part_data(data, start, end)
 
 
-def install(spool_bytes: int) -> None:
-    """Make Starlette's requests parse multipart bodies with the bounded parser, every part kept in
-    memory (a spool larger than any accepted body: nothing is written to disk)."""
-    BoundedMultiPartParser.spool_max_size = max(BoundedMultiPartParser.spool_max_size, spool_bytes)
+def install() -> None:
+    """Make Starlette's requests parse multipart bodies with the bounded parser (idempotent). The one
+    process-wide change, and a fixed one: each request's limits come from the app serving it."""
     starlette.requests.MultiPartParser = BoundedMultiPartParser  # type: ignore[misc]

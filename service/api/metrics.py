@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Iterable
 
 import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, multiprocess
 
 from service.api.monitoring import DriftWindow
-from service.core.answers import malignant_probability, ood_verdict, top_label
+from service.core.answers import Answer, malignant_probability, ood_verdict, top_label
 from service.core.manifest import Manifest
 from service.core.predictor import Prediction
 
@@ -89,6 +90,19 @@ class Metrics:
             registry=self.registry,
             buckets=(0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0),
         )
+        self.triage = Counter(
+            "lesion_triage_total",
+            "Triage decisions by bundle, operating point and decision (refer, routine, not-triaged)",
+            ["bundle_id", "point", "decision"],
+            registry=self.registry,
+        )
+        self.expected_referral = Gauge(
+            "lesion_triage_expected_referral_share",
+            "The share of images each triage point referred out-of-fold (the bundle's monitoring baseline)",
+            ["bundle_id", "point"],
+            registry=self.registry,
+            multiprocess_mode="livemax",
+        )
         self.ood_design_share = Gauge(
             "lesion_ood_design_share",
             "The share of real images the bundle's OOD flag was set to fire on",
@@ -129,6 +143,8 @@ class Metrics:
                 del self.windows[old]
             if manifest.ood is not None:
                 self.ood_design_share.labels(bundle).set(manifest.ood.flag_share)
+            for point, share in (manifest.monitoring.referral_shares if manifest.monitoring else {}).items():
+                self.expected_referral.labels(bundle, point).set(share)
         keys = [None] * len(preds) if images is None else [image_key(image) for image in images]
         for pred, warned, key in zip(preds, quality, keys):
             label = top_label(manifest, pred.probabilities)
@@ -142,6 +158,12 @@ class Metrics:
         for signal, value in (("label", window.label_psi()), ("ood_score", window.ood_psi())):
             if value is not None:
                 self.drift.labels(bundle, signal).set(value)
+
+    def observe_triage(self, manifest: Manifest, answers: Iterable[Answer]) -> None:
+        """Count each answer's triage decision at the point it was decided at."""
+        for a in answers:
+            if a.triage is not None:
+                self.triage.labels(manifest.bundle_id, a.triage.point.name, a.triage.decision).inc()
 
     def serving(self, bundle_id: str, previous: str | None = None) -> None:
         if previous is not None and previous != bundle_id:

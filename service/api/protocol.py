@@ -16,6 +16,10 @@ is read and dropped for `close_linger_s` (or until it closes its end, or has sen
 largest body any route accepts), then closed: draining stays bounded in time and in bytes. A client
 that writes its whole body before it reads (Python's http.client, curl) thus reads the answer
 whenever its body arrives within `close_linger_s`; past that it sees the connection reset.
+
+Each connection takes these limits from the settings of the app its server serves (create_app
+keeps them in `app.state.settings`), read when the connection opens: several servers in one
+process, each with its own app, each keep their own; a server of another app gets the defaults.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ import asyncio
 import json
 import uuid
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import h11
 from uvicorn.protocols.http.h11_impl import H11Protocol
@@ -87,14 +91,48 @@ class LingeringTransport:
             self._transport.pause_reading()
 
 
+class ConnectionLimits(NamedTuple):
+    header_timeout_s: float  # for a request's headers
+    close_linger_s: float  # the lingering close after an answer sent before the body was read
+    linger_max_bytes: int  # ... which drops at most the largest body a route accepts
+
+    @classmethod
+    def of(cls, settings: Settings) -> ConnectionLimits:
+        return cls(settings.header_timeout_s, settings.close_linger_s, settings.largest_body_bytes())
+
+
+DEFAULT_LIMITS = ConnectionLimits.of(Settings.model_construct())  # the defaults, not the environment's
+
+
+def served_settings(app: object) -> Settings | None:
+    """The settings of the app a server serves, or None if it is not one create_app made. uvicorn
+    wraps the app in its own middleware (proxy headers, message logging), each keeping it as `.app`."""
+    for _ in range(8):  # a few wrappers at most
+        settings = getattr(getattr(app, "state", None), "settings", None)
+        if isinstance(settings, Settings):
+            return settings
+        app = getattr(app, "app", None)
+        if app is None:
+            break
+    return None
+
+
+def connection_limits(app: object) -> ConnectionLimits:
+    settings = served_settings(app)
+    return DEFAULT_LIMITS if settings is None else ConnectionLimits.of(settings)
+
+
 class HeaderDeadlineProtocol(H11Protocol):
-    header_timeout_s = Settings.model_fields["header_timeout_s"].default  # create_app sets the worker's own
-    close_linger_s = Settings.model_fields["close_linger_s"].default
-    linger_max_bytes = Settings.model_construct().largest_body_bytes()
+    """uvicorn's h11 protocol (`http=`), with the limits of the app it serves."""
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        self.limits = connection_limits(self.app)  # the served app's settings, not the process's
         self.linger = LingeringTransport(
-            transport, asyncio.get_running_loop(), self.close_linger_s, self._sending_body, self.linger_max_bytes
+            transport,
+            asyncio.get_running_loop(),
+            self.limits.close_linger_s,
+            self._sending_body,
+            self.limits.linger_max_bytes,
         )
         super().connection_made(self.linger)  # type: ignore[arg-type]
         self._deadline: asyncio.TimerHandle | None = None
@@ -121,7 +159,7 @@ class HeaderDeadlineProtocol(H11Protocol):
     def _arm(self) -> None:
         self._disarm()
         self._waiting_after = self.cycle
-        self._deadline = self.loop.call_later(self.header_timeout_s, self._too_slow)
+        self._deadline = self.loop.call_later(self.limits.header_timeout_s, self._too_slow)
 
     def _disarm(self) -> None:
         if self._deadline is not None:

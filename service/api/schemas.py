@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Self
+from typing import Any, Literal, Self
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
@@ -10,13 +10,14 @@ from pydantic import BaseModel, ConfigDict, Field
 from service.api.errors import MAX_DETAIL, input_problem
 from service.api.logs import printable
 from service.api.settings import Settings
-from service.core.answers import Answer, OodVerdict, lesion_verdict
+from service.core.answers import Answer, OodVerdict, Triage, lesion_verdict
 from service.core.explain import COLOUR_SCALE
 from service.core.manifest import CnnModel, Manifest, without_paths
 from service.core.metadata import MetadataError
 from service.core.ood import IMAGE_CHECK
 from service.core.predictor import Explanation, Predictor
 from service.core.preprocess import ImageError
+from service.core.triage import BASIS
 
 NOTICE = (
     "Research use only. Not a medical device and not a diagnosis: a dermatologist must assess any lesion of concern."
@@ -70,6 +71,33 @@ class OodResult(BaseModel):
         )
 
 
+class TriageOut(BaseModel):
+    """Refer or routine at one of the bundle's operating points (GET /model lists them)."""
+
+    decision: Literal["refer", "routine", "not-triaged"] = Field(
+        description="refer: the malignant probability reached the point's threshold; not-triaged: the image has a "
+        "warning (quality, out of distribution), so no routine is given"
+    )
+    point: str = Field(description="the operating point decided at: its target sensitivity for malignancy")
+    score: float = Field(description=f"the score compared: {BASIS}")
+    threshold: float
+    sensitivity: float = Field(description="the point's sensitivity for malignancy, measured out-of-fold")
+    specificity: float = Field(description="its specificity, measured out-of-fold")
+    reason: str = Field(description="the decision in words")
+
+    @classmethod
+    def of(cls, t: Triage) -> TriageOut:
+        return cls(
+            decision=t.decision,
+            point=t.point.name,
+            score=t.score,
+            threshold=t.point.threshold,
+            sensitivity=t.point.sensitivity.value,
+            specificity=t.point.specificity.value,
+            reason=t.reason,
+        )
+
+
 class PredictionFields(BaseModel):
     label: str = Field(description="predicted class (dx code): the served model's most probable")
     label_name: str
@@ -84,6 +112,9 @@ class PredictionFields(BaseModel):
     )
     ood: OodResult | None = Field(None, description="how unlike the training images this one is (None: no score)")
     warnings: list[str] = Field(default_factory=list, description="image quality and out-of-distribution warnings")
+    triage: TriageOut | None = Field(
+        None, description="refer or routine at the request's operating point (None: the bundle has no points)"
+    )
 
     @classmethod
     def of(cls, answer: Answer, manifest: Manifest, **extra: Any) -> Self:
@@ -100,6 +131,7 @@ class PredictionFields(BaseModel):
             prior=answer.prior,
             ood=None if answer.ood is None else OodResult.of(answer.ood),
             warnings=answer.warnings,
+            triage=None if answer.triage is None else TriageOut.of(answer.triage),
             **extra,
         )
 
@@ -204,14 +236,25 @@ class LesionAnswer(BaseModel):
     prior: str
     ood_flagged: list[int] = Field(description="positions of its images flagged out of distribution")
     warnings: list[str] = Field(description="every image's warnings, each naming its image; and what is missing")
+    triage: TriageOut | None = Field(
+        None,
+        description="refer or routine for the lesion, at the request's point chosen on lesions (its images combined "
+        "as trained); not-triaged when any of its images has a warning (None: the bundle has no lesion points)",
+    )
 
     @classmethod
     def of(
-        cls, lesion_id: str, answers: dict[int, Answer], names: list[str | None], unanswered: list[int], m: Manifest
+        cls,
+        lesion_id: str,
+        answers: dict[int, Answer],
+        names: list[str | None],
+        unanswered: list[int],
+        m: Manifest,
+        point: str | None = None,
     ) -> Self:
         """`answers`: position -> answer of this lesion's answered images; `names`: every upload's file name."""
         positions = sorted(answers)
-        verdict = lesion_verdict(m, [answers[i] for i in positions])
+        verdict = lesion_verdict(m, [answers[i] for i in positions], point)
         warnings = [f"image {i} ({names[i] or 'unnamed'}): {w}" for i in positions for w in answers[i].warnings]
         if unanswered:
             warnings.append(
@@ -232,6 +275,7 @@ class LesionAnswer(BaseModel):
             prior=first.prior,
             ood_flagged=[i for i in positions if answers[i].ood_flagged],
             warnings=warnings,
+            triage=None if verdict.triage is None else TriageOut.of(verdict.triage),
         )
 
 
@@ -244,7 +288,11 @@ class LesionUnanswered(BaseModel):
 
 
 def lesion_answers(
-    ids: list[str | None], answers: dict[int, Answer], names: list[str | None], manifest: Manifest
+    ids: list[str | None],
+    answers: dict[int, Answer],
+    names: list[str | None],
+    manifest: Manifest,
+    point: str | None = None,
 ) -> list[LesionAnswer | LesionUnanswered]:
     """One entry per distinct lesion id, in order of first appearance (`answers`: upload position ->
     its answer, for the uploads that got one)."""
@@ -257,7 +305,7 @@ def lesion_answers(
         answered = {i: answers[i] for i in positions if i in answers}
         missing = [i for i in positions if i not in answers]
         if answered:
-            out.append(LesionAnswer.of(lesion, answered, names, missing, manifest))
+            out.append(LesionAnswer.of(lesion, answered, names, missing, manifest, point))
         else:
             detail = "none of this lesion's images could be answered (see their entries)"
             out.append(
@@ -338,13 +386,19 @@ class ModelInfo(BaseModel):
         description="every CNN graph this worker runs: name, architecture, initial weights (source, sha256), file, "
         "precision, fold models, TTA, the int8 gate"
     )
-    metrics: dict = Field(description="cross-validated (out-of-fold) metrics per model")
-    metric_intervals: dict = Field(description="their 95% lesion-bootstrap intervals, [low, high]")
+    metrics: dict[str, dict[str, float | None]] = Field(description="cross-validated (out-of-fold) metrics per model")
+    metric_intervals: dict[str, dict[str, list[float | None]]] = Field(
+        description="their 95% lesion-bootstrap intervals, [low, high]"
+    )
     training: dict
     limits: dict = Field(description="what one request may hold: images per /predict/batch, bytes per image, pixels")
     explain: bool = Field(description="whether /predict can add a heatmap and attributions (explain=true)")
     ood: dict | None = Field(description="the out-of-distribution score: method, thresholds, share flagged by design")
     priors: dict = Field(description="the default class prior, the training data's class shares and the temperature")
+    triage: dict | None = Field(
+        description="the triage operating points (threshold, out-of-fold sensitivity, specificity, referral share, "
+        "PPV, NPV with intervals) and the default (None: bundles before them)"
+    )
     model_card: str | None = Field(description="path of the bundle's model card (markdown), if it has one")
 
     @classmethod
@@ -385,4 +439,5 @@ class ModelInfo(BaseModel):
                 "temperature": m.temperature,
             },
             model_card="/model/card" if m.model_card else None,
+            triage=m.triage.model_dump() if m.triage else None,
         )

@@ -21,6 +21,7 @@ from pydantic.types import Strict
 
 from service.api.errors import ApiError
 from service.api.middleware import byte_count
+from service.api.schemas import TriageOut
 from service.api.settings import BINARY_HEADER, Settings
 from service.core.answers import Answer
 from service.core.manifest import Manifest
@@ -85,7 +86,15 @@ OUTPUTS: dict[str, Output] = {  # the one table of what the model answers, in th
     "ood_score": Output("FP32", False, lambda a: math.nan if a.ood is None else a.ood.score),
     "ood_flagged": Output("BOOL", False, lambda a: a.ood_flagged),
     "warnings": Output("BYTES", False, lambda a: json.dumps(a.warnings).encode()),
+    "triage": Output("BYTES", False, lambda a: triage_json(a).encode()),
 }
+
+
+def triage_json(a: Answer) -> str:
+    """An answer's triage as /predict's `triage` field gives it (JSON null: the bundle has no operating points)."""
+    return "null" if a.triage is None else TriageOut.of(a.triage).model_dump_json()
+
+
 DTYPES = {"FP32": np.float32, "BOOL": np.bool_, "BYTES": object}
 
 
@@ -241,6 +250,14 @@ def read_request(request: InferRequest, binary: memoryview, settings: Settings) 
 def header_limit(settings: Settings) -> int:
     """The largest JSON header of a binary-extension request: metadata, parameters, no image."""
     return 2 * settings.max_batch * settings.max_metadata_bytes + 64 * 1024
+
+
+def text_parameter(request: InferRequest, name: str) -> str | None:
+    """A request parameter that must be text (absent: None)."""
+    value = request.parameters.get(name)
+    if value is None or isinstance(value, str):
+        return value
+    raise bad(f"the {name} parameter must be a string, not {value!r}")
 
 
 def prior_text(request: InferRequest, settings: Settings) -> str | None:

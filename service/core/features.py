@@ -12,30 +12,24 @@ import math
 from collections.abc import Mapping, Sequence
 
 import numpy as np
-from pydantic import BaseModel, Field, model_validator
+from pydantic import Field, model_validator
 
 from service.core import labels
-from service.core.metadata import ClinicalMetadata
+from service.core.metadata import ClinicalMetadata, MetadataVocabulary
 
 EPS = 1e-6
 
 
-class FeatureSpec(BaseModel):
-    """The saved encoder: the CNNs whose probabilities come first, category lists, the accepted age
-    range and the resulting column order."""
+class FeatureSpec(MetadataVocabulary):
+    """The saved encoder: the CNNs whose probabilities come first, the class list, the metadata
+    vocabulary (category lists and accepted age range: metadata.py) and the resulting column order."""
 
     cnns: list[str] = Field(default_factory=list, description="the CNNs whose probabilities are features, in order")
     classes: list[str] = Field(labels.CLASSES, min_length=2)
-    sexes: list[str] = Field(labels.SEXES, min_length=1)
-    sites: list[str] = Field(labels.SITES, min_length=1)
-    age_min: float = Field(labels.AGE_RANGE[0], allow_inf_nan=False)
-    age_max: float = Field(labels.AGE_RANGE[1], allow_inf_nan=False)
 
     @model_validator(mode="after")
     def _consistent(self) -> FeatureSpec:
-        if self.age_min > self.age_max:
-            raise ValueError(f"age_min {self.age_min} is above age_max {self.age_max}")
-        for name in ("cnns", "classes", "sexes", "sites"):
+        for name in ("cnns", "classes"):
             values = getattr(self, name)
             if len(set(values)) != len(values):
                 raise ValueError(f"{name} repeat: {values}")
@@ -50,10 +44,6 @@ class FeatureSpec(BaseModel):
             + [f"site_{s.replace(' ', '_')}" for s in self.sites]
             + [f"img_{stat}_{ch}" for stat in ("mean", "std") for ch in "rgb"]
         )
-
-    def metadata_schema(self) -> dict:
-        """What a client may send, as shown by the API's /model."""
-        return {"age_min": self.age_min, "age_max": self.age_max, "sexes": self.sexes, "sites": self.sites}
 
 
 def image_stats(images: np.ndarray) -> np.ndarray:

@@ -7,17 +7,20 @@ and which libraries each file needs. Serving code reads every model name from he
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import PurePath
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from service.core.features import FeatureSpec
 from service.core.graph import can_explain, can_score_ood
 from service.core.lesions import LesionRule
 from service.core.ood import OodSpec
 from service.core.preprocess import ImageSpec
+from service.core.priors import NamedPrior
 from service.core.signing import MANIFEST_NAME, SIGNATURE_NAME
+from service.core.triage import TriageSpec
 
 TRAINING_IMAGES = "training_images.csv"  # the bundle's list of its training images (image_id, lesion_id)
 
@@ -84,6 +87,9 @@ class MonitoringReference(BaseModel):
     """What the served answers looked like out-of-fold: the baseline of the service's drift gauges."""
 
     label_shares: dict[str, float] = Field(description="the served model's out-of-fold top-1 shares (as trained)")
+    referral_shares: dict[str, float] = Field(
+        default_factory=dict, description="triage point -> the share of out-of-fold images it refers"
+    )
     ood_score_edges: list[float] = Field(
         default_factory=list,
         description="inner edges of 10 equal-share bins of the out-of-fold OOD score (served method)",
@@ -135,6 +141,18 @@ class CnnModel(ModelFile):
         return can_explain(self.explain_outputs)
 
 
+class TrainingSummary(BaseModel):
+    """What the bundle learned from, as training wrote it. `config` and `data` stay open dicts: they
+    hold training's own settings and data summary (training.config.RunConfig, the report's `data`),
+    whose keys change with training, and older bundles hold older ones. Other keys are kept as read."""
+
+    model_config = ConfigDict(extra="allow")
+
+    config: dict[str, Any] = Field(default_factory=dict, description="the run's settings (RunConfig)")
+    data: dict[str, Any] = Field(default_factory=dict, description="the data: images, lesions, class counts, folds")
+    report: str | None = Field(None, description="the run's report.json, relative to the run folder")
+
+
 def libraries_of(models: list[ModelFile]) -> list[str]:
     """Every distribution the given models need, sorted, once each."""
     return sorted({lib for m in models for lib in m.libraries})
@@ -168,7 +186,10 @@ class Manifest(BaseModel):
     )
     ood: OodSpec | None = Field(None, description="the out-of-distribution score and its thresholds")
     monitoring: MonitoringReference | None = Field(None, description="the drift gauges' out-of-fold baseline")
-    default_prior: str = Field("balanced", description="class prior of the served probabilities: balanced or training")
+    triage: TriageSpec | None = Field(
+        None, description="triage operating points chosen out-of-fold (None: bundles before them)"
+    )
+    default_prior: NamedPrior = Field("balanced", description="class prior of the served probabilities (a named prior)")
     training_prevalence: dict[str, float] = Field(
         default_factory=dict, description="class shares of the training data: the 'training' prior"
     )
@@ -182,11 +203,13 @@ class Manifest(BaseModel):
     model_card: str | None = Field(None, description="the bundle's model card (markdown)")
     files: dict[str, str] = Field(description="file name -> sha256, every file of the bundle but this manifest")
     library_versions: dict[str, str] = Field(description="versions of the libraries the models need, as written")
-    metrics: dict = Field(default_factory=dict, description="cross-validated metrics from report.json")
-    metric_intervals: dict = Field(
+    metrics: dict[str, dict[str, float | None]] = Field(
+        default_factory=dict, description="model -> metric -> cross-validated value, from report.json"
+    )  # None: a NaN of the report (a metric undefined on the data, such as macro AUC without every class)
+    metric_intervals: dict[str, dict[str, list[float | None]]] = Field(
         default_factory=dict, description="95% lesion-bootstrap intervals of `metrics`, [low, high], from report.json"
     )
-    training: dict = Field(default_factory=dict, description="run configuration and data summary")
+    training: TrainingSummary = Field(default_factory=TrainingSummary, description="run configuration and data summary")
 
     @model_validator(mode="before")
     @classmethod
@@ -222,8 +245,23 @@ class Manifest(BaseModel):
     def required_libraries(self) -> list[str]:
         return libraries_of(self.model_files)
 
+    @property
+    def model_file_names(self) -> list[str]:
+        """Every file a model is loaded from: each model's file and each int8 CNN's fp32 graph."""
+        return [m.file for m in self.model_files] + [f for c in self.cnns for f in c.files[1:]]
+
+    @property
+    def listed_files(self) -> list[str]:
+        """Every bundle file the manifest names: the models' files, the training images, the card, the OOD fits."""
+        extras = [self.training_images, self.model_card, *([self.ood.file, self.ood.image_file] if self.ood else [])]
+        return self.model_file_names + [f for f in extras if f]
+
+    # The checks below run in this order and the first that fails is the error a reader reports (a
+    # bundle error names one fault); keep the order when adding one.
+
     @model_validator(mode="after")
-    def _classes_are_consistent(self) -> Manifest:
+    def _classes_agree(self) -> Manifest:
+        """The feature encoder reads these classes and CNNs; class names and malignant classes are of these classes."""
         if self.features.classes != self.classes:
             raise ValueError(f"features.classes {self.features.classes} differ from classes {self.classes}")
         if self.features.cnns != [c.name for c in self.cnns]:
@@ -232,6 +270,11 @@ class Manifest(BaseModel):
             raise ValueError(f"class_names lacks {sorted(set(self.classes) - set(self.class_names))}")
         if not set(self.malignant_classes) <= set(self.classes):
             raise ValueError(f"malignant_classes {self.malignant_classes} are not all among {self.classes}")
+        return self
+
+    @model_validator(mode="after")
+    def _training_prevalence_is_shares(self) -> Manifest:
+        """The training data's class shares, when given: one positive share per class, summing to 1."""
         shares = self.training_prevalence
         if shares and set(shares) != set(self.classes):
             raise ValueError("training_prevalence must give a share for every class, and only for those")
@@ -241,6 +284,7 @@ class Manifest(BaseModel):
 
     @model_validator(mode="after")
     def _roster_is_consistent(self) -> Manifest:
+        """Model names are distinct, and the served model and the recorded choices name what is used."""
         names = self.components
         if len(set(names)) != len(names):
             raise ValueError(f"model names repeat: {names}")
@@ -250,31 +294,72 @@ class Manifest(BaseModel):
             raise ValueError(f"served_choice chose {self.served_choice.chosen!r}, but {self.served!r} is served")
         if self.lesion_rule_choice and self.lesion_rule_choice.chosen != self.lesion_rule:
             raise ValueError(f"lesion_rule_choice chose {self.lesion_rule_choice.chosen!r}, not {self.lesion_rule!r}")
+        return self
+
+    @model_validator(mode="after")
+    def _file_names_are_plain(self) -> Manifest:
+        """Each hashed file is a plain name inside the bundle folder: no path, and not the manifest or its signature."""
         for f in self.files:
             if not f or f in (".", "..") or any(c in f for c in "/\\\x00") or f in (MANIFEST_NAME, SIGNATURE_NAME):
                 raise ValueError(f"file name {f!r} is not a plain name inside the bundle")
-        used = [m.file for m in self.model_files] + [f for c in self.cnns for f in c.files[1:]]
-        extras = [self.training_images, self.model_card, *([self.ood.file, self.ood.image_file] if self.ood else [])]
-        listed = used + [f for f in extras if f]
-        for f in listed:
+        return self
+
+    @model_validator(mode="after")
+    def _files_are_hashed(self) -> Manifest:
+        """Every file the manifest names has a sha256 in `files` (so it is checked before use)."""
+        for f in self.listed_files:
             if f not in self.files:
                 raise ValueError(f"bundle file {f!r} is not among the hashed files")
+        return self
+
+    @model_validator(mode="after")
+    def _fp32_file_is_for_int8(self) -> Manifest:
+        """Only an int8 CNN keeps its fp32 graph beside it."""
         if any(c.fp32_file and c.precision != "int8" for c in self.cnns):
             raise ValueError("a CNN's fp32_file is only for an int8 file")
+        return self
+
+    @model_validator(mode="after")
+    def _model_files_are_distinct(self) -> Manifest:
+        """No two models (or a model and an fp32 graph) share a file."""
+        used = self.model_file_names
         if len(set(used)) != len(used):
             raise ValueError(f"model files repeat: {used}")
+        return self
+
+    @model_validator(mode="after")
+    def _int8_has_a_passed_gate(self) -> Manifest:
+        """An int8 CNN is served only with the accuracy gate it passed."""
         for cnn in self.cnns:
             if cnn.precision == "int8" and not (cnn.quantization and cnn.quantization.passed):
                 raise ValueError(f"{cnn.name}: an int8 file needs a passed quantization gate in the manifest")
-        unused = sorted(set(self.files) - set(listed))
+        return self
+
+    @model_validator(mode="after")
+    def _every_hashed_file_is_used(self) -> Manifest:
+        """No hashed file is left over: the roster and the file list agree."""
+        unused = sorted(set(self.files) - set(self.listed_files))
         if unused:
             raise ValueError(f"hashed files {unused} belong to no model: the roster and the file list must agree")
-        if self.default_prior not in ("balanced", "training"):
-            raise ValueError(f"default_prior must be balanced or training, not {self.default_prior!r}")
+        return self
+
+    @model_validator(mode="after")
+    def _prior_is_usable(self) -> Manifest:
+        """The default prior "training" needs the training data's class shares (the field's type names the priors)."""
         if self.default_prior == "training" and set(self.training_prevalence) != set(self.classes):
             raise ValueError("default_prior training needs a training_prevalence for every class")
+        return self
+
+    @model_validator(mode="after")
+    def _ood_has_its_outputs(self) -> Manifest:
+        """An OOD score needs the lead CNN's graph to give what it reads."""
         if self.ood and not self.cnn.has_ood_outputs:
             raise ValueError("an OOD score needs the CNN graph's embedding and logits outputs")
+        return self
+
+    @model_validator(mode="after")
+    def _libraries_are_versioned(self) -> Manifest:
+        """Every library a model needs has the version it was written with (checked against the installed one)."""
         missing = [lib for lib in self.required_libraries if lib not in self.library_versions]
         if missing:
             raise ValueError(f"library_versions lacks {missing}")
@@ -284,9 +369,12 @@ class Manifest(BaseModel):
 PATH_KEYS = ("data_dir", "weights")  # a folder or file of the training machine (weights: or none, imagenet)
 
 
-def without_paths(training: dict) -> dict:
-    """The training summary with each data folder and weights file reduced to its name: a bundle says
-    which data and initialisation it learned from, not the layout of the machine that trained it."""
+def without_paths(training: TrainingSummary | Mapping[str, Any]) -> dict[str, Any]:
+    """The training summary, as a dict of the keys it was given, with each data folder and weights file
+    reduced to its name: a bundle says which data and initialisation it learned from, not the layout of
+    the machine that trained it."""
+    if isinstance(training, TrainingSummary):
+        training = training.model_dump(exclude_unset=True)  # the keys as read: none added by defaults
 
     def reduced(section: dict) -> dict:
         return {k: PurePath(v).name if k in PATH_KEYS and isinstance(v, str) else v for k, v in section.items()}

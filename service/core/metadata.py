@@ -7,6 +7,10 @@ The coercion policy, the same for the API, the client and offline `Predictor` us
 - `sex`, `site`: strings, case-insensitive, surrounding spaces ignored, `_` read as a space, and
   one of the bundle's values; `localization` (HAM10000's column name) is accepted for `site`;
 - any other key is refused, naming the allowed ones.
+
+The accepted values are a `MetadataVocabulary`, defined here once with its schemas: a bundle's
+feature encoder (`features.FeatureSpec`) is one, so features.py imports this module, never the
+other way round.
 """
 
 from __future__ import annotations
@@ -14,16 +18,38 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from service.core import labels
 from service.core.errors import MetadataError
 
-if TYPE_CHECKING:
-    from service.core.features import FeatureSpec
-
 EXAMPLE = '{"age": 55, "sex": "male", "site": "back"}'
+
+
+class MetadataVocabulary(BaseModel):
+    """The metadata a bundle accepts: its age range, sexes and sites (HAM10000's by default), as
+    written in its manifest's feature encoder."""
+
+    sexes: list[str] = Field(labels.SEXES, min_length=1)
+    sites: list[str] = Field(labels.SITES, min_length=1)
+    age_min: float = Field(labels.AGE_RANGE[0], allow_inf_nan=False)
+    age_max: float = Field(labels.AGE_RANGE[1], allow_inf_nan=False)
+
+    @model_validator(mode="after")
+    def _consistent_vocabulary(self) -> MetadataVocabulary:
+        if self.age_min > self.age_max:
+            raise ValueError(f"age_min {self.age_min} is above age_max {self.age_max}")
+        for name in ("sexes", "sites"):
+            values = getattr(self, name)
+            if len(set(values)) != len(values):
+                raise ValueError(f"{name} repeat: {values}")
+        return self
+
+    def metadata_schema(self) -> dict:
+        """What a client may send, as shown by the API's /model."""
+        return {"age_min": self.age_min, "age_max": self.age_max, "sexes": self.sexes, "sites": self.sites}
 
 
 class ClinicalMetadata(BaseModel):
@@ -64,7 +90,7 @@ class MetadataIn(BaseModel):
         return v
 
 
-def metadata_json_schema(spec: FeatureSpec) -> dict:
+def metadata_json_schema(spec: MetadataVocabulary) -> dict:
     """The JSON schema of the metadata object a bundle with encoder `spec` accepts (its allowed values)."""
     return {
         "type": "object",
@@ -89,7 +115,7 @@ def _normalise(value: str | None) -> str:
     return " ".join(value.split()) or "unknown"
 
 
-def validate_metadata(value: ClinicalMetadata | Mapping[str, Any] | None, spec: FeatureSpec) -> ClinicalMetadata:
+def validate_metadata(value: ClinicalMetadata | Mapping[str, Any] | None, spec: MetadataVocabulary) -> ClinicalMetadata:
     """Check one lesion's metadata against a bundle's encoder; raises MetadataError."""
     if value is None:
         return ClinicalMetadata()
@@ -133,7 +159,7 @@ def parse_json(raw: str | None, field: str = "metadata", example: str = EXAMPLE)
         raise MetadataError(f"{field} JSON cannot be read ({type(exc).__name__}); send e.g. {example}") from None
 
 
-def metadata_from_json(raw: str | None, spec: FeatureSpec) -> ClinicalMetadata:
+def metadata_from_json(raw: str | None, spec: MetadataVocabulary) -> ClinicalMetadata:
     """The metadata of one image, from JSON text."""
     return validate_metadata(parse_json(raw), spec)
 

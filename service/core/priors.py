@@ -15,13 +15,15 @@ own for a HAM10000 run); a request may also give its own prevalences.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import Literal, get_args
 
 import numpy as np
 
 from service.core.errors import PriorError
 
 EPS = 1e-12
-NAMED = ("balanced", "training")
+NamedPrior = Literal["balanced", "training"]  # the named class priors (the manifest's default_prior)
+NAMED: tuple[str, ...] = get_args(NamedPrior)
 
 
 def prior_vector(

@@ -6,6 +6,7 @@ from __future__ import annotations
 import ast
 import json
 import math
+import re
 
 import numpy as np
 import pytest
@@ -120,3 +121,108 @@ def test_every_route_carries_the_cores_answer(api, predictor, sample_dir):
         assert out["malignant_probability"][i] == pytest.approx(want.malignant_probability, abs=1e-6)
         assert json.loads(out["warnings"][i]) == want.warnings
         assert not math.isnan(out["ood_score"][i])
+
+
+def test_triage_decides_on_the_score_as_trained_and_never_routines_a_warned_image(predictor):
+    m = predictor.manifest
+    assert m.triage is not None and m.triage.default == "sensitivity-0.95"
+    image = np.full((1, m.preprocessing.height, m.preprocessing.width, 3), 90, np.uint8)
+    (pred,) = predictor.predict(image, [None])
+    pred.ood_score, pred.image_ood_score = m.ood.threshold - 1, m.ood.image_threshold - 1  # not flagged
+    as_trained = malignant_probability(m, pred.probabilities)
+    benign = {c: (0.01 if c in m.malignant_classes else 0.97 / (len(m.classes) - 3)) for c in m.classes}
+    for point in m.triage.points:
+        got = answer(m, pred, "custom", predictor.prior(benign), (), point.name)
+        assert got.malignant_probability < as_trained  # the prior moved the answer shown...
+        assert got.triage is not None and got.triage.score == as_trained  # ...not the score triaged
+        assert got.triage.point == point
+        assert got.triage.decision == ("refer" if as_trained >= point.threshold else "routine")
+    assert answer(m, pred, "balanced", None).triage.point.name == "sensitivity-0.95"  # the default
+    for cause in ("quality", "ood"):
+        pred.ood_score = m.ood.threshold + (1 if cause == "ood" else -1)
+        warned = answer(m, pred, "balanced", None, ["too dark"] if cause == "quality" else [])
+        assert warned.triage.decision == "not-triaged" and warned.triage.reason.startswith("cannot be triaged: ")
+        assert warned.warnings[0] in warned.triage.reason
+
+
+def test_every_route_carries_the_cores_triage_and_refuses_an_unknown_point(api, predictor, sample_dir):
+    import base64
+
+    m = predictor.manifest
+    names = m.triage.names
+    paths = sample_images(sample_dir, 3)
+    images = np.stack([load_for_model(p.read_bytes(), m.preprocessing) for p in paths])
+    preds = predictor.predict(images, [None] * len(paths))
+    before = api.get("/metrics").text
+    for point in names:
+        core = [answer(m, p, "balanced", None, point=point) for p in preds]
+        files = [("images", (p.name, p.read_bytes())) for p in paths]
+        batch = api.post("/predict/batch", files=files, data={"triage_point": point}).json()["predictions"]
+        single = [
+            api.post("/predict", files={"image": p.read_bytes()}, data={"triage_point": point}).json() for p in paths
+        ]
+        v2 = api.post(
+            "/v2/models/lesion/infer",
+            json={
+                "parameters": {"triage_point": point},
+                "inputs": [
+                    {
+                        "name": "image",
+                        "shape": [len(paths)],
+                        "datatype": "BYTES",
+                        "data": [base64.b64encode(p.read_bytes()).decode() for p in paths],
+                    }
+                ],
+                "outputs": [{"name": "triage"}],
+            },
+        ).json()
+        (out,) = v2["outputs"]
+        for i, want in enumerate(core):
+            for got in (single[i]["triage"], batch[i]["triage"], json.loads(out["data"][i])):
+                assert got["decision"] == want.triage.decision and got["point"] == point
+                assert got["threshold"] == want.triage.point.threshold and got["reason"] == want.triage.reason
+                assert got["score"] == pytest.approx(want.triage.score, abs=1e-12)
+    after = api.get("/metrics").text
+    counted = lambda text: sum(float(v) for v in re.findall(r"lesion_triage_total\{[^}]*\} (\S+)", text))  # noqa: E731
+    assert counted(after) - counted(before) == 3 * len(names) * len(paths)
+    assert f'point="{m.triage.default}"' in after and "lesion_triage_expected_referral_share{" in after
+
+    image = paths[0].read_bytes()
+    for route, files in (("/predict", {"image": image}), ("/predict/batch", [("images", ("a.jpg", image))])):
+        r = api.post(route, files=files, data={"triage_point": "sensitivity-0.5"})
+        assert r.status_code == 422 and r.json()["code"] == "triage-point-invalid", r.text
+        assert all(n in r.json()["detail"] for n in names)
+    body = {
+        "parameters": {"triage_point": "sensitivity-0.5"},
+        "inputs": [{"name": "image", "shape": [1], "datatype": "BYTES", "data": [base64.b64encode(image).decode()]}],
+    }
+    r = api.post("/v2/models/lesion/infer", json=body)
+    assert r.status_code == 400 and all(n in r.json()["error"] for n in names)
+    info = api.get("/model").json()["triage"]
+    assert [p["name"] for p in info["points"]] == names and info["default"] == m.triage.default
+
+
+def test_a_lesion_is_triaged_at_its_lesion_point_on_its_images_as_trained(api, predictor, sample_dir):
+    from service.core.answers import lesion_verdict
+
+    m = predictor.manifest
+    assert [p.name for p in m.triage.lesion_points] == m.triage.names
+    paths = sample_images(sample_dir, 3)
+    images = np.stack([load_for_model(p.read_bytes(), m.preprocessing) for p in paths])
+    preds = predictor.predict(images, [None] * len(paths))
+    prior = json.dumps({c: (0.5 if c == "nv" else 0.5 / (len(m.classes) - 1)) for c in m.classes})
+    point = m.triage.names[0]
+    core = lesion_verdict(
+        m, [answer(m, p, "custom", predictor.prior(json.loads(prior)), point=point) for p in preds], point
+    )
+    r = api.post(
+        "/predict/batch",
+        files=[("images", (p.name, p.read_bytes())) for p in paths],
+        data={"lesion_ids": json.dumps(["L1"] * len(paths)), "prior": prior, "triage_point": point},
+    ).json()
+    (lesion,) = r["lesions"]
+    trained = lesion_verdict(m, [answer(m, p, "balanced", None) for p in preds]).malignant_probability
+    assert lesion["triage"]["score"] == pytest.approx(trained, abs=1e-12) == pytest.approx(core.triage.score)
+    assert lesion["triage"]["threshold"] == m.triage.point(point, lesion=True).threshold
+    assert lesion["triage"]["decision"] == core.triage.decision and lesion["triage"]["point"] == point
+    assert lesion["malignant_probability"] == pytest.approx(core.malignant_probability, abs=1e-9)

@@ -150,6 +150,12 @@ def check_answer(browser, server: str, image) -> None:
     data = answer.json()
     caveat = browser.find_element(By.ID, "caveat")
     assert caveat.is_displayed() == (data["ood"]["flagged"] or bool(data["warnings"]))
+    triage, t = browser.find_element(By.ID, "triage"), data["triage"]  # the decision leads the answer
+    first = {"refer": "Refer", "routine": "Routine", "not-triaged": "Not triaged"}[t["decision"]]
+    assert triage.is_displayed() and browser.find_element(By.ID, "triage-decision").text.startswith(first)
+    promise = browser.find_element(By.ID, "triage-promise").text
+    assert t["point"] in promise and f"{100 * t['sensitivity']:.1f}%" in promise
+    assert triage.location["y"] < browser.find_element(By.ID, "label").location["y"]
     assert browser.find_element(By.ID, "label").text == data["label"]
     assert browser.find_element(By.ID, "malignant").text == f"{100 * data['malignant_probability']:.1f}%"
     sum_text = browser.find_element(By.ID, "malignant-sum").text
@@ -181,6 +187,7 @@ def test_a_flagged_answer_leads_with_its_caveat(browser, server, tmp_path, width
     warnings = browser.find_elements(By.CSS_SELECTOR, "#warnings li")
     assert len(warnings) >= 2 and any("out of distribution" in w.text for w in warnings)
     assert "FLAGGED by" in browser.find_element(By.ID, "ood").text
+    assert browser.find_element(By.ID, "triage-decision").text.startswith("Not triaged")  # never a routine
     check_nothing_hidden(browser, "a flagged answer")
 
 

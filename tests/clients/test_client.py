@@ -31,9 +31,22 @@ ENVELOPE = {
 }
 
 
-def answer(filename: str | None = None) -> dict:
+def triage(point: str = "sensitivity-0.95") -> dict:
+    return {
+        "decision": "refer",
+        "point": point,
+        "score": 0.3,
+        "threshold": 0.21,
+        "sensitivity": 0.95,
+        "specificity": 0.6,
+        "reason": "refer: malignant probability 0.300 >= 0.210",
+    }
+
+
+def answer(filename: str | None = None, point: str = "sensitivity-0.95") -> dict:
     probs = {c: (0.4 if c == "nv" else 0.1) for c in CLASSES}
     return {
+        "triage": triage(point),
         "label": "nv",
         "label_name": "Melanocytic nevus",
         "probabilities": probs,
@@ -60,14 +73,18 @@ class FakeService:
         body = request.read()
         if b"WHOLE" in body:
             return httpx.Response(413, json={"detail": "the images decode to too many pixels", "request_id": "r3"})
+        named = re.search(rb'name="triage_point"\r\n\r\n(.*?)\r\n--', body, re.S)
+        point = named.group(1).decode() if named else "sensitivity-0.95"
         if request.url.path == "/predict":
             if b"BAD" in body:
                 return httpx.Response(400, json={"detail": "image BAD: not a readable image", "request_id": "r2"})
-            return httpx.Response(200, json={**answer(), **ENVELOPE})
+            return httpx.Response(200, json={**answer(point=point), **ENVELOPE})
         parts = re.findall(rb'filename="([^"]*)"[^\n]*\r\n(?:[^\r\n]+\r\n)*\r\n(.*?)\r\n--', body, re.S)
         assert len(parts) <= self.max_batch, "the client must chunk to the server's limit"
         error = {"status": 400, "code": "image-invalid", "detail": "image BAD: not a readable image"}
-        items = [{"filename": n.decode(), "error": error} if b"BAD" in d else answer(n.decode()) for n, d in parts]
+        items = [
+            {"filename": n.decode(), "error": error} if b"BAD" in d else answer(n.decode(), point) for n, d in parts
+        ]
         ids = re.search(rb'name="lesion_ids"\r\n\r\n(.*?)\r\n--', body, re.S)
         if ids is None:
             return httpx.Response(200, json={"predictions": items, **ENVELOPE})
@@ -76,7 +93,14 @@ class FakeService:
             if lesion is not None:
                 groups.setdefault(lesion, []).append(j)
         lesions = [  # the served answer of its first image, as if combined; "error" when none was answered
-            {"lesion_id": k, "images": js, "combined_by": "mean", "prior": "balanced", "warnings": [], **answer()}
+            {
+                "lesion_id": k,
+                "images": js,
+                "combined_by": "mean",
+                "prior": "balanced",
+                "warnings": [],
+                **answer(point=point),
+            }
             if any("error" not in items[j] for j in js)
             else {"lesion_id": k, "unanswered": js, "error": {**error, "code": "lesion-unanswered"}}
             for k, js in groups.items()
@@ -346,3 +370,31 @@ def test_scoring_a_csv_with_lesion_ids_adds_each_lesions_answer_and_resumes_lesi
     written = list(csv.DictReader(open(out)))
     assert [r["image_id"] for r in written] == [r["image_id"] for r in rows]
     assert {r["image_id"]: r for r in written}["ISIC_1"]["lesion_images"] == "2"
+
+
+def test_every_answer_carries_its_triage_at_the_point_asked_for(tmp_path, capsys, monkeypatch):
+    from lesion_client import Triage
+    from lesion_client import cli as cli_module
+
+    fake = FakeService()
+    client = LesionClient("http://x", transport=httpx.MockTransport(fake), retries=0)
+    image = tmp_path / "a.jpg"
+    image.write_bytes(b"jpeg")
+    p = client.predict(image, triage_point="sensitivity-0.98")
+    assert p.triage == Triage("refer", "sensitivity-0.98", 0.3, 0.21, 0.95, 0.6, triage()["reason"]) and p.triage.refer
+    assert client.predict(image).triage.point == "sensitivity-0.95"  # no field sent: the bundle's default
+    assert b'name="triage_point"' not in fake.requests[-1].read()
+    (b,) = client.predict_batch([image], triage_point="sensitivity-0.9")
+    assert isinstance(b, Prediction) and b.triage.point == "sensitivity-0.9"
+    lesions = client.predict_lesions([image, image], ["L", "L"], triage_point="sensitivity-0.9").lesions
+    assert lesions["L"].triage.point == "sensitivity-0.9"
+
+    monkeypatch.setattr(cli_module, "LesionClient", lambda *a, **k: client)
+    assert cli_module.main(["predict", str(image), "--triage-point", "sensitivity-0.98"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[1].startswith("  triage: REFER at sensitivity-0.98 (catches 95% of malignant lesions")
+
+    out_csv = tmp_path / "out.csv"
+    asyncio.run(score(AsyncLesionClient("http://x", transport=httpx.MockTransport(fake)), tmp_path, out_csv))
+    (row,) = list(csv.DictReader(out_csv.open()))
+    assert row["triage"] == "refer" and row["triage_point"] == "sensitivity-0.95" and row["triage_reason"]

@@ -57,6 +57,19 @@ def test_evaluate_scores_unseen_images_and_leaves_training_lesions_out(tiny_run,
     level = report["lesion_level"]
     assert level["rule"] == rule and level["lesions"] == preds.lesion_id.nunique() and served in level["models"]
     assert "Per lesion" in (tmp_path / "eval" / "report.md").read_text()
+    triage = Predictor.load(tiny_run / "bundle").manifest.triage  # each point's threshold on this data
+    malignant = preds.dx.isin(["akiec", "bcc", "mel"]).to_numpy()
+    scores = preds[[f"p_{c}" for c in ("akiec", "bcc", "mel")]].to_numpy().sum(1)
+    for point, row in zip(triage.points, report["triage"]["images"]):
+        refer = scores >= point.threshold
+        assert row["point"] == point.name and row["sensitivity"]["promised"] == point.sensitivity.value
+        assert np.isclose(row["sensitivity"]["value"], refer[malignant].mean())
+        assert np.isclose(row["specificity"]["value"], (~refer[~malignant]).mean())
+        assert row["holds"] == (row["sensitivity"]["ci95"][1] >= point.sensitivity.value) & (
+            row["specificity"]["ci95"][1] >= point.specificity.value
+        )
+    assert [r["point"] for r in report["triage"]["lesions"]] == triage.names
+    assert "Triage operating points on these images" in (tmp_path / "eval" / "report.md").read_text()
     for plot in ("roc_served.png", "confusion_served.png", "reliability.png"):
         assert (tmp_path / "eval" / "plots" / plot).stat().st_size > 1000
 

@@ -205,6 +205,10 @@ def test_quantize_stage_gates_the_served_answer_on_every_image_out_of_fold(int8_
         assert (a.refit is not None) == a.folds.passed  # the refit model is checked once its folds pass
     report = (int8_run / "artifacts" / "report.md").read_text()
     assert f"| {gate.attempts[0].config} | out-of-fold images |" in report
+    assert f"`{cnn}`: int8 gate {'passed with' if gate.passed else 'failed'}" in report
+    figures = json.loads((int8_run / "artifacts" / "report.json").read_text())
+    assert list(figures["int8_gates"]) == ["cnn", "cnn_efficientnet_lite0"]  # one gate per CNN
+    assert figures["int8_gates"][cnn] == json.loads((int8_run / cnn / "quantization.json").read_text())
 
 
 def test_the_gates_fp32_pipeline_reproduces_the_reported_out_of_fold_answers(int8_run):

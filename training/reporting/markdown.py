@@ -155,6 +155,8 @@ def markdown(report: dict) -> str:
         lines += ["", *selection_lines(report)]
     for name, gate in report.get("int8_gates", {}).items():
         lines += ["", f"`{name}`: " + gate_lines(gate)[0], *gate_lines(gate)[1:]]
+    if "triage" in report:
+        lines += ["", *triage_lines(report["triage"])]
     if "lesion_level" in report:
         lines += ["", *lesion_lines(report)]
     if "per_class" in report:
@@ -166,6 +168,31 @@ def markdown(report: dict) -> str:
         "![ROC](plots/roc_served.png) ![confusion](plots/confusion_served.png) ![reliability](plots/reliability.png)",
     ]
     return "\n".join(lines) + "\n"
+
+
+def triage_lines(triage: dict) -> list[str]:
+    """The triage operating points: what each promises, out-of-fold, with its threshold; per image
+    and per lesion."""
+    lines = [
+        "## Triage operating points (refer when the malignant probability reaches the threshold)",
+        "",
+        "| answers | point | threshold | sensitivity | specificity | referred | PPV | NPV |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for level, points in (("images", triage["points"]), ("lesions", triage.get("lesion_points", []))):
+        for p in points:
+            name = p["name"] + (" (default)" if p["name"] == triage["default"] else "")
+            cells = " | ".join(fmt(p[k]) for k in ("sensitivity", "specificity", "referral_share", "ppv", "npv"))
+            lines.append(f"| {level} | {name} | {p['threshold']:.4f} | {cells} |")
+    lines += [
+        "",
+        f"Out-of-fold on {triage['images']} images of {triage['lesions']} lesions: each fold was decided by the "
+        "threshold chosen on the other folds' scores (nested); the served threshold is chosen on them all. Lesion "
+        "points combine a lesion's images by the bundle's lesion rule, one row per lesion. PPV, NPV and the referral "
+        f"share hold at the training data's prevalence. Score: {triage['basis']}. An image with a quality or "
+        "out-of-distribution warning is not triaged.",
+    ]
+    return lines
 
 
 def nested_row(report: dict) -> dict | None:

@@ -15,6 +15,7 @@ from training.reporting.markdown import (
     nested_row,
     selection_lines,
     served_tables,
+    triage_lines,
 )
 from training.run import Run
 
@@ -91,6 +92,11 @@ def model_card(run: Run, cnns: list[CnnModel], boosters: list[ModelFile]) -> str
         "",
         *[line.replace("## ", "### ") for line in lesion_lines(report)],
         "",
+        *(
+            [line.replace("## ", "### ") for line in triage_lines(report["triage"])] + [""]
+            if "triage" in report
+            else []
+        ),
         *[line.replace("## ", "### ") for line in served_tables(report)],
         "",
         "## Probabilities",

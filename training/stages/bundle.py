@@ -1,4 +1,4 @@
-"""Stage 10, bundle: RUN_DIR/bundle/, the only thing the service loads.
+"""Stage 11, bundle: RUN_DIR/bundle/, the only thing the service loads.
 
 Written into a temporary folder and renamed into place, so a crash never leaves a half bundle.
 Its manifest is the roster of the run's models (the CNNs, the chosen boosters, the soft vote and
@@ -35,6 +35,7 @@ from service.core.manifest import (
 from service.core.ood import OodSpec, fit_image_gaussian, image_statistics
 from service.core.predictor import Predictor
 from service.core.preprocess import to_model_input
+from service.core.triage import TriageSpec
 from training.config import SOFT_VOTE, STACK
 from training.data.io import PROB_COLUMNS, atomic_write_text
 from training.ensemble.boosters import BOOSTERS, feature_spec, oof_cnn_probs
@@ -100,6 +101,7 @@ def build_manifest(
     report = json.loads(run.paths.report_json.read_text())
     selection = select.load(run)
     ood = OodSpec.model_validate_json(run.paths.ood_spec.read_text())
+    triage = TriageSpec.model_validate_json(run.paths.triage.read_text())
     calibration = report["calibration"]
     files = {p.name: sha256_file(p) for p in sorted(folder.iterdir())}
     created = dt.datetime.now(dt.timezone.utc).replace(microsecond=0)
@@ -131,7 +133,10 @@ def build_manifest(
         lesion_rule_choice=selection.lesion_rule,
         files=files,
         library_versions=library_versions(libraries_of([*cnns, *boosters, stack])),
-        monitoring=monitoring_reference(run, selection.combiner.chosen, ood.method if cnn.has_ood_outputs else None),
+        monitoring=monitoring_reference(
+            run, selection.combiner.chosen, ood.method if cnn.has_ood_outputs else None, triage
+        ),
+        triage=triage,
         metrics={m: {k: v["value"] for k, v in r.items()} for m, r in report["models"].items()},
         metric_intervals={m: {k: v["ci95"] for k, v in r.items()} for m, r in report["models"].items()},
         training=without_paths(
@@ -140,9 +145,10 @@ def build_manifest(
     )
 
 
-def monitoring_reference(run: Run, served: str, ood_method: str | None) -> MonitoringReference:
+def monitoring_reference(run: Run, served: str, ood_method: str | None, triage: TriageSpec) -> MonitoringReference:
     """The served answer's out-of-fold top-1 shares and the deciles of the out-of-fold OOD score, both
-    through the fold graphs at the precision served (the baseline stage)."""
+    through the fold graphs at the precision served (the baseline stage), and each triage point's
+    out-of-fold referral share."""
     import pandas as pd
 
     top1 = run.oof("served_graphs")[PROB_COLUMNS].to_numpy().argmax(1)  # through the graphs the bundle serves
@@ -151,7 +157,8 @@ def monitoring_reference(run: Run, served: str, ood_method: str | None) -> Monit
     if ood_method is not None and run.paths.oof("ood").exists():
         scores = pd.read_csv(run.paths.oof("ood"))[ood_method].to_numpy()
         edges = np.quantile(scores, np.arange(1, 10) / 10).tolist()
-    return MonitoringReference(label_shares=shares, ood_score_edges=edges)
+    referred = {p.name: p.referral_share.value for p in triage.points}
+    return MonitoringReference(label_shares=shares, ood_score_edges=edges, referral_shares=referred)
 
 
 def reference_predictions(run: Run, n: int = 8) -> dict:

@@ -1,4 +1,4 @@
-"""Stage 9, report: artifacts/report.json, report.md and plots, every number out-of-fold (lesion-
+"""Stage 10, report: artifacts/report.json, report.md and plots, every number out-of-fold (lesion-
 bootstrap intervals; per class, per subgroup; log loss and ECE under two class priors; per image and
 per lesion; the served choice and the nested pipeline's figures)."""
 
@@ -60,6 +60,8 @@ def run(run: Run) -> None:
     gates = {name: run.paths.cnn(name).quantization for name in run.cfg.cnns}
     report["int8_gates"] = {n: json.loads(g.read_text()) for n, g in gates.items() if run.cfg.int8 and g.exists()}
     report["served"] = served
+    if run.paths.triage.exists():  # the operating points, measured on the graphs the bundle serves
+        report["triage"] = json.loads(run.paths.triage.read_text())
     report["lesion_level"] = lesion_level(y, lesions, model_probs, rule, n_boot, seed, paired=(served, lead))
     report["lesion_gain"] = lesion_gain(y, lesions, model_probs[served], rule, n_boot, seed)
     ids, y_lesion, _ = lesion_rows(y, fold, lesions)

@@ -12,7 +12,9 @@ POST /v2/models/lesion/infer takes N images (at most LESION_MAX_BATCH):
 and the request parameter `prior` (as /predict's field). It answers, for every output unless
 `outputs` names some: probabilities FP32 [N, C] (the served model, classes in GET /model's order),
 label BYTES [N], malignant_probability FP32 [N], ood_score FP32 [N] (the CNN's; NaN without one),
-ood_flagged BOOL [N], warnings BYTES [N] (a JSON list of sentences per image). Every value is the
+ood_flagged BOOL [N], warnings BYTES [N] (a JSON list of sentences per image), triage BYTES [N] (a
+JSON object per image, as /predict's `triage`; the request parameter `triage_point` names the
+operating point, as /predict's field). Every value is the
 one /predict gives for the same image, metadata and prior.
 """
 
@@ -22,7 +24,7 @@ from fastapi import APIRouter, Request, Security
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, Response
 
-from service.api.answering import answer_uploads, parse_prior
+from service.api.answering import answer_uploads, parse_prior, parse_triage_point
 from service.api.auth import api_key_header
 from service.api.dependencies import MetricsDep, PredictorDep, SettingsDep, StateDep, not_serving
 from service.api.errors import ApiError
@@ -36,6 +38,7 @@ from service.api.tensors import (
     read_request,
     respond,
     split_body,
+    text_parameter,
 )
 from service.core.metadata import metadata_from_json
 from service.core.predictor import Predictor
@@ -88,7 +91,11 @@ async def model_metadata(name: str, predictor: PredictorDep, version: str | None
         "platform": "onnxruntime+" + "+".join(b.name for b in predictor.manifest.boosters),
         "inputs": INPUTS,
         "outputs": outputs_of(predictor.manifest),
-        "parameters": {"classes": predictor.manifest.classes, "prior": "balanced | training | JSON prevalences"},
+        "parameters": {
+            "classes": predictor.manifest.classes,
+            "prior": "balanced | training | JSON prevalences",
+            "triage_point": predictor.manifest.triage.names if predictor.manifest.triage else [],
+        },
     }
 
 
@@ -142,6 +149,7 @@ async def infer(
     features = predictor.manifest.features
     metas = [metadata_from_json(t, features) for t in texts]  # MetadataError: 400 in this protocol
     chosen = parse_prior(prior_text(infer_request, settings), predictor)
+    point = parse_triage_point(text_parameter(infer_request, "triage_point"), predictor)
     uploads: list[tuple[bytes, str | None]] = [(data, f"image[{i}]") for i, data in enumerate(images)]
-    got = await answer_uploads(uploads, metas, chosen, predictor, state, settings, metrics)
+    got = await answer_uploads(uploads, metas, chosen, point, predictor, state, settings, metrics)
     return respond(infer_request, [got.answers[i] for i in range(len(uploads))], predictor.manifest)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter, File, Form, Query, Request, Security, UploadFile
 from fastapi.concurrency import run_in_threadpool
 
-from service.api.answering import answer_uploads, parse_prior
+from service.api.answering import answer_uploads, parse_prior, parse_triage_point
 from service.api.auth import api_key_header
 from service.api.dependencies import MetricsDep, PredictorDep, SettingsDep, StateDep
 from service.api.errors import ApiError
@@ -42,7 +42,8 @@ ERRORS = problem_responses(
         408: "body-timeout",
         413: "image-too-large, field-too-large, body-too-large",
         415: "image-unsupported",
-        422: "metadata-invalid, prior-invalid, lesion-ids-invalid, image-shape, explain-unavailable, request-invalid",
+        422: "metadata-invalid, prior-invalid, triage-point-invalid, lesion-ids-invalid, image-shape, "
+        "explain-unavailable, request-invalid",
         503: "busy (past the worker's in-flight bounds; Retry-After), not-ready",
     }
 )
@@ -64,6 +65,11 @@ PRIOR_HELP = (
 )
 
 
+TRIAGE_HELP = (
+    "the triage operating point to decide at, by name (GET /model lists the bundle's, such as sensitivity-0.95); "
+    "default: the bundle's"
+)
+
 METADATA_DOC = {  # the metadata field is JSON text: its schema (no contentMediaType: Swagger UI shows that as a file)
     "contentSchema": metadata_json_schema(FeatureSpec()),
     "example": EXAMPLE,
@@ -84,6 +90,7 @@ async def predict(
         json_schema_extra=METADATA_DOC,
     ),
     prior: str = Form("", description=PRIOR_HELP),
+    triage_point: str = Form("", description=TRIAGE_HELP),
     explain: bool = Form(False, description="add a heatmap and metadata attributions (costs a second model pass)"),
     explain_query: bool = Query(False, alias="explain", description="the same as the form field"),
 ) -> PredictResponse:
@@ -91,6 +98,7 @@ async def predict(
     m = predictor.manifest
     meta = metadata_from_json(metadata, m.features)
     chosen = parse_prior(prior, predictor)
+    point = parse_triage_point(triage_point, predictor)
     explain = explain or explain_query
     if explain and not m.cnn.can_explain:
         raise ApiError(
@@ -98,7 +106,7 @@ async def predict(
             "explain-unavailable",
             "explain: this bundle's CNN graph has no heatmap output (retrain or re-export it)",
         )
-    got = await answer_uploads([(data, image.filename)], [meta], chosen, predictor, state, settings, metrics)
+    got = await answer_uploads([(data, image.filename)], [meta], chosen, point, predictor, state, settings, metrics)
     answer = got.answers[0]
     explanation = None
     if explain:  # the answer as returned (under its prior) is the class explained
@@ -134,6 +142,7 @@ async def predict_batch(
         },
     ),
     prior: str = Form("", description=PRIOR_HELP),
+    triage_point: str = Form("", description=TRIAGE_HELP),
     lesion_ids: str | None = Form(
         None,
         description="JSON list, one lesion id (a string, or null) per image, in order: the images of one lesion "
@@ -146,6 +155,7 @@ async def predict_batch(
     m = predictor.manifest
     metas = metadata_objects_from_json(metadata, len(images))
     chosen = parse_prior(prior, predictor)
+    point = parse_triage_point(triage_point, predictor)
     refused: dict[int, ImageError | MetadataError] = {}
     valid: list[ClinicalMetadata] = []
     for i, value in enumerate(metas):
@@ -156,7 +166,15 @@ async def predict_batch(
             valid.append(ClinicalMetadata())
     usable = [i for i in range(len(uploads)) if i not in refused]
     got = await answer_uploads(
-        [uploads[i] for i in usable], [valid[i] for i in usable], chosen, predictor, state, settings, metrics, each=True
+        [uploads[i] for i in usable],
+        [valid[i] for i in usable],
+        chosen,
+        point,
+        predictor,
+        state,
+        settings,
+        metrics,
+        each=True,
     )
     refused.update({usable[j]: exc for j, exc in got.refused.items()})
     answers = {usable[j]: a for j, a in got.answers.items()}
@@ -167,7 +185,7 @@ async def predict_batch(
     ]
     return BatchResponse(
         predictions=items,
-        lesions=None if ids is None else lesion_answers(ids, answers, names, m),
+        lesions=None if ids is None else lesion_answers(ids, answers, names, m, point),
         model=ModelRef.of(m),
         request_id=request.state.request_id,
         notice=notice_for(m),
