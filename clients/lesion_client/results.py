@@ -65,6 +65,7 @@ class Triage:
     sensitivity: float
     specificity: float
     reason: str
+    basis: str = ""  # what the decision reads: the malignant probability as trained, whatever the prior shown
 
     @property
     def refer(self) -> bool:
@@ -82,6 +83,7 @@ class Triage:
             float(d["sensitivity"]),
             float(d["specificity"]),
             str(d["reason"]),
+            str(d.get("basis", "")),
         )
 
 

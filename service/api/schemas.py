@@ -84,6 +84,7 @@ class TriageOut(BaseModel):
     sensitivity: float = Field(description="the point's sensitivity for malignancy, measured out-of-fold")
     specificity: float = Field(description="its specificity, measured out-of-fold")
     reason: str = Field(description="the decision in words")
+    basis: str = Field(BASIS, description="what the decision reads, in words")
 
     @classmethod
     def of(cls, t: Triage) -> TriageOut:
@@ -95,6 +96,7 @@ class TriageOut(BaseModel):
             sensitivity=t.point.sensitivity.value,
             specificity=t.point.specificity.value,
             reason=t.reason,
+            basis=t.basis,
         )
 
 

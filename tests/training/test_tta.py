@@ -62,7 +62,7 @@ def test_tta_graph_matches_torch_and_ignores_orientation(sample_dir, tmp_path):
 def test_a_tta_run_records_it_and_serves_the_tta_graph(tiny_data, tmp_path, sample_dir):
     run_dir = train(tiny_data, tmp_path / "run", *TINY, "--tta")
     manifest = read_manifest(run_dir / "bundle")
-    assert manifest.cnn.tta and manifest.training["config"]["tta"]
+    assert manifest.cnn.tta and manifest.training.config["tta"]
     assert "8 dihedral views averaged" in (run_dir / "artifacts" / "report.md").read_text()
     predictor = Predictor.load(run_dir / "bundle")
     spec = manifest.preprocessing
