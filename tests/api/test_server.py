@@ -145,13 +145,19 @@ def test_client_command_table_json_and_score(server, smoke_predictor, sample_dir
     assert {"image_id", "lesion_id", "dx"} <= set(rows[0])  # the CSV's own columns are carried
     assert [r["image_id"] for r in rows] == [r["image_id"] for r in csv.DictReader(open(source))]  # input order
     by_id = {r["image_id"]: r for r in rows}  # a CSV with lesion_id: each row also has its lesion's answer
+    classes, rule = smoke_predictor.manifest.classes, smoke_predictor.manifest.lesion_rule
+    assert rule in ("mean", "log_mean")
     for r in rows:
         mates = [m for m in rows if m["lesion_id"] == r["lesion_id"] and not m["error"]]
         if not r["error"]:
             assert r["lesion_label"] and int(r["lesion_images"]) == len(mates), r
-            want = np.mean([float(m["p_mel"]) for m in mates])  # the smoke bundle's rule
-            if smoke_predictor.manifest.lesion_rule == "mean":
-                assert float(r["lesion_p_mel"]) == pytest.approx(want, abs=1e-6)
+            # the lesion's answer: its images' answers in this CSV, combined by hand by the bundle's rule
+            p = np.array([[float(m[f"p_{c}"]) for c in classes] for m in mates])
+            want = p.mean(0) if rule == "mean" else np.exp(np.log(p).mean(0))
+            want = want / want.sum()
+            np.testing.assert_allclose([float(r[f"lesion_p_{c}"]) for c in classes], want, atol=1e-6)
+            assert r["lesion_label"] == classes[int(np.argmax(want))]
+    assert any(int(r["lesion_images"]) >= 2 for r in rows if not r["error"])  # where the rules differ
     # resumable: a rerun keeps the answered rows and retries the error row with the rest of its lesion
     images[1].write_bytes(images[0].read_bytes())
     lesion = by_id[images[1].stem]["lesion_id"]

@@ -362,15 +362,14 @@ def test_out_of_fold_stages_run_where_the_cnn_was_not_exported(tiny_run, tmp_pat
 
 
 def reference_statistics(images: np.ndarray) -> np.ndarray:
-    """The image statistics written the obvious way (as bundles before the faster code were fitted)."""
-    from service.core.quality import luminance
-
+    """The image statistics written the obvious way (as bundles before the faster code were fitted),
+    with nothing of the code under test: the hand-made images below check the definition itself."""
     n = len(images)
     f = images.astype(np.float32) / 255.0
     rgb = f.reshape(n, -1, 3)
     hi, lo = rgb.max(axis=-1), rgb.min(axis=-1)
     sat = np.where(hi > 0, (hi - lo) / np.maximum(hi, 1e-6), 0.0)
-    lum = luminance(images)
+    lum = images.astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32) / 255.0  # ITU-R BT.601
     grad = np.concatenate([np.abs(np.diff(lum, axis=2)).reshape(n, -1), np.abs(np.diff(lum, axis=1)).reshape(n, -1)], 1)
     codes = (images // 32).reshape(n, -1, 3).astype(np.int32) @ np.array([64, 8, 1])
     shares = np.stack([np.bincount(c, minlength=512) for c in codes]) / codes.shape[1]
@@ -422,3 +421,76 @@ def test_image_statistics_are_their_definition(sample_dir, size):
     ]
     images = np.stack(real + extra)
     assert np.allclose(image_statistics(images), reference_statistics(images), rtol=1e-5, atol=1e-6)
+
+
+STAT = {  # image_statistics' columns, as its docstring lists them
+    "mean": [0, 1, 2],
+    "std": [3, 4, 5],
+    "sat_mean": 6,
+    "sat_std": 7,
+    "rg_mean": 8,
+    "yb_mean": 9,
+    "rg_std": 10,
+    "yb_std": 11,
+    "log_gradient": 12,
+    "flat": 13,
+    "edges": 14,
+    "entropy": 15,
+    "near_white": 16,
+    "near_black": 17,
+    "scale_1_2": 18,
+    "scale_2_4": 19,
+    "corners_minus_centre": 20,
+}
+
+
+def test_image_statistics_on_hand_made_images_have_the_values_worked_out_by_hand():
+    """Images whose statistics are known without computing them: one colour, black and white
+    columns, a white square in the middle of black."""
+    from service.core.ood import image_statistics
+
+    colour = np.full((16, 16, 3), (200, 100, 50), np.uint8)
+    columns = np.zeros((16, 16, 3), np.uint8)
+    columns[:, 1::2] = 255  # alternate black and white columns
+    square = np.zeros((16, 16, 3), np.uint8)
+    square[4:12, 4:12] = 255  # the centre (the middle half of each side) white, the corners black
+    pale = np.full((16, 16, 3), (250, 245, 100), np.uint8)  # bright, but its blue is not near white
+    s = image_statistics(np.stack([colour, columns, square, pale]))
+    assert s.shape == (4, 21)
+
+    def check(row, name, want):
+        np.testing.assert_allclose(s[row, STAT[name]], want, atol=1e-5, err_msg=name)
+
+    # one colour: its own means, no spread, no gradient, one histogram bin
+    check(0, "mean", [200 / 255, 100 / 255, 50 / 255])
+    check(0, "std", [0, 0, 0])
+    check(0, "sat_mean", (200 - 50) / 200)  # (max - min) / max
+    check(0, "rg_mean", (200 - 100) / 255)
+    check(0, "yb_mean", (200 + 100) / 2 / 255 - 50 / 255)
+    for name in ("sat_std", "rg_std", "yb_std", "edges", "entropy", "near_white", "near_black"):
+        check(0, name, 0)
+    check(0, "flat", 1)
+    check(0, "log_gradient", np.log(1e-4))  # no gradient: the floor
+    check(0, "scale_1_2", 0)
+    check(0, "corners_minus_centre", 0)
+    # columns: each of the 16 x 15 horizontal neighbours differs by 1, the 15 x 16 vertical ones by 0
+    check(1, "mean", [0.5] * 3)
+    check(1, "std", [0.5] * 3)
+    for name in ("sat_mean", "rg_mean", "yb_mean", "corners_minus_centre", "scale_2_4"):
+        check(1, name, 0)
+    check(1, "log_gradient", np.log(0.5 + 1e-4))
+    check(1, "flat", 0.5)
+    check(1, "edges", 0.5)
+    check(1, "entropy", np.log(2))  # two colours, half each (natural log)
+    check(1, "near_white", 0.5)
+    check(1, "near_black", 0.5)
+    check(1, "scale_1_2", np.log(0.5 + 1e-4) - np.log(1e-4))  # 2 x 2 blocks are all grey: no gradient left
+    # the square: a quarter white, the corners black against a white centre
+    check(2, "mean", [0.25] * 3)
+    check(2, "near_white", 0.25)
+    check(2, "near_black", 0.75)
+    check(2, "entropy", -(0.25 * np.log(0.25) + 0.75 * np.log(0.75)))
+    check(2, "corners_minus_centre", -1)
+    # near white means every channel is: a bright yellow is not
+    check(3, "near_white", 0)
+    check(3, "near_black", 0)

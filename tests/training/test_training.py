@@ -344,6 +344,18 @@ def test_every_run_setting_is_a_flag_declared_once():
     assert args.int8 is False and args.epochs == 3 and args.tta is None and args.lr is None
 
 
+def test_the_ood_flag_is_designed_to_fire_on_5_percent_of_real_images(tiny_run):
+    """The design share the docs promise ("to flag 5 % of real images", docs/api.md) and the alert
+    reads as `lesion_ood_design_share`: every preset's default, and what a run that names none fits
+    its bundle's flag to."""
+    from training.config import PRESETS, make_config
+
+    for preset in PRESETS:
+        assert make_config(preset, "d", precision="fp32").ood_share == 0.05, preset
+    assert json.loads((tiny_run / "config.json").read_text())["ood_share"] == 0.05  # TINY names no --ood-share
+    assert json.loads((tiny_run / "bundle" / "manifest.json").read_text())["ood"]["flag_share"] == 0.05
+
+
 # Each training package and the packages it may import (its own modules always); top-level modules
 # (config, errors, layout, run) are the floor every package stands on.
 LAYERS = {

@@ -40,5 +40,5 @@ def run(run: Run) -> None:
         for p in points:
             run.log(
                 f"triage per {level}, {p.name}: threshold {p.threshold:.4f}, out-of-fold sensitivity {p.sensitivity.value:.3f} "
-                f"{p.sensitivity.ci95}, specificity {p.specificity.value:.3f}, referred {p.referral_share.value:.3f}"
+                f"[{p.sensitivity.ci95[0]:.3f}, {p.sensitivity.ci95[1]:.3f}], specificity {p.specificity.value:.3f}, referred {p.referral_share.value:.3f}"
             )
