@@ -42,3 +42,31 @@ def test_vectorised_equals_a_loop_over_lesions(rule):
 def test_unknown_rule_is_refused():
     with pytest.raises(ValueError, match="unknown lesion rule"):
         combine_by_group(np.ones((2, 2)) / 2, np.zeros(2, np.int64), "median")
+
+
+def test_unknown_rule_names_the_rules():
+    with pytest.raises(ValueError, match="unknown lesion rule 'median'; one of mean, log_mean"):
+        combine_by_group(np.ones((2, 2)) / 2, np.zeros(2, np.int64), "median")
+
+
+@pytest.mark.parametrize("rule", LESION_RULES)
+def test_no_images_give_no_lesions(rule):
+    ids, combined = by_lesion(np.zeros((0, 7)), [], rule)
+    assert ids == [] and combined.shape == (0, 7)
+
+
+@pytest.mark.parametrize("rule", LESION_RULES)
+def test_views_certain_of_different_classes_give_a_finite_even_answer(rule):
+    """A probability of 0 counts as 1e-12 in the log: two views each certain of another class tie."""
+    _, combined = by_lesion(np.array([[1.0, 0.0], [0.0, 1.0], [0.0, 1.0]]), ["a", "a", "b"], rule)
+    np.testing.assert_allclose(combined, [[0.5, 0.5], [0.0, 1.0]], atol=1e-12)
+
+
+@pytest.mark.parametrize("rule", LESION_RULES)
+def test_float32_answers_combine_as_their_float64_values(rule):
+    """The graph's float32 probabilities and training's float64 ones go through the same float64 rule."""
+    probs = np.random.default_rng(2).dirichlet(np.ones(7), size=9).astype(np.float32)
+    codes = np.arange(9) % 3
+    got = combine_by_group(probs, codes, rule)
+    assert got.dtype == np.float64
+    np.testing.assert_allclose(got, combine_by_group(probs.astype(np.float64), codes, rule), rtol=1e-12, atol=0)

@@ -77,3 +77,113 @@ def test_intervals_bracket_point_estimates_and_paired_difference():
     d = rep["paired_difference"]["bmca"]
     assert d["value"] > 0.3 and d["ci95"][0] > 0
     assert MALIGNANT_IDX == [0, 1, 4]
+
+
+def replicate_rows(y, probs, w):
+    """Each row repeated as often as its weight: what a bootstrap weight stands for."""
+    rows = np.repeat(np.arange(len(y)), w.astype(int))
+    return y[rows], probs[rows]
+
+
+@pytest.mark.parametrize("absent", [None, 6])
+def test_a_row_weight_counts_as_that_many_copies_of_the_row(absent):
+    """The bootstrap's weights (0, 1, 2, ...) give every metric of the rows drawn that many times."""
+    rng = np.random.default_rng(4)
+    y = np.arange(140) % 7
+    probs = rng.dirichlet(np.ones(7), len(y)) + 0.5 * np.eye(7)[y]
+    probs /= probs.sum(1, keepdims=True)
+    w = rng.integers(0, 4, len(y)).astype(float)
+    if absent is not None:
+        w[y == absent] = 0  # a class no drawn lesion has: macro AUC is undefined
+    weighted = all_metrics(y, probs, w)
+    copies = all_metrics(*replicate_rows(y, probs, w))
+    assert set(weighted) == {"bmca", "macro_auc", "accuracy", "log_loss", "ece", "malignant_auc", "malignant_pauc"}
+    assert weighted == pytest.approx(copies, rel=1e-9, nan_ok=True)
+    assert np.isnan(weighted["macro_auc"]) == (absent is not None)
+    assert weighted != pytest.approx(all_metrics(y, probs), rel=1e-3, nan_ok=True)  # the weights change each figure
+
+
+def test_a_class_missing_from_the_labels_leaves_macro_auc_undefined_and_the_rest_defined():
+    rng = np.random.default_rng(5)
+    y = np.arange(60) % 6  # no vasc
+    m = all_metrics(y, rng.dirichlet(np.ones(7), len(y)))
+    assert np.isnan(m["macro_auc"]) and not any(np.isnan(v) for k, v in m.items() if k != "macro_auc")
+
+
+def test_a_confident_mistake_costs_the_log_of_the_1e_12_floor():
+    y = np.array([0, 1])
+    wrong = np.eye(7)[[1, 0]]  # probability 0 on the true class, clipped to 1e-12 and renormalised
+    assert all_metrics(y, wrong)["log_loss"] == pytest.approx(-np.log(1e-12 / (1 + 6e-12)), rel=1e-9)
+
+
+def test_ece_by_hand_in_15_equal_width_bins():
+    # confidences 1.0 (wrong), 0.9 (right), 0.5 (wrong): bins 14, 13 and 7, one row each
+    probs = np.array([[0.0, 1.0], [0.9, 0.1], [0.5, 0.5]])
+    assert ece(np.array([0, 0, 1]), probs) == pytest.approx((1.0 + 0.1 + 0.5) / 3)
+    # 0.49 and 0.51 share the bin [7/15, 8/15): one right and one wrong at a mean confidence of 0.5
+    assert ece(np.array([0, 1]), np.array([[0.49, 0.3, 0.21], [0.51, 0.49, 0.0]])) == pytest.approx(0.0, abs=1e-12)
+    # weights: the wrong 0.5 row counted 3 times
+    assert ece(np.array([0, 0, 1]), probs, sample_weight=[1, 1, 3]) == pytest.approx((1.0 + 0.1 + 1.5) / 5)
+
+
+def test_pauc_with_tied_scores_equals_sklearn_mcclish_rescaled():
+    """Ties put sloped segments on the ROC curve, one of them across the pAUC's edge."""
+    rng = np.random.default_rng(6)
+    y = rng.integers(0, 2, 400)
+    s = np.round(y * rng.normal(1, 1, 400) + rng.normal(0, 1, 400), 0)  # a few distinct scores
+    mcclish = roc_auc_score(1 - y, -s, max_fpr=0.2)
+    lo, hi = 0.5 * 0.2**2, 0.2
+    assert isic_pauc(y, s) == pytest.approx(lo + (2 * mcclish - 1) * (hi - lo), abs=1e-12)
+
+
+def test_bootstrap_weights_draw_every_lesion_and_repeat_with_the_seed():
+    lesions = np.array(["a", "b", "c"])
+    draws = np.array(list(lesion_bootstrap_weights(lesions, 300, seed=2)))
+    assert (draws > 0).any(0).all() and draws.mean(0) == pytest.approx([1, 1, 1], abs=0.2)
+    assert np.array_equal(draws, list(lesion_bootstrap_weights(lesions, 300, seed=2)))
+    assert not np.array_equal(draws, list(lesion_bootstrap_weights(lesions, 300, seed=3)))
+
+
+def test_intervals_are_the_replicates_percentiles_and_the_pair_is_a_minus_b():
+    rng = np.random.default_rng(7)
+    y = np.arange(140) % 7
+    lesions = np.arange(len(y)) // 2
+    probs = {"stack": rng.dirichlet(np.ones(7), len(y)) + 0.3 * np.eye(7)[y], "cnn": rng.dirichlet(np.ones(7), len(y))}
+    rep = with_intervals(y, probs, lesions, n_boot=20, seed=3)
+    assert rep["n_bootstrap"] == 20 and rep["paired_difference"]["models"] == "stack - cnn"
+    reps = [all_metrics(y, probs["stack"], w) for w in lesion_bootstrap_weights(lesions, 20, 3)]
+    for k in ("bmca", "log_loss", "malignant_pauc"):
+        values = [r[k] for r in reps]
+        assert rep["models"]["stack"][k]["ci95"] == pytest.approx(np.percentile(values, [2.5, 97.5]), rel=1e-12)
+        d = rep["paired_difference"].get(k)
+        if d:
+            assert d["value"] == rep["models"]["stack"][k]["value"] - rep["models"]["cnn"][k]["value"]
+    assert with_intervals(y, probs, lesions, n_boot=20, seed=3) == rep
+    assert (
+        with_intervals(y, probs, lesions, n_boot=20, seed=4)["models"]["stack"]["bmca"]
+        != rep["models"]["stack"]["bmca"]
+    )
+
+
+def test_without_both_of_the_pair_there_is_no_paired_difference():
+    rng = np.random.default_rng(8)
+    y = np.arange(70) % 7
+    rep = with_intervals(y, {"stack": rng.dirichlet(np.ones(7), 70)}, np.arange(70), n_boot=3, seed=0)
+    assert "paired_difference" not in rep and set(rep["models"]) == {"stack"}
+
+
+def test_a_metric_undefined_in_every_replicate_has_an_undefined_interval():
+    rng = np.random.default_rng(9)
+    y = np.arange(60) % 6  # no vasc: macro AUC undefined in every replicate
+    rep = with_intervals(y, {"stack": rng.dirichlet(np.ones(7), 60)}, np.arange(60), n_boot=3, seed=0)
+    assert np.isnan(rep["models"]["stack"]["macro_auc"]["ci95"]).all()
+    assert not np.isnan(rep["models"]["stack"]["bmca"]["ci95"]).any()
+
+
+def test_weights_of_1_are_the_unweighted_metrics():
+    """A lesion drawn once counts once: with every weight 1 each class is present, macro AUC included."""
+    rng = np.random.default_rng(10)
+    y = np.arange(70) % 7
+    probs = rng.dirichlet(np.ones(7), len(y))
+    assert all_metrics(y, probs, np.ones(len(y))) == pytest.approx(all_metrics(y, probs), rel=1e-12)
+    assert not np.isnan(all_metrics(y, probs, np.ones(len(y)))["macro_auc"])

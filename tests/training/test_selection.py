@@ -95,3 +95,16 @@ def test_scores_are_the_isic_pauc_and_bmca():
     s = scores_of(y, p)
     assert 0 < s["malignant_pauc"] <= 0.2 and 0 < s["bmca"] <= 1
     assert np.isin(y, MALIGNANT_IDX).any()
+
+
+def test_a_candidate_exactly_the_tie_margin_below_the_best_is_tied():
+    edge = {"a": {"malignant_pauc": 0.125, "bmca": 0.5}, "b": {"malignant_pauc": 0.125 - PAUC_TIE, "bmca": 0.6}}
+    assert pick(edge) == "b"  # within PAUC_TIE of the best, the margin included: the better BMCA wins
+
+
+def test_one_candidate_is_chosen_in_every_fold():
+    rng, y, _, fold = dataset()
+    only = informative(rng, y, 1.0)
+    choice, nested = nested_choice(y, fold, {"only": only})
+    assert choice.chosen == choice.picked == "only" and choice.fold_picks == ["only"] * 5
+    np.testing.assert_array_equal(nested, only)
