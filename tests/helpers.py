@@ -131,3 +131,24 @@ def variants(path, n: int) -> list[bytes]:
         Image.fromarray(base).save(buf, "PNG")
         out.append(buf.getvalue())
     return out
+
+
+def first_error(data: dict) -> str:
+    """The first error's location and message, as read_manifest reports it; '' when the manifest is valid."""
+    from pydantic import ValidationError
+
+    from service.core.manifest import Manifest
+
+    try:
+        Manifest.model_validate(data)
+    except ValidationError as exc:
+        e = exc.errors()[0]
+        return ".".join(str(p) for p in e["loc"]) + ": " + e["msg"]
+    return ""
+
+
+def with_malignant_sum(scores: np.ndarray) -> np.ndarray:
+    """Class probabilities whose malignant sum is `scores` (all on mel, the rest on nv)."""
+    probs = np.zeros((len(scores), len(CLASSES)))
+    probs[:, CLASSES.index("mel")], probs[:, CLASSES.index("nv")] = scores, 1 - scores
+    return probs

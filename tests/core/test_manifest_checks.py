@@ -13,10 +13,10 @@ import json
 import shutil
 
 import pytest
-from pydantic import ValidationError
 
 from service.core.bundle import read_manifest
 from service.core.manifest import Manifest, TrainingSummary, without_paths
+from tests.helpers import first_error
 
 PASSED_GATE = {"passed": True, "images": 10, "agreement": 1.0}
 
@@ -30,16 +30,6 @@ def written(tiny_run) -> dict:
 @pytest.fixture
 def manifest(written) -> dict:
     return copy.deepcopy(written)
-
-
-def first_error(data: dict) -> str:
-    """The first error's location and message, as read_manifest reports it; '' when the manifest is valid."""
-    try:
-        Manifest.model_validate(data)
-    except ValidationError as exc:
-        e = exc.errors()[0]
-        return ".".join(str(p) for p in e["loc"]) + ": " + e["msg"]
-    return ""
 
 
 def an_fp32_cnn(m: dict) -> dict:

@@ -8,22 +8,12 @@ that a check made stricter or looser fails a test. They run in milliseconds: `ma
 from __future__ import annotations
 
 import pytest
-from pydantic import ValidationError
 
 from service.core.manifest import Manifest, QuantizationAttempt, TrainingSummary, libraries_of, without_paths
+from tests.helpers import first_error
 
 PASSED_GATE = {"passed": True, "images": 10, "agreement": 1.0}
 HASH = "0" * 64
-
-
-def first_error(data: dict) -> str:
-    """The first error's location and message, as read_manifest reports it; '' when the manifest is valid."""
-    try:
-        Manifest.model_validate(data)
-    except ValidationError as exc:
-        e = exc.errors()[0]
-        return ".".join(str(p) for p in e["loc"]) + ": " + e["msg"]
-    return ""
 
 
 def test_the_hand_built_manifest_is_valid(manifest):

@@ -6,8 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from service.core.labels import CLASSES
 from service.core.triage import Figure, OperatingPoint
+from tests.helpers import with_malignant_sum
 from training.evaluation.triage import (
     check_lines,
     check_points,
@@ -49,12 +49,6 @@ def test_a_score_equal_to_its_folds_threshold_is_referred():
     assert p.threshold == 0.8 and p.sensitivity.value == 1.0 and p.referral_share.value == 0.5
 
 
-def probs_of(scores: np.ndarray) -> np.ndarray:
-    probs = np.zeros((len(scores), len(CLASSES)))
-    probs[:, CLASSES.index("mel")], probs[:, CLASSES.index("nv")] = scores, 1 - scores
-    return probs
-
-
 def test_the_points_and_their_intervals_are_reproducible_from_the_seed():
     rng = np.random.default_rng(3)
     n = 200
@@ -63,7 +57,7 @@ def test_the_points_and_their_intervals_are_reproducible_from_the_seed():
     scores = np.clip(rng.normal(0.3 + 0.3 * malignant, 0.2), 0.001, 0.999)
 
     def spec(seed: int):
-        return choose_points(probs_of(scores), malignant, fold, lesions, "mean", [0.9], 0.9, 30, seed)
+        return choose_points(with_malignant_sum(scores), malignant, fold, lesions, "mean", [0.9], 0.9, 30, seed)
 
     first = spec(0)
     assert spec(0) == first

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from service.core.labels import CLASSES
 from service.core.triage import TriageSpec
+from tests.helpers import with_malignant_sum
 from training.evaluation.triage import choose_points, decision_figures, nested_thresholds, threshold_for
 
 
@@ -52,20 +52,13 @@ def test_decision_figures_are_exact_on_known_decisions():
     assert decision_figures(refer, malignant, w)["sensitivity"] == pytest.approx(3 / 4)
 
 
-def as_probs(scores: np.ndarray) -> np.ndarray:
-    """Class probabilities whose malignant sum is `scores` (all on mel, the rest on nv)."""
-    probs = np.zeros((len(scores), len(CLASSES)))
-    probs[:, CLASSES.index("mel")], probs[:, CLASSES.index("nv")] = scores, 1 - scores
-    return probs
-
-
 def test_the_points_report_the_nested_figures_and_serve_the_all_rows_threshold():
     rng = np.random.default_rng(1)
     n = 600
     lesions = np.arange(n) // 2  # two images per lesion, in one fold, of one diagnosis
     fold, malignant = rng.integers(0, 5, n // 2)[lesions], (rng.random(n // 2) < 0.25)[lesions]
     scores = np.clip(rng.normal(0.25 + 0.35 * malignant, 0.18), 0.001, 0.999)
-    spec = choose_points(as_probs(scores), malignant, fold, lesions, "mean", [0.98, 0.9, 0.95], 0.95, 50, 0)
+    spec = choose_points(with_malignant_sum(scores), malignant, fold, lesions, "mean", [0.98, 0.9, 0.95], 0.95, 50, 0)
     spec = TriageSpec.model_validate_json(spec.model_dump_json())  # as the bundle carries it
     assert [p.name for p in spec.points] == ["sensitivity-0.9", "sensitivity-0.95", "sensitivity-0.98"]
     assert spec.default == "sensitivity-0.95" and spec.images == n and spec.lesions == n // 2
