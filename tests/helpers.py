@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -91,6 +92,23 @@ def start_server(
         time.sleep(0.2)
     proc.kill()
     raise AssertionError("server did not become ready")
+
+
+def metric_total(text: str, name: str) -> float:
+    """The sum of a metric's samples (every label set) in a /metrics text: a value, not a line count."""
+    return sum(float(v) for v in re.findall(rf"^{name}(?:{{[^}}]*}})? (\S+)$", text, re.MULTILINE))
+
+
+def wait_for_metric(url: str, name: str, value: float, headers: dict | None = None, timeout: float = 30) -> None:
+    """Poll /metrics until `name` totals `value`: the server says it got there, whatever the machine's
+    speed (bounded by `timeout`)."""
+    deadline, seen = time.monotonic() + timeout, None
+    while time.monotonic() < deadline:
+        seen = metric_total(httpx.get(url + "/metrics", headers=headers, timeout=10).text, name)
+        if seen == value:
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"{name} stayed {seen}, never {value}, for {timeout} s")
 
 
 def train(data_dir: Path, out: Path, *extra: str) -> Path:

@@ -83,8 +83,16 @@ class RunConfig(BaseModel):
     boosters: list[str] = Field(ALL_BOOSTERS, description=f"comma-separated subset of {','.join(ALL_BOOSTERS)}")
     served_cnn: Literal["ensemble", "refit"] = Field(
         "refit",
-        description="the CNN the bundle serves: one model refit on every row with the folds' recipe, or the fold "
+        description="the CNN the bundle serves: one model refit on every row but the calibration lesions with the folds' recipe, or the fold "
         "models averaged (folds x the cost; as accurate on held-out lesions: python -m benchmarks.compare_served_cnn)",
+    )
+    calibration_share: float = Field(
+        0.2,
+        ge=0,
+        le=0.5,
+        description="share of lesions (dx-stratified) held out of the refit CNN, boosters and meta-learner, on which "
+        "the triage thresholds are chosen through the served graphs, so a point promises what the bundle it ships in "
+        "gives on images it never saw; 0: every row refits, and the points are the fold models' out-of-fold figures",
     )
     served: str = Field(
         "auto",
@@ -163,6 +171,15 @@ class RunConfig(BaseModel):
     def _default_is_a_target(self) -> RunConfig:
         if self.triage_default not in self.triage:
             raise ValueError(f"triage_default {self.triage_default} must be one of the --triage targets {self.triage}")
+        return self
+
+    @model_validator(mode="after")
+    def _calibration_needs_refit(self) -> RunConfig:
+        if self.calibration_share > 0 and self.served_cnn != "refit":
+            raise ValueError(
+                "--calibration-share must be 0 with --served-cnn ensemble: the fold models saw every image, so none "
+                "is left to choose the triage thresholds on"
+            )
         return self
 
     @field_validator("weights")
@@ -248,6 +265,7 @@ def saved_config(run_dir: Path, **overrides) -> RunConfig:
     saved.setdefault("int8", False)
     saved.setdefault("arch", ["resnet18"])  # runs before the backbone choice trained a ResNet-18 alone
     saved.setdefault("weights", "none")
+    saved.setdefault("calibration_share", 0.0)  # runs before it refit on every row
     try:
         return RunConfig(**{**saved, **{k: v for k, v in overrides.items() if v is not None}})
     except ValidationError as exc:

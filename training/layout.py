@@ -13,9 +13,9 @@ RUN_DIR/
   <cnn>/                       one folder per CNN, named as the roster names it (cnn: the ResNet-18,
                                cnn_efficientnet_lite0, ...):
   <cnn>/fold<k>.{pt,json}, <cnn>/oof_fold<k>.csv   fold models, their histories, their held-out rows
-  <cnn>/refit.pt, <cnn>/<cnn>.onnx   the served CNN (refit on all rows, or the fold ensemble) in ONNX
+  <cnn>/refit.pt, <cnn>/<cnn>.onnx   the served CNN (refit on all rows but the calibration lesions, or the fold ensemble) in ONNX
   <cnn>/<cnn>.int8.onnx, <cnn>/quantization.json   the int8 graph and its out-of-fold gate
-  models/<name>.pkl            level-2 models refit on all rows
+  models/<name>.pkl            level-2 models refit on all rows but the calibration lesions
   models/fold<k>/<name>.pkl    level-2 models of outer fold k (trained without it): the int8 gate's
                                served pipeline, out-of-fold
   bundle/                      what the service loads, and nothing else

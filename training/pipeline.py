@@ -38,7 +38,7 @@ STAGES: list[Stage] = [
     Stage("select", select, needs=("cnn", "boosters", "stack")),
     Stage("quantize", quantize, needs=("cnn", "export", "boosters", "stack", "select")),
     Stage("baseline", baseline, needs=("cnn", "boosters", "stack", "select"), reads=("quantize",)),
-    Stage("triage", triage, needs=("baseline",)),
+    Stage("triage", triage, needs=("export", "boosters", "stack", "select", "baseline"), reads=("quantize",)),
     Stage("report", report, needs=("cnn", "boosters", "stack", "select"), reads=("quantize", "triage")),
     Stage(
         "bundle",

@@ -30,8 +30,20 @@ class Run:
 
     @cached_property
     def table(self) -> pd.DataFrame:
-        """The dataset's rows with their fold (creating folds.csv on first use)."""
-        return ensure_folds(self.dataset.table, self.paths.folds, self.cfg.folds, self.cfg.seed, log=self.log)
+        """The dataset's rows with their fold and calibration mark (creating folds.csv on first use)."""
+        return ensure_folds(
+            self.dataset.table,
+            self.paths.folds,
+            self.cfg.folds,
+            self.cfg.seed,
+            self.cfg.calibration_share,
+            log=self.log,
+        )
+
+    @property
+    def refit_rows(self) -> np.ndarray:
+        """The rows the served models are refit on: all but the calibration lesions."""
+        return ~self.table.calibration.to_numpy()
 
     @cached_property
     def images(self) -> np.ndarray:

@@ -60,6 +60,18 @@ class Metrics:
             buckets=(1, 2, 4, 8, 16, 32, 64),
         )
         self.images = Counter("lesion_images_predicted_total", "Images predicted", registry=self.registry)
+        self.inflight_requests = Gauge(
+            "lesion_inflight_requests",
+            "Requests with a body a worker has admitted and not yet answered (bounded by LESION_MAX_INFLIGHT_REQUESTS)",
+            registry=self.registry,
+            multiprocess_mode="livesum",
+        )
+        self.inflight_bytes = Gauge(
+            "lesion_inflight_body_bytes",
+            "What the admitted requests' bodies cost in memory so far (bounded by LESION_MAX_INFLIGHT_BYTES)",
+            registry=self.registry,
+            multiprocess_mode="livesum",
+        )
         self.model_info = Gauge(
             "lesion_model_info",
             "1 for the bundle a worker serves (label bundle_id), 0 once it stopped serving it",

@@ -125,6 +125,7 @@ class RequestGuard:
             )
         body.admitted = True
         self.inflight_requests += 1
+        self.metrics.inflight_requests.inc()
         return None
 
     def refusal(self, scope: Scope, headers: Headers, limit: int) -> tuple[int, str, str] | None:
@@ -135,6 +136,8 @@ class RequestGuard:
         length, chunked = headers.get("content-length"), headers.get("transfer-encoding")
         if length is not None and chunked is not None:
             return 400, "request-invalid", "send either Content-Length or Transfer-Encoding, not both"
+        if len(headers.getlist(BINARY_HEADER)) > 1:  # which one would the body follow?
+            return 400, "request-invalid", f"send one {BINARY_HEADER} header, not several"
         declared = byte_count(length)
         if length is not None and declared is None:
             return 400, "request-invalid", "Content-Length must be a number of bytes"
@@ -213,9 +216,12 @@ class Body:
         if self.admitted:
             self.held += cost
             guard.inflight_bytes += cost
+            guard.metrics.inflight_bytes.inc(cost)
 
     def release(self) -> None:
         if self.admitted:
             self.guard.inflight_requests -= 1
             self.guard.inflight_bytes -= self.held
+            self.guard.metrics.inflight_requests.dec()
+            self.guard.metrics.inflight_bytes.dec(self.held)
             self.admitted = False

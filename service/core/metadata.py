@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -25,6 +26,7 @@ from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError
 from service.core import labels
 from service.core.errors import MetadataError
 
+DECIMAL = re.compile(r"[+-]?([0-9]+(\.[0-9]*)?|\.[0-9]+)([eE][+-]?[0-9]+)?")  # ASCII digits only
 EXAMPLE = '{"age": 55, "sex": "male", "site": "back"}'
 
 
@@ -80,6 +82,8 @@ class MetadataIn(BaseModel):
             raise ValueError("must be a number of years, not true/false")
         if isinstance(v, str) and not v.strip():
             return None
+        if isinstance(v, str) and not DECIMAL.fullmatch(v.strip()):  # Python's float() also reads "1_0" as 10
+            raise ValueError("must be a number of years written in decimal, such as 55 or 42.5")
         return v
 
     @field_validator("sex", "site", mode="before")

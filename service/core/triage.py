@@ -12,9 +12,9 @@ under: the threshold was chosen on that score.
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, Field, model_validator
+from pydantic import BaseModel, Field, field_validator, model_validator
 
 Decision = Literal["refer", "routine", "not-triaged"]
 BASIS = (
@@ -29,10 +29,21 @@ def point_name(target: float) -> str:
 
 
 class Figure(BaseModel):
-    """An out-of-fold figure and its 95% lesion-bootstrap interval."""
+    """A measured figure and its 95% lesion-bootstrap interval; null where the images measured give
+    none (the NPV of a point that referred every image). JSON has no NaN: a NaN is stored as null."""
 
-    value: float
-    ci95: list[float] = Field(min_length=2, max_length=2)
+    value: float | None
+    ci95: list[float | None] = Field(min_length=2, max_length=2)
+
+    @field_validator("value", mode="before")
+    @classmethod
+    def _nan_is_none(cls, v: Any) -> Any:
+        return None if isinstance(v, float) and math.isnan(v) else v
+
+    @field_validator("ci95", mode="before")
+    @classmethod
+    def _nans_are_none(cls, v: Any) -> Any:
+        return [None if isinstance(x, float) and math.isnan(x) else x for x in v] if isinstance(v, list) else v
 
 
 class OperatingPoint(BaseModel):
@@ -51,6 +62,8 @@ class OperatingPoint(BaseModel):
     def _finite(self) -> OperatingPoint:
         if not math.isfinite(self.threshold) or self.name != point_name(self.target_sensitivity):
             raise ValueError(f"operating point {self.name!r}: a finite threshold, named for its target")
+        if self.sensitivity.value is None or self.specificity.value is None:
+            raise ValueError(f"operating point {self.name!r}: a point promises a measured sensitivity and specificity")
         return self
 
 
@@ -64,8 +77,13 @@ class TriageSpec(BaseModel):
     )
     default: str = Field(description="the point an answer uses unless the request names another")
     basis: str = BASIS
-    images: int = Field(ge=1, description="out-of-fold images the figures were measured on")
+    images: int = Field(ge=1, description="images the figures were measured on (none trained the models scoring it)")
     lesions: int = Field(ge=1)
+    measured_on: str = Field(
+        "out-of-fold through the fold models' graphs",
+        description="which images and models the points were chosen on (bundles before the calibration share: the "
+        "fold models', which a refit CNN can score differently)",
+    )
 
     @model_validator(mode="after")
     def _default_is_a_point(self) -> TriageSpec:

@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import base64
 import json
-import re
 import struct
 
 import httpx
 import numpy as np
 import pytest
 
-from tests.helpers import sample_images
+from tests.helpers import metric_total, sample_images
 
 META = {"age": 55, "sex": "female", "site": "back"}
 
@@ -177,6 +176,11 @@ def test_binary_outputs_follow_the_extension(v2, sample_dir):
             400,
             "does not fit",
         ),
+        (  # two byte counts: which one would the tensors follow?
+            lambda img: (lambda body, h: (body, [*h.items(), *h.items()]))(*binary_request({"image": [img]})),
+            400,
+            "not several",
+        ),
     ],
 )
 def test_bad_requests_get_the_protocols_error(v2, sample_dir, make, status, words):
@@ -271,7 +275,7 @@ def image_tensor(image: bytes, n: int = 1) -> dict:
 
 
 def answers_counted(client) -> float:
-    return sum(float(v) for v in re.findall(r"lesion_answers_total\{[^}]*\} (\S+)", client.get("/metrics").text))
+    return metric_total(client.get("/metrics").text, "lesion_answers_total")
 
 
 @pytest.mark.parametrize(

@@ -10,7 +10,7 @@ import pytest
 
 from service.api.monitoring import DriftWindow, psi
 from service.core.manifest import MonitoringReference
-from tests.helpers import sample_images, variants
+from tests.helpers import metric_total, sample_images, variants
 
 
 def gauge(text: str, signal: str) -> float | None:
@@ -58,7 +58,7 @@ def test_a_skewed_stream_moves_the_drift_gauges(app_factory, tiny_run, sample_di
     text = client.get("/metrics").text
     before = gauge(text, "label"), gauge(text, "ood_score")
     assert None not in before
-    answers = sum(float(v) for v in re.findall(r"lesion_answers_total\{[^}]*\} (\S+)", text))
+    answers = metric_total(text, "lesion_answers_total")
     assert answers == 40 and 'lesion_malignant_probability_count{bundle_id="' in text
     share = client.get("/model").json()["ood"]["flag_share"]
     assert re.search(rf'lesion_ood_design_share\{{bundle_id="[^"]+"\}} {share}', text), text
@@ -66,7 +66,7 @@ def test_a_skewed_stream_moves_the_drift_gauges(app_factory, tiny_run, sample_di
         assert client.post("/predict", files={"image": varied[0]}).status_code == 200
     text = client.get("/metrics").text
     assert (gauge(text, "label"), gauge(text, "ood_score")) == before
-    assert sum(float(v) for v in re.findall(r"lesion_answers_total\{[^}]*\} (\S+)", text)) == 80
+    assert metric_total(text, "lesion_answers_total") == 80
     for variant in variants(sample_images(sample_dir, 1)[0], 40):  # one image, altered: one class, one OOD bin
         assert client.post("/predict", files={"image": variant}).status_code == 200
     text = client.get("/metrics").text

@@ -288,6 +288,13 @@ CASES = [
         "request-invalid",
         "Too many files",
     ),
+    (
+        "request-invalid-field-not-utf8",  # Starlette alone reads it as Latin-1: {"sex": "mÃ¢le"}
+        lambda a: post(a.plain, files={"image": a.jpeg}, data={"metadata": '{"sex": "m\xe2le"}'.encode("latin-1")}),
+        400,
+        "request-invalid",
+        "the metadata field is not utf-8 text",
+    ),
 ]
 
 

@@ -22,7 +22,7 @@ import pytest
 from PIL import Image
 
 from tests.conftest import MAX_UPLOAD
-from tests.helpers import REPO, free_port, sample_images, start_server
+from tests.helpers import REPO, free_port, sample_images, start_server, wait_for_metric
 
 pytestmark = pytest.mark.scenario
 MiB = 1024 * 1024
@@ -234,7 +234,7 @@ def test_a_client_that_writes_its_whole_body_first_reads_the_refusal(guarded, sa
                 b"Content-Type: multipart/form-data; boundary=b\r\n\r\n--b\r\n"
             )
             held.append(s)
-        time.sleep(0.3)
+        wait_for_metric(url, "lesion_inflight_requests", 3, {"X-API-Key": "k3y"})  # all three admitted
     try:
         conn = http.client.HTTPConnection(host, int(port), timeout=30)
         headers = {"X-API-Key": "k3y", "Content-Type": "multipart/form-data; boundary=b"}
@@ -258,15 +258,15 @@ def test_admission_answers_503_past_its_bound_and_health_keeps_answering(guarded
         s = socket.create_connection((host, int(port)), timeout=10)
         s.sendall(head + b"Content-Length: 1000\r\n\r\n--b\r\n")
         held.append(s)
-    time.sleep(0.3)
-    jpeg = sample_images(sample_dir)[0].read_bytes()
     key = {"X-API-Key": "k3y"}
+    wait_for_metric(url, "lesion_inflight_requests", 3, key)  # all three admitted
+    jpeg = sample_images(sample_dir)[0].read_bytes()
     r = httpx.post(url + "/predict", files={"image": jpeg}, headers=key, timeout=10)
     assert r.status_code == 503 and r.headers["retry-after"] == "1" and "busy" in r.json()["detail"], r.text
     assert httpx.get(url + "/health/ready").status_code == 200
     for s in held:
         s.close()
-    time.sleep(0.3)
+    wait_for_metric(url, "lesion_inflight_requests", 0, key)  # all three released
     assert httpx.post(url + "/predict", files={"image": jpeg}, headers=key, timeout=30).status_code == 200
 
 
@@ -319,7 +319,9 @@ def test_json_logs_hold_no_secrets_values_or_addresses(smoke_run, sample_dir):
         timeout=30,
     )
     assert r.status_code == 200
-    time.sleep(0.3)
+    deadline = time.monotonic() + 30
+    while "find-me-1" not in proc.log_path.read_text() and time.monotonic() < deadline:
+        time.sleep(0.02)  # the access line is written once the answer is sent
     proc.terminate()  # the log is read after the server stops
     proc.wait(30)
     text = proc.log_path.read_text()

@@ -17,7 +17,7 @@ from PIL import Image
 
 from service.core.predictor import Predictor
 from service.core.preprocess import load_for_model
-from tests.helpers import REPO, free_port, sample_images
+from tests.helpers import REPO, free_port, metric_total, sample_images
 
 pytestmark = pytest.mark.scenario
 
@@ -247,7 +247,7 @@ def test_two_workers_report_all_traffic_in_one_scrape(smoke_run, sample_dir):
                     assert fresh.get(url + "/model").status_code == 200
                     assert fresh.post(url + "/predict", files={"image": image}).status_code == 200
             text = http.get(url + "/metrics").text
-            assert sum(float(v) for v in re.findall(r"lesion_answers_total\{[^}]*\} (\S+)", text)) == n
+            assert metric_total(text, "lesion_answers_total") == n
             psi = re.findall(r'lesion_drift_psi\{bundle_id="[^"]+",pid="\d+",signal="label"\} (\S+)', text)
             assert 1 <= len(psi) <= 2 and all(float(v) > 0.25 for v in psi), text[-3000:]  # one image: all one class
             for _ in range(4):

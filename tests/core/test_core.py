@@ -34,6 +34,7 @@ SPEC = FeatureSpec()
             ClinicalMetadata(age=55, sex="male", site="lower extremity"),
         ),
         ({"age": "55"}, ClinicalMetadata(age=55)),
+        ({"age": " 42.5 "}, ClinicalMetadata(age=42.5)),
         ({"age": 0}, ClinicalMetadata(age=0)),
         ({"age": None, "sex": "", "site": None}, ClinicalMetadata()),
         ({"age": " "}, ClinicalMetadata()),
@@ -51,6 +52,9 @@ def test_metadata_coercion_policy_accepts(value, expected):
     [
         ({"age": True}, "not true/false"),
         ({"age": "fifty"}, "age"),
+        ({"age": "1_0"}, "written in decimal"),  # float() reads it as 10
+        ({"age": "0x1f"}, "written in decimal"),
+        ({"age": "٥٠"}, "written in decimal"),  # Arabic-Indic digits, which float() reads as 50
         ({"age": float("nan")}, "age"),
         ({"age": float("inf")}, "age"),
         ({"age": 120.5}, "outside 0-120"),

@@ -57,7 +57,9 @@ def test_the_points_and_their_intervals_are_reproducible_from_the_seed():
     scores = np.clip(rng.normal(0.3 + 0.3 * malignant, 0.2), 0.001, 0.999)
 
     def spec(seed: int):
-        return choose_points(with_malignant_sum(scores), malignant, fold, lesions, "mean", [0.9], 0.9, 30, seed)
+        return choose_points(
+            with_malignant_sum(scores), malignant, fold, lesions, "mean", [0.9], 0.9, 30, seed, "known scores"
+        )
 
     first = spec(0)
     assert spec(0) == first

@@ -53,7 +53,7 @@ def test_folds_never_split_a_lesion_on_the_full_metadata(sample_dir):
 
 def test_smoke_run_folds_and_oof(smoke_run):
     folds = pd.read_csv(smoke_run / "artifacts" / "folds.csv")
-    assert list(folds.columns) == ["image_id", "lesion_id", "fold"]
+    assert list(folds.columns) == ["image_id", "lesion_id", "fold", "calibration"]
     assert folds.groupby("lesion_id").fold.nunique().max() == 1
     for model in run_config(smoke_run).components:
         oof = pd.read_csv(smoke_run / "artifacts" / f"oof_{model}.csv")
@@ -258,7 +258,8 @@ def test_bundle_reproduces_what_training_computed(smoke_run):
 
 
 def test_bundle_with_chosen_boosters_serves_exactly_them(tiny_data, tmp_path, app_factory, sample_dir):
-    extra = ["--boosters", "lightgbm,xgboost", "--no-int8", "--served-cnn", "ensemble", "--arch", "resnet18"]
+    extra = ["--boosters", "lightgbm,xgboost", "--no-int8", "--served-cnn", "ensemble", "--calibration-share", "0"]
+    extra += ["--arch", "resnet18"]
     run_dir = train(tiny_data, tmp_path / "run", *TINY, *extra)
     bundle = run_dir / "bundle"
     manifest = read_manifest(bundle)

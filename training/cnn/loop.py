@@ -256,9 +256,10 @@ def train_refit(cfg: RunConfig, arch: str, images: np.ndarray, y: np.ndarray, ro
 
 
 def served_members(run: Run, arch: str) -> list[nn.Module]:
-    """The CNN the bundle serves, loaded: the model refit on every row (cnn/refit.pt, which the
-    export stage trains), or with --served-cnn ensemble the fold models, averaged in the graph. The
-    fold models always give the out-of-fold predictions the boosters and the report use."""
+    """The CNN the bundle serves, loaded: the model refit on every row but the calibration lesions
+    (cnn/refit.pt, which the export stage trains), or with --served-cnn ensemble the fold models,
+    averaged in the graph. The fold models always give the out-of-fold predictions the boosters and
+    the report use."""
     paths = run.paths.cnn(cnn_name(arch))
     if run.cfg.served_cnn == "ensemble":
         return [load_fold_model(paths, arch, k) for k in range(run.cfg.folds)]

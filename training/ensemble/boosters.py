@@ -4,7 +4,8 @@ image colour statistics.
 For outer fold k a booster trains on the other folds only. Its number of rounds is chosen by
 early stopping on one of those training folds (k+1), then it is refit on all of them; the
 fold-k rows are never seen. Every row's features come from the CNN that never saw its lesion.
-The served boosters are refit on every row with the mean chosen number of rounds.
+The served boosters are refit on every row but the calibration lesions, with the mean chosen
+number of rounds.
 """
 
 from __future__ import annotations
@@ -165,12 +166,18 @@ def oof_cnn_probs(run: Run) -> dict[str, np.ndarray]:
     return {name: run.oof(name)[PROB_COLUMNS].to_numpy() for name in run.cfg.cnns}
 
 
-def feature_matrix(run: Run, cnn_probs: Mapping[str, np.ndarray] | None = None) -> np.ndarray:
-    """The boosters' input for every row through the service's feature code: the CNNs' out-of-fold
-    probabilities (the training input), or the given ones (the int8 gate's)."""
+def feature_matrix(
+    run: Run, cnn_probs: Mapping[str, np.ndarray] | None = None, rows: np.ndarray | None = None
+) -> np.ndarray:
+    """The boosters' input for `rows` (row indices; default: every row) through the service's feature
+    code: the CNNs' out-of-fold probabilities (the training input), or the given ones for those rows
+    (the int8 gate's, the served graphs')."""
+    pick = np.arange(len(run.table)) if rows is None else np.asarray(rows)
     if cnn_probs is None:
-        cnn_probs = oof_cnn_probs(run)
-    return build_features(cnn_probs, run.dataset.metadata(), image_stats(run.images), feature_spec(run))
+        cnn_probs = {name: p[pick] for name, p in oof_cnn_probs(run).items()}
+    meta = run.dataset.metadata()
+    images = run.images if rows is None else run.images[pick]  # no copy of every image
+    return build_features(cnn_probs, [meta[i] for i in pick], image_stats(images), feature_spec(run))
 
 
 def inner_split(fold: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:

@@ -60,9 +60,8 @@ def oof_answers(run: Run, cnn_probs: Mapping[str, np.ndarray]) -> dict[str, np.n
 def refit_answers(
     run: Run, cnn_probs: Mapping[str, np.ndarray], rows: np.ndarray | None = None
 ) -> dict[str, np.ndarray]:
-    """The served level-2 models' answers for `rows` (default: all) given every row's CNN probabilities."""
-    x = feature_matrix(run, cnn_probs)
-    pick = slice(None) if rows is None else rows
+    """The served level-2 models' answers for `rows` (row indices; default: all), given the CNNs'
+    probabilities for those rows."""
     boosters = {b: load(run.paths.model(b)) for b in run.cfg.boosters}
-    cnns = {name: p[pick] for name, p in cnn_probs.items()}
-    return level2_answers(x[pick], cnns, boosters, load(run.paths.model(STACK)), run.cfg.level1)
+    x = feature_matrix(run, cnn_probs, rows)
+    return level2_answers(x, cnn_probs, boosters, load(run.paths.model(STACK)), run.cfg.level1)

@@ -88,9 +88,12 @@ def choose_points(
     default: float,
     n_boot: int,
     seed: int,
+    measured_on: str,
 ) -> TriageSpec:
-    """Every target's operating point on the served answer's out-of-fold probabilities: per image,
-    and per lesion (its images combined by the lesion `rule`; a lesion's images share a fold)."""
+    """Every target's operating point on the served answer's probabilities for rows no model that
+    gave them trained on (`measured_on` says which): per image, and per lesion (its images combined
+    by the lesion `rule`; a lesion's images share a fold). Each fold is decided by the threshold
+    chosen on the others' rows."""
     ids, codes = group_codes(lesions)
     first = np.unique(codes, return_index=True)[1]  # a lesion's row: its first image (fold, diagnosis)
     lesion_scores = malignant_scores(combine_by_group(probs, codes, rule))
@@ -105,6 +108,7 @@ def choose_points(
         default=point_name(default),
         images=len(probs),
         lesions=len(ids),
+        measured_on=measured_on,
     )
 
 
@@ -117,7 +121,7 @@ def check_points(
     seed: int,
 ) -> list[dict]:
     """Each point's threshold applied to new labelled data: what it achieves, with lesion-bootstrap
-    intervals, beside what it promised out-of-fold. A promise does not hold when the new data's whole
+    intervals, beside what it promised. A promise does not hold when the new data's whole
     95% interval lies below the promised figure."""
     out = []
     for p in points:
@@ -153,7 +157,7 @@ def check_lines(title: str, rows: list[dict]) -> list[str]:
     lines += [
         "",
         f"The promise of {', '.join(broken)} does not hold on this data: its whole 95% interval lies below what "
-        "training measured out-of-fold."
+        "the bundle promised."
         if broken
         else "Every point's promise holds here: no achieved interval lies wholly below its out-of-fold figure.",
     ]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import platform
 
@@ -25,8 +26,13 @@ METRICS = ["bmca", "macro_auc", "malignant_pauc", "malignant_auc", "accuracy", "
 
 
 def fmt(m: dict) -> str:
-    lo, hi = m["ci95"]
-    return f"{m['value']:.3f} [{lo:.3f}, {hi:.3f}]"
+    """A figure with its interval; '-' where the data gave none (a NaN, stored as null)."""
+    value, (lo, hi) = m["value"], m["ci95"]
+    if value is None or not math.isfinite(value):
+        return "-"
+    if lo is None or hi is None or not (math.isfinite(lo) and math.isfinite(hi)):
+        return f"{value:.3f}"
+    return f"{value:.3f} [{lo:.3f}, {hi:.3f}]"
 
 
 def metrics_table(report: dict, extra: dict | None = None) -> list[str]:
@@ -184,17 +190,22 @@ def triage_lines(triage: dict) -> list[str]:
             name = p["name"] + (" (default)" if p["name"] == triage["default"] else "")
             cells = " | ".join(fmt(p[k]) for k in ("sensitivity", "specificity", "referral_share", "ppv", "npv"))
             lines.append(f"| {level} | {name} | {p['threshold']:.4f} | {cells} |")
+    measured_on = triage.get("measured_on", "out-of-fold through the fold models' graphs")
     lines += [
         "",
-        f"Out-of-fold on {triage['images']} images of {triage['lesions']} lesions: each fold was decided by the "
-        "threshold chosen on the other folds' scores (nested); the served threshold is chosen on them all. Lesion "
-        "points combine a lesion's images by the bundle's lesion rule, one row per lesion. PPV, NPV and the referral "
-        f"share hold at the training data's prevalence. Score: {triage['basis']}. An image with a quality or "
-        "out-of-distribution warning is not triaged. Caveat: these figures are the fold models'; a bundle that "
-        "serves a CNN refit on every image can score on a wider scale (on the sample at the smoke preset, the "
-        "0.95 point reached 0.88 [0.83, 0.93] on lesions the run never saw): check the points on your own data "
-        "with `python -m training evaluate` before relying on them.",
+        f"Measured on {triage['images']} images of {triage['lesions']} lesions, {measured_on}: each fold was "
+        "decided by the threshold chosen on the other folds' rows (nested); the served threshold is chosen on them "
+        "all. Lesion points combine a lesion's images by the bundle's lesion rule, one row per lesion. PPV, NPV and "
+        f"the referral share hold at the training data's prevalence. Score: {triage['basis']}. An image with a "
+        "quality or out-of-distribution warning is not triaged. Check the points on your own data with "
+        "`python -m training evaluate` before relying on them.",
     ]
+    if not measured_on.startswith("calibration"):
+        lines[-1] += (
+            " Caveat: these are the fold models' figures; a bundle serving a CNN refit on every image can score on a "
+            "wider scale (on the sample at the smoke preset, the 0.95 point reached 0.88 [0.83, 0.93] on lesions the "
+            "run never saw)."
+        )
     return lines
 
 

@@ -74,7 +74,14 @@ def model_card(run: Run, cnns: list[CnnModel], boosters: list[ModelFile]) -> str
         "",
         f"CNNs trained at {cfg.image_size}x{cfg.image_height} for {cfg.epochs} epochs (pretrained ones fine-tuned: "
         f"backbone at {cfg.backbone_lr_scale:g}x the head's learning rate, {cfg.freeze_stages} first stages frozen); "
-        f"served: the {cfg.served_cnn} model of each:",
+        f"served: the {cfg.served_cnn} model of each"
+        + (
+            f" (it and the served boosters and meta-learner never trained on the {cfg.calibration_share:.0%} of lesions "
+            "held out to measure the triage points)"
+            if cfg.calibration_share > 0
+            else ""
+        )
+        + ":",
         "",
         *map(cnn_line, cnns),
         "",

@@ -1,6 +1,7 @@
 """Stage 4, boosters: each chosen booster cross-fitted on the shared folds over the CNN's out-of-fold
 probabilities, clinical metadata and colour statistics (service/core/features.py, as served);
-its rounds picked on an inner fold; refit on all rows. The fold models are kept for the int8 gate."""
+its rounds picked on an inner fold; refit on every row but the calibration lesions. The fold models
+are kept for the int8 gate."""
 
 from __future__ import annotations
 
@@ -40,7 +41,10 @@ def run(run: Run) -> None:
             run.log(f"{name}: already done, skipping")
             continue
         oof, chosen, fold_models = cross_fit(b, x, y, fold, run.cfg.booster_rounds, run.cfg.seed)
-        final = b.make(int(np.mean(chosen)), run.cfg.seed, False).fit(x, y, sample_weight=balanced(y))
+        refit = run.refit_rows
+        final = b.make(int(np.mean(chosen)), run.cfg.seed, False).fit(
+            x[refit], y[refit], sample_weight=balanced(y[refit])
+        )
         for k, model in enumerate(fold_models):
             atomic_write_bytes(run.paths.fold_level2(name, k), pickle.dumps(model))
         write_oof(run.paths.oof(name), run.table, oof)

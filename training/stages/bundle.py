@@ -28,7 +28,6 @@ from service.core.manifest import (
     Manifest,
     ModelFile,
     MonitoringReference,
-    QuantizationGate,
     libraries_of,
     without_paths,
 )
@@ -41,7 +40,7 @@ from training.data.io import PROB_COLUMNS, atomic_write_text
 from training.ensemble.boosters import BOOSTERS, feature_spec, oof_cnn_probs
 from training.reporting.model_card import model_card
 from training.run import Run
-from training.stages import select
+from training.stages import quantize, select
 
 
 def outputs(run: Run) -> list[Path]:
@@ -55,14 +54,12 @@ def cnn_model(run: Run, arch: str, name: str) -> CnnModel:
     from training.cnn.models import weights_source
 
     paths = run.paths.cnn(name)
-    gate = None
-    if run.cfg.int8:
-        gate = QuantizationGate.model_validate_json(paths.quantization.read_text())
-    int8 = gate is not None and gate.passed
+    graph, gate = quantize.served_graph(run, name)
+    int8 = graph == paths.int8_graph
     source = weights_source(arch, run.cfg.weights)
     return CnnModel(
         name=name,
-        file=(paths.int8_graph if int8 else paths.fp32_graph).name,
+        file=graph.name,
         libraries=["numpy", "onnxruntime"],
         input_name=INPUT_NAME,
         output_name=OUTPUT_NAME,
@@ -76,7 +73,7 @@ def cnn_model(run: Run, arch: str, name: str) -> CnnModel:
         fp32_file=paths.fp32_graph.name if int8 and run.cfg.keep_fp32 else None,
         quantization=gate,
         tta=run.cfg.tta,
-        explain_outputs=graph_outputs(paths.int8_graph if int8 else paths.fp32_graph)[1:],
+        explain_outputs=graph_outputs(graph)[1:],
     )
 
 
@@ -178,7 +175,7 @@ def reference_predictions(run: Run, n: int = 8) -> dict:
         for arch, name in zip(run.cfg.arch, run.cfg.cnns):
             net = FoldEnsemble(served_members(run, arch), run.cfg.tta)
             cnn_torch[name] = net(x).numpy().astype(np.float64).tolist()
-    probs = refit_answers(run, oof_cnn_probs(run), idx)
+    probs = refit_answers(run, {name: p[idx] for name, p in oof_cnn_probs(run).items()}, idx)
     rows = run.table.iloc[idx]
     return {
         "image_ids": rows.image_id.tolist(),

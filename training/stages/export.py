@@ -26,7 +26,8 @@ def save_state(model: Any, path: Path) -> None:
 
 
 def run(run: Run) -> None:
-    """Each served CNN in one ONNX graph (the fold models averaged, or the refit model):
+    """Each served CNN in one ONNX graph (the fold models averaged, or the model refit on every row
+    but the calibration lesions):
     <cnn>/<cnn>.onnx, parity-checked on real images, with the explanation outputs (CAM, embedding,
     logits)."""
     from training.cnn.loop import served_members, train_refit
@@ -40,7 +41,7 @@ def run(run: Run) -> None:
         paths = run.paths.cnn(name)
         trained = run.cfg.served_cnn == "refit" and not paths.refit.exists()
         if trained:  # trained here, once
-            refit = train_refit(run.cfg, arch, run.images, y, np.arange(len(y)), run.log)
+            refit = train_refit(run.cfg, arch, run.images, y, np.flatnonzero(run.refit_rows), run.log)
             atomic_write(paths.refit, functools.partial(save_state, refit))
         if trained or not paths.fp32_graph.exists():
             served = served_members(run, arch)

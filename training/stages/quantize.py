@@ -13,17 +13,31 @@ from __future__ import annotations
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from training.run import Run
 from training.stages import select
 
+if TYPE_CHECKING:
+    from service.core.manifest import QuantizationGate
+
 
 def outputs(run: Run) -> list[Path]:
     if not run.cfg.int8:
         return []
     return [p for name in run.cfg.cnns for p in (run.paths.cnn(name).int8_graph, run.paths.cnn(name).quantization)]
+
+
+def served_graph(run: Run, name: str) -> tuple[Path, QuantizationGate | None]:
+    """The graph the bundle serves for this CNN (its int8 graph when its gate passed, else fp32),
+    and the gate (None without --int8)."""
+    from service.core.manifest import QuantizationGate
+
+    paths = run.paths.cnn(name)
+    gate = QuantizationGate.model_validate_json(paths.quantization.read_text()) if run.cfg.int8 else None
+    return (paths.int8_graph if gate is not None and gate.passed else paths.fp32_graph), gate
 
 
 def run(run: Run) -> None:

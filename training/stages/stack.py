@@ -1,5 +1,6 @@
 """Stage 5, stack: the soft vote and the meta-learner over the level-1 models' out-of-fold
-probabilities, cross-validated on the same folds (training/ensemble/stacking.py); refit on all rows."""
+probabilities, cross-validated on the same folds (training/ensemble/stacking.py); refit on every row but the
+calibration lesions."""
 
 from __future__ import annotations
 
@@ -30,8 +31,11 @@ def run(run: Run) -> None:
         meta = make_meta_learner(fold[fold != k]).fit(z[fold != k], y[fold != k])
         stack[fold == k] = meta.predict_proba(z[fold == k])
         atomic_write_bytes(run.paths.fold_level2(STACK, k), pickle.dumps(meta))
-    final = make_meta_learner(fold).fit(z, y)
+    refit = run.refit_rows
+    final = make_meta_learner(fold[refit]).fit(z[refit], y[refit])
     write_oof(run.paths.oof(SOFT_VOTE), run.table, soft_vote(probs, level1))
     write_oof(run.paths.oof(STACK), run.table, stack)
     atomic_write_bytes(run.paths.model(STACK), pickle.dumps(final))
-    run.log(f"stack: meta-learner over {', '.join(level1)}, cross-validated on the shared folds and refit on all rows")
+    run.log(
+        f"stack: meta-learner over {', '.join(level1)}, cross-validated on the shared folds and refit on {refit.sum()} rows"
+    )
