@@ -4,6 +4,7 @@ against a live service, and the protocol's errors, JSON form and access rules in
 from __future__ import annotations
 
 import base64
+import binascii
 import json
 import struct
 
@@ -11,6 +12,7 @@ import httpx
 import numpy as np
 import pytest
 
+from service.api.tensors import PIECE, b64decode_in_pieces
 from tests.helpers import metric_total, sample_images
 
 META = {"age": 55, "sex": "female", "site": "back"}
@@ -391,3 +393,21 @@ def test_a_json_prior_object_is_used(v2, sample_dir):
     assert r.status_code == 200, r.text
     got = r.json()["outputs"][0]["data"]
     assert np.allclose(got, [answer["probabilities"][c] for c in classes], atol=1e-6)
+
+
+@pytest.mark.parametrize("size", [0, 1, 2, 3, PIECE // 4 * 3 - 1, PIECE // 4 * 3, PIECE // 4 * 3 + 1, 3 * PIECE + 5])
+def test_base64_decoded_in_pieces_is_the_whole_strings_decoding(size):
+    """A JSON image decodes a piece at a time (so health probes are answered meanwhile), with the
+    strict whole-string decoding's results, at and around the piece boundaries."""
+    raw = bytes(range(256)) * (size // 256) + bytes(range(size % 256))
+    text = base64.b64encode(raw).decode()
+    assert b64decode_in_pieces(text) == raw
+    cut = len(text) // 2 // 4 * 4
+    wrong = [text + "Q", "QQ==" * (PIECE // 4 + 1)]  # a stray character; padding inside
+    if text:
+        wrong += [text[:cut] + "\n" + text[cut:], "QQ==" + text]  # a line break; padding before the data
+    for bad in wrong:
+        with pytest.raises(binascii.Error):
+            base64.b64decode(bad, validate=True)
+        with pytest.raises(binascii.Error):
+            b64decode_in_pieces(bad)

@@ -420,28 +420,37 @@ def infer_body(images: list[bytes], binary: bool) -> tuple[bytes, dict[str, str]
     return head + data, {"Inference-Header-Content-Length": str(len(head))}
 
 
+PROBE = """
+import json, sys, time, httpx
+url, stop = sys.argv[1], sys.argv[2]
+answers = []  # (status, seconds) of each /health/live, as a kubelet sees it: from its own process
+with httpx.Client(timeout=30) as c:
+    while True:
+        t = time.perf_counter()
+        status = c.get(url + "/health/live").status_code
+        answers.append((status, time.perf_counter() - t))
+        if __import__("os").path.exists(stop):
+            break
+        time.sleep(0.1)
+print(json.dumps(answers))
+"""
+
+
 @pytest.mark.parametrize("binary", [False, True], ids=["json", "binary"])
-def test_memory_and_liveness_under_eight_concurrent_large_infer_bodies(smoke_run, binary):
+def test_memory_and_liveness_under_eight_concurrent_large_infer_bodies(smoke_run, binary, tmp_path):
     """8 clients each send a large /v2 infer body (JSON: 5 noise PNGs as base64, 55 MiB; binary: 6
     PNGs, 50 MiB), twice: admission weighs each body by what it costs until decoded (3x JSON, 2x
     binary, Settings.body_cost), the peak RSS stays under 1.5 GB, and /health/live answers 200 throughout
-    (admission never refuses it). Its slowest answer is printed, not asserted: a shared CI machine's
-    load decides it (it reached 1.35 s there, against a kubelet's 1 s default probe timeout)."""
+    (admission never refuses it). The probe runs in a process of its own, as a kubelet does (in this
+    process it waited on the 8 uploading clients' own threads: 0.7-1.35 s, where its own process saw
+    0.14 s); its slowest answer is printed, not asserted: the machine's load decides it."""
     proc, url = start_server(smoke_run / "bundle")  # default limits
+    stop = tmp_path / "stop"
     try:
         body, headers = infer_body(noise_pngs(5 if not binary else 6, 1700), binary)
         assert 45 * MiB < len(body) < 64 * MiB
         idle = rss_mb(proc.pid)
-        live: list[float] = []
-        done = False
-
-        def probe() -> None:
-            with httpx.Client(timeout=30) as c:
-                while not done:
-                    t = time.perf_counter()
-                    assert c.get(url + "/health/live").status_code == 200
-                    live.append(time.perf_counter() - t)
-                    time.sleep(0.1)
+        probe = subprocess.Popen([sys.executable, "-c", PROBE, url, str(stop)], stdout=subprocess.PIPE, text=True)
 
         def call(_):
             r = httpx.post(url + "/v2/models/lesion/infer", content=body, headers=headers, timeout=300)
@@ -449,22 +458,21 @@ def test_memory_and_liveness_under_eight_concurrent_large_infer_bodies(smoke_run
             return r.status_code
 
         codes = []
-        with ThreadPoolExecutor(1) as watcher:
-            watching = watcher.submit(probe)
-            for _ in range(2):
-                with ThreadPoolExecutor(8) as pool:
-                    codes += list(pool.map(call, range(8)))
-            done = True
-            watching.result()
+        for _ in range(2):
+            with ThreadPoolExecutor(8) as pool:
+                codes += list(pool.map(call, range(8)))
+        stop.touch()
+        live = json.loads(probe.communicate(timeout=60)[0])
         peak, after = rss_mb(proc.pid, "VmHWM"), rss_mb(proc.pid)
         print(
             f"FIGURE /v2 {'binary' if binary else 'JSON'} bodies of {len(body) / MiB:.0f} MiB, 16 from 8 clients: "
             f"{codes.count(200)} answered, {codes.count(503)} refused 503; RSS idle {idle:.0f} MB, peak {peak:.0f} MB, "
-            f"after {after:.0f} MB; /health/live slowest {max(live):.2f} s of {len(live)}"
+            f"after {after:.0f} MB; /health/live slowest {max(t for _, t in live):.2f} s of {len(live)}"
         )
         assert codes.count(200) >= 2 and peak < 1500 and after - idle < 200
-        assert live  # the probe answered (each one 200) while the bodies were in flight
+        assert len(live) >= 2 and {status for status, _ in live} == {200}  # answered throughout, never refused
     finally:
+        stop.touch()
         proc.terminate()
         proc.wait(10)
 
