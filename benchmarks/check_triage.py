@@ -3,7 +3,7 @@
 Splits a HAM10000-layout dataset by lesion (a seeded share held out), trains a run on the rest
 (`python -m training run`, resumable in --out), then scores the held-out lesions with
 `python -m training evaluate` and prints, for each operating point, the sensitivity and specificity
-promised out-of-fold beside those achieved on the held-out images, with their intervals.
+promised beside those achieved on the held-out images, with their intervals.
 
   python -m benchmarks.check_triage --data-dir ../shared/data/ham10000 --out /tmp/triage --preset smoke
 """

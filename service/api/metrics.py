@@ -110,7 +110,7 @@ class Metrics:
         )
         self.expected_referral = Gauge(
             "lesion_triage_expected_referral_share",
-            "The share of images each triage point referred out-of-fold (the bundle's monitoring baseline)",
+            "The share of images each triage point referred where it was measured (the bundle's monitoring baseline)",
             ["bundle_id", "point"],
             registry=self.registry,
             multiprocess_mode="livemax",

@@ -81,8 +81,10 @@ class TriageOut(BaseModel):
     point: str = Field(description="the operating point decided at: its target sensitivity for malignancy")
     score: float = Field(description=f"the score compared: {BASIS}")
     threshold: float
-    sensitivity: float = Field(description="the point's sensitivity for malignancy, measured out-of-fold")
-    specificity: float = Field(description="its specificity, measured out-of-fold")
+    sensitivity: float = Field(
+        description="the point's sensitivity for malignancy, measured on images the served models never saw"
+    )
+    specificity: float = Field(description="its specificity, measured the same way")
     reason: str = Field(description="the decision in words")
     basis: str = Field(BASIS, description="what the decision reads, in words")
 
@@ -398,7 +400,7 @@ class ModelInfo(BaseModel):
     ood: dict | None = Field(description="the out-of-distribution score: method, thresholds, share flagged by design")
     priors: dict = Field(description="the default class prior, the training data's class shares and the temperature")
     triage: dict | None = Field(
-        description="the triage operating points (threshold, out-of-fold sensitivity, specificity, referral share, "
+        description="the triage operating points (threshold, sensitivity, specificity, referral share, "
         "PPV, NPV with intervals) and the default (None: bundles before them)"
     )
     model_card: str | None = Field(description="path of the bundle's model card (markdown), if it has one")

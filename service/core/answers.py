@@ -89,7 +89,7 @@ def decide(op: OperatingPoint, score: float, warnings: Sequence[str]) -> Triage:
     refer = score >= op.threshold
     reason = (
         f"{'refer' if refer else 'routine'}: malignant probability {score:.3f} {'>=' if refer else '<'} "
-        f"{op.threshold:.3f}, the threshold for {op.target_sensitivity:.0%} sensitivity (out-of-fold: sensitivity "
+        f"{op.threshold:.3f}, the threshold for {op.target_sensitivity:.0%} sensitivity (as measured: sensitivity "
         f"{op.sensitivity.value:.1%}, specificity {op.specificity.value:.1%})"
     )
     return Triage(op, "refer" if refer else "routine", score, reason)

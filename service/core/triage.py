@@ -1,12 +1,13 @@
 """Triage operating points: refer a lesion when its malignant probability reaches a threshold chosen
 for a promised sensitivity.
 
-Training chooses each point's threshold out-of-fold (training/evaluation/triage.py): the threshold
-that scores fold k's images comes from the other folds' out-of-fold scores, so the sensitivity,
-specificity and referral share a point promises were measured on images its threshold never saw;
-the served threshold is then fitted on every out-of-fold score. The decision reads the bundle's own
-malignant probability as trained (the balanced prior), whatever prior a request shows its answer
-under: the threshold was chosen on that score.
+Training chooses each point's threshold on the bundle's own answers for calibration lesions its
+served models never trained on (training/stages/triage.py; bundles made with --calibration-share 0:
+the fold models' out-of-fold scores). The threshold that scores fold k's images comes from the other
+folds' images (training/evaluation/triage.py), so the sensitivity, specificity and referral share a
+point promises were measured on images its threshold never saw; the served threshold is then fitted
+on all of them. The decision reads the bundle's own malignant probability as trained (the balanced
+prior), whatever prior a request shows its answer under: the threshold was chosen on that score.
 """
 
 from __future__ import annotations
@@ -52,9 +53,9 @@ class OperatingPoint(BaseModel):
     threshold: float = Field(
         ge=0, le=1, description="refer when the malignant probability (as trained) is at or above it"
     )
-    sensitivity: Figure = Field(description="malignant images referred, out-of-fold (nested thresholds)")
-    specificity: Figure = Field(description="benign images not referred, out-of-fold")
-    referral_share: Figure = Field(description="images referred, out-of-fold, at the training data's prevalence")
+    sensitivity: Figure = Field(description="malignant images referred, each by a threshold chosen without its fold")
+    specificity: Figure = Field(description="benign images not referred, measured the same way")
+    referral_share: Figure = Field(description="images referred, at the training data's prevalence")
     ppv: Figure = Field(description="referred images that are malignant, at the training data's prevalence")
     npv: Figure = Field(description="routine images that are benign, at the training data's prevalence")
 
@@ -68,7 +69,8 @@ class OperatingPoint(BaseModel):
 
 
 class TriageSpec(BaseModel):
-    """The bundle's operating points, chosen out-of-fold on the served answer: per image, and per
+    """The bundle's operating points, chosen on the served answer for images no model that scored them
+    trained on (`measured_on`): per image, and per
     lesion for lesion answers (each lesion's images combined by the bundle's lesion rule, one row each)."""
 
     points: list[OperatingPoint] = Field(min_length=1)
