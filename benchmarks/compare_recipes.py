@@ -68,7 +68,8 @@ def compare(run_dirs: list[Path], data_dir: str | None = None, bootstrap: int = 
         raise SystemExit(f"give the runs distinct directory names: {', '.join(names)}")
     runs = {name: load_run(d, data_dir) for name, d in zip(names, run_dirs)}
     first, *others = names
-    folds = {name: pd.read_csv(r.paths.folds) for name, r in runs.items()}
+    columns = ["image_id", "lesion_id", "fold"]  # not the calibration mark: the folds are what must agree
+    folds = {name: pd.read_csv(r.paths.folds)[columns] for name, r in runs.items()}
     for name in others:
         if not folds[name].equals(folds[first]):
             raise SystemExit(f"{name} and {first} do not share their folds: same data, --folds and --seed needed")

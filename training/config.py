@@ -90,9 +90,10 @@ class RunConfig(BaseModel):
         0.2,
         ge=0,
         le=0.5,
-        description="share of lesions (dx-stratified) held out of the refit CNN, boosters and meta-learner, on which "
-        "the triage thresholds are chosen through the served graphs, so a point promises what the bundle it ships in "
-        "gives on images it never saw; 0: every row refits, and the points are the fold models' out-of-fold figures",
+        description="share of lesions (dx-stratified; about: one split of round(1/share)) held out of the refit CNN, "
+        "boosters and meta-learner, on which the triage thresholds are chosen through the served graphs, so a point "
+        "promises what the bundle it ships in gives on images it never trained on; 0 (the default with --served-cnn "
+        "ensemble): every row refits, and the points are the fold models' out-of-fold figures",
     )
     served: str = Field(
         "auto",
@@ -121,7 +122,8 @@ class RunConfig(BaseModel):
     triage: list[float] = Field(
         [0.90, 0.95, 0.98],
         description="comma-separated target sensitivities for malignancy: each a triage operating point whose "
-        "threshold is chosen out-of-fold on the served answer (refer when its malignant probability reaches it)",
+        "threshold is chosen on the served answer for the calibration lesions, nested by fold (refer when its "
+        "malignant probability reaches it)",
     )
     triage_default: float = Field(
         0.95,
@@ -176,6 +178,9 @@ class RunConfig(BaseModel):
     @model_validator(mode="after")
     def _calibration_needs_refit(self) -> RunConfig:
         if self.calibration_share > 0 and self.served_cnn != "refit":
+            if "calibration_share" not in self.model_fields_set:  # the default follows the served CNN
+                self.calibration_share = 0.0
+                return self
             raise ValueError(
                 "--calibration-share must be 0 with --served-cnn ensemble: the fold models saw every image, so none "
                 "is left to choose the triage thresholds on"
@@ -275,6 +280,14 @@ def saved_config(run_dir: Path, **overrides) -> RunConfig:
         ) from None
 
 
+def flag(key: str, value: object) -> str:
+    """The command-line flag that sets `key` to `value` (--calibration-share 0.0, --no-int8, --arch a,b)."""
+    name = "--" + key.replace("_", "-")
+    if isinstance(value, bool):
+        return name if value else "--no-" + key.replace("_", "-")
+    return f"{name} {','.join(map(str, value)) if isinstance(value, list) else value}"
+
+
 def save_or_check(cfg: RunConfig, run_dir: Path) -> None:
     """First run writes config.json; a resumed run must use the same result-changing settings."""
     path = run_dir / "config.json"
@@ -284,5 +297,8 @@ def save_or_check(cfg: RunConfig, run_dir: Path) -> None:
         diff = {k: (v, new[k]) for k, v in old.fingerprint().items() if new[k] != v}
         if diff:
             changes = ", ".join(f"{k}: {a} -> {b}" for k, (a, b) in diff.items())
-            raise ConfigMismatch(f"{run_dir} was started with different settings ({changes}); use a new --out")
+            resume = " ".join(flag(k, a) for k, (a, _) in diff.items())
+            raise ConfigMismatch(
+                f"{run_dir} was started with different settings ({changes}); resume it with {resume}, or use a new --out"
+            )
     atomic_write_text(path, cfg.model_dump_json(indent=2))

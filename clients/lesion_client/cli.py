@@ -50,7 +50,7 @@ def triage_line(t: Triage | None) -> list[str]:
     head = {"refer": "REFER", "routine": "routine", "not-triaged": "NOT TRIAGED"}.get(t.decision, t.decision)
     return [
         f"  triage: {head} at {t.point} (catches {t.sensitivity:.0%} of malignant lesions and clears "
-        f"{t.specificity:.0%} of benign ones, on images the served models never saw): {t.reason}"
+        f"{t.specificity:.0%} of benign ones where the bundle measured it): {t.reason}"
     ]
 
 

@@ -55,7 +55,7 @@ class Ood:
 class Triage:
     """Refer or routine at one of the bundle's operating points: `decision` is refer, routine or
     not-triaged (the image has a warning); `sensitivity` and `specificity` are what the point
-    promises, measured on images the served models never saw; `score` (the malignant probability as trained) was compared
+    promises, as the bundle measured them (its `triage.measured_on`); `score` (the malignant probability as trained) was compared
     with `threshold`; `reason` says it in words."""
 
     decision: str

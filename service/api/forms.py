@@ -71,7 +71,7 @@ class BoundedMultiPartParser(MultiPartParser):
                 bytes(part.data).decode(self._charset)
             except (UnicodeDecodeError, LookupError):
                 raise ApiError(
-                    400, "request-invalid", f"the {part.field_name} field is not {self._charset} text", CLOSE
+                    400, "request-invalid", f"the {part.field_name[:64]} field is not {self._charset} text", CLOSE
                 ) from None
         super().on_part_end()
 

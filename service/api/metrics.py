@@ -62,13 +62,13 @@ class Metrics:
         self.images = Counter("lesion_images_predicted_total", "Images predicted", registry=self.registry)
         self.inflight_requests = Gauge(
             "lesion_inflight_requests",
-            "Requests with a body a worker has admitted and not yet answered (bounded by LESION_MAX_INFLIGHT_REQUESTS)",
+            "Requests with a body admitted and not yet answered (each worker bounded by LESION_MAX_INFLIGHT_REQUESTS)",
             registry=self.registry,
             multiprocess_mode="livesum",
         )
         self.inflight_bytes = Gauge(
             "lesion_inflight_body_bytes",
-            "What the admitted requests' bodies cost in memory so far (bounded by LESION_MAX_INFLIGHT_BYTES)",
+            "What the admitted requests' bodies cost in memory so far (each worker bounded by LESION_MAX_INFLIGHT_BYTES)",
             registry=self.registry,
             multiprocess_mode="livesum",
         )

@@ -82,7 +82,7 @@ class TriageOut(BaseModel):
     score: float = Field(description=f"the score compared: {BASIS}")
     threshold: float
     sensitivity: float = Field(
-        description="the point's sensitivity for malignancy, measured on images the served models never saw"
+        description="the point's sensitivity for malignancy, as the bundle measured it (GET /model: triage.measured_on)"
     )
     specificity: float = Field(description="its specificity, measured the same way")
     reason: str = Field(description="the decision in words")

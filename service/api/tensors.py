@@ -146,7 +146,8 @@ def split_body(body: bytearray, header: str | None, settings: Settings) -> tuple
 def b64decode_in_pieces(text: str) -> bytes:
     """Strict base64 decoded a piece at a time (pieces of whole 4-character groups), so the event loop
     answers health probes while a large JSON request decodes: one 10 MB image in one call held the GIL
-    ~70 ms. Padding is allowed at the very end only, as for the whole string."""
+    ~70 ms. Padding is allowed at the very end only. It accepts nothing the whole-string decoding
+    refuses (a stray '=' past a piece's end, which that decoding tolerates, it refuses)."""
     pieces = []
     for i in range(0, len(text), PIECE):
         piece = text[i : i + PIECE]

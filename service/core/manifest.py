@@ -88,7 +88,7 @@ class MonitoringReference(BaseModel):
 
     label_shares: dict[str, float] = Field(description="the served model's out-of-fold top-1 shares (as trained)")
     referral_shares: dict[str, float] = Field(
-        default_factory=dict, description="triage point -> the share of out-of-fold images it refers"
+        default_factory=dict, description="triage point -> the share of images it referred where it was measured"
     )
     ood_score_edges: list[float] = Field(
         default_factory=list,
@@ -187,7 +187,7 @@ class Manifest(BaseModel):
     ood: OodSpec | None = Field(None, description="the out-of-distribution score and its thresholds")
     monitoring: MonitoringReference | None = Field(None, description="the drift gauges' out-of-fold baseline")
     triage: TriageSpec | None = Field(
-        None, description="triage operating points chosen out-of-fold (None: bundles before them)"
+        None, description="triage operating points and where they were measured (None: bundles before them)"
     )
     default_prior: NamedPrior = Field("balanced", description="class prior of the served probabilities (a named prior)")
     training_prevalence: dict[str, float] = Field(

@@ -81,6 +81,11 @@ class TriageSpec(BaseModel):
     basis: str = BASIS
     images: int = Field(ge=1, description="images the figures were measured on (none trained the models scoring it)")
     lesions: int = Field(ge=1)
+    source: Literal["calibration", "out-of-fold"] = Field(
+        "out-of-fold",
+        description="calibration: the bundle's own answers for lesions held out of its served models' training; "
+        "out-of-fold: the fold models' (bundles made with --calibration-share 0, and before it)",
+    )
     measured_on: str = Field(
         "out-of-fold through the fold models' graphs",
         description="which images and models the points were chosen on (bundles before the calibration share: the "

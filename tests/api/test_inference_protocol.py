@@ -397,8 +397,8 @@ def test_a_json_prior_object_is_used(v2, sample_dir):
 
 @pytest.mark.parametrize("size", [0, 1, 2, 3, PIECE // 4 * 3 - 1, PIECE // 4 * 3, PIECE // 4 * 3 + 1, 3 * PIECE + 5])
 def test_base64_decoded_in_pieces_is_the_whole_strings_decoding(size):
-    """A JSON image decodes a piece at a time (so health probes are answered meanwhile), with the
-    strict whole-string decoding's results, at and around the piece boundaries."""
+    """A JSON image decodes a piece at a time (so health probes are answered meanwhile), to what the
+    strict whole-string decoding gives, at and around the piece boundaries; what it refuses, so does this."""
     raw = bytes(range(256)) * (size // 256) + bytes(range(size % 256))
     text = base64.b64encode(raw).decode()
     assert b64decode_in_pieces(text) == raw

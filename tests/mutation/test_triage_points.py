@@ -58,7 +58,17 @@ def test_the_points_and_their_intervals_are_reproducible_from_the_seed():
 
     def spec(seed: int):
         return choose_points(
-            with_malignant_sum(scores), malignant, fold, lesions, "mean", [0.9], 0.9, 30, seed, "known scores"
+            with_malignant_sum(scores),
+            malignant,
+            fold,
+            lesions,
+            "mean",
+            [0.9],
+            0.9,
+            30,
+            seed,
+            "out-of-fold",
+            "known scores",
         )
 
     first = spec(0)

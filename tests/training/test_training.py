@@ -258,8 +258,7 @@ def test_bundle_reproduces_what_training_computed(smoke_run):
 
 
 def test_bundle_with_chosen_boosters_serves_exactly_them(tiny_data, tmp_path, app_factory, sample_dir):
-    extra = ["--boosters", "lightgbm,xgboost", "--no-int8", "--served-cnn", "ensemble", "--calibration-share", "0"]
-    extra += ["--arch", "resnet18"]
+    extra = ["--boosters", "lightgbm,xgboost", "--no-int8", "--served-cnn", "ensemble", "--arch", "resnet18"]
     run_dir = train(tiny_data, tmp_path / "run", *TINY, *extra)
     bundle = run_dir / "bundle"
     manifest = read_manifest(bundle)

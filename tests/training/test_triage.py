@@ -59,7 +59,17 @@ def test_the_points_report_the_nested_figures_and_serve_the_all_rows_threshold()
     fold, malignant = rng.integers(0, 5, n // 2)[lesions], (rng.random(n // 2) < 0.25)[lesions]
     scores = np.clip(rng.normal(0.25 + 0.35 * malignant, 0.18), 0.001, 0.999)
     spec = choose_points(
-        with_malignant_sum(scores), malignant, fold, lesions, "mean", [0.98, 0.9, 0.95], 0.95, 50, 0, "known scores"
+        with_malignant_sum(scores),
+        malignant,
+        fold,
+        lesions,
+        "mean",
+        [0.98, 0.9, 0.95],
+        0.95,
+        50,
+        0,
+        "out-of-fold",
+        "known scores",
     )
     spec = TriageSpec.model_validate_json(spec.model_dump_json())  # as the bundle carries it
     assert [p.name for p in spec.points] == ["sensitivity-0.9", "sensitivity-0.95", "sensitivity-0.98"]

@@ -25,7 +25,7 @@ def make_folds(table: pd.DataFrame, n_folds: int, seed: int, calibration_share: 
     fold = pd.Series(-1, index=table.index)
     for k, (_, val_idx) in enumerate(splitter.split(table, table.dx, groups=table.lesion_id)):
         fold.iloc[val_idx] = k
-    calibration = calibration_rows(table, calibration_share, seed)
+    calibration = calibration_lesion_rows(table, calibration_share, seed)
     check_calibration(table.dx.to_numpy(), fold.to_numpy(), calibration)
     return pd.DataFrame(
         {"image_id": table.image_id, "lesion_id": table.lesion_id, "fold": fold.astype(int), "calibration": calibration}
@@ -34,10 +34,16 @@ def make_folds(table: pd.DataFrame, n_folds: int, seed: int, calibration_share: 
 
 def check_calibration(dx: np.ndarray, fold: np.ndarray, calibration: np.ndarray) -> None:
     """Each fold's calibration rows are decided by a threshold chosen on the other folds' (nested),
-    so the calibration rows outside every fold must hold a malignant image. Say so at the start of
-    a run, not at its triage stage."""
+    so the calibration rows outside every fold must hold a malignant image; and the served models
+    refit without them must still see every class. Say so at the start of a run, not at its end."""
     if not calibration.any():
         return
+    lost = sorted(set(dx) - set(dx[~calibration]))
+    if lost:
+        raise DataError(
+            f"holding out the calibration lesions leaves no {', '.join(lost)} image to refit on: use a smaller "
+            "--calibration-share, or 0"
+        )
     malignant = np.isin(dx, MALIGNANT_CLASSES) & calibration
     for k in np.unique(fold):
         if not malignant[fold != k].any():
@@ -48,13 +54,18 @@ def check_calibration(dx: np.ndarray, fold: np.ndarray, calibration: np.ndarray)
             )
 
 
-def calibration_rows(table: pd.DataFrame, share: float, seed: int) -> np.ndarray:
-    """About `share` of the lesions, dx-stratified: one split of round(1 / share) lesion-grouped
-    ones (a seed apart from the folds'). None for a share of 0."""
+def calibration_lesion_rows(table: pd.DataFrame, share: float, seed: int) -> np.ndarray:
+    """The rows of about `share` of the lesions, dx-stratified: one split of round(1 / share)
+    lesion-grouped ones (a seed apart from the folds'; 0.3 gives a third). None for a share of 0."""
     if share == 0:
         return np.zeros(len(table), bool)
     splitter = StratifiedGroupKFold(n_splits=max(2, round(1 / share)), shuffle=True, random_state=seed + 1)
-    _, held = next(splitter.split(table, table.dx, groups=table.lesion_id))
+    try:
+        _, held = next(splitter.split(table, table.dx, groups=table.lesion_id))
+    except ValueError as exc:  # fewer lesions than splits
+        raise DataError(
+            f"cannot hold out {share:g} of {table.lesion_id.nunique()} lesions for calibration: {exc}"
+        ) from None
     rows = np.zeros(len(table), bool)
     rows[held] = True
     return rows

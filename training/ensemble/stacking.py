@@ -2,7 +2,7 @@
 
 The meta-learner's OOF predictions for fold k come from a logistic regression fit on the other
 folds' OOF rows only, so its reported score is cross-validated like every other model's.
-The served meta-learner is refit on all rows.
+The served meta-learner is refit on every row but the calibration lesions.
 """
 
 from __future__ import annotations

@@ -1,9 +1,11 @@
-"""Triage operating points chosen out-of-fold (service/core/triage.py says what they promise).
+"""Triage operating points (service/core/triage.py says what they promise), chosen on the served
+answer for rows no model that scores them trained on (the calibration lesions through the served
+models, or the fold models' out-of-fold answers: training/stages/triage.py).
 
 For a target sensitivity, the threshold is the largest malignant score that still refers that share
 of the malignant images it is chosen on. Each fold's images are decided by the threshold chosen on
-the other folds' out-of-fold scores (nested), and the promised figures are measured on those
-decisions, with lesion-bootstrap intervals; the served threshold is chosen on every out-of-fold score.
+the other folds' rows (nested), and the promised figures are measured on those decisions, with
+lesion-bootstrap intervals; the served threshold is chosen on every row.
 Lesion answers get their own points, chosen the same way on lesions (one row each, its images
 combined by the bundle's lesion rule, as the service combines them).
 """
@@ -11,6 +13,7 @@ combined by the bundle's lesion rule, as the service combines them).
 from __future__ import annotations
 
 import math
+from typing import Literal
 
 import numpy as np
 
@@ -88,6 +91,7 @@ def choose_points(
     default: float,
     n_boot: int,
     seed: int,
+    source: Literal["calibration", "out-of-fold"],
     measured_on: str,
 ) -> TriageSpec:
     """Every target's operating point on the served answer's probabilities for rows no model that
@@ -108,6 +112,7 @@ def choose_points(
         default=point_name(default),
         images=len(probs),
         lesions=len(ids),
+        source=source,
         measured_on=measured_on,
     )
 
@@ -159,6 +164,6 @@ def check_lines(title: str, rows: list[dict]) -> list[str]:
         f"The promise of {', '.join(broken)} does not hold on this data: its whole 95% interval lies below what "
         "the bundle promised."
         if broken
-        else "Every point's promise holds here: no achieved interval lies wholly below its out-of-fold figure.",
+        else "Every point's promise holds here: no achieved interval lies wholly below its promised figure.",
     ]
     return lines

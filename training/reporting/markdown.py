@@ -177,8 +177,8 @@ def markdown(report: dict) -> str:
 
 
 def triage_lines(triage: dict) -> list[str]:
-    """The triage operating points: what each promises, out-of-fold, with its threshold; per image
-    and per lesion."""
+    """The triage operating points: what each promises (where it was measured: `measured_on`), with
+    its threshold; per image and per lesion."""
     lines = [
         "## Triage operating points (refer when the malignant probability reaches the threshold)",
         "",
@@ -200,7 +200,7 @@ def triage_lines(triage: dict) -> list[str]:
         "quality or out-of-distribution warning is not triaged. Check the points on your own data with "
         "`python -m training evaluate` before relying on them.",
     ]
-    if not measured_on.startswith("calibration"):
+    if triage.get("source", "out-of-fold") != "calibration":
         lines[-1] += (
             " Caveat: these are the fold models' figures; a bundle serving a CNN refit on every image can score on a "
             "wider scale (on the sample at the smoke preset, the 0.95 point reached 0.88 [0.83, 0.93] on lesions the "

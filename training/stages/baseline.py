@@ -1,4 +1,5 @@
-"""Stage 8, baseline: what the served graphs give out-of-fold, for the promises a bundle makes.
+"""Stage 8, baseline: what the served graphs give out-of-fold, for the OOD flag and the drift
+baseline a bundle carries (and its triage points with --calibration-share 0).
 
 Each CNN's fold models are exported as the bundle serves its CNN (int8 with the configuration its
 gate passed, else fp32). Through them: the served answer's out-of-fold probabilities (each row

@@ -145,7 +145,7 @@ def build_manifest(
 def monitoring_reference(run: Run, served: str, ood_method: str | None, triage: TriageSpec) -> MonitoringReference:
     """The served answer's out-of-fold top-1 shares and the deciles of the out-of-fold OOD score, both
     through the fold graphs at the precision served (the baseline stage), and each triage point's
-    out-of-fold referral share."""
+    referral share where it was measured (the calibration lesions, by default)."""
     import pandas as pd
 
     top1 = run.oof("served_graphs")[PROB_COLUMNS].to_numpy().argmax(1)  # through the graphs the bundle serves

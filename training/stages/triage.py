@@ -11,6 +11,7 @@ fold graphs (the baseline stage). Writes artifacts/triage.json, which the report
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 
@@ -42,19 +43,20 @@ def run(run: Run) -> None:
     from service.core.labels import MALIGNANT_CLASSES
     from training.data.io import PROB_COLUMNS, atomic_write_text
     from training.evaluation.triage import choose_points
+    from training.reporting.markdown import fmt
     from training.stages import select
 
     calibration = run.table.calibration.to_numpy()
+    source: Literal["calibration", "out-of-fold"]
     if calibration.any():
         rows = np.flatnonzero(calibration)
         probs, what = served_answers(run, rows)
-        measured_on = f"calibration lesions held out of the served models' refit: {what}"
+        source, measured_on = "calibration", f"calibration lesions held out of the served models' refit: {what}"
     else:
         rows = np.arange(len(run.table))
         probs = run.oof("served_graphs")[PROB_COLUMNS].to_numpy()[rows]
-        measured_on = (
-            "out-of-fold through the fold models' graphs (--calibration-share 0: the served models saw every image)"
-        )
+        source = "out-of-fold"
+        measured_on = "the fold models' graphs, out-of-fold (--calibration-share 0: the served models saw every image)"
     table = run.table.iloc[rows]
     spec = choose_points(
         probs,
@@ -66,13 +68,12 @@ def run(run: Run) -> None:
         run.cfg.triage_default,
         run.cfg.bootstrap,
         run.cfg.seed,
+        source,
         measured_on,
     )
     atomic_write_text(run.paths.triage, spec.model_dump_json(indent=2))
     run.log(f"triage: {spec.images} images of {spec.lesions} lesions, {measured_on}")
     for level, points in (("image", spec.points), ("lesion", spec.lesion_points)):
         for p in points:
-            run.log(
-                f"triage per {level}, {p.name}: threshold {p.threshold:.4f}, sensitivity {p.sensitivity.value:.3f} "
-                f"[{p.sensitivity.ci95[0]:.3f}, {p.sensitivity.ci95[1]:.3f}], specificity {p.specificity.value:.3f}, referred {p.referral_share.value:.3f}"
-            )
+            figures = ", ".join(f"{k} {fmt(getattr(p, k).model_dump())}" for k in ("sensitivity", "specificity"))
+            run.log(f"triage per {level}, {p.name}: threshold {p.threshold:.4f}, {figures}")
