@@ -12,11 +12,12 @@ process) is parsed exactly as by Starlette's own parser.
 
 from __future__ import annotations
 
+import codecs
 from contextvars import ContextVar
 from typing import Any, NamedTuple
 
 import starlette.requests
-from starlette.formparsers import MultiPartParser
+from starlette.formparsers import MultiPartParser, parse_options_header
 
 from service.api.errors import CLOSE, ApiError
 
@@ -34,6 +35,11 @@ class BoundedMultiPartParser(MultiPartParser):
         super().__init__(*args, **kwargs)
         self.limits = PART_LIMITS.get()  # the request's, from the app that serves it (None: no guard)
         if self.limits is not None:
+            charset = parse_options_header(self.headers.get("Content-Type", ""))[1].get(b"charset")
+            try:
+                codecs.lookup(charset.decode("latin-1") if charset else "utf-8")
+            except LookupError:  # Starlette would read the fields as Latin-1
+                raise ApiError(400, "request-invalid", "the form's charset is unknown: send UTF-8", CLOSE) from None
             # a file part is refused before it outgrows file_bytes: a spool that size keeps it in memory
             self.spool_max_size = self.limits.file_bytes
 

@@ -171,6 +171,10 @@ class HeaderDeadlineProtocol(H11Protocol):
         self.linger.close_now()  # no answer to deliver: nothing to linger for
 
     def send_400_response(self, msg: str) -> None:
+        if self.cycle is not None and not self.cycle.response_complete:
+            # a body that stops being HTTP after the app got its headers: the app's own answer, once it
+            # comes, goes nowhere (h11 would refuse it after this 400: an "internal error" in the log)
+            self.cycle.disconnected = True
         request_id = uuid.uuid4().hex[:16]
         detail = f"the request is not valid HTTP/1.1 ({msg.rstrip('.')})"
         body = json.dumps(problem_body(400, "request-invalid", detail, request_id)).encode()

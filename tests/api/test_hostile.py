@@ -296,6 +296,22 @@ def test_jpeg_scans_are_counted_from_the_markers_and_a_scan_bomb_is_refused_befo
         open_image(progressive_jpeg((5000, 4000)), ImageSpec(width=64, height=48))
 
 
+@pytest.mark.timeout(120)  # a walk that rescans the run from each of its bytes would take days here
+def test_a_run_of_ff_bytes_with_no_marker_after_it_is_walked_once():
+    """A run of FF bytes that ends the file, or a stuffed 00, or a restart marker inside a scan, is
+    no marker: the walk steps past it (a 40 KB run froze a worker for 15 s when each byte of the run
+    was rescanned) and still finds the markers after it."""
+    from service.core.preprocess import MAX_JPEG_SCANS, MAX_SEGMENTS, file_structure, jpeg_markers
+
+    run = b"\xff" * 2_000_000
+    assert list(jpeg_markers(b"\xff\xd8" + run)) == []
+    assert list(jpeg_markers(b"\xff\xd8" + run + b"\x00" + run + b"\x00\xff\xd9")) == [0xD9]
+    scan = b"\xff\xda\x00\x02" + b"\x12" + run + b"\x00" + run + b"\xd3" + run  # entropy data, never ended
+    assert list(jpeg_markers(b"\xff\xd8" + scan)) == [0xDA]
+    assert list(jpeg_markers(b"\xff\xd8" + scan + b"\xff\xd9")) == [0xDA, 0xD9]
+    assert file_structure(b"\xff\xd8" + scan + b"\xff\xd9", MAX_SEGMENTS, MAX_JPEG_SCANS) == (2, 1)
+
+
 # ---- the request guard: admission, part and body bounds, deadlines -------------------------------
 
 

@@ -295,6 +295,17 @@ CASES = [
         "request-invalid",
         "the metadata field is not utf-8 text",
     ),
+    (
+        "request-invalid-unknown-charset",  # Starlette alone falls back to Latin-1
+        lambda a: post(
+            a.plain,
+            content=PART + a.jpeg + b"\r\n--b--\r\n",
+            headers={"Content-Type": "multipart/form-data; boundary=b; charset=bogus"},
+        ),
+        400,
+        "request-invalid",
+        "the form's charset is unknown",
+    ),
 ]
 
 

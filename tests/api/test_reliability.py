@@ -270,6 +270,46 @@ def test_admission_answers_503_past_its_bound_and_health_keeps_answering(guarded
     assert httpx.post(url + "/predict", files={"image": jpeg}, headers=key, timeout=30).status_code == 200
 
 
+def test_a_client_gone_mid_body_or_a_body_that_stops_being_http_is_no_internal_error(tiny_run):
+    """A /v2 client that closes before its body ends gets the 400 the form routes give (it was a 500);
+    a chunked body that stops being HTTP in the packet that brought the headers gets uvicorn's 400,
+    and the app's own answer, coming later, goes nowhere (h11 refused it: two ERROR lines)."""
+    proc, url = start_server(tiny_run / "bundle")
+    host, port = url.removeprefix("http://").split(":")
+    try:
+        s = socket.create_connection((host, int(port)), timeout=10)
+        s.sendall(
+            b"POST /v2/models/lesion/infer HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b'Content-Length: 1000\r\n\r\n{"inputs": ['
+        )
+        s.close()
+        s = socket.create_connection((host, int(port)), timeout=10)
+        s.sendall(
+            b"GET /health/live HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n10\r\n0123456789abcdef\r\nzz\r\n"
+        )
+        assert s.recv(4096).startswith(b"HTTP/1.1 400 ")
+        s.close()
+        statuses = {}
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:  # the disconnect is logged once the route gives up on the body
+            text = httpx.get(url + "/metrics", timeout=10).text
+            statuses = dict(
+                re.findall(
+                    r'lesion_http_requests_total\{route="/v2/models/\{name\}/infer",status="(\d+)"\} (\S+)', text
+                )
+            )
+            if statuses:
+                break
+            time.sleep(0.05)
+        assert statuses == {"400": "1.0"}, statuses
+        assert httpx.get(url + "/health/live", timeout=10).status_code == 200
+    finally:
+        proc.terminate()
+        proc.wait(10)
+    log = proc.log_path.read_text()
+    assert "unexpected error" not in log and "Exception in ASGI application" not in log, log[-3000:]
+
+
 def test_a_4xx_leaves_the_keep_alive_connection_usable(server, sample_dir):
     """A lone surrogate in the metadata (a 500 that closed the connection before) is a 422, and the
     next request on the same connection is answered."""

@@ -23,11 +23,12 @@ from __future__ import annotations
 from fastapi import APIRouter, Request, Security
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, Response
+from starlette.requests import ClientDisconnect
 
 from service.api.answering import answer_uploads, parse_prior, parse_triage_point
 from service.api.auth import api_key_header
 from service.api.dependencies import MetricsDep, PredictorDep, SettingsDep, StateDep, not_serving
-from service.api.errors import ApiError
+from service.api.errors import CLOSE, ApiError
 from service.api.settings import BINARY_HEADER
 from service.api.tensors import (
     INPUTS,
@@ -60,8 +61,13 @@ async def read_body(request: Request) -> bytearray:
     """The body in one buffer this route alone holds (Request.body() would keep another reference in
     the request, so the buffer would outlive its parsing)."""
     body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
+    try:
+        async for chunk in request.stream():
+            body += chunk
+    except ClientDisconnect:  # a 400 nobody reads, as the form routes give, not an internal error
+        raise ApiError(
+            400, "request-invalid", "the client closed the connection before its body ended", CLOSE
+        ) from None
     return body
 
 
