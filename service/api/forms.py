@@ -37,9 +37,11 @@ class BoundedMultiPartParser(MultiPartParser):
         if self.limits is not None:
             charset = parse_options_header(self.headers.get("Content-Type", ""))[1].get(b"charset")
             try:
-                codecs.lookup(charset.decode("latin-1") if charset else "utf-8")
+                name = codecs.lookup(charset.decode("latin-1") if charset else "utf-8").name
             except LookupError:  # Starlette would read the fields as Latin-1
-                raise ApiError(400, "request-invalid", "the form's charset is unknown: send UTF-8", CLOSE) from None
+                name = "unknown"
+            if name not in ("utf-8", "ascii"):  # UTF-16 hid every field name: the metadata went unread
+                raise ApiError(400, "request-invalid", f"the form's charset is {name}: send UTF-8", CLOSE)
             # a file part is refused before it outgrows file_bytes: a spool that size keeps it in memory
             self.spool_max_size = self.limits.file_bytes
 

@@ -27,6 +27,12 @@ MAX_ASPECT = 4.0  # longer side / shorter side
 DEFAULT_MAX_PIXELS = 16_000_000
 MAX_JPEG_SCANS = 64  # libjpeg's progressive script writes 10 (6 for grey), a baseline JPEG one per component
 MAX_SEGMENTS = 20_000  # JPEG segments or PNG chunks: real files have tens (a large PNG ~ a thousand IDATs)
+MAX_JPEG_FILL = 65_536  # fill or junk bytes between a JPEG's segments: encoders write none or a few; Pillow
+#                         walks them at ~0.6 us a byte in Python (a 10 MB run: 6 s)
+
+# Pillow warns once per malformed tag of EXIF or TIFF data (UserWarning): one 850 KB PNG wrote 65,000
+# log lines. The data is skipped either way, and a bad EXIF is answered as such (decode_opened).
+warnings.filterwarnings("ignore", category=UserWarning, module=r"PIL\.")
 # Pillow inflates a PNG's text chunks while reading its header, up to 64 MB an image by default: a
 # batch of small such files could hold gigabytes before any pixel was counted. Text is never used here.
 PngImagePlugin.MAX_TEXT_MEMORY = 2 * PngImagePlugin.MAX_TEXT_CHUNK
@@ -58,9 +64,13 @@ def open_image(data: bytes, spec: ImageSpec | None = None, max_pixels: int = DEF
     Nothing is decoded here; `decode_opened` does that."""
     if not data:
         raise ImageError("the image file is empty")
-    segments, scans = file_structure(data, MAX_SEGMENTS, MAX_JPEG_SCANS)  # before Pillow walks them one by one
+    segments, scans, fill = file_structure(data, MAX_SEGMENTS, MAX_JPEG_SCANS)  # before Pillow walks them
     if segments > MAX_SEGMENTS:
         raise ImageError(f"the file has over {MAX_SEGMENTS} segments or chunks; no encoder writes that many")
+    if fill > MAX_JPEG_FILL:
+        raise ImageError(
+            f"the JPEG has over {MAX_JPEG_FILL} bytes of fill or junk between its segments; no encoder writes that many"
+        )
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -113,14 +123,14 @@ def next_marker(pattern: re.Pattern[bytes], data: bytes, pos: int) -> re.Match[b
     return None
 
 
-def jpeg_markers(data: bytes) -> Iterator[int]:
-    """A JPEG's markers in order, walked as libjpeg does: junk between segments and fill bytes are
-    skipped, each segment's length is jumped, and a scan's entropy-coded data is skipped to the
-    next marker."""
+def jpeg_markers(data: bytes) -> Iterator[tuple[int, int]]:
+    """A JPEG's markers in order, each with the fill and junk bytes skipped before it, walked as
+    libjpeg does: junk between segments and fill bytes are skipped, each segment's length is jumped,
+    and a scan's entropy-coded data is skipped to the next marker."""
     pos = 2
     while (found := next_marker(JPEG_MARKER, data, pos)) is not None:
-        marker, pos = found.group(1)[0], found.end()
-        yield marker
+        marker, skipped, pos = found.group(1)[0], found.start(1) - 1 - pos, found.end()
+        yield marker, skipped
         if 0xD0 <= marker <= 0xD9 or marker == 0x01:  # markers without a length
             continue
         pos += int.from_bytes(data[pos : pos + 2], "big")
@@ -131,19 +141,20 @@ def jpeg_markers(data: bytes) -> Iterator[int]:
             pos = end.start()
 
 
-def file_structure(data: bytes, max_segments: int, max_scans: int) -> tuple[int, int]:
-    """(segments of a JPEG or chunks of a PNG, scans in a JPEG's first image), counted in one walk
-    up to `max_segments` + 1 and `max_scans` + 1; (0, 0) for other files.
+def file_structure(data: bytes, max_segments: int, max_scans: int) -> tuple[int, int, int]:
+    """(segments of a JPEG or chunks of a PNG, scans in a JPEG's first image, fill and junk bytes
+    between a JPEG's segments), counted in one walk up to `max_segments` + 1 and `max_scans` + 1;
+    (0, 0, 0) for other files.
 
     Each scan of a progressive JPEG is decoded over the whole coefficient buffer, so a file that
     repeats one scan thousands of times costs minutes of CPU in a few MB (a "scan bomb"), and
     draft mode does not help: `open_image` counts those at full size instead. (An MPO's further
     pictures are never decoded: their scans do not count.)"""
-    segments = scans = 0
+    segments = scans = fill = 0
     if data.startswith(b"\xff\xd8"):
         first_image = True
-        for marker in jpeg_markers(data):
-            segments += 1
+        for marker, skipped in jpeg_markers(data):
+            segments, fill = segments + 1, fill + skipped
             if marker == 0xD9:
                 first_image = False
             elif marker == 0xDA and first_image:
@@ -155,7 +166,7 @@ def file_structure(data: bytes, max_segments: int, max_scans: int) -> tuple[int,
         while segments <= max_segments and pos + 8 <= len(data):
             segments += 1
             pos += 12 + int.from_bytes(data[pos : pos + 4], "big")  # length, type, data, CRC
-    return segments, scans
+    return segments, scans, fill
 
 
 DRAFT_OVERSAMPLING = 2  # decode at least this many pixels per model-input pixel, along each side

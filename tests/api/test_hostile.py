@@ -10,16 +10,20 @@ import logging
 import os
 import pickle
 import shutil
+import struct
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from service.core.bundle import BundleError, read_manifest
 from service.core.predictor import Predictor
 from service.core.preprocess import ImageSpec, load_for_model
 from tests.conftest import MAX_PIXELS
-from tests.helpers import CLASSES, sample_images
+from tests.helpers import CLASSES, REPO, sample_images
 from tests.hostile import grey16_png, image_cases, mpo
 
 
@@ -305,11 +309,53 @@ def test_a_run_of_ff_bytes_with_no_marker_after_it_is_walked_once():
 
     run = b"\xff" * 2_000_000
     assert list(jpeg_markers(b"\xff\xd8" + run)) == []
-    assert list(jpeg_markers(b"\xff\xd8" + run + b"\x00" + run + b"\x00\xff\xd9")) == [0xD9]
+    # the markers, each with the fill and junk bytes skipped before it
+    assert list(jpeg_markers(b"\xff\xd8" + run + b"\x00" + run + b"\x00\xff\xd9")) == [(0xD9, 4_000_002)]
     scan = b"\xff\xda\x00\x02" + b"\x12" + run + b"\x00" + run + b"\xd3" + run  # entropy data, never ended
-    assert list(jpeg_markers(b"\xff\xd8" + scan)) == [0xDA]
-    assert list(jpeg_markers(b"\xff\xd8" + scan + b"\xff\xd9")) == [0xDA, 0xD9]
-    assert file_structure(b"\xff\xd8" + scan + b"\xff\xd9", MAX_SEGMENTS, MAX_JPEG_SCANS) == (2, 1)
+    assert list(jpeg_markers(b"\xff\xd8" + scan)) == [(0xDA, 0)]
+    assert list(jpeg_markers(b"\xff\xd8" + scan + b"\xff\xd9")) == [(0xDA, 0), (0xD9, 2_000_000)]
+    assert file_structure(b"\xff\xd8" + scan + b"\xff\xd9", MAX_SEGMENTS, MAX_JPEG_SCANS) == (2, 1, 2_000_000)
+
+
+def test_a_jpeg_padded_with_fill_or_junk_is_refused_before_pillow_walks_it(sample_dir):
+    """Pillow steps over fill bytes in Python, ~0.6 us each (a 10 MB run: 6 s of a worker): past
+    MAX_JPEG_FILL of them between segments, the file is refused; a little padding is read."""
+    from service.core.preprocess import MAX_JPEG_FILL, ImageError, open_image
+
+    jpeg = sample_images(sample_dir)[0].read_bytes()
+    app0_end = 4 + int.from_bytes(jpeg[4:6], "big")  # after SOI and the APP0 segment
+    for pad in (b"\xff", b"junk"):  # fill bytes, or junk libjpeg skips
+        padded = lambda n, pad=pad: jpeg[:app0_end] + (pad * n)[:n] + jpeg[app0_end:]  # noqa: E731
+        assert open_image(padded(1000)).size == open_image(jpeg).size
+        assert open_image(padded(MAX_JPEG_FILL)).size == open_image(jpeg).size
+        with pytest.raises(ImageError, match="fill or junk between its segments"):
+            open_image(padded(MAX_JPEG_FILL + 1))
+
+
+def test_malformed_exif_tags_do_not_flood_the_log(tmp_path):
+    """Pillow warns once per malformed EXIF tag; a PNG whose eXIf chunk holds 20,000 of them wrote
+    a log line each (65,000 lines for one 850 KB upload). Decoded in a fresh interpreter, which would
+    print such warnings: none are."""
+    import zlib
+
+    from tests.hostile import encode
+
+    entries = 20_000
+    offset = 8 + 2 + 12 * entries + 4
+    ifd = b"".join(struct.pack("<HHII", i, 7, 4000, offset) for i in range(entries))
+    exif = b"II*\x00" + struct.pack("<I", 8) + struct.pack("<H", entries) + ifd + b"\0" * 4 + b"A" * 4000
+    chunk = struct.pack(">I", len(exif)) + b"eXIf" + exif + struct.pack(">I", zlib.crc32(b"eXIf" + exif))
+    png = encode(Image.new("RGB", (300, 225)), "PNG")
+    idat = png.index(b"IDAT") - 4
+    (tmp_path / "x.png").write_bytes(png[:idat] + chunk + png[idat:])
+    code = (
+        "import sys; from pathlib import Path; from service.core.preprocess import decode_opened, open_image; "
+        "decode_opened(open_image(Path(sys.argv[1]).read_bytes()))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path / "x.png")], cwd=REPO, capture_output=True, text=True, timeout=120
+    )
+    assert out.returncode == 0 and "Warning" not in out.stderr, out.stderr[-2000:]
 
 
 # ---- the request guard: admission, part and body bounds, deadlines -------------------------------

@@ -304,7 +304,18 @@ CASES = [
         ),
         400,
         "request-invalid",
-        "the form's charset is unknown",
+        "the form's charset is unknown: send UTF-8",
+    ),
+    (
+        "request-invalid-utf16-form",  # decoded as UTF-16, every field name was garbled and the metadata unread
+        lambda a: post(
+            a.plain,
+            content=PART + a.jpeg + b"\r\n--b--\r\n",
+            headers={"Content-Type": "multipart/form-data; boundary=b; charset=utf-16"},
+        ),
+        400,
+        "request-invalid",
+        "the form's charset is utf-16: send UTF-8",
     ),
 ]
 
