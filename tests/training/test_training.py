@@ -523,3 +523,16 @@ def test_served_overrides_the_rule_rerunning_only_the_stages_after_the_choice(ti
     )
     bad = subprocess.run([*cmd, "--served", "median"], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "--served: " in bad.stderr and "auto or one of cnn" in bad.stderr
+
+
+def test_the_one_cycle_schedule_builds_for_any_number_of_steps():
+    """A fifth of 5 steps is one warm-up step, on which OneCycleLR divides by zero: a 400-image demo
+    run crashed when its refit lost its calibration rows (320 images, 5 batches of 64)."""
+    for steps in range(1, 200):
+        opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+        sched = torch.optim.lr_scheduler.OneCycleLR(
+            opt, max_lr=0.1, total_steps=steps, pct_start=cnn_module.warmup_share(steps)
+        )
+        for _ in range(steps - 1):
+            opt.step()
+            sched.step()

@@ -14,6 +14,7 @@ schedule), `train_one_epoch`, `evaluate`, `write_fold_outputs`; `train_fold` str
 from __future__ import annotations
 
 import json
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -113,7 +114,7 @@ def build_fold(
     batches = TrainBatches(images[train_rows], y[train_rows], cfg.batch_size, device, cfg.seed + k, rank, world)
     steps = cfg.epochs * len(batches)
     max_lr = [float(g["lr"]) for g in groups]
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=max_lr, total_steps=steps, pct_start=0.2)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=max_lr, total_steps=steps, pct_start=warmup_share(steps))
     augment = train_augmentation().to(device)
     return FoldTraining(k, model, net, loss_fn, opt, sched, batches, augment, device, amp_dtype, frozen)
 
@@ -242,6 +243,13 @@ def train_fold(
         ckpt_path.unlink(missing_ok=True)
     distributed.barrier()
     return summary
+
+
+def warmup_share(steps: int) -> float:
+    """OneCycleLR's pct_start: a fifth of the steps warm up, except where that is exactly one step,
+    on which PyTorch divides by zero (its warm-up phase would end at step 0: 5 steps, as a small
+    refit without its calibration rows had)."""
+    return 0.25 if math.isclose(0.2 * steps, 1) else 0.2
 
 
 def train_refit(cfg: RunConfig, arch: str, images: np.ndarray, y: np.ndarray, rows: np.ndarray, log=print) -> nn.Module:
