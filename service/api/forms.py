@@ -70,14 +70,13 @@ class BoundedMultiPartParser(MultiPartParser):
         super().on_part_data(data, start, end)
 
     def on_part_end(self) -> None:
-        """A plain field must be text in the form's charset (UTF-8 unless the request names another):
-        Starlette would read undecodable bytes as Latin-1, and a client would get an answer to words
-        it never sent."""
+        """A plain field must be UTF-8 text (the only charset a form may declare here): Starlette would
+        read undecodable bytes as Latin-1, and a client would get an answer to words it never sent."""
         part = self._current_part
         if self.limits is not None and part.file is None:
             try:
                 bytes(part.data).decode(self._charset)
-            except (UnicodeDecodeError, LookupError):
+            except UnicodeDecodeError:
                 raise ApiError(
                     400, "request-invalid", f"the {part.field_name[:64]} field is not {self._charset} text", CLOSE
                 ) from None
