@@ -47,13 +47,17 @@ CALIBRATION_IMAGES = 256  # per fold model, from its training folds
 # 0.974 for u8 weights, 0.974 for percentile calibration), at the same speed.
 # Only the convolutional trunk is quantized: the classifier layer and the softmax stay fp32, so
 # probabilities keep their full resolution (8-bit probabilities would round small ones to 0).
+# Clip (EfficientNet-Lite0's ReLU6) is listed so onnxruntime folds it into the convolution's output
+# range, [0, 6], instead of quantizing the unclipped output: on the smoke-preset Lite0, top-1
+# agreement with fp32 rose from 0.60 to 0.74 on 400 sample images (the ResNet-18, which has no Clip,
+# stayed at 0.99). Lite0 still fails its gate there; the gate decides.
 QUANT_OPTIONS = dict(
     quant_format=QuantFormat.QOperator,
     activation_type=QuantType.QUInt8,
     weight_type=QuantType.QInt8,
     reduce_range=True,
     per_channel=True,
-    op_types_to_quantize=["Conv", "Add", "MaxPool", "GlobalAveragePool"],
+    op_types_to_quantize=["Conv", "Add", "MaxPool", "GlobalAveragePool", "Clip"],
 )
 
 
