@@ -159,6 +159,15 @@ def post(client, path: str = "/predict", **kwargs) -> Answer:
     return answered(client.post(path, **kwargs))
 
 
+def form_in_charset(app: Apps, charset: str) -> Answer:
+    """/predict with an image, its form declaring `charset`."""
+    return post(
+        app.plain,
+        content=PART + app.jpeg + b"\r\n--b--\r\n",
+        headers={"Content-Type": f"multipart/form-data; boundary=b; charset={charset}"},
+    )
+
+
 def tiff() -> bytes:
     return encode(Image.new("RGB", (64, 64)), "TIFF")
 
@@ -297,22 +306,14 @@ CASES = [
     ),
     (
         "request-invalid-unknown-charset",  # Starlette alone falls back to Latin-1
-        lambda a: post(
-            a.plain,
-            content=PART + a.jpeg + b"\r\n--b--\r\n",
-            headers={"Content-Type": "multipart/form-data; boundary=b; charset=bogus"},
-        ),
+        lambda a: form_in_charset(a, "bogus"),
         400,
         "request-invalid",
         "the form's charset is unknown: send UTF-8",
     ),
     (
         "request-invalid-utf16-form",  # decoded as UTF-16, every field name was garbled and the metadata unread
-        lambda a: post(
-            a.plain,
-            content=PART + a.jpeg + b"\r\n--b--\r\n",
-            headers={"Content-Type": "multipart/form-data; boundary=b; charset=utf-16"},
-        ),
+        lambda a: form_in_charset(a, "utf-16"),
         400,
         "request-invalid",
         "the form's charset is utf-16: send UTF-8",
