@@ -173,8 +173,6 @@ def feature_matrix(
     code: the CNNs' out-of-fold probabilities (the training input), or the given ones for those rows
     (the int8 gate's, the served graphs')."""
     pick = np.arange(len(run.table)) if rows is None else np.asarray(rows)
-    if pick.dtype == bool:  # a mask such as Run.refit_rows: its indices
-        pick = np.flatnonzero(pick)
     if cnn_probs is None:
         cnn_probs = {name: p[pick] for name, p in oof_cnn_probs(run).items()}
     meta = run.dataset.metadata()

@@ -10,6 +10,7 @@ import numpy as np
 
 from service.core import labels
 from service.core.lesions import RULE_TEXT
+from service.core.triage import TriageSpec
 from training.evaluation.subgroups import MIN_SUBGROUP
 
 
@@ -190,17 +191,17 @@ def triage_lines(triage: dict) -> list[str]:
             name = p["name"] + (" (default)" if p["name"] == triage["default"] else "")
             cells = " | ".join(fmt(p[k]) for k in ("sensitivity", "specificity", "referral_share", "ppv", "npv"))
             lines.append(f"| {level} | {name} | {p['threshold']:.4f} | {cells} |")
-    measured_on = triage.get("measured_on", "out-of-fold through the fold models' graphs")
+    spec = TriageSpec.model_validate(triage)  # its defaults for reports written before `source`, `measured_on`
     lines += [
         "",
-        f"Measured on {triage['images']} images of {triage['lesions']} lesions, {measured_on}: each fold was "
+        f"Measured on {spec.images} images of {spec.lesions} lesions, {spec.measured_on}: each fold was "
         "decided by the threshold chosen on the other folds' rows (nested); the served threshold is chosen on them "
         "all. Lesion points combine a lesion's images by the bundle's lesion rule, one row per lesion. PPV, NPV and "
-        f"the referral share hold at the training data's prevalence. Score: {triage['basis']}. An image with a "
+        f"the referral share hold at the training data's prevalence. Score: {spec.basis}. An image with a "
         "quality or out-of-distribution warning is not triaged. Check the points on your own data with "
         "`python -m training evaluate` before relying on them.",
     ]
-    if triage.get("source", "out-of-fold") != "calibration":
+    if spec.source != "calibration":
         lines[-1] += (
             " Caveat: these are the fold models' figures; a bundle serving a CNN refit on every image can score on a "
             "wider scale (on the sample at the smoke preset, the 0.95 point reached 0.88 [0.83, 0.93] on lesions the "
